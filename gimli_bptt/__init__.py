@@ -1,0 +1,23 @@
+# SPDX-License-Identifier: Apache-2.0
+"""gimli_bptt: exact hypergradients through unrolled PyTorch training loops.
+
+Algorithm 1 of "Generalized Inner Loop Meta-Learning" (Grefenstette et al., 2019) with a
+forward tape and a hand-written reverse sweep. Start with :class:`GimliUpdater`.
+"""
+from __future__ import annotations
+
+from .errors import NonFiniteError
+from .functional import FunctionalModel
+from .optim import get_optimizer, supported_optimizers
+from .updater import GimliUpdater, MetaStepResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FunctionalModel",
+    "GimliUpdater",
+    "MetaStepResult",
+    "NonFiniteError",
+    "get_optimizer",
+    "supported_optimizers",
+]

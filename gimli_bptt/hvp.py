@@ -1,0 +1,100 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Second-order terms of one inner step: H_j·Ḡ_j and (∂G_j/∂φ_loss)ᵀ·Ḡ_j (lines 13, 14).
+
+Both modes are exact and give the same numbers up to rounding:
+
+- ``"rev"`` (reverse-over-reverse): recompute ℓ_j, take G_j with ``create_graph=True``, then
+  one more backward pass with Ḡ_j as the cotangent.
+- ``"fwd"`` (forward-over-reverse): one forward pass on dual tensors θ_j + ε·Ḡ_j and one
+  backward pass; the tangents of the gradients are H_j·Ḡ_j and, by the symmetry of second
+  derivatives, (∂G_j/∂φ_loss)ᵀ·Ḡ_j. It needs G_j before it runs (to compute Ḡ_j), so the
+  tape keeps G_j in this mode.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+from .problem import InnerProblem, replay_rng
+from .tape import TapeEntry
+
+HVP_MODES = ("rev", "fwd")
+
+Grads = list[Optional[Tensor]]
+
+
+class StepSecondOrder:
+    """The recomputed step j: its gradient G_j, and :meth:`apply` for the second-order terms."""
+
+    def __init__(self, problem: InnerProblem, entry: TapeEntry, mode: str):
+        self.problem = problem
+        self.entry = entry
+        self.mode = mode
+        if mode == "rev":
+            self._recompute_with_graph()
+            self.G: Grads = [None if g is None else g.detach() for g in self._G_graph]
+        else:
+            if entry.G is None:
+                raise RuntimeError("the forward-over-reverse HVP needs G_j on the tape")
+            self.G = entry.G
+
+    def apply(self, G_bar: Sequence[Optional[Tensor]]) -> tuple[Grads, Grads]:
+        """``(H_j·Ḡ_j per inner parameter, (∂G_j/∂φ_loss)ᵀ·Ḡ_j per loss leaf)``; None means zero."""
+        if self.mode == "rev":
+            return self._apply_rev(G_bar)
+        return self._apply_fwd(G_bar)
+
+    def _apply_rev(self, G_bar: Sequence[Optional[Tensor]]) -> tuple[Grads, Grads]:
+        n = len(self._theta)
+        outs = [(g, gb) for g, gb in zip(self._G_graph, G_bar) if g is not None and gb is not None and g.requires_grad]
+        leaves = self.problem.loss_leaves
+        if not outs:
+            return [None] * n, [None] * len(leaves)
+        inputs = self._theta + leaves
+        res = torch.autograd.grad([g for g, _ in outs], inputs, [gb for _, gb in outs], allow_unused=True)
+        self._G_graph = []  # free the graph now
+        return list(res[:n]), list(res[n:])
+
+    def _apply_fwd(self, G_bar: Sequence[Optional[Tensor]]) -> tuple[Grads, Grads]:
+        # Note [Forward-mode fallback]: some PyTorch ops lack a forward-mode derivative of their
+        # backward (in torch 2.13, F.mse_loss raises "ZeroTensors are immutable" when the target
+        # has no tangent). Such a step is redone reverse-over-reverse, which is just as exact,
+        # with one warning; ``problem.hvp_fallback`` makes the rest of the sweep skip the try.
+        if not self.problem.hvp_fallback:
+            try:
+                return self._apply_dual(G_bar)
+            except RuntimeError as exc:
+                self.problem.hvp_fallback = True
+                warnings.warn(
+                    f"hvp='fwd': forward-mode AD failed inside train_loss ({str(exc).splitlines()[0][:120]}); "
+                    "using the reverse-over-reverse HVP (hvp='rev') instead, which is equally exact",
+                    RuntimeWarning, stacklevel=2,
+                )
+        self._recompute_with_graph()
+        return self._apply_rev(G_bar)
+
+    def _recompute_with_graph(self) -> None:
+        problem, entry = self.problem, self.entry
+        self._theta = [t.detach().requires_grad_(True) for t in entry.theta]
+        with replay_rng(entry.rng, problem.cuda_devices), torch.enable_grad():
+            loss = problem.loss(self._theta, problem.fresh_buffers(entry.buffers), entry.batch, entry.j)
+            self._G_graph = list(torch.autograd.grad(loss, self._theta, create_graph=True, allow_unused=True))
+
+    def _apply_dual(self, G_bar: Sequence[Optional[Tensor]]) -> tuple[Grads, Grads]:
+        problem, entry = self.problem, self.entry
+        primals = [t.detach().requires_grad_(True) for t in entry.theta]
+        leaves = problem.loss_leaves
+        n = len(primals)
+        with fwAD.dual_level(), replay_rng(entry.rng, problem.cuda_devices), torch.enable_grad():
+            duals = [fwAD.make_dual(p, torch.zeros_like(p) if gb is None else gb) for p, gb in zip(primals, G_bar)]
+            loss = problem.loss(duals, problem.fresh_buffers(entry.buffers), entry.batch, entry.j)
+            grads = torch.autograd.grad(loss, primals + leaves, allow_unused=True)
+            tangents = [None if g is None else fwAD.unpack_dual(g).tangent for g in grads]
+        return tangents[:n], tangents[n:]
+
+
+__all__ = ["HVP_MODES", "StepSecondOrder"]

@@ -1,0 +1,197 @@
+# SPDX-License-Identifier: Apache-2.0
+"""φ_opt: the inner optimizer's learned hyperparameters, at group, tensor or element granularity."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .optim.base import DiffOptimizer
+
+GRANULARITIES = ("group", "tensor", "element")
+
+#: Where each learnable hyperparameter may move: (lowest, highest) value, ``None`` for no bound.
+#: Betas stay below 1 and eps above 0 (see :meth:`OptimizerHyperparameters.project`).
+_DOMAIN: dict[str, tuple[float | None, float | None]] = {
+    "lr": (0.0, None),
+    "momentum": (0.0, 1.0),
+    "dampening": (0.0, 1.0),
+    "weight_decay": (0.0, None),
+    "eps": (0.0, None),
+    "beta1": (0.0, 1.0),
+    "beta2": (0.0, 1.0),
+}
+
+
+def parse_learn(impl: DiffOptimizer, learn: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
+    """Validates the ``learn`` option and returns ``{hyperparameter: granularity}``.
+
+    A sequence of names means ``"group"`` granularity for each.
+
+    Raises:
+        TypeError: ``learn`` is not a dict or a sequence of names.
+        ValueError: a name the optimizer does not have, a flag that is not a float, or an
+            unknown granularity.
+    """
+    if learn is None:
+        return {}
+    if isinstance(learn, str):
+        raise TypeError(f"learn must be a dict like {{'{learn}': 'group'}} or a list of names, not the string {learn!r}")
+    if not isinstance(learn, Mapping):
+        learn = {name: "group" for name in learn}
+    out: dict[str, str] = {}
+    for name, gran in learn.items():
+        if name not in impl.hyper_names:
+            learnable = ", ".join(impl.hyper_names)
+            if name in impl.flag_names:
+                why = f"'{name}' is a boolean option of {impl.name}, not a float hyperparameter"
+            elif name == "betas":
+                why = "Adam's betas are learned one at a time: use 'beta1' and/or 'beta2'"
+            else:
+                why = f"{impl.name} has no hyperparameter '{name}'"
+            raise ValueError(f"cannot learn {name!r}: {why}. Learnable hyperparameters of {impl.name}: {learnable}")
+        if gran not in GRANULARITIES:
+            raise ValueError(
+                f"unknown granularity {gran!r} for {name!r}: use one of {', '.join(repr(g) for g in GRANULARITIES)}"
+            )
+        out[name] = gran
+    return out
+
+
+class OptimizerHyperparameters:
+    """The learned hyperparameters φ_opt of an inner optimizer, and the fixed ones.
+
+    Values are leaf tensors that the meta optimizer updates: for ``"group"`` a tensor of shape
+    ``(num_groups,)``, for ``"tensor"`` one of shape ``(num_params,)`` (inner parameters in the
+    module's order), for ``"element"`` one tensor per inner parameter, shaped like it.
+    :meth:`per_param` expands them into the per-tensor hyperparameter dicts that
+    ``DiffOptimizer.step`` takes, and :meth:`accumulate` sums per-tensor cotangents back
+    (Algorithm 1, line 12: :math:`A^{opt} \\mathrel{+}= \\ldots`).
+
+    Args:
+        impl: The differentiable optimizer.
+        groups: The inner optimizer's ``param_groups``.
+        params: The inner parameters, in the module's order.
+        learn: ``{hyperparameter: granularity}`` from :func:`parse_learn`.
+    """
+
+    def __init__(self, impl: DiffOptimizer, groups: Sequence[Mapping[str, Any]], params: Sequence[Tensor],
+                 learn: Mapping[str, str]):
+        self.impl = impl
+        self.learn = dict(learn)
+        index = {id(p): g for g, group in enumerate(groups) for p in group["params"]}
+        self.group_of = [index[id(p)] for p in params]
+        self.num_groups = len(groups)
+        self.fixed = [impl.read_hyper(groups[g]) for g in self.group_of]
+        ref = params[0]
+        self.values: dict[str, Tensor | list[Tensor]] = {}
+        for name, gran in self.learn.items():
+            group_values = [impl.read_hyper(group)[name] for group in groups]
+            if gran == "group":
+                value: Tensor | list[Tensor] = torch.tensor(group_values, dtype=ref.dtype, device=ref.device)
+            elif gran == "tensor":
+                value = torch.tensor([group_values[g] for g in self.group_of], dtype=ref.dtype, device=ref.device)
+            else:
+                value = [torch.full_like(p, group_values[g]).detach() for p, g in zip(params, self.group_of)]
+            self.values[name] = value
+        for t in self.leaves():
+            t.requires_grad_(True)
+
+    def leaves(self) -> list[Tensor]:
+        """Every learned tensor, in a fixed order (the meta optimizer's parameters)."""
+        out: list[Tensor] = []
+        for value in self.values.values():
+            out.extend(value if isinstance(value, list) else [value])
+        return out
+
+    def named_leaves(self, param_names: Sequence[str]) -> Iterator[tuple[str, Tensor]]:
+        """``(name, tensor)``: ``"lr"`` for group/tensor values, ``"lr.<parameter>"`` per element."""
+        for name, value in self.values.items():
+            if isinstance(value, list):
+                for pname, t in zip(param_names, value):
+                    yield f"{name}.{pname}", t
+            else:
+                yield name, value
+
+    def per_param(self, values: Mapping[str, Tensor | list[Tensor]] | None = None,
+                  detach: bool = True) -> list[dict[str, Any]]:
+        """The hyperparameter dict of every inner parameter, learned values as tensors.
+
+        Args:
+            values: Values to expand instead of :attr:`values` (e.g. a differentiable copy).
+            detach: Detach the learned values (the tape and the sweep need no autograd graph).
+        """
+        values = self.values if values is None else values
+        out = []
+        for k, (g, fixed) in enumerate(zip(self.group_of, self.fixed)):
+            h = dict(fixed)
+            for name, gran in self.learn.items():
+                v = values[name]
+                if gran == "group":
+                    t = v[g]  # type: ignore[index]
+                elif gran == "tensor":
+                    t = v[k]  # type: ignore[index]
+                else:
+                    t = v[k]  # type: ignore[index]
+                h[name] = t.detach() if detach else t
+            out.append(h)
+        return out
+
+    def zeros(self) -> dict[str, Tensor | list[Tensor]]:
+        """Zero accumulators shaped like the learned values (line 8, :math:`A^{opt}`)."""
+        return {
+            name: [torch.zeros_like(t).detach() for t in v] if isinstance(v, list) else torch.zeros_like(v).detach()
+            for name, v in self.values.items()
+        }
+
+    def accumulate(self, acc: dict[str, Tensor | list[Tensor]], k: int, bars: Mapping[str, Tensor]) -> None:
+        """Adds the cotangents of parameter ``k``'s hyperparameters into ``acc`` (line 12)."""
+        for name, bar in bars.items():
+            gran = self.learn.get(name)
+            if gran is None:
+                continue
+            a = acc[name]
+            if gran == "group":
+                a[self.group_of[k]] += bar  # type: ignore[index]
+            elif gran == "tensor":
+                a[k] += bar  # type: ignore[index]
+            else:
+                a[k].add_(bar)  # type: ignore[index]
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Clamps learned values into their valid domain (lr ≥ 0, 0 ≤ beta < 1, eps > 0, ...).
+
+        This is projected gradient descent on φ_opt: a meta step that would take a value out
+        of range (a negative learning rate, a beta of 1) lands on the boundary instead.
+        """
+        for name, value in self.values.items():
+            lo, hi = _DOMAIN[name]
+            for t in value if isinstance(value, list) else [value]:
+                finfo = torch.finfo(t.dtype)
+                if name == "eps":
+                    t.clamp_(min=finfo.tiny)
+                elif lo is not None:
+                    t.clamp_(min=lo)
+                if name in ("beta1", "beta2"):
+                    t.clamp_(max=1.0 - finfo.eps)
+                elif hi is not None:
+                    t.clamp_(max=hi)
+
+    def write_back(self, groups: Sequence[dict[str, Any]]) -> None:
+        """Writes group-granularity values into ``param_groups`` (so ``opt.step()`` uses them)."""
+        for name, gran in self.learn.items():
+            if gran != "group":
+                continue
+            for g, group in enumerate(groups):
+                value = float(self.values[name][g].detach())  # type: ignore[index]
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"learned {name} of group {g} is {value}")
+                self.impl.write_hyper(group, name, value)
+        for k, g in enumerate(self.group_of):
+            self.fixed[k] = self.impl.read_hyper(groups[g])
+
+
+__all__ = ["GRANULARITIES", "OptimizerHyperparameters", "parse_learn"]

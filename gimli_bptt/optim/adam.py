@@ -1,0 +1,228 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Differentiable ``torch.optim.Adam`` and ``torch.optim.AdamW`` (amsgrad, maximize)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+
+
+def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, Tensor, float]:
+    """The gradient after ``maximize`` and coupled weight decay, the decayed parameter, and t."""
+    wd = hyper["weight_decay"]
+    g = -G if hyper["maximize"] else G
+    theta1 = theta
+    if is_learned(wd) or wd != 0:
+        if hyper["decoupled_weight_decay"]:
+            theta1 = theta * (1 - hyper["lr"] * wd)
+        else:
+            g = g + wd * theta
+    return g, theta1, float(state["step"]) + 1.0
+
+
+def adam_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
+    """One Adam (or AdamW) step on one tensor, out of place, as ``torch.optim.Adam`` makes it.
+
+    .. math::
+        g &= \\pm G \\;(+\\, \\lambda\\theta \\text{ for Adam}), \\quad
+        \\theta_1 = \\theta (1 - \\eta\\lambda) \\text{ for AdamW, else } \\theta \\\\
+        m' &= \\beta_1 m + (1 - \\beta_1) g, \\quad v' = \\beta_2 v + (1 - \\beta_2) g^2 \\\\
+        \\hat v &= \\max(v_{max}, v') \\text{ (amsgrad) or } v' \\\\
+        d &= \\sqrt{\\hat v} / \\sqrt{1 - \\beta_2^t} + \\epsilon \\\\
+        \\theta' &= \\theta_1 - \\frac{\\eta}{1 - \\beta_1^t} \\, m' / d
+    """
+    b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
+    g, theta1, t = _prepare(theta, G, state, hyper)
+    m_next = torch.lerp(state["exp_avg"], g, 1 - b1)
+    v_next = state["exp_avg_sq"] * b2 + (1 - b2) * (g * g)
+    bias_correction1 = 1 - b1**t
+    bias_correction2_sqrt = (1 - b2**t) ** 0.5
+    step_size = lr / bias_correction1
+    new_state: State = {"step": t, "exp_avg": m_next, "exp_avg_sq": v_next}
+    if hyper["amsgrad"]:
+        v_hat = torch.maximum(state["max_exp_avg_sq"], v_next)
+        new_state["max_exp_avg_sq"] = v_hat
+    else:
+        v_hat = v_next
+    denom = v_hat.sqrt() / bias_correction2_sqrt + eps
+    return theta1 - step_size * (m_next / denom), new_state
+
+
+def adam_step_vjp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_next_bar: Tensor,
+    state_next_bar: State,
+) -> tuple[Tensor, Tensor, State, dict[str, Tensor]]:
+    """Vector-Jacobian product of :func:`adam_step`.
+
+    With :math:`s = \\sqrt{\\hat v}`, :math:`c_1 = 1 - \\beta_1^t`, :math:`c_2 = \\sqrt{1 - \\beta_2^t}`,
+    :math:`\\alpha = \\eta / c_1`:
+
+    .. math::
+        \\bar m'_{tot} &= \\bar m' - \\alpha \\bar\\theta' / d, \\quad
+        \\bar d = \\alpha \\bar\\theta' m' / d^2 \\;(= \\bar\\epsilon) \\\\
+        \\bar{\\hat v} &= \\bar d / (2 s c_2) \\text{, and 0 where } s = 0 \\\\
+        \\bar m &= \\beta_1 \\bar m'_{tot}, \\quad \\bar v = \\beta_2 \\bar v'_{tot}, \\quad
+        \\bar g = (1 - \\beta_1) \\bar m'_{tot} + 2 (1 - \\beta_2) g \\bar v'_{tot}
+
+    Note [Adam at a zero second moment]: where :math:`\\hat v = 0` every gradient seen so far
+    is zero, so :math:`m' = 0` and :math:`\\bar d = 0`; the path through :math:`\\sqrt{\\hat v}`
+    contributes :math:`0 \\cdot \\infty` in autograd (NaN). Its limit is 0, the true derivative,
+    which is what we use. Note [amsgrad]: the maximum routes its cotangent to :math:`v'` where
+    :math:`v' \\ge v_{max}` and to :math:`v_{max}` elsewhere (a subgradient at ties).
+    """
+    b1, b2, lr, eps, wd = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"], hyper["weight_decay"]
+    g, _, t = _prepare(theta, G, state, hyper)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m_next = torch.lerp(m, g, 1 - b1)
+    v_next = v * b2 + (1 - b2) * (g * g)
+    bias_correction1 = 1 - b1**t
+    bias_correction2_sqrt = (1 - b2**t) ** 0.5
+    step_size = lr / bias_correction1
+    amsgrad = hyper["amsgrad"]
+    if amsgrad:
+        v_max = state["max_exp_avg_sq"]
+        to_new = v_next >= v_max
+        v_hat = torch.where(to_new, v_next, v_max)
+    else:
+        v_hat = v_next
+    s = v_hat.sqrt()
+    denom = s / bias_correction2_sqrt + eps
+    bars: dict[str, Tensor] = {}
+    tb = theta_next_bar
+
+    # theta' = theta1 - step_size * m'/d
+    step_size_bar = -(m_next / denom) * tb
+    m_bar = -step_size * tb / denom
+    d_bar = step_size * tb * m_next / (denom * denom)
+    add_bar(bars, hyper, "eps", d_bar)
+    # d = s / c2 + eps
+    positive = s > 0
+    s_safe = torch.where(positive, s, torch.ones_like(s))
+    v_hat_bar = torch.where(positive, d_bar / (2 * s_safe * bias_correction2_sqrt), torch.zeros_like(s))
+    state_bar: State = {}
+    carried_v = state_next_bar.get("exp_avg_sq")
+    if amsgrad:
+        max_bar = v_hat_bar
+        carried_max = state_next_bar.get("max_exp_avg_sq")
+        if carried_max is not None:
+            max_bar = max_bar + carried_max
+        zero = torch.zeros_like(max_bar)
+        v_bar = torch.where(to_new, max_bar, zero)
+        state_bar["max_exp_avg_sq"] = torch.where(to_new, zero, max_bar)
+    else:
+        v_bar = v_hat_bar
+    if carried_v is not None:
+        v_bar = v_bar + carried_v
+    carried_m = state_next_bar.get("exp_avg")
+    if carried_m is not None:
+        m_bar = m_bar + carried_m
+
+    # bias corrections: c2 = (1 - b2^t)^(1/2), step_size = lr / c1, c1 = 1 - b1^t
+    if is_learned(b2):
+        c2_bar = -d_bar * s / (bias_correction2_sqrt * bias_correction2_sqrt)
+        bc2_bar = c2_bar * 0.5 / bias_correction2_sqrt
+        add_bar(bars, hyper, "beta2", -bc2_bar * t * b2 ** (t - 1) + (v - g * g) * v_bar)
+    add_bar(bars, hyper, "lr", lambda: step_size_bar / bias_correction1)
+    if is_learned(b1):
+        bc1_bar = -step_size_bar * lr / (bias_correction1 * bias_correction1)
+        add_bar(bars, hyper, "beta1", -bc1_bar * t * b1 ** (t - 1) + (m - g) * m_bar)
+
+    # m' = b1 m + (1 - b1) g ; v' = b2 v + (1 - b2) g^2
+    state_bar["exp_avg"] = b1 * m_bar
+    state_bar["exp_avg_sq"] = b2 * v_bar
+    g_bar = (1 - b1) * m_bar + 2 * (1 - b2) * g * v_bar
+
+    theta_bar = tb
+    if is_learned(wd) or wd != 0:
+        if hyper["decoupled_weight_decay"]:
+            theta_bar = tb * (1 - lr * wd)
+            add_bar(bars, hyper, "lr", lambda: -wd * theta * tb)
+            add_bar(bars, hyper, "weight_decay", lambda: -lr * theta * tb)
+        else:
+            theta_bar = tb + wd * g_bar
+            add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
+    G_bar = -g_bar if hyper["maximize"] else g_bar
+    return theta_bar, G_bar, state_bar, bars
+
+
+def _read_hyper(group: Mapping[str, Any], decoupled_default: bool) -> dict[str, Any]:
+    beta1, beta2 = group["betas"]
+    return {
+        "lr": float(group["lr"]),
+        "beta1": float(beta1),
+        "beta2": float(beta2),
+        "eps": float(group["eps"]),
+        "weight_decay": float(group["weight_decay"]),
+        "amsgrad": bool(group.get("amsgrad", False)),
+        "maximize": bool(group.get("maximize", False)),
+        "decoupled_weight_decay": bool(group.get("decoupled_weight_decay", decoupled_default)),
+    }
+
+
+def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
+    if name in ("beta1", "beta2"):
+        betas = list(group["betas"])
+        betas[0 if name == "beta1" else 1] = value
+        group["betas"] = tuple(betas)
+    else:
+        group[name] = value
+
+
+def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
+    if len(torch_state) == 0:
+        state: State = {
+            "step": 0.0,
+            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
+            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
+        }
+    else:
+        state = {
+            "step": float(torch_state["step"]),
+            "exp_avg": torch_state["exp_avg"].detach().clone(),
+            "exp_avg_sq": torch_state["exp_avg_sq"].detach().clone(),
+        }
+    if hyper["amsgrad"]:
+        existing = torch_state.get("max_exp_avg_sq")
+        state["max_exp_avg_sq"] = (
+            torch.zeros_like(param).detach() if existing is None else existing.detach().clone()
+        )
+    return state
+
+
+def _export_state(state: State, param: Tensor) -> dict[str, Any]:
+    out: dict[str, Any] = {"step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype())}
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key in state:
+            out[key] = state[key].detach().clone()
+    return out
+
+
+def _make(name: str, cls: type, decoupled: bool) -> DiffOptimizer:
+    return DiffOptimizer(
+        name=name,
+        torch_cls=cls,
+        hyper_names=("lr", "beta1", "beta2", "eps", "weight_decay"),
+        flag_names=("amsgrad", "maximize", "decoupled_weight_decay"),
+        state_keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+        step=adam_step,
+        step_vjp=adam_step_vjp,
+        read_hyper=lambda group: _read_hyper(group, decoupled),
+        write_hyper=_write_hyper,
+        import_state=_import_state,
+        export_state=_export_state,
+        notes="Finite derivative at a zero second moment; amsgrad's max takes a subgradient at ties.",
+    )
+
+
+ADAM = _make("Adam", torch.optim.Adam, decoupled=False)
+ADAMW = _make("AdamW", torch.optim.AdamW, decoupled=True)
+
+__all__ = ["ADAM", "ADAMW", "adam_step", "adam_step_vjp"]

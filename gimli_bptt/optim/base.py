@@ -1,0 +1,145 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The differentiable-optimizer contract: a pure ``step`` and its hand-written ``step_vjp``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+#: A hyperparameter value for one parameter tensor: a Python float (fixed), a 0-d tensor
+#: (learned per group or per tensor) or a tensor shaped like the parameter (learned per element).
+HyperValue = Any
+#: The hyperparameters of one parameter tensor: float values and boolean flags by name.
+Hyper = Mapping[str, Any]
+#: The optimizer state of one parameter tensor, as a plain dict (``torch.optim`` naming).
+State = dict[str, Any]
+
+StepFn = Callable[[Tensor, Tensor, State, Hyper], "tuple[Tensor, State]"]
+StepVjpFn = Callable[
+    [Tensor, Tensor, State, Hyper, Tensor, State],
+    "tuple[Tensor, Tensor, State, dict[str, Tensor]]",
+]
+
+
+@dataclass(frozen=True)
+class DiffOptimizer:
+    """A ``torch.optim`` optimizer as a pair of pure per-tensor functions.
+
+    ``step(theta, G, state, hyper) -> (theta_next, state_next)`` reproduces the update that
+    ``torch.optim`` makes to one parameter tensor, out of place (Algorithm 1, line 6).
+
+    ``step_vjp(theta, G, state, hyper, theta_next_bar, state_next_bar)
+    -> (theta_bar, G_bar, state_bar, hyper_bar)`` is its vector-Jacobian product, written by
+    hand (the direct partials of lines 11, 12 and the first term of line 14). ``hyper_bar``
+    holds one entry for every hyperparameter given as a tensor, shaped like that tensor; plain
+    floats get no cotangent. Entries of ``state_next_bar`` may be missing (taken as zero).
+
+    Attributes:
+        name: Display name, e.g. ``"Adam"``.
+        torch_cls: The ``torch.optim`` class this implements.
+        hyper_names: The float hyperparameters that can be meta-learned, in our naming
+            (Adam's ``betas`` appear as ``beta1`` and ``beta2``).
+        flag_names: The boolean options the step honours (``nesterov``, ``amsgrad``, ...).
+        state_keys: The differentiable tensor entries of the state (e.g. ``exp_avg``).
+        step: The pure per-tensor step.
+        step_vjp: Its vector-Jacobian product.
+        read_hyper: Reads ``{name: float or bool}`` from a ``torch.optim`` param group.
+        write_hyper: Writes one float hyperparameter back into a param group.
+        import_state: Builds our state of one tensor from ``opt.state[p]`` (a copy).
+        export_state: Builds ``opt.state[p]`` from our state.
+    """
+
+    name: str
+    torch_cls: type
+    hyper_names: tuple[str, ...]
+    flag_names: tuple[str, ...]
+    state_keys: tuple[str, ...]
+    step: StepFn
+    step_vjp: StepVjpFn
+    read_hyper: Callable[[Mapping[str, Any]], dict[str, Any]]
+    write_hyper: Callable[[dict[str, Any], str, float], None]
+    import_state: Callable[[Mapping[str, Any], Tensor, Hyper], State]
+    export_state: Callable[[State, Tensor], dict[str, Any]]
+    notes: str = field(default="")
+
+
+def reduce_like(x: Tensor, like: HyperValue) -> Tensor:
+    """Sums an element-wise cotangent ``x`` down to the shape of the hyperparameter ``like``.
+
+    A hyperparameter learned per group or per tensor is a 0-d tensor broadcast over the whole
+    parameter, so its cotangent is the sum of the element-wise one; one learned per element
+    keeps the element-wise cotangent.
+    """
+    if isinstance(like, Tensor) and like.dim() == x.dim():
+        return x
+    return x.sum()
+
+
+def is_learned(value: HyperValue) -> bool:
+    """Whether a hyperparameter value is a tensor (and therefore gets a cotangent)."""
+    return isinstance(value, Tensor)
+
+
+def add_bar(bars: dict[str, Tensor], hyper: Hyper, name: str, elementwise: Tensor | Callable[[], Tensor]) -> None:
+    """Adds the cotangent of hyperparameter ``name`` to ``bars`` if it is learned.
+
+    ``elementwise`` is the element-wise cotangent, or a thunk producing it so that fixed
+    hyperparameters cost nothing.
+    """
+    value = hyper[name]
+    if not is_learned(value):
+        return
+    x = elementwise() if callable(elementwise) else elementwise
+    bar = reduce_like(x, value)
+    bars[name] = bars[name] + bar if name in bars else bar
+
+
+def clone_state(state: Mapping[str, Any]) -> State:
+    """A copy of one tensor's state whose tensors are detached clones."""
+    return {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
+
+
+def step_all(
+    opt: DiffOptimizer,
+    theta: Sequence[Tensor],
+    G: Sequence[Optional[Tensor]],
+    state: Sequence[State],
+    hyper: Sequence[Hyper],
+) -> tuple[list[Tensor], list[State]]:
+    """Applies ``opt.step`` to every parameter tensor (Algorithm 1, line 6).
+
+    A tensor whose gradient is ``None`` (it did not take part in the loss) is left as it is,
+    with its state, exactly as ``torch.optim`` skips parameters whose ``.grad`` is ``None``.
+    """
+    theta_next: list[Tensor] = []
+    state_next: list[State] = []
+    for t, g, s, h in zip(theta, G, state, hyper):
+        if g is None:
+            theta_next.append(t)
+            state_next.append(s)
+        else:
+            tn, sn = opt.step(t, g, s, h)
+            theta_next.append(tn)
+            state_next.append(sn)
+    return theta_next, state_next
+
+
+def zeros_state_bar(state: State, keys: Sequence[str]) -> State:
+    """Zero cotangents for the differentiable entries of one tensor's state."""
+    return {k: torch.zeros_like(state[k]) for k in keys if isinstance(state.get(k), Tensor)}
+
+
+__all__ = [
+    "DiffOptimizer",
+    "Hyper",
+    "HyperValue",
+    "State",
+    "add_bar",
+    "clone_state",
+    "is_learned",
+    "reduce_like",
+    "step_all",
+    "zeros_state_bar",
+]

@@ -1,0 +1,147 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Differentiable ``torch.optim.SGD``: momentum, dampening, Nesterov, weight decay, maximize."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+
+
+def _uses_momentum(hyper: Hyper) -> bool:
+    # Note [Learned momentum]: torch.optim.SGD skips the momentum buffer when
+    # ``momentum == 0``. A learned momentum always takes the buffer path, so that its
+    # derivative exists; at momentum 0 with dampening 0 both paths give the same update.
+    momentum = hyper["momentum"]
+    return is_learned(momentum) or momentum != 0
+
+
+def sgd_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
+    """One SGD step on one tensor, out of place, as ``torch.optim.SGD`` makes it.
+
+    .. math::
+        g &= \\pm G + \\lambda \\theta \\\\
+        b' &= g \\text{ (first step) or } \\mu b + (1 - \\tau) g \\\\
+        u &= g + \\mu b' \\text{ (Nesterov) or } b' \\\\
+        \\theta' &= \\theta - \\eta u
+    """
+    lr, wd, mom, damp = hyper["lr"], hyper["weight_decay"], hyper["momentum"], hyper["dampening"]
+    g = -G if hyper["maximize"] else G
+    if is_learned(wd) or wd != 0:
+        g = g + wd * theta
+    new_state: State = dict(state)
+    if _uses_momentum(hyper):
+        buf = state.get("momentum_buffer")
+        buf_next = g.clone() if buf is None else mom * buf + (1 - damp) * g
+        new_state["momentum_buffer"] = buf_next
+        update = g + mom * buf_next if hyper["nesterov"] else buf_next
+    else:
+        update = g
+    return theta - lr * update, new_state
+
+
+def sgd_step_vjp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_next_bar: Tensor,
+    state_next_bar: State,
+) -> tuple[Tensor, Tensor, State, dict[str, Tensor]]:
+    """Vector-Jacobian product of :func:`sgd_step`.
+
+    .. math::
+        \\bar u &= -\\eta \\bar\\theta', \\quad \\bar\\eta = -\\langle u, \\bar\\theta' \\rangle \\\\
+        \\bar b'_{tot} &= \\bar b' + \\mu \\bar u \\text{ (Nesterov) or } \\bar b' + \\bar u \\\\
+        \\bar b &= \\mu \\bar b'_{tot}, \\quad \\bar\\mu = \\langle b, \\bar b'_{tot} \\rangle,
+        \\quad \\bar\\tau = -\\langle g, \\bar b'_{tot} \\rangle \\\\
+        \\bar g &= (1 - \\tau) \\bar b'_{tot} \\;(+\\, \\bar u \\text{ Nesterov}) \\\\
+        \\bar\\theta &= \\bar\\theta' + \\lambda \\bar g, \\quad \\bar\\lambda = \\langle \\theta, \\bar g \\rangle,
+        \\quad \\bar G = \\pm \\bar g
+    """
+    lr, wd, mom, damp = hyper["lr"], hyper["weight_decay"], hyper["momentum"], hyper["dampening"]
+    g = -G if hyper["maximize"] else G
+    has_wd = is_learned(wd) or wd != 0
+    if has_wd:
+        g = g + wd * theta
+    bars: dict[str, Tensor] = {}
+    state_bar: State = {}
+    u_bar = -lr * theta_next_bar
+    if _uses_momentum(hyper):
+        buf = state.get("momentum_buffer")
+        buf_next = g if buf is None else mom * buf + (1 - damp) * g
+        if hyper["nesterov"]:
+            update = g + mom * buf_next
+            add_bar(bars, hyper, "lr", lambda: -update * theta_next_bar)
+            add_bar(bars, hyper, "momentum", lambda: buf_next * u_bar)
+            buf_bar = mom * u_bar
+            g_bar = u_bar
+        else:
+            add_bar(bars, hyper, "lr", lambda: -buf_next * theta_next_bar)
+            buf_bar = u_bar
+            g_bar = None
+        carried = state_next_bar.get("momentum_buffer")
+        if carried is not None:
+            buf_bar = buf_bar + carried
+        if buf is None:
+            g_from_buf = buf_bar
+        else:
+            add_bar(bars, hyper, "momentum", lambda: buf * buf_bar)
+            add_bar(bars, hyper, "dampening", lambda: -g * buf_bar)
+            state_bar["momentum_buffer"] = mom * buf_bar
+            g_from_buf = (1 - damp) * buf_bar
+        g_bar = g_from_buf if g_bar is None else g_bar + g_from_buf
+    else:
+        add_bar(bars, hyper, "lr", lambda: -g * theta_next_bar)
+        g_bar = u_bar
+    theta_bar = theta_next_bar
+    if has_wd:
+        theta_bar = theta_bar + wd * g_bar
+        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
+    G_bar = -g_bar if hyper["maximize"] else g_bar
+    return theta_bar, G_bar, state_bar, bars
+
+
+def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "lr": float(group["lr"]),
+        "momentum": float(group["momentum"]),
+        "dampening": float(group["dampening"]),
+        "weight_decay": float(group["weight_decay"]),
+        "nesterov": bool(group["nesterov"]),
+        "maximize": bool(group.get("maximize", False)),
+    }
+
+
+def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
+    group[name] = value
+
+
+def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
+    buf = torch_state.get("momentum_buffer")
+    return {"momentum_buffer": None if buf is None else buf.detach().clone()}
+
+
+def _export_state(state: State, param: Tensor) -> dict[str, Any]:
+    buf = state.get("momentum_buffer")
+    return {} if buf is None else {"momentum_buffer": buf.detach().clone()}
+
+
+SGD = DiffOptimizer(
+    name="SGD",
+    torch_cls=torch.optim.SGD,
+    hyper_names=("lr", "momentum", "dampening", "weight_decay"),
+    flag_names=("nesterov", "maximize"),
+    state_keys=("momentum_buffer",),
+    step=sgd_step,
+    step_vjp=sgd_step_vjp,
+    read_hyper=_read_hyper,
+    write_hyper=_write_hyper,
+    import_state=_import_state,
+    export_state=_export_state,
+    notes="A learned momentum always uses the momentum buffer (see Note [Learned momentum]).",
+)
+
+__all__ = ["SGD", "sgd_step", "sgd_step_vjp"]

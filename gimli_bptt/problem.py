@@ -1,0 +1,141 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The inner problem of one meta step: what stays fixed while Algorithm 1 runs lines 3-15."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import NonFiniteError
+from .functional import FunctionalModel, clone_buffers
+from .optim.base import DiffOptimizer
+
+LossFn = Callable[[FunctionalModel, Any], Tensor]
+
+
+@dataclass
+class RngState:
+    """The random number generator states saved before an inner step's loss (CPU, CUDA)."""
+
+    cpu: Tensor
+    cuda: dict[int, Tensor] = field(default_factory=dict)
+
+
+def capture_rng(cuda_devices: Sequence[int]) -> RngState:
+    """Saves the CPU generator and the generators of ``cuda_devices``."""
+    return RngState(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices})
+
+
+def same_rng(a: RngState, b: RngState) -> bool:
+    """Whether two saved generator states are equal (nothing random ran in between)."""
+    return torch.equal(a.cpu, b.cpu) and all(torch.equal(a.cuda[d], b.cuda[d]) for d in a.cuda)
+
+
+@contextmanager
+def replay_rng(rng: Optional[RngState], cuda_devices: Sequence[int]) -> Iterator[None]:
+    """Runs the body with the generators set to ``rng`` and restores them afterwards.
+
+    Recomputing an inner step in the reverse sweep must draw the same dropout masks as the
+    forward tape did, without advancing the caller's generators (as ``torch.utils.checkpoint``).
+    With ``rng=None`` the step drew no random numbers, and the body runs as it is.
+    """
+    if rng is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=list(cuda_devices)):
+        torch.set_rng_state(rng.cpu)
+        for d, s in rng.cuda.items():
+            torch.cuda.set_rng_state(s, d)
+        yield
+
+
+def check_scalar_loss(loss: Any, what: str) -> Tensor:
+    """Checks that a loss function returned a scalar tensor that depends on the parameters."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{what} must return a scalar torch.Tensor, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"{what} must return a scalar (0-d) tensor, got shape {tuple(loss.shape)}; "
+            "reduce it, e.g. with .mean() or .sum()"
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"{what} returned a {loss.dtype} tensor; a loss must be floating point")
+    return loss
+
+
+@dataclass
+class InnerProblem:
+    """Everything one meta step holds fixed: the module, the losses, the optimizer and φ.
+
+    ``theta`` lists always hold the *inner* parameters (those the inner optimizer updates),
+    in the module's parameter order; ``frozen`` holds the module's other parameters, which
+    the inner loop uses but never changes.
+
+    Attributes:
+        module: The user's module (never modified here).
+        names: Names of the inner parameters.
+        frozen: Other parameters by name: detached, or live leaves when their hypergradient
+            is wanted (``learn_init``; they are then among ``loss_leaves``).
+        train_loss: ``train_loss(model, batch)``.
+        impl: The differentiable optimizer.
+        hyper: Per inner parameter, its hyperparameters (learned ones as detached tensors).
+        loss_leaves: Leaves whose hypergradient is accumulated in A^loss: the user's loss
+            parameters, then the frozen parameters when learned.
+        cuda_devices: CUDA device indices whose generators are saved with each step.
+        check_finite: Raise :class:`NonFiniteError` on a non-finite inner loss.
+        hvp_fallback: Set once the forward-over-reverse HVP failed on an op of ``train_loss``
+            (see Note [Forward-mode fallback] in :mod:`gimli_bptt.hvp`).
+    """
+
+    module: nn.Module
+    names: list[str]
+    frozen: dict[str, Tensor]
+    train_loss: LossFn
+    impl: DiffOptimizer
+    hyper: list[dict[str, Any]]
+    loss_leaves: list[Tensor]
+    cuda_devices: list[int]
+    check_finite: bool = True
+    hvp_fallback: bool = False
+
+    def view(self, theta: Sequence[Tensor], buffers: dict[str, Tensor]) -> FunctionalModel:
+        """The module bound to inner parameters ``theta``, the frozen parameters and ``buffers``."""
+        params = dict(zip(self.names, theta))
+        params.update(self.frozen)
+        ordered = {name: params[name] for name, _ in self.module.named_parameters()}
+        return FunctionalModel(self.module, ordered, buffers)
+
+    def loss(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int) -> Tensor:
+        """ℓ_j(θ, φ_loss) with ``buffers`` updated in place, checked (line 5's loss)."""
+        loss = check_scalar_loss(self.train_loss(self.view(theta, buffers), batch), "train_loss")
+        if self.check_finite and not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"train_loss is {loss.item()} at inner step {j}; check the batch of step {j}")
+        return loss
+
+    def gradient(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
+                 j: int) -> tuple[Tensor, list[Optional[Tensor]]]:
+        """Line 5 without a kept graph: ``(ℓ_j, G_j)``; ``G_j[k]`` is None if ℓ_j ignores θ_k."""
+        leaves = [t.detach().requires_grad_(True) for t in theta]
+        with torch.enable_grad():
+            loss = self.loss(leaves, buffers, batch, j)
+            if not loss.requires_grad:
+                raise ValueError(
+                    f"train_loss does not depend on the model's parameters at inner step {j}: "
+                    "compute it from model(...) or model.parameters() of the model it is given"
+                )
+            G = list(torch.autograd.grad(loss, leaves, allow_unused=True))
+        if all(g is None for g in G):
+            raise ValueError(
+                f"train_loss does not depend on any parameter the optimizer updates at inner step {j}"
+            )
+        return loss.detach(), G
+
+    def fresh_buffers(self, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Copies of buffers for one forward call (empty when the module has none)."""
+        return clone_buffers(buffers) if buffers else {}
+
+
+__all__ = ["InnerProblem", "RngState", "capture_rng", "check_scalar_loss", "replay_rng", "same_rng"]

@@ -1,0 +1,84 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The reverse sweep of Algorithm 1 (lines 8-15): second-order BPTT by hand.
+
+Algorithm 1 of Grefenstette et al. (2019), generalised to stateful optimizers, with the
+line numbers that the tags ``[Alg.1 L<n>]`` in this package refer to::
+
+     8: A_opt <- 0; A_loss <- 0
+     9: B_J <- ∇_θ L_val(θ'_J)                      (θ̄_J; σ̄_J <- 0)
+    10: for j = J-1 ... 0:
+    11:     (θ̄', σ̄_j, Ḡ_j, φ̄_opt) <- step_vjp(θ_j, σ_j, G_j; φ_opt; θ̄_{j+1}, σ̄_{j+1})
+    12:     A_opt  += φ̄_opt
+    13:     A_loss += (∂G_j/∂φ_loss)ᵀ Ḡ_j            (the mixed second derivative)
+    14:     θ̄_j   <- θ̄' + H_j Ḡ_j                   (B_j; H_j the Hessian of ℓ_j)
+    15: end
+    16: φ <- metaopt(φ, (A_opt, A_loss))            (in updater.py)
+
+At the end θ̄_0 is the hypergradient of the initial parameters θ_0 (MAML). The sweep knows no
+optimizer: ``step_vjp`` is the optimizer's, and the second-order terms come from
+:mod:`gimli_bptt.hvp`.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from .hvp import StepSecondOrder
+from .hyper import OptimizerHyperparameters
+from .optim.base import State
+from .problem import InnerProblem
+from .tape import TapeEntry
+
+
+def reverse_sweep(
+    problem: InnerProblem,
+    hyper: OptimizerHyperparameters,
+    entries_reversed: Iterable[TapeEntry],
+    theta_bar: list[Tensor],
+    loss_bar: list[Optional[Tensor]],
+    hvp: str,
+) -> tuple[list[Tensor], dict[str, Tensor | list[Tensor]], list[Tensor]]:
+    """Runs lines 10-15 over the tape, newest entry first.
+
+    Args:
+        problem: The inner problem (losses, optimizer, hyperparameters per parameter).
+        hyper: φ_opt, whose :meth:`~OptimizerHyperparameters.accumulate` maps per-tensor
+            cotangents to the learned granularity.
+        entries_reversed: Tape entries for j = J-1 ... 0.
+        theta_bar: B_J = ∇_θ L_val(θ'_J) per inner parameter (line 9).
+        loss_bar: ∂L_val/∂φ_loss per loss leaf (its direct term; None for zero).
+        hvp: ``"rev"`` or ``"fwd"`` (see :mod:`gimli_bptt.hvp`).
+
+    Returns:
+        ``(θ̄_0, A_opt, A_loss)``.
+    """
+    theta_bar = list(theta_bar)
+    state_bar: list[State] = [{} for _ in theta_bar]
+    A_opt = hyper.zeros()  # [Alg.1 L8]
+    A_loss = [torch.zeros_like(leaf) if b is None else b.detach().clone()
+              for leaf, b in zip(problem.loss_leaves, loss_bar)]  # [Alg.1 L8] + direct term of L_val
+    impl = problem.impl
+    for entry in entries_reversed:  # [Alg.1 L10]
+        step = StepSecondOrder(problem, entry, hvp)
+        G_bar: list[Optional[Tensor]] = [None] * len(theta_bar)
+        for k, g in enumerate(step.G):
+            if g is None:  # θ_k took no part in ℓ_j: the step left it and its state as they were
+                continue
+            tb, gb, sb, hb = impl.step_vjp(  # [Alg.1 L11]
+                entry.theta[k], g, entry.state[k], problem.hyper[k], theta_bar[k], state_bar[k]
+            )
+            theta_bar[k], state_bar[k], G_bar[k] = tb, sb, gb
+            hyper.accumulate(A_opt, k, hb)  # [Alg.1 L12]
+        h_theta, h_loss = step.apply(G_bar)
+        for i, h in enumerate(h_loss):  # [Alg.1 L13]
+            if h is not None:
+                A_loss[i] += h
+        for k, h in enumerate(h_theta):  # [Alg.1 L14]
+            if h is not None:
+                theta_bar[k] = theta_bar[k] + h
+    return theta_bar, A_opt, A_loss
+
+
+__all__ = ["reverse_sweep"]

@@ -1,0 +1,438 @@
+# SPDX-License-Identifier: Apache-2.0
+"""GimliUpdater: the outer loop of Algorithm 1 (lines 1-3 and 16) around a stock module and optimizer."""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .errors import NonFiniteError
+from .functional import FunctionalModel, buffer_names, clone_buffers
+from .hvp import HVP_MODES
+from .hyper import OptimizerHyperparameters, parse_learn
+from .optim import get_optimizer
+from .optim.base import State, clone_state, step_all
+from .problem import InnerProblem, LossFn, check_scalar_loss
+from .sweep import reverse_sweep
+from .tape import TapeResult, record_tape
+
+MetaOptFactory = Union[type, Callable[[list[Tensor]], torch.optim.Optimizer]]
+Hypergrad = Union[Tensor, list[Tensor]]
+
+
+@dataclass
+class MetaStepResult:
+    """What one meta step computed.
+
+    Attributes:
+        val_loss: L_val(θ'_J), detached.
+        hypergrads: The gradient of ``val_loss`` with respect to every meta-parameter: the
+            learned hyperparameter names (``"lr"``, ``"beta1"``, ...; a tensor of shape
+            ``(num_groups,)`` for ``"group"``, ``(num_params,)`` for ``"tensor"``, a list of
+            tensors shaped like the inner parameters for ``"element"``), ``"loss.<name>"`` for
+            each loss parameter and ``"init.<parameter name>"`` with ``learn_init``.
+        train_losses: ℓ_j(θ'_j) of the J inner steps, shape ``(J,)``.
+        skipped: True when a non-finite hypergradient made ``step()`` skip the update
+            (``on_nonfinite="skip"``).
+    """
+
+    val_loss: Tensor
+    hypergrads: dict[str, Hypergrad]
+    train_losses: Tensor
+    skipped: bool = False
+    nonfinite: list[str] = field(default_factory=list)
+
+
+def _flat(value: Hypergrad) -> list[Tensor]:
+    return value if isinstance(value, list) else [value]
+
+
+class GimliUpdater:
+    """Exact hypergradients through J unrolled steps of a stock module and ``torch.optim`` optimizer.
+
+    One call of :meth:`step` is one iteration of Algorithm 1 (Grefenstette et al., 2019): copy
+    the model and optimizer state (line 3), run J inner steps keeping a tape of θ'_j, σ_j and
+    the batches but no autograd graph (lines 4-7), sweep backwards with the optimizer's
+    hand-written VJP and one Hessian-vector product per step (lines 8-15), and update the
+    meta-parameters φ with the meta optimizer (line 16).
+
+    Example::
+
+        model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        train_loss = lambda m, b: F.mse_loss(m(b[0]), b[1])
+        updater = GimliUpdater(model, opt, train_loss, train_loss, unroll=10,
+                               learn={"lr": "group"},
+                               meta_opt=functools.partial(torch.optim.Adam, lr=1e-2))
+        result = updater.step(train_batches, val_batch)   # 10 batches, one validation batch
+        result.hypergrads["lr"]                          # d L_val / d lr, shape (1,)
+        opt.param_groups[0]["lr"]                        # the learned rate, written back
+
+    Args:
+        model: A stock ``nn.Module``. Its parameters are θ_0; its buffers (BatchNorm running
+            statistics) evolve through the inner loop as in training.
+        opt: A ``torch.optim`` optimizer over (some of) the model's parameters, any param
+            groups; its state, if any, is the inner optimizer's initial state. Parameters it
+            does not hold are kept fixed in the inner loop.
+        train_loss: ``train_loss(model, batch) -> scalar tensor``; ``model`` is a
+            :class:`~gimli_bptt.functional.FunctionalModel` bound to θ'_j.
+        val_loss: ``val_loss(model, batch) -> scalar tensor``, evaluated at θ'_J.
+        unroll: J, the number of inner steps (at least 1).
+        learn: Hyperparameters of ``opt`` to meta-learn, ``{name: granularity}`` with
+            granularity ``"group"``, ``"tensor"`` or ``"element"`` (a list of names means
+            ``"group"``). Names are the float options of the optimizer (``lr``,
+            ``momentum``, ``dampening``, ``weight_decay``, ``eps``, and Adam's betas as
+            ``beta1``/``beta2``).
+        loss_params: ``{name: leaf tensor}`` used inside ``train_loss`` (φ_loss), e.g. loss
+            weights or the parameters of a learned loss. Leaves that require grad, on the
+            model's device and in its dtype.
+        learn_init: Learn the initial weights θ_0 (MAML): the meta optimizer updates the
+            model's parameters. Parameters outside ``opt`` are learned too (they enter every
+            inner loss), as in ANIL.
+        meta_opt: The meta optimizer: a ``torch.optim`` class or a factory taking the list of
+            meta-parameters (default ``torch.optim.Adam`` with its default settings).
+        hvp: ``"rev"`` (reverse-over-reverse, default) or ``"fwd"`` (forward-over-reverse;
+            needs forward-mode AD support of every op in ``train_loss``).
+        commit: After a meta step, write θ'_J, the buffers and the inner optimizer state into
+            the model and ``opt`` (continue training from the unrolled state). By default
+            ``step()`` leaves them as they were.
+        on_nonfinite: ``"raise"`` (default) raises :class:`~gimli_bptt.errors.NonFiniteError`
+            on a non-finite hypergradient; ``"skip"`` returns a result with ``skipped=True``.
+            Either way φ is left untouched.
+        project: Clamp learned hyperparameters into their valid range after each meta step.
+        check_finite: Check every inner loss for NaN/Inf (one host sync per inner step).
+
+    Raises:
+        TypeError: an unsupported optimizer, or arguments of the wrong type.
+        ValueError: an option out of range, a hyperparameter that cannot be learned, loss
+            parameters that are not leaves or live on another device or dtype.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        train_loss: LossFn,
+        val_loss: LossFn,
+        *,
+        unroll: int = 1,
+        learn: Mapping[str, str] | Sequence[str] | None = None,
+        loss_params: Mapping[str, Tensor] | None = None,
+        learn_init: bool = False,
+        meta_opt: Optional[MetaOptFactory] = None,
+        hvp: str = "rev",
+        commit: bool = False,
+        on_nonfinite: str = "raise",
+        project: bool = True,
+        check_finite: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+        for what, fn in (("train_loss", train_loss), ("val_loss", val_loss)):
+            if not callable(fn):
+                raise TypeError(f"{what} must be callable as {what}(model, batch), got {type(fn).__name__}")
+        if isinstance(unroll, bool) or not isinstance(unroll, int):
+            raise TypeError(f"unroll must be an int, got {type(unroll).__name__}")
+        if unroll < 1:
+            raise ValueError(f"unroll must be at least 1 (the number of inner steps J), got {unroll}")
+        if hvp not in HVP_MODES:
+            raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if commit and learn_init:
+            raise ValueError(
+                "commit=True and learn_init=True contradict each other: with learn_init the model's "
+                "parameters are θ_0, updated by the meta optimizer; drop one of them"
+            )
+        self.model = model
+        self.opt = opt
+        self.train_loss = train_loss
+        self.val_loss = val_loss
+        self.unroll = unroll
+        self.hvp = hvp
+        self.commit = commit
+        self.on_nonfinite = on_nonfinite
+        self.project = project
+        self.check_finite = check_finite
+        self.learn_init = bool(learn_init)
+        self.impl = get_optimizer(opt)
+        self._hvp_fallback = False
+
+        named = list(model.named_parameters())
+        in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
+        model_ids = {id(p) for _, p in named}
+        stray = [i for i, group in enumerate(opt.param_groups) for p in group["params"] if id(p) not in model_ids]
+        if stray:
+            raise ValueError(
+                f"the optimizer holds tensors that are not parameters of the model (param groups {sorted(set(stray))}); "
+                "build it over model.parameters()"
+            )
+        self._names = [n for n, p in named if id(p) in in_opt]
+        self._params = [p for _, p in named if id(p) in in_opt]
+        self._frozen_names = [n for n, p in named if id(p) not in in_opt]
+        if not self._params:
+            raise ValueError("the optimizer holds no parameters of the model")
+        for name, p in zip(self._names, self._params):
+            if not p.is_floating_point() or p.is_complex():
+                raise TypeError(f"parameter {name!r} is {p.dtype}; only real floating-point parameters are supported")
+            if p.is_sparse:
+                raise TypeError(f"parameter {name!r} is sparse; sparse parameters are not supported")
+        self._ref = self._params[0]
+        self._cuda_devices = sorted({p.device.index or 0 for p in self._params if p.device.type == "cuda"})
+
+        self.learn = parse_learn(self.impl, learn)
+        self.hyper = OptimizerHyperparameters(self.impl, opt.param_groups, self._params, self.learn)
+        self.loss_params = self._check_loss_params(loss_params or {})
+        if not self.learn and not self.loss_params and not self.learn_init:
+            raise ValueError(
+                "nothing to meta-learn: give learn={...}, loss_params={...} or learn_init=True"
+            )
+        leaves = [t for _, t in self.named_meta_parameters()]
+        if meta_opt is None:
+            meta_opt = torch.optim.Adam
+        if not callable(meta_opt):
+            raise TypeError("meta_opt must be a torch.optim class or a factory taking the list of meta-parameters")
+        self.meta_opt = meta_opt(leaves)
+        if not isinstance(self.meta_opt, torch.optim.Optimizer):
+            raise TypeError(f"meta_opt must build a torch.optim.Optimizer, got {type(self.meta_opt).__name__}")
+
+    # ----------------------------------------------------------------- set-up helpers
+    def _check_loss_params(self, loss_params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if not isinstance(loss_params, Mapping):
+            raise TypeError("loss_params must be a dict from name to leaf tensor")
+        out: dict[str, Tensor] = {}
+        for name, t in loss_params.items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"loss_params[{name!r}] must be a tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"loss_params[{name!r}] is {t.dtype}; meta-parameters must be floating point")
+            if not t.is_leaf or not t.requires_grad:
+                raise ValueError(
+                    f"loss_params[{name!r}] must be a leaf tensor that requires grad "
+                    "(create it with torch.tensor(..., requires_grad=True) or nn.Parameter)"
+                )
+            if t.device != self._ref.device:
+                raise ValueError(f"loss_params[{name!r}] is on {t.device} but the model is on {self._ref.device}; move it with .to()")
+            if t.dtype != self._ref.dtype:
+                raise ValueError(f"loss_params[{name!r}] is {t.dtype} but the model is {self._ref.dtype}; convert it with .to()")
+            out[name] = t
+        return out
+
+    def named_meta_parameters(self) -> list[tuple[str, Tensor]]:
+        """φ: every meta-parameter by name, in the order the meta optimizer holds them.
+
+        Learned hyperparameters (``"lr"``, or ``"lr.<parameter name>"`` per element), then
+        ``"loss.<name>"``, then ``"init.<parameter name>"`` (the model's own parameters) with
+        ``learn_init``.
+        """
+        out = list(self.hyper.named_leaves(self._names))
+        out += [(f"loss.{n}", t) for n, t in self.loss_params.items()]
+        if self.learn_init:
+            out += [(f"init.{n}", p) for n, p in self.model.named_parameters()]
+        return out
+
+    def meta_parameters(self) -> list[Tensor]:
+        """The tensors of :meth:`named_meta_parameters`."""
+        return [t for _, t in self.named_meta_parameters()]
+
+    def _problem(self) -> InnerProblem:
+        frozen_live = self.learn_init
+        frozen = {n: (p if frozen_live else p.detach()) for n, p in self.model.named_parameters()
+                  if n in set(self._frozen_names)}
+        leaves = list(self.loss_params.values()) + (list(frozen.values()) if frozen_live else [])
+        return InnerProblem(
+            module=self.model,
+            names=self._names,
+            frozen=frozen,
+            train_loss=self.train_loss,
+            impl=self.impl,
+            hyper=self.hyper.per_param(),
+            loss_leaves=leaves,
+            cuda_devices=self._cuda_devices,
+            check_finite=self.check_finite,
+            hvp_fallback=self._hvp_fallback,
+        )
+
+    def _initial_state(self) -> tuple[list[Tensor], list[State], dict[str, Tensor]]:
+        """Line 3: copies of θ_t, the optimizer state and the buffers."""
+        theta0 = [p.detach().clone() for p in self._params]
+        hyper = self.hyper.fixed
+        state0 = [self.impl.import_state(self.opt.state.get(p, {}), p, h) for p, h in zip(self._params, hyper)]
+        buffers = {n: b for n, b in self.model.named_buffers() if b is not None}
+        return theta0, state0, clone_buffers(buffers)
+
+    def _check_batches(self, train_batches: Iterable[Any]) -> list[Any]:
+        if isinstance(train_batches, (Tensor, str, bytes)) or not isinstance(train_batches, Iterable):
+            raise TypeError(
+                "train_batches must be a sequence of the J inner batches (a list or tuple), "
+                f"got {type(train_batches).__name__}"
+            )
+        batches = list(train_batches)
+        if len(batches) != self.unroll:
+            raise ValueError(
+                f"got {len(batches)} train batches but unroll={self.unroll}: give exactly one batch per inner step"
+            )
+        return batches
+
+    # ----------------------------------------------------------------- Algorithm 1
+    def hypergradient(self, train_batches: Sequence[Any], val_batch: Any) -> MetaStepResult:
+        """Computes L_val(θ'_J) and its gradient with respect to φ (lines 2-15); changes nothing.
+
+        The model, its buffers, the optimizer and φ are left exactly as they were (the global
+        random number generators advance as the losses draw from them).
+        """
+        return self._compute(train_batches, val_batch)[0]
+
+    def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[MetaStepResult, TapeResult]:
+        batches = self._check_batches(train_batches)
+        problem = self._problem()
+        theta0, state0, buffers0 = self._initial_state()
+        tape = record_tape(problem, theta0, state0, buffers0, batches, keep_G=self.hvp == "fwd")  # [Alg.1 L3-7]
+
+        theta_J = [t.detach().requires_grad_(True) for t in tape.theta]  # [Alg.1 L9]
+        with torch.enable_grad():
+            val_view = problem.view(theta_J, problem.fresh_buffers(tape.buffers))
+            L = check_scalar_loss(self.val_loss(val_view, val_batch), "val_loss")
+            if self.check_finite and not bool(torch.isfinite(L)):
+                raise NonFiniteError(f"val_loss is {L.item()} after {self.unroll} inner steps")
+            if not L.requires_grad:
+                raise ValueError("val_loss does not depend on the model's parameters")
+            grads = torch.autograd.grad(L, theta_J + problem.loss_leaves, allow_unused=True)
+        n = len(theta_J)
+        B_J = [torch.zeros_like(t) if g is None else g for t, g in zip(theta_J, grads[:n])]
+        theta0_bar, A_opt, A_loss = reverse_sweep(
+            problem, self.hyper, reversed(tape.entries), B_J, list(grads[n:]), self.hvp
+        )  # [Alg.1 L8-15]
+        self._hvp_fallback = problem.hvp_fallback
+        hypergrads: dict[str, Hypergrad] = dict(A_opt)
+        n_loss = len(self.loss_params)
+        for (name, _), a in zip(self.loss_params.items(), A_loss[:n_loss]):
+            hypergrads[f"loss.{name}"] = a
+        if self.learn_init:
+            init = dict(zip(self._names, theta0_bar))
+            init.update(zip([n for n in self._frozen_names], A_loss[n_loss:]))
+            for name, _ in self.model.named_parameters():
+                hypergrads[f"init.{name}"] = init[name]
+        nonfinite = [name for name, v in hypergrads.items() if not all(bool(torch.isfinite(t).all()) for t in _flat(v))]
+        return MetaStepResult(L.detach(), hypergrads, tape.losses, nonfinite=nonfinite), tape
+
+    def step(self, train_batches: Sequence[Any], val_batch: Any) -> MetaStepResult:
+        """One meta update (Algorithm 1, lines 2-16).
+
+        Computes the hypergradients as :meth:`hypergradient` does, sets them as the ``.grad``
+        of every meta-parameter and takes one step of the meta optimizer; learned group-level
+        hyperparameters are then written into ``opt.param_groups``. If anything raises, the
+        model, its buffers, the optimizer's state, φ and the meta optimizer's state are
+        exactly as they were before the call.
+
+        Raises:
+            NonFiniteError: a non-finite loss or hypergradient (unless ``on_nonfinite="skip"``).
+        """
+        result, tape = self._compute(train_batches, val_batch)
+        if result.nonfinite:
+            if self.on_nonfinite == "skip":
+                result.skipped = True
+                return result
+            raise NonFiniteError(
+                f"non-finite hypergradient for {', '.join(result.nonfinite)}; nothing was updated "
+                "(pass on_nonfinite='skip' to skip such meta steps)"
+            )
+        self._apply(result, tape)
+        return result
+
+    def _apply(self, result: MetaStepResult, tape: TapeResult) -> None:
+        """Line 16, as a transaction: on any exception everything is restored, then re-raised."""
+        leaves = self.named_meta_parameters()
+        saved_values = [t.detach().clone() for _, t in leaves]
+        saved_grads = [None if t.grad is None else t.grad.clone() for _, t in leaves]
+        saved_meta = copy.deepcopy(self.meta_opt.state_dict())
+        saved_groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
+        saved_fixed = copy.deepcopy(self.hyper.fixed)
+        saved_model = None
+        if self.commit:
+            saved_model = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()))
+        try:
+            grads = self._grads_by_leaf(result.hypergrads)
+            for (_, t), g in zip(leaves, grads):
+                t.grad = g.detach().to(t.dtype).clone()
+            self.meta_opt.step()
+            if self.project:
+                self.hyper.project()
+            self.hyper.write_back(self.opt.param_groups)
+            if self.commit:
+                self._commit(tape)
+        except BaseException:
+            with torch.no_grad():
+                for (_, t), v, g in zip(leaves, saved_values, saved_grads):
+                    t.copy_(v)
+                    t.grad = g
+            self.meta_opt.load_state_dict(saved_meta)
+            for g, saved in zip(self.opt.param_groups, saved_groups):
+                g.update(saved)
+            self.hyper.fixed = saved_fixed
+            if saved_model is not None:
+                self.model.load_state_dict(saved_model[0])
+                self.opt.load_state_dict(saved_model[1])
+            raise
+
+    def _grads_by_leaf(self, hypergrads: Mapping[str, Hypergrad]) -> list[Tensor]:
+        """The hypergradients in the order of :meth:`named_meta_parameters`."""
+        out: list[Tensor] = []
+        for name in self.hyper.values:
+            out.extend(_flat(hypergrads[name]))
+        out += [hypergrads[f"loss.{n}"] for n in self.loss_params]  # type: ignore[misc]
+        if self.learn_init:
+            out += [hypergrads[f"init.{n}"] for n, _ in self.model.named_parameters()]  # type: ignore[misc]
+        return out
+
+    @torch.no_grad()
+    def _commit(self, tape: TapeResult) -> None:
+        """Writes θ'_J, the buffers and σ_J into the model and the optimizer."""
+        for p, t in zip(self._params, tape.theta):
+            p.copy_(t)
+        live = dict(self.model.named_buffers())
+        for name, b in tape.buffers.items():
+            live[name].copy_(b)
+        for p, s in zip(self._params, tape.state):
+            exported = self.impl.export_state(s, p)
+            if exported:
+                self.opt.state[p] = exported
+
+    # ----------------------------------------------------------------- real training
+    def train_step(self, batch: Any) -> Tensor:
+        """One real training step of the model with the learned hyperparameters.
+
+        The update ``torch.optim`` would make with the current values of φ_opt at every
+        granularity (for group-level values it equals ``opt.step()``, which also works since
+        they are written into ``opt.param_groups``). Gradients come from ``train_loss`` on
+        ``batch``; buffers update as in training. Writes the new parameters into the model
+        and the new state into ``opt.state``. Returns the loss.
+        """
+        problem = self._problem()
+        buffers = {n: b for n, b in self.model.named_buffers() if b is not None}
+        theta = [p.detach() for p in self._params]
+        state = [self.impl.import_state(self.opt.state.get(p, {}), p, h) for p, h in zip(self._params, self.hyper.fixed)]
+        loss, G = problem.gradient(theta, buffers, batch, 0)
+        with torch.no_grad():
+            theta_next, state_next = step_all(self.impl, theta, G, state, problem.hyper)
+            for p, t, s, g in zip(self._params, theta_next, state_next, G):
+                if g is None:
+                    continue
+                p.copy_(t)
+                self.opt.state[p] = self.impl.export_state(s, p)
+        return loss
+
+    def __repr__(self) -> str:
+        learned = ", ".join(f"{k}:{v}" for k, v in self.learn.items())
+        return (f"GimliUpdater({self.impl.name}, unroll={self.unroll}, learn={{{learned}}}, "
+                f"loss_params={list(self.loss_params)}, learn_init={self.learn_init}, hvp={self.hvp!r})")
+
+
+__all__ = ["GimliUpdater", "MetaStepResult"]
