@@ -20,8 +20,9 @@ def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any]
     Runs the same J inner steps as :meth:`GimliUpdater.hypergradient`, but with every
     gradient taken with ``create_graph=True`` and the optimizer step differentiated by
     autograd, then one ``torch.autograd.grad`` of L_val with respect to φ. Memory grows with
-    J times the activations: use it to check, not to train. Note that autograd through Adam
-    gives NaN where a gradient element is exactly zero (our VJP does not).
+    J times the activations: use it to check, not to train. Adam's step takes its square
+    root through ``_sqrt``, so autograd stays finite where a gradient element is exactly zero
+    (see Note [Adam at a zero second moment]).
 
     Returns:
         ``(val_loss, hypergrads)`` with the keys and shapes of ``MetaStepResult.hypergrads``.
@@ -144,8 +145,9 @@ def check_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any], va
     Returns:
         ``{meta-parameter name: max relative error}``; in float64 a correct setup gives about
         1e-12 or less. Each error is relative to the largest entry of that hypergradient, or
-        to 1e-6 times the largest entry of all hypergradients if that is larger: a
-        hypergradient that is zero in exact arithmetic is pure round-off on both sides.
+        to 1e-6 times the larger of |L_val| and the largest entry of all hypergradients if
+        that is larger: a hypergradient that is zero in exact arithmetic (Adam's beta1 after
+        one step, a bias followed by BatchNorm) is pure round-off on both sides.
     """
     if dtype is None or dtype == updater._ref.dtype:
         twin = updater
@@ -164,9 +166,9 @@ def check_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any], va
         torch.set_rng_state(start_cpu)
         for d, s in zip(devices, start_cuda):
             torch.cuda.set_rng_state(s, d)
-        _, ref = reference_hypergradients(twin, batches, val)
+        L, ref = reference_hypergradients(twin, batches, val)
     overall = max((t.detach().abs().max().item() for v in ref.values() for t in _flat(v) if t.numel()), default=0.0)
-    floor = 1e-6 * overall
+    floor = 1e-6 * max(overall, abs(float(L)))
     return {name: relative_error(ours.hypergrads[name], ref[name], floor) for name in ref}
 
 

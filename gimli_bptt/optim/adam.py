@@ -11,6 +11,19 @@ from torch.optim.optimizer import _get_scalar_dtype
 from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
 
 
+def _sqrt(v: Tensor) -> Tensor:
+    """``v.sqrt()``, whose derivative is taken as 0 (not ∞) where ``v == 0``.
+
+    Note [Adam at a zero second moment] explains why 0 is the right value. Under no_grad (the
+    tape) this is a plain ``sqrt``; under autograd or forward-mode AD (the reference unroll,
+    the VJP tests) the double ``where`` keeps every derivative finite with the same values.
+    """
+    if not torch.is_grad_enabled():
+        return v.sqrt()
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
 def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, Tensor, float]:
     """The gradient after ``maximize`` and coupled weight decay, the decayed parameter, and t."""
     wd = hyper["weight_decay"]
@@ -48,7 +61,7 @@ def adam_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Ten
         new_state["max_exp_avg_sq"] = v_hat
     else:
         v_hat = v_next
-    denom = v_hat.sqrt() / bias_correction2_sqrt + eps
+    denom = _sqrt(v_hat) / bias_correction2_sqrt + eps
     return theta1 - step_size * (m_next / denom), new_state
 
 
@@ -74,8 +87,9 @@ def adam_step_vjp(
 
     Note [Adam at a zero second moment]: where :math:`\\hat v = 0` every gradient seen so far
     is zero, so :math:`m' = 0` and :math:`\\bar d = 0`; the path through :math:`\\sqrt{\\hat v}`
-    contributes :math:`0 \\cdot \\infty` in autograd (NaN). Its limit is 0, the true derivative,
-    which is what we use. Note [amsgrad]: the maximum routes its cotangent to :math:`v'` where
+    contributes :math:`0 \\cdot \\infty` in plain autograd (NaN, as with
+    ``torch.optim.Adam(differentiable=True)``). Its limit is 0, the true derivative, which is
+    what we use (and what :func:`adam_step` gives autograd, through ``_sqrt``). Note [amsgrad]: the maximum routes its cotangent to :math:`v'` where
     :math:`v' \\ge v_{max}` and to :math:`v_{max}` elsewhere (a subgradient at ties).
     """
     b1, b2, lr, eps, wd = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"], hyper["weight_decay"]

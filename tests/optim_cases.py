@@ -1,0 +1,146 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The table of optimizer configurations, and helpers, shared by the differentiable-optimizer tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import pytest
+import torch
+from torch import Tensor
+
+from gimli_bptt.optim import DiffOptimizer, get_optimizer
+
+DTYPE = torch.float64
+
+#: Shapes of the parameter tensors of each of the two param groups (0-d and odd sizes included).
+GROUP_SHAPES: tuple[tuple[tuple[int, ...], ...], ...] = (((), (3, 5)), ((7,), (2, 1, 3)))
+
+#: The granularities of a hyperparameter: a Python float (fixed), a 0-d tensor (learned per
+#: group or tensor), a tensor shaped like the parameter (learned per element).
+GRANULARITIES = ("float", "0d", "element")
+
+
+@dataclass(frozen=True)
+class OptimCase:
+    """One optimizer configuration: the ``torch.optim`` class, its kwargs (the first param
+    group's hyperparameters) and the overrides of the second param group."""
+
+    id: str
+    torch_cls: type
+    kwargs: dict[str, Any]
+    group2: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def impl(self) -> DiffOptimizer:
+        return get_optimizer(self.torch_cls)
+
+    @property
+    def is_adam(self) -> bool:
+        return issubclass(self.torch_cls, torch.optim.Adam)
+
+    def __repr__(self) -> str:
+        return self.id
+
+
+SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
+
+CASES: list[OptimCase] = [
+    OptimCase("sgd-plain", SGD, dict(lr=0.1), dict(lr=0.03)),
+    OptimCase("sgd-momentum", SGD, dict(lr=0.05, momentum=0.9), dict(lr=0.02, momentum=0.5)),
+    OptimCase("sgd-dampening", SGD, dict(lr=0.05, momentum=0.9, dampening=0.3), dict(dampening=0.7)),
+    OptimCase("sgd-nesterov", SGD, dict(lr=0.05, momentum=0.8, nesterov=True), dict(lr=0.1, momentum=0.6)),
+    OptimCase("sgd-weight_decay", SGD, dict(lr=0.1, weight_decay=0.05), dict(weight_decay=0.0)),
+    OptimCase("sgd-maximize", SGD, dict(lr=0.1, maximize=True), dict(lr=0.02, weight_decay=0.1)),
+    OptimCase("sgd-momentum-dampening-wd-maximize", SGD,
+              dict(lr=0.03, momentum=0.7, dampening=0.2, weight_decay=0.05, maximize=True),
+              dict(lr=0.05, momentum=0.4, dampening=0.0, weight_decay=0.01)),
+    OptimCase("sgd-nesterov-wd-maximize", SGD,
+              dict(lr=0.04, momentum=0.6, nesterov=True, weight_decay=0.02, maximize=True),
+              dict(momentum=0.9, weight_decay=0.0)),
+    OptimCase("adam-default", Adam, dict(), dict(lr=0.01)),
+    OptimCase("adam-amsgrad", Adam, dict(lr=0.01, amsgrad=True), dict(lr=0.003, betas=(0.8, 0.9))),
+    OptimCase("adam-weight_decay", Adam, dict(lr=0.01, weight_decay=0.1), dict(weight_decay=0.0)),
+    OptimCase("adam-maximize", Adam, dict(lr=0.01, maximize=True), dict(eps=1e-4)),
+    OptimCase("adam-amsgrad-maximize-wd", Adam, dict(lr=0.01, amsgrad=True, maximize=True, weight_decay=0.05),
+              dict(lr=0.02, weight_decay=0.2, betas=(0.5, 0.99))),
+    OptimCase("adam-betas-eps", Adam, dict(lr=0.02, betas=(0.8, 0.99), eps=1e-3), dict(betas=(0.95, 0.9), eps=1e-6)),
+    OptimCase("adam-decoupled_weight_decay", Adam, dict(lr=0.01, weight_decay=0.05, decoupled_weight_decay=True),
+              dict(weight_decay=0.2)),
+    OptimCase("adamw-default", AdamW, dict(), dict(lr=0.01, weight_decay=0.0)),
+    OptimCase("adamw-amsgrad", AdamW, dict(lr=0.01, amsgrad=True), dict(lr=0.003, betas=(0.8, 0.9))),
+    OptimCase("adamw-weight_decay", AdamW, dict(lr=0.01, weight_decay=0.1), dict(weight_decay=0.5)),
+    OptimCase("adamw-maximize", AdamW, dict(lr=0.01, maximize=True), dict(eps=1e-4)),
+    OptimCase("adamw-amsgrad-maximize-wd", AdamW, dict(lr=0.01, amsgrad=True, maximize=True, weight_decay=0.05),
+              dict(lr=0.02, weight_decay=0.2, betas=(0.5, 0.99))),
+    OptimCase("adamw-betas-eps", AdamW, dict(lr=0.02, betas=(0.8, 0.99), eps=1e-3), dict(betas=(0.95, 0.9), eps=1e-6)),
+]
+
+
+def case_params(cases: Sequence[OptimCase] = CASES) -> list[Any]:
+    """``pytest.param`` per case, with its readable id."""
+    return [pytest.param(c, id=c.id) for c in cases]
+
+
+def make_torch_optimizer(case: OptimCase, params: Sequence[Tensor], kernel: str = "for_loop",
+                         ) -> torch.optim.Optimizer:
+    """``case``'s optimizer over two param groups (split as :data:`GROUP_SHAPES`).
+
+    ``kernel`` picks torch's implementation: ``"for_loop"`` (the CPU default), ``"foreach"``
+    or ``"fused"`` (the defaults on accelerators).
+    """
+    n1 = len(GROUP_SHAPES[0])
+    groups = [{"params": list(params[:n1])}, {"params": list(params[n1:]), **case.group2}]
+    if not groups[1]["params"]:
+        groups = groups[:1]
+    extra = {"for_loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[kernel]
+    return case.torch_cls(groups, **case.kwargs, **extra)
+
+
+def group_hyper(case: OptimCase, group: int = 0) -> dict[str, Any]:
+    """The hyper dict (floats and flags) that ``read_hyper`` gives for one of ``case``'s groups."""
+    params = [torch.nn.Parameter(torch.zeros(1, dtype=DTYPE)) for _ in range(2)]
+    opt = case.torch_cls([{"params": params[:1]}, {"params": params[1:], **case.group2}], **case.kwargs)
+    return case.impl.read_hyper(opt.param_groups[group])
+
+
+def learn(hyper: Mapping[str, Any], names: Sequence[str], granularity: str, like: Tensor) -> dict[str, Any]:
+    """A copy of ``hyper`` whose ``names`` are turned into tensors of the given granularity."""
+    out = dict(hyper)
+    if granularity == "float":
+        return out
+    for name in names:
+        value = float(hyper[name])
+        if granularity == "0d":
+            out[name] = torch.tensor(value, dtype=DTYPE)
+        elif granularity == "element":
+            out[name] = torch.full_like(like, value, dtype=DTYPE)
+        else:
+            raise ValueError(granularity)
+    return out
+
+
+def random_like(shape: Sequence[int], gen: torch.Generator) -> Tensor:
+    return torch.randn(tuple(shape), generator=gen, dtype=DTYPE)
+
+
+def tensor_keys(state: Mapping[str, Any]) -> list[str]:
+    """The keys of the differentiable (tensor) entries of one tensor's state, sorted."""
+    return sorted(k for k, v in state.items() if isinstance(v, Tensor))
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """max |actual - expected| / max |expected| (the absolute error where expected is 0)."""
+    actual, expected = torch.as_tensor(actual, dtype=DTYPE), torch.as_tensor(expected, dtype=DTYPE)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if expected.numel() == 0:
+        return 0.0
+    diff = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_rel(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+    assert torch.isfinite(torch.as_tensor(actual)).all(), f"{what}: not finite: {actual}"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}\nactual={actual}\nexpected={expected}"

@@ -1,0 +1,341 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Oracle 2: each optimizer's hand-written ``step_vjp`` against autograd, and the dot-product test."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from optim_cases import (
+    CASES,
+    DTYPE,
+    OptimCase,
+    assert_rel,
+    case_params,
+    group_hyper,
+    learn,
+    random_like,
+    tensor_keys,
+)
+
+TOL = 1e-10
+SHAPES = [(), (7,), (2, 3)]
+PHASES = ("first_step", "after_3_steps")
+
+
+# --------------------------------------------------------------------------------------------
+# Points, and the references.
+# --------------------------------------------------------------------------------------------
+
+
+def _point(case: OptimCase, shape: Sequence[int], phase: str, gen: torch.Generator, group: int = 0,
+           hyper: dict[str, Any] | None = None) -> tuple[Tensor, Tensor, dict[str, Any], dict[str, Any]]:
+    """``(theta, G, state, hyper)`` at the first step (SGD's buffer None, Adam's step 0) or after
+    3 steps (buffers and moments exist). amsgrad's running maximum is moved away from ties
+    (``v' != vmax`` everywhere, each side on some elements): the maximum has no derivative there."""
+    impl = case.impl
+    hyper = group_hyper(case, group) if hyper is None else hyper
+    theta = random_like(shape, gen)
+    state = impl.import_state({}, theta, hyper)
+    if phase == "after_3_steps":
+        for _ in range(3):
+            theta, state = impl.step(theta, random_like(shape, gen), state, hyper)
+    G = random_like(shape, gen)
+    if hyper.get("amsgrad") and phase == "after_3_steps":
+        v_next = impl.step(theta, G, state, hyper)[1]["exp_avg_sq"]
+        side = torch.arange(v_next.numel()).reshape(v_next.shape) % 2 == 0
+        state["max_exp_avg_sq"] = torch.where(side, 0.5 * v_next, 2.0 * v_next)
+    return theta, G, state, hyper
+
+
+def _learned(hyper: dict[str, Any]) -> list[str]:
+    return sorted(n for n, v in hyper.items() if isinstance(v, Tensor))
+
+
+def _out_keys(case: OptimCase, theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any]) -> list[str]:
+    """The differentiable entries of the next state."""
+    return tensor_keys(case.impl.step(theta, G, state, hyper)[1])
+
+
+def _autograd_vjp(case: OptimCase, theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any],
+                  theta_next_bar: Tensor, state_next_bar: dict[str, Tensor]):
+    """``(theta_bar, G_bar, state_bar, hyper_bar)`` by ``torch.autograd.grad`` through ``step``."""
+    theta = theta.detach().clone().requires_grad_(True)
+    G = G.detach().clone().requires_grad_(True)
+    state = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, Tensor) else v) for k, v in state.items()}
+    hyper = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, Tensor) else v) for k, v in hyper.items()}
+    theta_next, state_next = case.impl.step(theta, G, state, hyper)
+    out = (theta_next * theta_next_bar).sum()
+    for k, bar in state_next_bar.items():
+        out = out + (state_next[k] * bar).sum()
+    skeys, hkeys = tensor_keys(state), _learned(hyper)
+    inputs = [theta, G] + [state[k] for k in skeys] + [hyper[n] for n in hkeys]
+    grads = torch.autograd.grad(out, inputs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+    n = 2 + len(skeys)
+    return grads[0], grads[1], dict(zip(skeys, grads[2:n])), dict(zip(hkeys, grads[n:]))
+
+
+def _check_contract(theta, G, state, hyper, theta_bar, G_bar, state_bar, hyper_bar) -> None:
+    """Shapes and keys: one cotangent per tensor input, none for the fixed floats."""
+    assert theta_bar.shape == theta.shape and G_bar.shape == G.shape
+    assert set(state_bar) <= set(tensor_keys(state)), (sorted(state_bar), tensor_keys(state))
+    for k, v in state_bar.items():
+        assert v.shape == state[k].shape, k
+    assert sorted(hyper_bar) == _learned(hyper), "hyper_bar needs one entry per tensor hyperparameter"
+    for n, v in hyper_bar.items():
+        assert v.shape == hyper[n].shape, (n, v.shape, hyper[n].shape)
+
+
+def _assert_vjp_matches(case, theta, G, state, hyper, theta_next_bar, state_next_bar, where: str) -> None:
+    ours = case.impl.step_vjp(theta, G, state, hyper, theta_next_bar, state_next_bar)
+    _check_contract(theta, G, state, hyper, *ours)
+    ref = _autograd_vjp(case, theta, G, state, hyper, theta_next_bar, state_next_bar)
+    theta_bar, G_bar, state_bar, hyper_bar = ours
+    assert_rel(theta_bar, ref[0], TOL, f"{where}: theta_bar")
+    assert_rel(G_bar, ref[1], TOL, f"{where}: G_bar")
+    for k, r in ref[2].items():  # a missing entry is zero
+        assert_rel(state_bar.get(k, torch.zeros_like(r)), r, TOL, f"{where}: state_bar[{k!r}]")
+    for n, r in ref[3].items():
+        assert_rel(hyper_bar[n], r, TOL, f"{where}: hyper_bar[{n!r}]")
+
+
+# --------------------------------------------------------------------------------------------
+# step_vjp against autograd.
+# --------------------------------------------------------------------------------------------
+
+
+def _learn_sets(case: OptimCase) -> list[Any]:
+    names = case.impl.hyper_names
+    return [pytest.param(case, (n,), id=f"{case.id}-learn_{n}") for n in names] + [
+        pytest.param(case, names, id=f"{case.id}-learn_all")]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("granularity", ["0d", "element"])
+@pytest.mark.parametrize("case,learned", [p for c in CASES for p in _learn_sets(c)])
+def test_vjp_matches_autograd(case: OptimCase, learned: tuple[str, ...], granularity: str, phase: str) -> None:
+    """Random cotangents for theta' and every differentiable state entry; both param groups."""
+    gen = torch.Generator().manual_seed(10)
+    for group in (0, 1):
+        for shape in SHAPES:
+            theta, G, state, hyper = _point(case, shape, phase, gen, group)
+            hyper = learn(hyper, learned, granularity, theta)
+            state_next_bar = {k: random_like(shape, gen) for k in _out_keys(case, theta, G, state, hyper)}
+            _assert_vjp_matches(case, theta, G, state, hyper, random_like(shape, gen), state_next_bar,
+                                f"group {group}, shape {shape}")
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("case", case_params())
+def test_vjp_fixed_hyper_and_empty_state_bar(case: OptimCase, phase: str) -> None:
+    """Float hyperparameters (no ``hyper_bar``), and ``state_next_bar`` empty or partial (missing
+    keys are zero), as at the last step of the reverse sweep."""
+    gen = torch.Generator().manual_seed(11)
+    for shape in SHAPES:
+        theta, G, state, hyper = _point(case, shape, phase, gen)
+        keys = _out_keys(case, theta, G, state, hyper)
+        for subset in [[], keys[:1], keys[1:]]:
+            bar = {k: random_like(shape, gen) for k in subset}
+            _assert_vjp_matches(case, theta, G, state, hyper, random_like(shape, gen), bar,
+                                f"shape {shape}, state_next_bar keys {subset}")
+
+
+@pytest.mark.parametrize("case", case_params())
+def test_vjp_is_pure(case: OptimCase) -> None:
+    """``step_vjp`` changes none of its inputs (the sweep reuses the cotangents)."""
+    gen = torch.Generator().manual_seed(12)
+    theta, G, state, hyper = _point(case, (3, 4), "after_3_steps", gen)
+    hyper = learn(hyper, case.impl.hyper_names, "element", theta)
+    tb = random_like((3, 4), gen)
+    sb = {k: random_like((3, 4), gen) for k in _out_keys(case, theta, G, state, hyper)}
+    inputs = [theta, G, tb] + [state[k] for k in tensor_keys(state)] + list(sb.values()) + [
+        hyper[n] for n in _learned(hyper)]
+    before = [x.clone() for x in inputs]
+    case.impl.step_vjp(theta, G, state, hyper, tb, sb)
+    assert all(torch.equal(a, b) for a, b in zip(before, inputs))
+
+
+# --------------------------------------------------------------------------------------------
+# The dot-product test: <u, J v> (forward mode through step) = <J^T u, v> (step_vjp).
+# --------------------------------------------------------------------------------------------
+
+
+def _dot_product_gap(case: OptimCase, theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any],
+                     gen: torch.Generator) -> tuple[float, float, float]:
+    """``(<u, J v>, <J^T u, v>, scale)`` for random directions v and cotangents u."""
+    impl = case.impl
+    skeys, hkeys = tensor_keys(state), _learned(hyper)
+    out_keys = _out_keys(case, theta, G, state, hyper)
+
+    def f(theta: Tensor, G: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+        s = dict(state, **dict(zip(skeys, rest[: len(skeys)])))
+        h = dict(hyper, **dict(zip(hkeys, rest[len(skeys):])))
+        theta_next, state_next = impl.step(theta, G, s, h)
+        return (theta_next, *[state_next[k] for k in out_keys])
+
+    primals = (theta, G, *[state[k] for k in skeys], *[hyper[n] for n in hkeys])
+    v = tuple(torch.randn(p.shape, generator=gen, dtype=DTYPE) for p in primals)
+    outputs, Jv = torch.func.jvp(f, primals, v)
+    u = [torch.randn(o.shape, generator=gen, dtype=DTYPE) for o in outputs]
+    lhs_terms = [(a * b).sum() for a, b in zip(u, Jv)]
+
+    theta_bar, G_bar, state_bar, hyper_bar = impl.step_vjp(theta, G, state, hyper, u[0], dict(zip(out_keys, u[1:])))
+    bars = [theta_bar, G_bar] + [state_bar.get(k, torch.zeros_like(state[k])) for k in skeys] + [
+        hyper_bar[n] for n in hkeys]
+    rhs_terms = [(a * b).sum() for a, b in zip(bars, v)]
+    scale = sum((a.abs() * b.abs()).sum().item() for a, b in zip(u, Jv)) + sum(
+        (a.abs() * b.abs()).sum().item() for a, b in zip(bars, v))
+    return sum(lhs_terms).item(), sum(rhs_terms).item(), scale
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("granularity", ["float", "0d", "element"])
+@pytest.mark.parametrize("case", case_params())
+def test_dot_product(case: OptimCase, granularity: str, phase: str) -> None:
+    gen = torch.Generator().manual_seed(13)
+    for shape in SHAPES:
+        for _ in range(2):
+            theta, G, state, hyper = _point(case, shape, phase, gen)
+            hyper = learn(hyper, case.impl.hyper_names, granularity, theta)
+            lhs, rhs, scale = _dot_product_gap(case, theta, G, state, hyper, gen)
+            assert abs(lhs - rhs) <= TOL * scale, f"shape {shape}: <u, Jv> = {lhs!r}, <J^T u, v> = {rhs!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# Adam at an exactly zero gradient: autograd gives NaN, the hand-written VJP the limit.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps_of_zero", [1, 3], ids=["zero_at_step_1", "zero_at_steps_1_to_3"])
+@pytest.mark.parametrize("case", case_params([
+    c for c in CASES if c.id in ("adam-default", "adam-amsgrad", "adamw-default", "adamw-amsgrad",
+                                 "adam-betas-eps", "adamw-maximize")]))
+def test_adam_zero_gradient(case: OptimCase, steps_of_zero: int) -> None:
+    """Where every gradient so far is exactly 0, v' = 0 and d(sqrt v')/dv' is infinite.
+
+    The true derivative is finite: theta' = theta - a m'/(sqrt(v')/c2 + eps) with m' linear
+    and sqrt(v') = |g| (...), so dtheta'/dg = -a (1 - b1)/eps at g = 0 (only the m path is
+    first order). autograd multiplies the infinite sqrt derivative by the zero cotangent
+    d_bar (m' = 0) and returns NaN: that is why the hand-written VJP is needed.
+    """
+    gen = torch.Generator().manual_seed(14)
+    impl = case.impl
+    hyper = dict(group_hyper(case), weight_decay=0.0)
+    b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
+    shape, z = (6,), 2
+    zero = torch.arange(6) == z
+    theta = random_like(shape, gen)
+    theta[z] = 0.0  # theta'[z] is then the update alone, so the finite difference loses no digits
+    state = impl.import_state({}, theta, hyper)
+    for _ in range(steps_of_zero - 1):
+        theta, state = impl.step(theta, torch.where(zero, 0.0, random_like(shape, gen)), state, hyper)
+    assert float(theta[z]) == 0.0 and float(state["exp_avg_sq"][z]) == 0.0
+    G = torch.where(zero, 0.0, random_like(shape, gen))
+    t = steps_of_zero
+    hyper = learn(hyper, impl.hyper_names, "element", theta)  # per element: a NaN stays where it arises
+    tb = random_like(shape, gen)
+
+    # With no state cotangent: the analytic limit -lr/c1 * (1 - b1)/eps * theta_next_bar.
+    theta_bar, G_bar, state_bar, hyper_bar = impl.step_vjp(theta, G, state, hyper, tb, {})
+    for x in [theta_bar, G_bar, *state_bar.values(), *hyper_bar.values()]:
+        assert torch.isfinite(x).all()
+    sign = -1.0 if hyper["maximize"] else 1.0
+    expected = sign * -lr / (1 - b1**t) * (1 - b1) / eps * tb[z]
+    assert abs(G_bar[z].item() - expected) <= 1e-12 * abs(expected)
+    assert theta_bar[z].item() == tb[z].item()
+
+    # With cotangents on every state entry: finite differences in G[z] and theta[z].
+    sb = {k: random_like(shape, gen) for k in _out_keys(case, theta, G, state, hyper)}
+    theta_bar, G_bar, state_bar, hyper_bar = impl.step_vjp(theta, G, state, hyper, tb, sb)
+    for x in [theta_bar, G_bar, *state_bar.values(), *hyper_bar.values()]:
+        assert torch.isfinite(x).all()
+
+    def local(dtheta: float, dG: float) -> float:
+        """<cotangents, outputs> at element z only (the others would swamp the difference)."""
+        tn, sn = impl.step(theta + dtheta * zero, G + dG * zero, state, hyper)
+        return (tb[z] * tn[z]).item() + sum((sb[k][z] * sn[k][z]).item() for k in sb)
+
+    h = 1e-20  # well below eps: the O(h/eps) curvature error is 1e-12 relative
+    fd_G = (local(0.0, h) - local(0.0, -h)) / (2 * h)
+    assert abs(G_bar[z].item() - fd_G) <= 1e-10 * abs(fd_G)
+    h = 1e-6  # theta' is affine in theta[z] here (no weight decay)
+    fd_theta = (local(h, 0.0) - local(-h, 0.0)) / (2 * h)
+    assert abs(theta_bar[z].item() - fd_theta) <= 1e-8 * abs(fd_theta)
+
+    # autograd: NaN at z, and our VJP equal to it everywhere else.
+    ref = _autograd_vjp(case, theta, G, state, hyper, tb, sb)
+    assert torch.isnan(ref[1][z]), "autograd through sqrt(v') = sqrt(0) should give NaN"
+    assert torch.isfinite(ref[1][~zero]).all()
+    assert_rel(G_bar[~zero], ref[1][~zero], TOL, "G_bar off the zero element")
+    assert_rel(theta_bar, ref[0], TOL, "theta_bar")
+    for k, r in ref[2].items():
+        assert_rel(state_bar[k][~zero], r[~zero], TOL, f"state_bar[{k!r}] off the zero element")
+    for n, r in ref[3].items():
+        assert_rel(hyper_bar[n][~zero], r[~zero], TOL, f"hyper_bar[{n!r}] off the zero element")
+
+
+# --------------------------------------------------------------------------------------------
+# amsgrad's two branches, explicitly.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", case_params([c for c in CASES if c.kwargs.get("amsgrad")]))
+def test_amsgrad_both_branches(case: OptimCase) -> None:
+    """The cotangent of max(vmax, v') goes to v' where v' > vmax and to vmax where v' < vmax."""
+    gen = torch.Generator().manual_seed(15)
+    theta, G, state, hyper = _point(case, (8,), "after_3_steps", gen)
+    v_next = case.impl.step(theta, G, state, hyper)[1]["exp_avg_sq"]
+    new = v_next > state["max_exp_avg_sq"]
+    assert new.any() and (~new).any()
+    assert ((v_next - state["max_exp_avg_sq"]).abs() > 1e-3 * v_next).all()
+    hyper = learn(hyper, case.impl.hyper_names, "element", theta)
+    tb = random_like((8,), gen)
+    sb = {k: random_like((8,), gen) for k in _out_keys(case, theta, G, state, hyper)}
+    _, _, state_bar, _ = case.impl.step_vjp(theta, G, state, hyper, tb, sb)
+    assert (state_bar["max_exp_avg_sq"][new] == 0).all()
+    assert (state_bar["max_exp_avg_sq"][~new] == sb["max_exp_avg_sq"][~new]).all()
+    _assert_vjp_matches(case, theta, G, state, hyper, tb, sb, "amsgrad")
+
+
+# --------------------------------------------------------------------------------------------
+# Random hyperparameters.
+# --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def _random_point(draw: st.DrawFn):
+    family = draw(st.sampled_from(["SGD", "Adam", "AdamW"]))
+    unit = st.floats(0.0, 0.95)
+    if family == "SGD":
+        nesterov = draw(st.booleans())
+        hyper = dict(lr=draw(st.floats(1e-3, 0.5)), momentum=draw(st.floats(0.05, 0.95) if nesterov else unit),
+                     dampening=0.0 if nesterov else draw(unit), weight_decay=draw(st.floats(0.0, 0.5)),
+                     nesterov=nesterov, maximize=draw(st.booleans()))
+        case = next(c for c in CASES if c.torch_cls is torch.optim.SGD)
+    else:
+        hyper = dict(lr=draw(st.floats(1e-4, 0.3)), beta1=draw(unit), beta2=draw(st.floats(0.0, 0.999)),
+                     eps=draw(st.floats(1e-6, 1e-1)), weight_decay=draw(st.floats(0.0, 0.5)),
+                     amsgrad=draw(st.booleans()), maximize=draw(st.booleans()),
+                     decoupled_weight_decay=family == "AdamW")
+        case = next(c for c in CASES if c.torch_cls.__name__ == family)
+    shape = draw(st.lists(st.integers(1, 4), min_size=0, max_size=2).map(tuple))
+    return case, hyper, shape
+
+
+@settings(deadline=None)
+@given(point=_random_point(), phase=st.sampled_from(PHASES), granularity=st.sampled_from(["0d", "element"]),
+       seed=st.integers(0, 2**16))
+def test_vjp_matches_autograd_random(point, phase: str, granularity: str, seed: int) -> None:
+    case, hyper, shape = point
+    gen = torch.Generator().manual_seed(seed)
+    theta, G, state, hyper = _point(case, shape, phase, gen, hyper=hyper)
+    hyper = learn(hyper, case.impl.hyper_names, granularity, theta)
+    sb = {k: random_like(shape, gen) for k in _out_keys(case, theta, G, state, hyper)}
+    _assert_vjp_matches(case, theta, G, state, hyper, random_like(shape, gen), sb, "random")
+    lhs, rhs, scale = _dot_product_gap(case, theta, G, state, hyper, gen)
+    assert abs(lhs - rhs) <= TOL * scale
