@@ -325,9 +325,9 @@ def write_section(path: Path, section: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--unrolls", type=int, nargs="+", default=[10, 50, 200], help="values of J")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per row (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per row (after one warm-up)")
     p.add_argument("--hidden", type=int, default=256, help="hidden width H")
-    p.add_argument("--batch", type=int, default=128, help="batch size")
+    p.add_argument("--batch", type=int, default=256, help="batch size")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (default 1: on a small machine shared with other processes, "
                         "2 threads on 2 cores made runs erratic and up to ~100x slower)")
