@@ -47,8 +47,8 @@ def parse_learn(impl: DiffOptimizer, learn: Mapping[str, str] | Sequence[str] | 
             learnable = ", ".join(impl.hyper_names)
             if name in impl.flag_names:
                 why = f"'{name}' is a boolean option of {impl.name}, not a float hyperparameter"
-            elif name == "betas":
-                why = "Adam's betas are learned one at a time: use 'beta1' and/or 'beta2'"
+            elif name == "betas" and "beta1" in impl.hyper_names:
+                why = f"{impl.name}'s betas are learned one at a time: use 'beta1' and/or 'beta2'"
             else:
                 why = f"{impl.name} has no hyperparameter '{name}'"
             raise ValueError(f"cannot learn {name!r}: {why}. Learnable hyperparameters of {impl.name}: {learnable}")

@@ -101,6 +101,11 @@ def sgd_step_vjp(
         theta_bar = theta_bar + wd * g_bar
         add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
     G_bar = -g_bar if hyper["maximize"] else g_bar
+    for name in ("momentum", "dampening"):
+        # No path at this step (the first buffer is g itself; no buffer at momentum 0): a zero
+        # cotangent, so that every learned hyperparameter has its entry (the contract).
+        if is_learned(hyper[name]) and name not in bars:
+            bars[name] = torch.zeros_like(hyper[name])
     return theta_bar, G_bar, state_bar, bars
 
 

@@ -1,0 +1,216 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Bad input gets an error that names the problem; a failed step changes nothing."""
+from __future__ import annotations
+
+import functools
+import random
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from gimli_bptt import GimliUpdater, NonFiniteError
+
+from problems import build_model, ce_loss, make_batches
+from snapshots import assert_unchanged, snapshot
+
+
+def _updater(**kw: Any) -> GimliUpdater:
+    model = kw.pop("model", None) or build_model("mlp_bn", seed=0)
+    opt = kw.pop("opt", None) or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    kw.setdefault("unroll", 3)
+    kw.setdefault("learn", {"lr": "group"})
+    return GimliUpdater(model, opt, kw.pop("train_loss", ce_loss), kw.pop("val_loss", ce_loss), **kw)
+
+
+# --------------------------------------------------------------------------- construction
+def test_unsupported_optimizer_names_it_and_the_supported_ones() -> None:
+    model = build_model("mlp")
+    with pytest.raises(TypeError, match=r"Rprop.*supported optimizers: Adam, AdamW, SGD"):
+        GimliUpdater(model, torch.optim.Rprop(model.parameters()), ce_loss, ce_loss, learn=["lr"])
+
+
+@pytest.mark.parametrize(
+    "learn, match",
+    [
+        ({"nesterov": "group"}, "boolean option of SGD"),
+        ({"betas": "group"}, "no hyperparameter 'betas'"),
+        ({"beta1": "group"}, "SGD has no hyperparameter 'beta1'"),
+        ({"lr": "layer"}, "unknown granularity 'layer'"),
+    ],
+)
+def test_unlearnable_hyperparameters(learn: dict[str, str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _updater(learn=learn)
+
+
+def test_betas_hint_for_adam() -> None:
+    model = build_model("mlp")
+    with pytest.raises(ValueError, match="use 'beta1' and/or 'beta2'"):
+        GimliUpdater(model, torch.optim.Adam(model.parameters()), ce_loss, ce_loss, learn={"betas": "group"})
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(unroll=0), ValueError, "unroll must be at least 1"),
+        (dict(unroll=2.0), TypeError, "unroll must be an int"),
+        (dict(hvp="mixed"), ValueError, "hvp must be one of"),
+        (dict(learn=None), ValueError, "nothing to meta-learn"),
+        (dict(learn="lr"), TypeError, "learn must be a dict"),
+        (dict(on_nonfinite="ignore"), ValueError, "on_nonfinite"),
+        (dict(commit=True, learn_init=True), ValueError, "contradict"),
+        (dict(loss_params={"w": torch.tensor(1.0, dtype=torch.float64)}), ValueError, "requires grad"),
+        (dict(loss_params={"w": torch.tensor(1.0, dtype=torch.float32, requires_grad=True)}), ValueError,
+         "float32 but the model is torch.float64"),
+        (dict(loss_params={"w": 1.0}), TypeError, "must be a tensor"),
+        (dict(meta_opt=3), TypeError, "meta_opt"),
+    ],
+)
+def test_bad_options(kwargs: dict[str, Any], exc: type, match: str) -> None:
+    with pytest.raises(exc, match=match):
+        _updater(**kwargs)
+
+
+def test_optimizer_over_foreign_tensors() -> None:
+    model = build_model("mlp")
+    other = nn.Linear(2, 2).double()
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        GimliUpdater(model, torch.optim.SGD(other.parameters(), lr=0.1), ce_loss, ce_loss, learn=["lr"])
+
+
+# --------------------------------------------------------------------------- step()
+def test_wrong_number_of_batches() -> None:
+    up = _updater()
+    batches, val = make_batches(2)
+    with pytest.raises(ValueError, match="got 2 train batches but unroll=3"):
+        up.step(batches, val)
+    with pytest.raises(TypeError, match="sequence of the J inner batches"):
+        up.step(batches[0][0], val)
+
+
+@pytest.mark.parametrize(
+    "loss, exc, match",
+    [
+        (lambda m, b: m(b[0]).sum(1), ValueError, r"scalar \(0-d\) tensor, got shape \(8,\)"),
+        (lambda m, b: 1.0, TypeError, "must return a scalar torch.Tensor"),
+        (lambda m, b: torch.tensor(1.0, dtype=torch.float64), ValueError, "does not depend on the model's parameters"),
+    ],
+)
+def test_bad_train_loss(loss: Any, exc: type, match: str) -> None:
+    up = _updater(train_loss=loss)
+    before = snapshot(up)
+    with pytest.raises(exc, match=match):
+        up.step(*make_batches(3))
+    assert_unchanged(before, snapshot(up))
+
+
+def test_bad_val_loss() -> None:
+    up = _updater(val_loss=lambda m, b: m(b[0]))
+    with pytest.raises(ValueError, match="val_loss must return a scalar"):
+        up.step(*make_batches(3))
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_nan_in_a_batch_names_the_step_and_changes_nothing(where: int) -> None:
+    up = _updater()
+    batches, val = make_batches(3)
+    x, y = batches[where]
+    x = x.clone()
+    x[0, 0, 0, 0] = float("nan")
+    batches[where] = (x, y)
+    before = snapshot(up)
+    with pytest.raises(NonFiniteError, match=f"inner step {where}"):
+        up.step(batches, val)
+    assert_unchanged(before, snapshot(up))
+
+
+def _nonfinite_updater(**kw: Any) -> GimliUpdater:
+    # sqrt(w) at w = 0: every loss and gradient is finite, the mixed second derivative is not.
+    w = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+
+    def train_loss(m: Any, b: Any) -> Tensor:
+        return ce_loss(m, b) + torch.sqrt(w) * sum((p**2).sum() for p in m.parameters())
+
+    return _updater(train_loss=train_loss, loss_params={"w": w}, **kw)
+
+
+def test_nonfinite_hypergradient_raises_and_changes_nothing() -> None:
+    up = _nonfinite_updater()
+    before = snapshot(up)
+    with pytest.raises(NonFiniteError, match="non-finite hypergradient for loss.w"):
+        up.step(*make_batches(3))
+    assert_unchanged(before, snapshot(up))
+
+
+def test_nonfinite_hypergradient_can_skip() -> None:
+    up = _nonfinite_updater(on_nonfinite="skip")
+    before = snapshot(up)
+    result = up.step(*make_batches(3))
+    assert result.skipped and result.nonfinite == ["loss.w"]
+    assert_unchanged(before, snapshot(up))
+
+
+# --------------------------------------------------------------------------- fault injection
+class Injected(Exception):
+    pass
+
+
+def _failing_loss(fail_at: int, exc: type[BaseException]) -> Any:
+    calls = {"n": 0}
+
+    def loss(m: Any, b: Any) -> Tensor:
+        calls["n"] += 1
+        if calls["n"] == fail_at + 1:
+            raise exc("injected")
+        return ce_loss(m, b)
+
+    return loss
+
+
+@pytest.mark.parametrize("exc", [Injected, KeyboardInterrupt])
+@pytest.mark.parametrize("hvp", ["rev", "fwd"])
+@pytest.mark.parametrize("commit", [False, True])
+def test_exception_in_tape_or_reverse_sweep_changes_nothing(exc: type[BaseException], hvp: str, commit: bool) -> None:
+    J = 4
+    rng = random.Random(hash((exc.__name__, hvp, commit)) % 1000)
+    # calls 0..J-1 are the tape (lines 5-6), J..2J-1 the reverse sweep's recomputations (lines 13-14)
+    for fail_at in (rng.randrange(0, J), rng.randrange(J, 2 * J)):
+        model = build_model("mlp_bn", seed=1)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        warm = _updater(model=model, opt=opt, unroll=J, learn={"lr": "tensor"}, commit=True)
+        warm.step(*make_batches(J, seed=2))  # the optimizer now has state, the meta optimizer too
+        up = _updater(model=model, opt=opt, unroll=J, learn={"lr": "tensor", "beta1": "element"},
+                      train_loss=_failing_loss(fail_at, exc), hvp=hvp, commit=commit)
+        before = snapshot(up)
+        with pytest.raises(exc, match="injected"):
+            up.step(*make_batches(J, seed=4))
+        assert_unchanged(before, snapshot(up))
+
+
+def test_exception_in_val_loss_changes_nothing() -> None:
+    up = _updater(val_loss=_failing_loss(0, Injected))
+    before = snapshot(up)
+    with pytest.raises(Injected):
+        up.step(*make_batches(3))
+    assert_unchanged(before, snapshot(up))
+
+
+class _FailingAdam(torch.optim.Adam):
+    """A meta optimizer that fails after it has already changed φ and its own state."""
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        super().step(closure)
+        raise Injected("injected in the meta optimizer")
+
+
+@pytest.mark.parametrize("learn_init", [False, True])
+def test_exception_in_meta_optimizer_changes_nothing(learn_init: bool) -> None:
+    up = _updater(meta_opt=functools.partial(_FailingAdam, lr=0.1), learn_init=learn_init,
+                  learn={"lr": "group", "momentum": "element"})
+    before = snapshot(up)
+    with pytest.raises(Injected):
+        up.step(*make_batches(3))
+    assert_unchanged(before, snapshot(up))
+    assert up.opt.param_groups[0]["lr"] == 0.1
