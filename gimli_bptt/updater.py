@@ -425,7 +425,7 @@ class GimliUpdater:
             for p, t, s, g in zip(self._params, theta_next, state_next, G):
                 if g is None:
                     continue
-                p.copy_(t * 1.0)
+                p.copy_(t)
                 self.opt.state[p] = self.impl.export_state(s, p)
         return loss
 
