@@ -46,13 +46,33 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-import gimli_bptt
-from gimli_bptt import GimliUpdater
-from gimli_bptt.testing import check_hypergradients, reference_hypergradients, relative_error
+def _fresh_rusage() -> None:
+    """Forks once, the child carrying on: a fresh ``ru_maxrss`` for the ``--worker`` mode.
+
+    On Linux a process started by fork+exec inherits the parent's peak RSS in
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` (kept across exec), so a worker launched by the big
+    benchmark process would start at the benchmark's peak and report no growth. A process
+    created by fork starts from zero and inherits the peak of its parent's (here tiny,
+    pre-``import torch``) memory. The parent only waits and passes the exit status on.
+    """
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid != 0:
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status))
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _fresh_rusage()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import gimli_bptt  # noqa: E402
+from gimli_bptt import GimliUpdater  # noqa: E402
+from gimli_bptt.testing import check_hypergradients, reference_hypergradients, relative_error  # noqa: E402
 
 IMPLS = ("gimli rev", "gimli fwd", "autograd unroll", "plain training")
 SLUG = {"gimli rev": "gimli_rev", "gimli fwd": "gimli_fwd", "autograd unroll": "autograd", "plain training": "floor"}
@@ -139,6 +159,17 @@ def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def vm_hwm_mib() -> float | None:
+    """The peak RSS of this process's address space (``VmHWM``, Linux), for a cross-check."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     impl = UNSLUG[args.impl]
@@ -149,12 +180,17 @@ def worker(args: argparse.Namespace) -> None:
         runner(impl, model, opt, batches[:1], val)()
         fn = runner(impl, model, opt, batches, val)
         gc.collect()
+        hwm_before = vm_hwm_mib()
         before = maxrss_mib()
         out = fn()
         after = maxrss_mib()
+        hwm_after = vm_hwm_mib()
     del out
+    if hwm_before is not None and before > hwm_before + 1.0:
+        raise RuntimeError(f"ru_maxrss ({before:.0f} MiB) was inherited from the parent "
+                           f"(this address space peaked at {hwm_before:.0f} MiB): the growth would be wrong")
     print(json.dumps({"impl": impl, "J": args.J, "before_mib": before, "after_mib": after,
-                      "growth_mib": after - before}))
+                      "growth_mib": after - before, "hwm_before_mib": hwm_before, "hwm_after_mib": hwm_after}))
 
 
 def measure_memory(impl: str, J: int, args: argparse.Namespace) -> dict[str, float]:

@@ -1,0 +1,203 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The public API of GimliUpdater: what step() changes, what it leaves, and what it returns."""
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from gimli_bptt import FunctionalModel, GimliUpdater
+from gimli_bptt.testing import check_hypergradients
+
+from problems import build_model, ce_loss, make_batches, two_groups
+from snapshots import assert_unchanged, snapshot
+
+
+def _torch_unroll(model: nn.Module, opt: torch.optim.Optimizer, batches: list[Any]) -> None:
+    for batch in batches:
+        opt.zero_grad()
+        ce_loss(model, batch).backward()
+        opt.step()
+
+
+def test_hypergradient_changes_nothing() -> None:
+    model = build_model("mlp_bn")
+    opt = torch.optim.Adam(two_groups(model), lr=0.01)
+    up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=3, learn={"lr": "group"}, learn_init=True)
+    before = snapshot(up)
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    up.hypergradient(*make_batches(3))
+    assert_unchanged(before, snapshot(up))
+    assert groups == [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+def test_step_updates_phi_writes_group_rates_and_leaves_the_model() -> None:
+    model = build_model("mlp_bn")
+    opt = torch.optim.SGD(two_groups(model), lr=0.1, momentum=0.9)
+    up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=3, learn={"lr": "group"},
+                      meta_opt=functools.partial(torch.optim.SGD, lr=0.01))
+    model_before = copy.deepcopy(model.state_dict())
+    result = up.step(*make_batches(3))
+    g = result.hypergrads["lr"]
+    assert g.shape == (2,)
+    expected = torch.tensor([0.1, 0.1], dtype=torch.float64) - 0.01 * g
+    assert torch.allclose(up.hyper.values["lr"].detach(), expected, rtol=0, atol=1e-15)
+    assert [grp["lr"] for grp in opt.param_groups] == pytest.approx(expected.tolist(), abs=1e-15)
+    for k, v in model_before.items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert len(opt.state) == 0
+
+
+def test_result_shapes_for_every_granularity() -> None:
+    model = build_model("conv_bn")
+    opt = torch.optim.Adam(two_groups(model), lr=0.01)
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    up = GimliUpdater(model, opt, lambda m, b: w * ce_loss(m, b), ce_loss, unroll=2,
+                      learn={"lr": "group", "beta1": "tensor", "beta2": "element"}, loss_params={"w": w},
+                      learn_init=True)
+    result = up.hypergradient(*make_batches(2))
+    params = list(model.parameters())
+    assert result.hypergrads["lr"].shape == (2,)
+    assert result.hypergrads["beta1"].shape == (len(params),)
+    assert [t.shape for t in result.hypergrads["beta2"]] == [p.shape for p in params]
+    assert result.hypergrads["loss.w"].shape == ()
+    for name, p in model.named_parameters():
+        assert result.hypergrads[f"init.{name}"].shape == p.shape
+    assert result.train_losses.shape == (2,)
+    names = [n for n, _ in up.named_meta_parameters()]
+    assert names[:2] == ["lr", "beta1"] and names[2].startswith("beta2.") and "loss.w" in names
+    assert names[-1] == f"init.{list(dict(model.named_parameters()))[-1]}"
+
+
+# Adam runs without BatchNorm here: the gradient of a bias followed by BatchNorm is pure
+# round-off, which Adam's normalisation blows up to a step of size lr in either direction.
+@pytest.mark.parametrize("arch, opt_cls, kwargs", [("mlp_bn", torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+                                                    ("mlp", torch.optim.AdamW, dict(lr=0.01, amsgrad=True))])
+def test_commit_continues_from_the_unrolled_state(arch: str, opt_cls: type, kwargs: dict[str, Any]) -> None:
+    """commit=True leaves the model and optimizer exactly where J steps of torch.optim would."""
+    model = build_model(arch)
+    twin = copy.deepcopy(model)
+    opt = opt_cls(model.parameters(), **kwargs)
+    twin_opt = opt_cls(twin.parameters(), **kwargs)
+    _torch_unroll(model, opt, make_batches(2, seed=8)[0])  # existing optimizer state is the starting point
+    _torch_unroll(twin, twin_opt, make_batches(2, seed=8)[0])
+    up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=4, learn={"lr": "group"}, commit=True,
+                      meta_opt=functools.partial(torch.optim.SGD, lr=0.0))
+    batches, val = make_batches(4, seed=9)
+    up.step(batches, val)
+    _torch_unroll(twin, twin_opt, batches)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), name  # includes BatchNorm running statistics
+    for p, q in zip(model.parameters(), twin.parameters()):
+        for key, value in twin_opt.state[q].items():
+            assert torch.allclose(torch.as_tensor(opt.state[p][key]).double(), torch.as_tensor(value).double(),
+                                  rtol=1e-12, atol=1e-14), key
+
+
+def test_buffers_evolve_through_the_inner_loop() -> None:
+    """BatchNorm's running statistics at θ'_J are those after J training steps; eval-mode
+    validation therefore sees them (and the hypergradient accounts for it)."""
+    model = build_model("mlp_bn")
+    seen = {}
+
+    def val_loss(m: FunctionalModel, b: Any) -> Tensor:
+        seen["mean"] = dict(m.named_buffers())["2.running_mean"].clone()
+        return ce_loss(m, b)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    up = GimliUpdater(model, opt, ce_loss, val_loss, unroll=3, learn=["lr"])
+    batches, val = make_batches(3)
+    up.hypergradient(batches, val)
+    twin = copy.deepcopy(model)
+    _torch_unroll(twin, torch.optim.SGD(twin.parameters(), lr=0.1), batches)
+    assert torch.allclose(seen["mean"], twin.state_dict()["2.running_mean"], rtol=1e-12)
+    assert torch.equal(model.state_dict()["2.running_mean"], torch.zeros(5, dtype=torch.float64))
+
+
+def test_dropout_is_replayed_exactly() -> None:
+    model = build_model("dropout")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=4, learn={"lr": "element"}, learn_init=True)
+    errors = check_hypergradients(up, *make_batches(4))
+    assert max(errors.values()) <= 1e-9, errors
+
+
+def test_maml_updates_the_initial_weights() -> None:
+    model = build_model("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=2, learn_init=True,
+                      meta_opt=functools.partial(torch.optim.SGD, lr=0.5))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = up.step(*make_batches(2))
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.detach(), before[name] - 0.5 * result.hypergrads[f"init.{name}"], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("gran", ["group", "tensor", "element"])
+def test_train_step_applies_learned_rates_like_torch_optim(gran: str) -> None:
+    model = build_model("mlp_bn")
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(two_groups(model), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=2, learn={"lr": gran})
+    with torch.no_grad():
+        for t in up.hyper.leaves():
+            t.fill_(0.05)  # as if learned
+    twin_opt = torch.optim.SGD(two_groups(twin), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    for batch in make_batches(3)[0]:
+        loss = up.train_step(batch)
+        twin_opt.zero_grad()
+        twin_loss = ce_loss(twin, batch)
+        twin_loss.backward()
+        twin_opt.step()
+        assert float(loss) == pytest.approx(float(twin_loss), rel=1e-12)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), name
+
+
+def test_the_model_view_exposes_inner_parameters() -> None:
+    model = build_model("mlp")
+    seen: list[list[Tensor]] = []
+
+    def train_loss(m: FunctionalModel, b: Any) -> Tensor:
+        seen.append([p.detach().clone() for p in m.parameters()])
+        assert [n for n, _ in m.named_parameters()] == [n for n, _ in model.named_parameters()]
+        return ce_loss(m, b)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    GimliUpdater(model, opt, train_loss, ce_loss, unroll=2, learn=["lr"]).hypergradient(*make_batches(2))
+    first, second = seen[0], seen[1]
+    assert all(torch.equal(a, p) for a, p in zip(first, model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_tied_weights() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Linear(36, 6, bias=False)
+            self.dec = nn.Linear(6, 36, bias=False)
+            self.dec.weight = nn.Parameter(self.enc.weight.t().contiguous())
+            self.head = nn.Linear(36, 3)
+            self.head.weight = self.head.weight  # plain
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.tanh(self.enc(x.flatten(1)))
+            return self.head(torch.nn.functional.linear(h, self.enc.weight.t()))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=3, learn={"lr": "tensor"}, learn_init=True)
+    errors = check_hypergradients(up, *make_batches(3))
+    assert max(errors.values()) <= 1e-9, errors
+
+
+def test_repr_mentions_the_configuration() -> None:
+    model = build_model("mlp")
+    up = GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, ce_loss, unroll=5,
+                      learn={"lr": "tensor"})
+    assert "SGD" in repr(up) and "unroll=5" in repr(up) and "lr:tensor" in repr(up)
