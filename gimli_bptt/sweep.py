@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .hvp import StepSecondOrder
 from .hyper import OptimizerHyperparameters
-from .optim.base import State
+from .optim.base import State, step_vjp_all
 from .problem import InnerProblem
 from .tape import TapeEntry
 
@@ -59,18 +59,13 @@ def reverse_sweep(
     A_opt = hyper.zeros()  # [Alg.1 L8]
     A_loss = [torch.zeros_like(leaf) if b is None else b.detach().clone()
               for leaf, b in zip(problem.loss_leaves, loss_bar)]  # [Alg.1 L8] + direct term of L_val
-    impl = problem.impl
     for entry in entries_reversed:  # [Alg.1 L10]
         step = StepSecondOrder(problem, entry, hvp)
-        G_bar: list[Optional[Tensor]] = [None] * len(theta_bar)
-        for k, g in enumerate(step.G):
-            if g is None:  # θ_k took no part in ℓ_j: the step left it and its state as they were
-                continue
-            tb, gb, sb, hb = impl.step_vjp(  # [Alg.1 L11]
-                entry.theta[k], g, entry.state[k], problem.hyper[k], theta_bar[k], state_bar[k]
-            )
-            theta_bar[k], state_bar[k], G_bar[k] = tb, sb, gb
-            hyper.accumulate(A_opt, k, hb)  # [Alg.1 L12]
+        theta_bar, G_bar, state_bar, hyper_bar = step_vjp_all(  # [Alg.1 L11]
+            problem.impl, entry.theta, step.G, entry.state, problem.hyper, theta_bar, state_bar
+        )
+        for k, bars in enumerate(hyper_bar):  # [Alg.1 L12]
+            hyper.accumulate(A_opt, k, bars)
         h_theta, h_loss = step.apply(G_bar)
         for i, h in enumerate(h_loss):  # [Alg.1 L13]
             if h is not None:

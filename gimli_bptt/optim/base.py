@@ -126,6 +126,39 @@ def step_all(
     return theta_next, state_next
 
 
+def step_vjp_all(
+    opt: DiffOptimizer,
+    theta: Sequence[Tensor],
+    G: Sequence[Optional[Tensor]],
+    state: Sequence[State],
+    hyper: Sequence[Hyper],
+    theta_next_bar: Sequence[Tensor],
+    state_next_bar: Sequence[State],
+) -> tuple[list[Tensor], list[Optional[Tensor]], list[State], list[dict[str, Tensor]]]:
+    """Applies ``opt.step_vjp`` to every parameter tensor (Algorithm 1, lines 11-12).
+
+    Returns ``(θ̄_j, Ḡ_j, σ̄_j, φ̄_opt per tensor)``. A tensor whose gradient was ``None`` was left
+    as it was by the step, so its cotangents pass through unchanged and ``Ḡ`` is ``None``.
+    """
+    theta_bar: list[Tensor] = []
+    G_bar: list[Optional[Tensor]] = []
+    state_bar: list[State] = []
+    hyper_bar: list[dict[str, Tensor]] = []
+    for t, g, s, h, tb, sb in zip(theta, G, state, hyper, theta_next_bar, state_next_bar):
+        if g is None:
+            theta_bar.append(tb)
+            G_bar.append(None)
+            state_bar.append(sb)
+            hyper_bar.append({})
+        else:
+            a, b, c, d = opt.step_vjp(t, g, s, h, tb, sb)
+            theta_bar.append(a)
+            G_bar.append(b)
+            state_bar.append(c)
+            hyper_bar.append(d)
+    return theta_bar, G_bar, state_bar, hyper_bar
+
+
 def zeros_state_bar(state: State, keys: Sequence[str]) -> State:
     """Zero cotangents for the differentiable entries of one tensor's state."""
     return {k: torch.zeros_like(state[k]) for k in keys if isinstance(state.get(k), Tensor)}
@@ -141,5 +174,6 @@ __all__ = [
     "is_learned",
     "reduce_like",
     "step_all",
+    "step_vjp_all",
     "zeros_state_bar",
 ]
