@@ -9,11 +9,13 @@ from __future__ import annotations
 from .errors import NonFiniteError
 from .functional import FunctionalModel
 from .optim import get_optimizer, supported_optimizers
+from .checkpoint import Checkpointing
 from .updater import GimliUpdater, MetaStepResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpointing",
     "FunctionalModel",
     "GimliUpdater",
     "MetaStepResult",

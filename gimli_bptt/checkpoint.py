@@ -500,7 +500,55 @@ def slots_for_budget(budget_bytes: int, state_bytes: int) -> int:
     return slots
 
 
+class Checkpointing(NamedTuple):
+    """How the tape trades memory for recomputation: the ``checkpoint`` option of ``GimliUpdater``.
+
+    Give exactly one of ``slots``, ``budget_bytes`` or ``every``:
+
+    - ``slots``: keep at most this many inner states (parameters, optimizer state, buffers) and
+      recompute the others with the optimal binomial schedule (revolve); ``slots >= J`` stores
+      everything.
+    - ``budget_bytes``: the same, with ``slots = budget_bytes // (bytes of one inner state)``.
+    - ``every``: keep every k-th state and recompute each segment from its start
+      (:func:`every_k_slots` states at most, :func:`every_k_forward_steps` forward steps).
+
+    ``verify=True`` checks that every recomputed state is bit-identical to the first forward
+    pass's (a debug option: it hashes every state).
+    """
+
+    slots: int | None = None
+    budget_bytes: int | None = None
+    every: int | None = None
+    verify: bool = False
+
+    def validate(self) -> "Checkpointing":
+        """Checks the fields; returns ``self``."""
+        given = [name for name in ("slots", "budget_bytes", "every") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "Checkpointing takes exactly one of slots=, budget_bytes= or every=, got "
+                + (", ".join(given) if given else "none")
+            )
+        if self.slots is not None:
+            _check_int("slots", self.slots, 1)
+        if self.budget_bytes is not None:
+            _check_int("budget_bytes", self.budget_bytes, 1)
+        if self.every is not None:
+            _check_int("every", self.every, 1)
+        return self
+
+    def schedule(self, num_steps: int, state_bytes: int) -> list[Op]:
+        """The operations for ``num_steps`` inner steps whose states take ``state_bytes`` each."""
+        if self.every is not None:
+            return every_k_schedule(num_steps, self.every)
+        slots = self.slots if self.slots is not None else slots_for_budget(int(self.budget_bytes or 0), max(state_bytes, 1))
+        if slots >= num_steps:
+            return store_all_schedule(num_steps)
+        return binomial_schedule(num_steps, slots)
+
+
 __all__ = [
+    "Checkpointing",
     "OP_KINDS",
     "Op",
     "ScheduleStats",

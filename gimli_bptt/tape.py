@@ -1,20 +1,52 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The forward tape: Algorithm 1, lines 3-7, recording what the reverse sweep needs."""
+"""The forward tape (Algorithm 1, lines 3-7) and the checkpoint-schedule executor that feeds the sweep.
+
+A :class:`Tape` carries out a schedule of :mod:`gimli_bptt.checkpoint` operations literally:
+the full tape is the schedule that stores every state, a checkpointed tape one that stores
+a few and recomputes the others. The reverse sweep asks for the entries j = J-1 ... 0 and
+never knows which schedule produced them.
+
+Note [Bit-identical recomputation]: a recomputed step runs the same operations on the same
+inputs as the first forward pass: the batch is the same object, the buffers are the stored
+ones, and the generator state from before ℓ_j is replayed (when ℓ_j drew random numbers).
+On the CPU this gives the same bits; ``verify=True`` checks it.
+"""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .checkpoint import Op
 from .optim.base import State, step_all
-from .problem import InnerProblem, RngState, capture_rng, same_rng
+from .problem import InnerProblem, RngState, capture_rng, replay_rng, same_rng
+from .progress import Progress
+
+Grads = list[Optional[Tensor]]
+
+
+@dataclass
+class InnerState:
+    """s_j: the inner parameters, the optimizer state and the module's buffers before step j."""
+
+    theta: list[Tensor]
+    state: list[State]
+    buffers: dict[str, Tensor]
+
+    def nbytes(self) -> int:
+        """Memory held by this state's tensors."""
+        total = sum(t.numel() * t.element_size() for t in self.theta)
+        total += sum(v.numel() * v.element_size() for s in self.state for v in s.values() if isinstance(v, Tensor))
+        total += sum(b.numel() * b.element_size() for b in self.buffers.values())
+        return total
 
 
 @dataclass
 class TapeEntry:
-    """The inner state *before* step j, and what is needed to replay that step.
+    """What the reverse sweep needs to reverse step j.
 
     Attributes:
         j: The inner step.
@@ -23,7 +55,7 @@ class TapeEntry:
         buffers: The module's buffers before step j (BatchNorm statistics), or ``{}``.
         batch: A reference to the batch of step j (never copied).
         rng: The generator states before ℓ_j, or None if ℓ_j drew no random numbers.
-        G: G_j when kept on the tape (forward-over-reverse HVP), else None.
+        G: G_j when the forward-over-reverse HVP needs it, else None.
     """
 
     j: int
@@ -32,50 +64,151 @@ class TapeEntry:
     buffers: dict[str, Tensor]
     batch: Any
     rng: Optional[RngState]
-    G: Optional[list[Optional[Tensor]]]
+    G: Optional[Grads]
 
 
 @dataclass
 class TapeResult:
-    """The recorded entries, the final inner state and the inner losses."""
+    """The end of the first forward sweep: s_J and the inner losses ℓ_0 ... ℓ_{J-1}."""
 
-    entries: list[TapeEntry]
     theta: list[Tensor]
     state: list[State]
     buffers: dict[str, Tensor]
     losses: Tensor
 
 
-def inner_step(problem: InnerProblem, theta: list[Tensor], state: list[State], buffers: dict[str, Tensor],
-               batch: Any, j: int) -> tuple[Tensor, list[Optional[Tensor]], list[Tensor], list[State],
-                                            dict[str, Tensor], Optional[RngState]]:
-    """Lines 5-6 once: returns ``(ℓ_j, G_j, θ_{j+1}, σ_{j+1}, buffers_{j+1}, rng_j)``."""
-    rng_before = capture_rng(problem.cuda_devices)
-    buffers_next = problem.fresh_buffers(buffers)
-    loss, G = problem.gradient(theta, buffers_next, batch, j)
-    rng = None if same_rng(rng_before, capture_rng(problem.cuda_devices)) else rng_before
-    with torch.no_grad():
-        theta_next, state_next = step_all(problem.impl, theta, G, state, problem.hyper)
-    return loss, G, theta_next, state_next, buffers_next, rng
+def _fingerprint(s: InnerState) -> bytes:
+    """A digest of every bit of a state (for ``verify``)."""
+    h = hashlib.sha256()
+    tensors = list(s.theta) + [v for st in s.state for v in st.values() if isinstance(v, Tensor)]
+    tensors += list(s.buffers.values())
+    for t in tensors:
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.digest()
 
 
-def record_tape(problem: InnerProblem, theta0: list[Tensor], state0: list[State], buffers0: dict[str, Tensor],
-                batches: Sequence[Any], keep_G: bool) -> TapeResult:
-    """Runs the J inner steps (lines 4-7) and keeps every θ'_j, σ_j and buffers_j.
+class Tape:
+    """Runs the inner loop under a checkpoint schedule and hands the sweep its entries.
 
-    No autograd graph outlives a step: each G_j is computed with a fresh graph that is freed
-    at once. ``keep_G`` keeps G_j too (the forward-over-reverse HVP needs it before it can
-    recompute the step); the reverse-over-reverse HVP recomputes it instead.
+    Args:
+        problem: The inner problem.
+        start: s_0 (copies: line 3).
+        batches: The J inner batches (referenced, never copied).
+        schedule: Operations from :mod:`gimli_bptt.checkpoint` for J steps.
+        keep_G: Hand G_j to the sweep (the forward-over-reverse HVP). G_j is kept beside each
+            stored state and recomputed for the others.
+        verify: Check that every recomputed state equals, bit for bit, the state of the first
+            forward pass (a digest of each is kept); raises ``RuntimeError`` if not.
+        progress: Draws a progress bar.
     """
-    entries: list[TapeEntry] = []
-    losses: list[Tensor] = []
-    theta, state, buffers = theta0, state0, buffers0
-    for j, batch in enumerate(batches):
-        loss, G, theta_next, state_next, buffers_next, rng = inner_step(problem, theta, state, buffers, batch, j)
-        entries.append(TapeEntry(j, theta, state, buffers, batch, rng, G if keep_G else None))
-        losses.append(loss)
-        theta, state, buffers = theta_next, state_next, buffers_next
-    return TapeResult(entries, theta, state, buffers, torch.stack(losses))
+
+    def __init__(self, problem: InnerProblem, start: InnerState, batches: Sequence[Any], schedule: Sequence[Op],
+                 keep_G: bool = False, verify: bool = False, progress: Optional[Progress] = None):
+        self.problem = problem
+        self.batches = batches
+        self.J = len(batches)
+        self.ops = list(schedule)
+        self.keep_G = keep_G
+        self.verify = verify
+        self.progress = progress
+        self._pc = 0
+        self._current: Optional[tuple[int, InnerState]] = (0, start)
+        self._slots: dict[int, InnerState] = {}
+        self._slot_G: dict[int, Grads] = {}
+        self._rng: list[Optional[RngState]] = []
+        self._digests: list[bytes] = []
+        self._losses: list[Tensor] = []
+        self.forward_steps = 0
+        self.max_slots_used = 0
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, j: int, s: InnerState) -> InnerState:
+        """Lines 5-6 for step j from s_j; the first time, records ℓ_j and the generator state."""
+        problem = self.problem
+        first = j == len(self._rng)
+        buffers_next = problem.fresh_buffers(s.buffers)
+        if first:
+            before = capture_rng(problem.cuda_devices)
+            loss, G = problem.gradient(s.theta, buffers_next, self.batches[j], j)
+            self._rng.append(None if same_rng(before, capture_rng(problem.cuda_devices)) else before)
+            self._losses.append(loss)
+            if self.verify:
+                self._digests.append(_fingerprint(s))
+        else:
+            with replay_rng(self._rng[j], problem.cuda_devices):
+                _, G = problem.gradient(s.theta, buffers_next, self.batches[j], j)
+            if self.verify and _fingerprint(s) != self._digests[j]:
+                raise RuntimeError(
+                    f"checkpoint verify: the recomputed state before inner step {j} differs from the one of the "
+                    "forward pass; train_loss is not deterministic (e.g. randomness outside torch's generators, "
+                    "or a nondeterministic kernel), so a checkpointed tape cannot reproduce it"
+                )
+        if self.keep_G and j in self._slots and j not in self._slot_G:
+            self._slot_G[j] = G  # kept beside the stored s_j, freed with it
+        with torch.no_grad():
+            theta, state = step_all(problem.impl, s.theta, G, s.state, problem.hyper)
+        self.forward_steps += 1
+        if self.progress is not None:
+            self.progress.advance()
+        return InnerState(theta, state, buffers_next)
+
+    # ------------------------------------------------------------------ the executor
+    def _run(self, until_reverse: bool) -> Optional[TapeEntry]:
+        """Executes operations; returns at the first ``reverse`` (as an entry) or after reaching s_J."""
+        while self._pc < len(self.ops):
+            op = self.ops[self._pc]
+            self._pc += 1
+            if op.kind == "advance":
+                assert self._current is not None and self._current[0] == op.step, op
+                i, s = self._current
+                for j in range(i, op.to):
+                    s = self._step(j, s)
+                self._current = (op.to, s)
+                if op.to == self.J and not until_reverse:
+                    return None
+            elif op.kind == "store":
+                assert self._current is not None and self._current[0] == op.step, op
+                self._slots[op.step] = self._current[1]
+                self.max_slots_used = max(self.max_slots_used, len(self._slots))
+            elif op.kind == "restore":
+                self._current = (op.step, self._slots[op.step])
+            elif op.kind == "free":
+                del self._slots[op.step]
+                self._slot_G.pop(op.step, None)
+            elif op.kind == "reverse":
+                assert self._current is not None and self._current[0] == op.step, op
+                j, s = op.step, self._current[1]
+                self._current = None
+                return TapeEntry(j, s.theta, s.state, s.buffers, self.batches[j], self._rng[j], self._G_for(j, s))
+            else:  # pragma: no cover - schedules are validated by construction
+                raise ValueError(f"unknown schedule operation {op!r}")
+        return None
+
+    def _G_for(self, j: int, s: InnerState) -> Optional[Grads]:
+        if not self.keep_G:
+            return None
+        if j in self._slot_G:
+            return self._slot_G[j]
+        with replay_rng(self._rng[j], self.problem.cuda_devices):
+            _, G = self.problem.gradient(s.theta, self.problem.fresh_buffers(s.buffers), self.batches[j], j)
+        return G
+
+    def forward(self) -> TapeResult:
+        """The first forward sweep, lines 4-7: runs the schedule until it reaches s_J."""
+        self._run(until_reverse=False)
+        assert self._current is not None and self._current[0] == self.J, "schedule never reached s_J"
+        s = self._current[1]
+        return TapeResult(s.theta, s.state, s.buffers, torch.stack(self._losses))
+
+    def entries_reversed(self) -> Iterator[TapeEntry]:
+        """The entries for j = J-1 ... 0, recomputing from checkpoints as the schedule says."""
+        while True:
+            entry = self._run(until_reverse=True)
+            if entry is None:
+                return
+            if self.progress is not None:
+                self.progress.reversed()
+            yield entry
 
 
-__all__ = ["TapeEntry", "TapeResult", "inner_step", "record_tape"]
+__all__ = ["InnerState", "Tape", "TapeEntry", "TapeResult"]

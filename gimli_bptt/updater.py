@@ -19,7 +19,9 @@ from .optim import get_optimizer
 from .optim.base import State, clone_state, step_all
 from .problem import InnerProblem, LossFn, check_scalar_loss
 from .sweep import reverse_sweep
-from .tape import TapeResult, record_tape
+from .checkpoint import Checkpointing, store_all_schedule
+from .progress import Progress
+from .tape import InnerState, Tape, TapeResult
 
 MetaOptFactory = Union[type, Callable[[list[Tensor]], torch.optim.Optimizer]]
 Hypergrad = Union[Tensor, list[Tensor]]
@@ -106,6 +108,13 @@ class GimliUpdater:
             Either way φ is left untouched.
         project: Clamp learned hyperparameters into their valid range after each meta step.
         check_finite: Check every inner loss for NaN/Inf (one host sync per inner step).
+        checkpoint: Memory for the tape. ``None`` (default) keeps every inner state; an int
+            keeps at most that many and recomputes the rest with the optimal binomial
+            schedule; a :class:`~gimli_bptt.checkpoint.Checkpointing` also takes a memory
+            budget in bytes, an every-k-th schedule, and ``verify``. The hypergradients are
+            bit-identical either way (on the CPU).
+        progress: Draw a progress bar of the forward and reverse steps on stderr. ``None``
+            (default): when stderr is a terminal and J ≥ 100.
 
     Raises:
         TypeError: an unsupported optimizer, or arguments of the wrong type.
@@ -130,6 +139,8 @@ class GimliUpdater:
         on_nonfinite: str = "raise",
         project: bool = True,
         check_finite: bool = True,
+        checkpoint: Checkpointing | int | None = None,
+        progress: Optional[bool] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -164,6 +175,15 @@ class GimliUpdater:
         self.learn_init = bool(learn_init)
         self.impl = get_optimizer(opt)
         self._hvp_fallback = False
+        if isinstance(checkpoint, bool) or not (checkpoint is None or isinstance(checkpoint, (int, Checkpointing))):
+            raise TypeError(
+                "checkpoint must be None, a number of slots, or gimli_bptt.Checkpointing(...), "
+                f"got {type(checkpoint).__name__}"
+            )
+        if isinstance(checkpoint, int):
+            checkpoint = Checkpointing(slots=checkpoint)
+        self.checkpoint = checkpoint.validate() if checkpoint is not None else None
+        self.progress = progress
 
         named = list(model.named_parameters())
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
@@ -293,8 +313,42 @@ class GimliUpdater:
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[MetaStepResult, TapeResult]:
         batches = self._check_batches(train_batches)
         problem = self._problem()
-        theta0, state0, buffers0 = self._initial_state()
-        tape = record_tape(problem, theta0, state0, buffers0, batches, keep_G=self.hvp == "fwd")  # [Alg.1 L3-7]
+        start = InnerState(*self._initial_state())
+        keep_G = self.hvp == "fwd"
+        if self.checkpoint is None:
+            schedule = store_all_schedule(self.unroll)
+        else:
+            state_bytes = self._state_bytes(start, problem, keep_G)
+            schedule = self.checkpoint.schedule(self.unroll, state_bytes)
+        show = self.progress if self.progress is not None else self.unroll >= 100
+        bar = Progress(self.unroll, self.unroll, enabled=show)
+        runner = Tape(problem, start, batches, schedule, keep_G=keep_G,
+                      verify=bool(self.checkpoint and self.checkpoint.verify), progress=bar)
+        try:
+            tape = runner.forward()  # [Alg.1 L3-7]
+            result = self._sweep(problem, runner, tape, val_batch)
+        finally:
+            bar.close()
+        self.last_tape_stats = {"forward_steps": runner.forward_steps, "max_slots_used": runner.max_slots_used}
+        return result, tape
+
+    def _state_bytes(self, start: InnerState, problem: InnerProblem, keep_G: bool) -> int:
+        """Bytes of one inner state once the optimizer state exists (after the first step).
+
+        s_0 may lack state (a fresh SGD has no momentum buffer yet), so each parameter counts
+        as many copies as a trial step on a one-element tensor leaves state tensors, plus one
+        for θ and one for G when it is kept.
+        """
+        total = sum(b.numel() * b.element_size() for b in start.buffers.values())
+        for p, h in zip(start.theta, problem.hyper):
+            probe = torch.zeros(1, dtype=p.dtype, device=p.device)
+            trial = {k: (v.reshape(-1)[:1] if isinstance(v, Tensor) and v.dim() else v) for k, v in h.items()}
+            _, st = self.impl.step(probe, probe, self.impl.import_state({}, probe, trial), trial)
+            copies = 1 + sum(isinstance(v, Tensor) for v in st.values()) + (1 if keep_G else 0)
+            total += copies * p.numel() * p.element_size()
+        return total
+
+    def _sweep(self, problem: InnerProblem, runner: Tape, tape: TapeResult, val_batch: Any) -> MetaStepResult:
 
         theta_J = [t.detach().requires_grad_(True) for t in tape.theta]  # [Alg.1 L9]
         with torch.enable_grad():
@@ -308,7 +362,7 @@ class GimliUpdater:
         n = len(theta_J)
         B_J = [torch.zeros_like(t) if g is None else g for t, g in zip(theta_J, grads[:n])]
         theta0_bar, A_opt, A_loss = reverse_sweep(
-            problem, self.hyper, reversed(tape.entries), B_J, list(grads[n:]), self.hvp
+            problem, self.hyper, runner.entries_reversed(), B_J, list(grads[n:]), self.hvp
         )  # [Alg.1 L8-15]
         self._hvp_fallback = problem.hvp_fallback
         hypergrads: dict[str, Hypergrad] = dict(A_opt)
@@ -321,7 +375,7 @@ class GimliUpdater:
             for name, _ in self.model.named_parameters():
                 hypergrads[f"init.{name}"] = init[name]
         nonfinite = [name for name, v in hypergrads.items() if not all(bool(torch.isfinite(t).all()) for t in _flat(v))]
-        return MetaStepResult(L.detach(), hypergrads, tape.losses, nonfinite=nonfinite), tape
+        return MetaStepResult(L.detach(), hypergrads, tape.losses, nonfinite=nonfinite)
 
     def step(self, train_batches: Sequence[Any], val_batch: Any) -> MetaStepResult:
         """One meta update (Algorithm 1, lines 2-16).
