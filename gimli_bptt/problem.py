@@ -86,6 +86,8 @@ class InnerProblem:
             parameters, then the frozen parameters when learned.
         cuda_devices: CUDA device indices whose generators are saved with each step.
         check_finite: Raise :class:`NonFiniteError` on a non-finite inner loss.
+        lr_schedule: ``j -> factor`` applied to the learning rate at inner step j (a warm-up or
+            decay inside the unroll); the learned lr is the base value it scales.
         hvp_fallback: Set once the forward-over-reverse HVP failed on an op of ``train_loss``
             (see Note [Forward-mode fallback] in :mod:`gimli_bptt.hvp`).
     """
@@ -100,6 +102,27 @@ class InnerProblem:
     cuda_devices: list[int]
     check_finite: bool = True
     hvp_fallback: bool = False
+    lr_schedule: Optional[Callable[[int], float]] = None
+
+    def lr_scale(self, j: int) -> float:
+        """The inner learning-rate schedule's factor at inner step j (1 without a schedule)."""
+        if self.lr_schedule is None:
+            return 1.0
+        scale = self.lr_schedule(j)
+        try:
+            value = float(scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"lr_schedule({j}) must return a float, got {type(scale).__name__}") from None
+        if not value >= 0.0 or value == float("inf"):
+            raise ValueError(f"lr_schedule({j}) returned {value}; it must be a finite factor >= 0")
+        return value
+
+    def hyper_at(self, j: int) -> list[dict[str, Any]]:
+        """The hyperparameters of inner step j: ``hyper`` with lr scaled by the schedule."""
+        scale = self.lr_scale(j)
+        if scale == 1.0:
+            return self.hyper
+        return [{**h, "lr": h["lr"] * scale} for h in self.hyper]
 
     def view(self, theta: Sequence[Tensor], buffers: dict[str, Tensor]) -> FunctionalModel:
         """The module bound to inner parameters ``theta``, the frozen parameters and ``buffers``."""

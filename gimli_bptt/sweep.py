@@ -62,9 +62,12 @@ def reverse_sweep(
     for entry in entries_reversed:  # [Alg.1 L10]
         step = StepSecondOrder(problem, entry, hvp)
         theta_bar, G_bar, state_bar, hyper_bar = step_vjp_all(  # [Alg.1 L11]
-            problem.impl, entry.theta, step.G, entry.state, problem.hyper, theta_bar, state_bar
+            problem.impl, entry.theta, step.G, entry.state, problem.hyper_at(entry.j), theta_bar, state_bar
         )
+        scale = problem.lr_scale(entry.j)  # d lr_j / d lr = the schedule's factor
         for k, bars in enumerate(hyper_bar):  # [Alg.1 L12]
+            if scale != 1.0 and "lr" in bars:
+                bars["lr"] = bars["lr"] * scale
             hyper.accumulate(A_opt, k, bars)
         h_theta, h_loss = step.apply(G_bar)
         for i, h in enumerate(h_loss):  # [Alg.1 L13]

@@ -146,7 +146,7 @@ class Tape:
         if self.keep_G and j in self._slots and j not in self._slot_G:
             self._slot_G[j] = G  # kept beside the stored s_j, freed with it
         with torch.no_grad():
-            theta, state = step_all(problem.impl, s.theta, G, s.state, problem.hyper)
+            theta, state = step_all(problem.impl, s.theta, G, s.state, problem.hyper_at(j))
         self.forward_steps += 1
         if self.progress is not None:
             self.progress.advance()

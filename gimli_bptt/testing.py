@@ -40,7 +40,7 @@ def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any]
             buffers = problem.fresh_buffers(buffers)
             loss = problem.loss(theta, buffers, batch, j)
             G = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
-            theta, state = step_all(problem.impl, theta, list(G), state, problem.hyper)
+            theta, state = step_all(problem.impl, theta, list(G), state, problem.hyper_at(j))
         view = problem.view(theta, problem.fresh_buffers(buffers))
         L = updater.val_loss(view, val_batch)
         wrt: list[tuple[str, Tensor]] = []
@@ -125,7 +125,7 @@ def converted_copy(updater: GimliUpdater, dtype: torch.dtype) -> GimliUpdater:
         twin = GimliUpdater(
             model, opt, updater.train_loss, updater.val_loss, unroll=updater.unroll, learn=updater.learn,
             loss_params=updater.loss_params, learn_init=updater.learn_init, hvp=updater.hvp,
-            check_finite=updater.check_finite, meta_opt=torch.optim.SGD,
+            check_finite=updater.check_finite, meta_opt=torch.optim.SGD, lr_schedule=updater.lr_schedule,
         )
     with torch.no_grad():
         for t_new, t_old in zip(twin.hyper.leaves(), updater.hyper.leaves()):

@@ -113,6 +113,9 @@ class GimliUpdater:
             schedule; a :class:`~gimli_bptt.checkpoint.Checkpointing` also takes a memory
             budget in bytes, an every-k-th schedule, and ``verify``. The hypergradients are
             bit-identical either way (on the CPU).
+        lr_schedule: ``lr_schedule(j) -> factor``: the learning rate of inner step j is the
+            (learned) lr times this factor, e.g. a warm-up ``lambda j: min(1, (j + 1) / 5)``;
+            the hypergradient of lr accounts for it.
         progress: Draw a progress bar of the forward and reverse steps on stderr. ``None``
             (default): when stderr is a terminal and J ≥ 100.
 
@@ -141,6 +144,7 @@ class GimliUpdater:
         check_finite: bool = True,
         checkpoint: Checkpointing | int | None = None,
         progress: Optional[bool] = None,
+        lr_schedule: Optional[Callable[[int], float]] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -184,6 +188,11 @@ class GimliUpdater:
             checkpoint = Checkpointing(slots=checkpoint)
         self.checkpoint = checkpoint.validate() if checkpoint is not None else None
         self.progress = progress
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise TypeError(f"lr_schedule must be a function of the inner step, got {type(lr_schedule).__name__}")
+        if lr_schedule is not None and "lr" not in self.impl.hyper_names:
+            raise ValueError(f"lr_schedule needs an optimizer with a learning rate; {self.impl.name} has none")
+        self.lr_schedule = lr_schedule
 
         named = list(model.named_parameters())
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
@@ -278,6 +287,7 @@ class GimliUpdater:
             cuda_devices=self._cuda_devices,
             check_finite=self.check_finite,
             hvp_fallback=self._hvp_fallback,
+            lr_schedule=self.lr_schedule,
         )
 
     def _initial_state(self) -> tuple[list[Tensor], list[State], dict[str, Tensor]]:

@@ -223,3 +223,45 @@ def test_reference_agrees_with_finite_differences_for_loss_params_and_init() -> 
             w.sub_(sign * h)
     fd = (vals[0] - vals[1]) / (2 * h)
     assert abs(float(ours["loss.w"]) - fd) <= 1e-6 * abs(fd)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd_momentum", "adamw"])
+def test_inner_lr_schedule_matches_torch_lambda_lr(opt_name: str) -> None:
+    """A warm-up inside the unroll: the same as torch's LambdaLR, and differentiated through."""
+    _, cls, kwargs, _ = optimizer_row(opt_name)
+    warmup = lambda j: min(1.0, (j + 1) / 3)  # noqa: E731
+    model = build_model("mlp", seed=11)
+    batches, val = make_batches(5, seed=11)
+    m = copy.deepcopy(model)
+    up = GimliUpdater(m, cls(m.parameters(), **kwargs), ce_loss, ce_loss, unroll=5, learn={"lr": "tensor"},
+                      lr_schedule=warmup)
+    errors = check_hypergradients(up, batches, val)
+    assert max(errors.values()) <= TOL, errors
+    ours = float(up.hypergradient(batches, val).hypergrads["lr"].sum())  # all tensors share the base lr
+
+    def torch_run(lr: float) -> float:
+        mm = copy.deepcopy(model)
+        opt = cls(mm.parameters(), **{**kwargs, "lr": lr})
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+        for batch in batches:
+            opt.zero_grad()
+            ce_loss(mm, batch).backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            return float(ce_loss(mm, val))
+
+    h = 1e-7
+    fd = (torch_run(kwargs["lr"] + h) - torch_run(kwargs["lr"] - h)) / (2 * h)
+    assert abs(ours - fd) <= 1e-5 * abs(fd)
+
+
+def test_lr_schedule_errors() -> None:
+    model = build_model("mlp")
+    up = GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, ce_loss, unroll=2,
+                      learn=["lr"], lr_schedule=lambda j: -1.0)
+    with pytest.raises(ValueError, match=r"lr_schedule\(0\) returned -1.0"):
+        up.hypergradient(*make_batches(2))
+    with pytest.raises(TypeError, match="lr_schedule must be a function"):
+        GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, ce_loss, learn=["lr"],
+                     lr_schedule=0.5)  # type: ignore[arg-type]
