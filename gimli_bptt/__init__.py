@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .errors import NonFiniteError
 from .functional import FunctionalModel
-from .optim import get_optimizer, supported_optimizers
+from .optim import get_optimizer, register_optimizer, supported_optimizers, unregister_optimizer
 from .checkpoint import Checkpointing
 from .updater import GimliUpdater, MetaStepResult
 
@@ -21,5 +21,7 @@ __all__ = [
     "MetaStepResult",
     "NonFiniteError",
     "get_optimizer",
+    "register_optimizer",
     "supported_optimizers",
+    "unregister_optimizer",
 ]
