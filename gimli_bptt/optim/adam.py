@@ -152,7 +152,7 @@ def adam_step_vjp(
     # m' = b1 m + (1 - b1) g ; v' = b2 v + (1 - b2) g^2
     state_bar["exp_avg"] = b1 * m_bar
     state_bar["exp_avg_sq"] = b2 * v_bar
-    g_bar = (1 - b1) * m_bar + 2 * (1 - b2) * g * v_bar * (1 + 1e-7)
+    g_bar = (1 - b1) * m_bar + 2 * (1 - b2) * g * v_bar
 
     theta_bar = tb
     if is_learned(wd) or wd != 0:
