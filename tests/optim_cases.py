@@ -129,18 +129,22 @@ def tensor_keys(state: Mapping[str, Any]) -> list[str]:
     return sorted(k for k, v in state.items() if isinstance(v, Tensor))
 
 
-def rel_err(actual: Tensor, expected: Tensor) -> float:
-    """max |actual - expected| / max |expected| (the absolute error where expected is 0)."""
+def rel_err(actual: Tensor, expected: Tensor, floor: float = 0.0) -> float:
+    """max |actual - expected| / max(max |expected|, floor) (the absolute error where both are 0).
+
+    ``floor`` is the size of the terms that cancel in ``expected`` where it is much smaller
+    than they are: neither side can then be more accurate than round-off of those terms.
+    """
     actual, expected = torch.as_tensor(actual, dtype=DTYPE), torch.as_tensor(expected, dtype=DTYPE)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     if expected.numel() == 0:
         return 0.0
     diff = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
+    scale = max(expected.abs().max().item(), floor)
     return diff / scale if scale > 0 else diff
 
 
-def assert_rel(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+def assert_rel(actual: Tensor, expected: Tensor, tol: float, what: str, floor: float = 0.0) -> None:
     assert torch.isfinite(torch.as_tensor(actual)).all(), f"{what}: not finite: {actual}"
-    err = rel_err(actual, expected)
+    err = rel_err(actual, expected, floor)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}\nactual={actual}\nexpected={expected}"

@@ -13,7 +13,6 @@ from torch import Tensor
 from gimli_bptt.optim import get_optimizer
 from optim_cases import (
     CASES,
-    DTYPE,
     GRANULARITIES,
     GROUP_SHAPES,
     OptimCase,
