@@ -193,6 +193,8 @@ class GimliUpdater:
         if lr_schedule is not None and "lr" not in self.impl.hyper_names:
             raise ValueError(f"lr_schedule needs an optimizer with a learning rate; {self.impl.name} has none")
         self.lr_schedule = lr_schedule
+        self.meta_steps = 0
+        self.skipped_steps = 0
 
         named = list(model.named_parameters())
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
@@ -397,19 +399,99 @@ class GimliUpdater:
         exactly as they were before the call.
 
         Raises:
-            NonFiniteError: a non-finite loss or hypergradient (unless ``on_nonfinite="skip"``).
+            NonFiniteError: a non-finite loss or hypergradient (unless ``on_nonfinite="skip"``,
+                which returns a result with ``skipped=True`` and changes nothing).
         """
-        result, tape = self._compute(train_batches, val_batch)
+        try:
+            result, tape = self._compute(train_batches, val_batch)
+        except NonFiniteError as exc:
+            if self.on_nonfinite != "skip":
+                raise
+            nan = torch.tensor(float("nan"))
+            self.skipped_steps += 1
+            return MetaStepResult(nan, {}, nan.expand(self.unroll), skipped=True, nonfinite=[str(exc)])
         if result.nonfinite:
             if self.on_nonfinite == "skip":
                 result.skipped = True
+                self.skipped_steps += 1
                 return result
             raise NonFiniteError(
                 f"non-finite hypergradient for {', '.join(result.nonfinite)}; nothing was updated "
                 "(pass on_nonfinite='skip' to skip such meta steps)"
             )
         self._apply(result, tape)
+        self.meta_steps += 1
         return result
+
+    # ----------------------------------------------------------------- saving and resuming
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume meta-training: φ, the meta optimizer's state, counters, options.
+
+        Save it beside the model's and the inner optimizer's own ``state_dict()`` (and the random
+        generators' states, if the losses draw from them): :meth:`load_state_dict` on an updater
+        built the same way then continues bit-identically. ``lr_schedule`` and the loss
+        functions are code, not state: pass the same ones when rebuilding.
+        """
+        return {
+            "phi": {name: t.detach().clone() for name, t in self.named_meta_parameters()},
+            "meta_opt": copy.deepcopy(self.meta_opt.state_dict()),
+            "counters": {"meta_steps": self.meta_steps, "skipped_steps": self.skipped_steps},
+            "options": self._options(),
+            "hvp_fallback": self._hvp_fallback,
+        }
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.impl.name,
+            "unroll": self.unroll,
+            "learn": dict(self.learn),
+            "loss_params": sorted(self.loss_params),
+            "learn_init": self.learn_init,
+            "hvp": self.hvp,
+            "commit": self.commit,
+            "on_nonfinite": self.on_nonfinite,
+            "project": self.project,
+            "checkpoint": None if self.checkpoint is None else tuple(self.checkpoint),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restores what :meth:`state_dict` saved into an updater built with the same options.
+
+        Raises:
+            ValueError: the saved options, or the names and shapes of φ, differ from this
+                updater's (the message names each difference); nothing is changed then.
+        """
+        for key in ("phi", "meta_opt", "counters", "options"):
+            if key not in state_dict:
+                raise ValueError(f"not a GimliUpdater state_dict: missing {key!r}")
+        saved, ours = state_dict["options"], self._options()
+        diffs = [f"{k}: saved {saved.get(k)!r}, here {ours[k]!r}" for k in ours
+                 if k != "checkpoint" and saved.get(k) != ours[k]]
+        phi = dict(self.named_meta_parameters())
+        if set(state_dict["phi"]) != set(phi):
+            diffs.append(f"meta-parameters: saved {sorted(state_dict['phi'])}, here {sorted(phi)}")
+        else:
+            diffs += [f"{n}: saved shape {tuple(v.shape)}, here {tuple(phi[n].shape)}"
+                      for n, v in state_dict["phi"].items() if v.shape != phi[n].shape]
+        if diffs:
+            raise ValueError("cannot load this state_dict into this updater: " + "; ".join(diffs))
+        saved_values = {n: t.detach().clone() for n, t in phi.items()}
+        saved_meta = copy.deepcopy(self.meta_opt.state_dict())
+        try:
+            with torch.no_grad():
+                for name, t in phi.items():
+                    t.copy_(state_dict["phi"][name])
+            self.meta_opt.load_state_dict(state_dict["meta_opt"])
+            self.hyper.write_back(self.opt.param_groups)
+        except BaseException:
+            with torch.no_grad():
+                for name, t in phi.items():
+                    t.copy_(saved_values[name])
+            self.meta_opt.load_state_dict(saved_meta)
+            raise
+        self.meta_steps = int(state_dict["counters"]["meta_steps"])
+        self.skipped_steps = int(state_dict["counters"]["skipped_steps"])
+        self._hvp_fallback = bool(state_dict.get("hvp_fallback", False))
 
     def _apply(self, result: MetaStepResult, tape: TapeResult) -> None:
         """Line 16, as a transaction: on any exception everything is restored, then re-raised."""

@@ -214,3 +214,15 @@ def test_exception_in_meta_optimizer_changes_nothing(learn_init: bool) -> None:
         up.step(*make_batches(3))
     assert_unchanged(before, snapshot(up))
     assert up.opt.param_groups[0]["lr"] == 0.1
+
+
+def test_nan_in_a_batch_can_skip_the_update() -> None:
+    up = _updater(on_nonfinite="skip")
+    batches, val = make_batches(3)
+    x, y = batches[1]
+    batches[1] = (torch.full_like(x, float("inf")), y)
+    before = snapshot(up)
+    result = up.step(batches, val)
+    assert result.skipped and "inner step 1" in result.nonfinite[0]
+    assert up.skipped_steps == 1 and up.meta_steps == 0
+    assert_unchanged(before, snapshot(up))
