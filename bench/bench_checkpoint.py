@@ -26,6 +26,14 @@ from torch import nn
 
 
 def _rss_mib() -> float:
+    """Peak resident memory of this process (VmHWM), in MiB.
+
+    Not ``ru_maxrss``: a child inherits its parent's peak there, even across exec.
+    """
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

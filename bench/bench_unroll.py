@@ -331,6 +331,10 @@ def render(rows, unrolls, args, command, started, elapsed, loads) -> str:
     out.append("Reading (computed from the numbers above):")
     out.append("")
     out.extend(reading(rows, unrolls))
+    out.append(f"- The 1-min load average (other processes on this {os.cpu_count()}-CPU machine) went from "
+               f"{loads[0]:.1f} to {loads[-1]:.1f} (max {max(loads):.1f}) during the run: absolute times, and "
+               f"their growth with J, carry that noise; the implementations were interleaved round-robin at "
+               f"each J, so the ratios at one J are less affected. Memory growth does not depend on load.")
     out.append("")
     return "\n".join(out)
 
