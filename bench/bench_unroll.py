@@ -8,6 +8,8 @@ inner steps. Implementations, side by side:
 - ``gimli rev``: ``GimliUpdater(..., hvp="rev").hypergradient()``: forward tape, hand-written
   reverse sweep, reverse-over-reverse Hessian-vector products.
 - ``gimli fwd``: the same with forward-over-reverse Hessian-vector products.
+- ``gimli keep_graphs``: ``hvp="rev", keep_graphs=True``: each step's gradient graph is kept from the
+  forward tape, so the reverse sweep runs only the Hessian-vector products.
 - ``autograd unroll``: ``gimli_bptt.testing.reference_hypergradients``: the plain full unroll on
   autograd's graph (``create_graph=True`` at every step), the baseline.
 - ``plain training``: J steps of ``loss.backward(); opt.step()`` on a copy of the model, no
@@ -74,8 +76,10 @@ import gimli_bptt  # noqa: E402
 from gimli_bptt import GimliUpdater  # noqa: E402
 from gimli_bptt.testing import check_hypergradients, reference_hypergradients, relative_error  # noqa: E402
 
-IMPLS = ("gimli rev", "gimli fwd", "autograd unroll", "plain training")
-SLUG = {"gimli rev": "gimli_rev", "gimli fwd": "gimli_fwd", "autograd unroll": "autograd", "plain training": "floor"}
+IMPLS = ("gimli rev", "gimli fwd", "gimli keep_graphs", "autograd unroll", "plain training")
+GIMLI = {"gimli rev": dict(hvp="rev"), "gimli fwd": dict(hvp="fwd"), "gimli keep_graphs": dict(hvp="rev", keep_graphs=True)}
+SLUG = {"gimli rev": "gimli_rev", "gimli fwd": "gimli_fwd", "gimli keep_graphs": "gimli_keep",
+        "autograd unroll": "autograd", "plain training": "floor"}
 UNSLUG = {v: k for k, v in SLUG.items()}
 SECTION = "## Core engine vs a full autograd unroll (issue: core engine)"
 IN_DIM, CLASSES = 64, 10
@@ -112,8 +116,8 @@ def build_problem(hidden: int, batch: int, J: int, seed: int = 0):
     return model, opt, train_batches, draw()
 
 
-def make_updater(model: nn.Module, opt: torch.optim.Optimizer, J: int, hvp: str) -> GimliUpdater:
-    return GimliUpdater(model, opt, loss_fn, loss_fn, unroll=J, learn={"lr": "group"}, hvp=hvp)
+def make_updater(model: nn.Module, opt: torch.optim.Optimizer, J: int, hvp: str, keep_graphs: bool = False) -> GimliUpdater:
+    return GimliUpdater(model, opt, loss_fn, loss_fn, unroll=J, learn={"lr": "group"}, hvp=hvp, keep_graphs=keep_graphs)
 
 
 def plain_training(model: nn.Module, opt: torch.optim.Optimizer, batches) -> nn.Module:
@@ -138,11 +142,8 @@ def plain_training(model: nn.Module, opt: torch.optim.Optimizer, batches) -> nn.
 def runner(impl: str, model, opt, batches, val) -> Callable[[], Any]:
     """A no-argument callable computing one hypergradient (or the floor) with ``impl``."""
     J = len(batches)
-    if impl == "gimli rev":
-        upd = make_updater(model, opt, J, "rev")
-        return lambda: upd.hypergradient(batches, val)
-    if impl == "gimli fwd":
-        upd = make_updater(model, opt, J, "fwd")
+    if impl in GIMLI:
+        upd = make_updater(model, opt, J, **GIMLI[impl])
         return lambda: upd.hypergradient(batches, val)
     if impl == "autograd unroll":
         upd = make_updater(model, opt, J, "rev")
@@ -209,8 +210,8 @@ def check(J: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     ref_upd = make_updater(model, opt, J, "rev")
     _, ref = reference_hypergradients(ref_upd, batches, val)
-    for impl, hvp in (("gimli rev", "rev"), ("gimli fwd", "fwd")):
-        upd = make_updater(model, opt, J, hvp)
+    for impl, options in GIMLI.items():
+        upd = make_updater(model, opt, J, **options)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ours = upd.hypergradient(batches, val)
@@ -262,7 +263,7 @@ def reading(rows: list[dict[str, Any]], unrolls: list[int]) -> list[str]:
         ref = by.get(("autograd unroll", J))
         floor = by.get(("plain training", J))
         parts = []
-        for impl in ("gimli rev", "gimli fwd"):
+        for impl in GIMLI:
             r = by.get((impl, J))
             if r is None or r.get("median") is None or ref is None:
                 parts.append(f"{impl}: not compared (hypergradient did not match)")
@@ -406,11 +407,11 @@ def main(argv=None) -> None:
             status = "ok" if e["ok"] else "MISMATCH"
             print(f"J={J:4d} {impl:16s} rel. error f32 {e['err32']:.2e} f64 {e['err64']:.2e} {status}"
                   + (" (fwd fell back to rev)" if e["fallback"] else ""), flush=True)
-        timed = [impl for impl in ("plain training", "autograd unroll", "gimli rev", "gimli fwd")
+        timed = [impl for impl in ("plain training", "autograd unroll", *GIMLI)
                  if impl not in errs or errs[impl]["ok"]]
         times = time_all(timed, J, args)
         floor_median = statistics.median(times["plain training"])
-        for impl in ("plain training", "autograd unroll", "gimli rev", "gimli fwd"):
+        for impl in ("plain training", "autograd unroll", *GIMLI):
             row: dict[str, Any] = {"impl": impl, "J": J, "median": None}
             if impl in errs:
                 row.update({k: errs[impl][k] for k in ("err32", "err64", "fallback")})

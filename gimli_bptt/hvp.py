@@ -34,9 +34,13 @@ class StepSecondOrder:
         self.problem = problem
         self.entry = entry
         self.mode = mode
-        if mode == "rev":
-            self._recompute_with_graph()
+        if entry.graph is not None:  # kept from the forward pass: nothing to recompute
+            self._theta, self._G_graph = entry.graph
+            self.mode = "rev"
             self.G: Grads = [None if g is None else g.detach() for g in self._G_graph]
+        elif mode == "rev":
+            self._recompute_with_graph()
+            self.G = [None if g is None else g.detach() for g in self._G_graph]
         else:
             if entry.G is None:
                 raise RuntimeError("the forward-over-reverse HVP needs G_j on the tape")

@@ -141,6 +141,12 @@ class InnerProblem:
     def gradient(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
                  j: int) -> tuple[Tensor, list[Optional[Tensor]]]:
         """Line 5 without a kept graph: ``(ℓ_j, G_j)``; ``G_j[k]`` is None if ℓ_j ignores θ_k."""
+        loss, _, G = self.gradient_with_graph(theta, buffers, batch, j, create_graph=False)
+        return loss, G
+
+    def gradient_with_graph(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int,
+                            create_graph: bool = True) -> tuple[Tensor, list[Tensor], list[Optional[Tensor]]]:
+        """Line 5: ``(ℓ_j detached, θ leaves, G_j)``, G_j differentiable when ``create_graph``."""
         leaves = [t.detach().requires_grad_(True) for t in theta]
         with torch.enable_grad():
             loss = self.loss(leaves, buffers, batch, j)
@@ -149,12 +155,12 @@ class InnerProblem:
                     f"train_loss does not depend on the model's parameters at inner step {j}: "
                     "compute it from model(...) or model.parameters() of the model it is given"
                 )
-            G = list(torch.autograd.grad(loss, leaves, allow_unused=True))
+            G = list(torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True))
         if all(g is None for g in G):
             raise ValueError(
                 f"train_loss does not depend on any parameter the optimizer updates at inner step {j}"
             )
-        return loss.detach(), G
+        return loss.detach(), leaves, G
 
     def fresh_buffers(self, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         """Copies of buffers for one forward call (empty when the module has none)."""

@@ -56,6 +56,8 @@ class TapeEntry:
         batch: A reference to the batch of step j (never copied).
         rng: The generator states before ℓ_j, or None if ℓ_j drew no random numbers.
         G: G_j when the forward-over-reverse HVP needs it, else None.
+        graph: ``(θ leaves, G_j with its autograd graph)`` kept from the forward pass
+            (``keep_graphs``), so the sweep need not recompute step j; else None.
     """
 
     j: int
@@ -65,6 +67,7 @@ class TapeEntry:
     batch: Any
     rng: Optional[RngState]
     G: Optional[Grads]
+    graph: Optional[tuple[list[Tensor], Grads]] = None
 
 
 @dataclass
@@ -100,10 +103,14 @@ class Tape:
         verify: Check that every recomputed state equals, bit for bit, the state of the first
             forward pass (a digest of each is kept); raises ``RuntimeError`` if not.
         progress: Draws a progress bar.
+        keep_graphs: Keep each step's gradient graph from the first forward pass and hand it to
+            the sweep (no recomputation; memory of all J steps' activations, as an autograd
+            unroll). Needs the store-all schedule.
     """
 
     def __init__(self, problem: InnerProblem, start: InnerState, batches: Sequence[Any], schedule: Sequence[Op],
-                 keep_G: bool = False, verify: bool = False, progress: Optional[Progress] = None):
+                 keep_G: bool = False, verify: bool = False, progress: Optional[Progress] = None,
+                 keep_graphs: bool = False):
         self.problem = problem
         self.batches = batches
         self.J = len(batches)
@@ -111,6 +118,8 @@ class Tape:
         self.keep_G = keep_G
         self.verify = verify
         self.progress = progress
+        self.keep_graphs = keep_graphs
+        self._graphs: dict[int, tuple[list[Tensor], Grads]] = {}
         self._pc = 0
         self._current: Optional[tuple[int, InnerState]] = (0, start)
         self._slots: dict[int, InnerState] = {}
@@ -129,7 +138,12 @@ class Tape:
         buffers_next = problem.fresh_buffers(s.buffers)
         if first:
             before = capture_rng(problem.cuda_devices)
-            loss, G = problem.gradient(s.theta, buffers_next, self.batches[j], j)
+            if self.keep_graphs:
+                loss, leaves, G_graph = problem.gradient_with_graph(s.theta, buffers_next, self.batches[j], j)
+                self._graphs[j] = (leaves, G_graph)
+                G = [None if g is None else g.detach() for g in G_graph]
+            else:
+                loss, G = problem.gradient(s.theta, buffers_next, self.batches[j], j)
             self._rng.append(None if same_rng(before, capture_rng(problem.cuda_devices)) else before)
             self._losses.append(loss)
             if self.verify:
@@ -179,7 +193,8 @@ class Tape:
                 assert self._current is not None and self._current[0] == op.step, op
                 j, s = op.step, self._current[1]
                 self._current = None
-                return TapeEntry(j, s.theta, s.state, s.buffers, self.batches[j], self._rng[j], self._G_for(j, s))
+                return TapeEntry(j, s.theta, s.state, s.buffers, self.batches[j], self._rng[j], self._G_for(j, s),
+                                 self._graphs.pop(j, None))
             else:  # pragma: no cover - schedules are validated by construction
                 raise ValueError(f"unknown schedule operation {op!r}")
         return None

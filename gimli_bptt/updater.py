@@ -116,6 +116,10 @@ class GimliUpdater:
         lr_schedule: ``lr_schedule(j) -> factor``: the learning rate of inner step j is the
             (learned) lr times this factor, e.g. a warm-up ``lambda j: min(1, (j + 1) / 5)``;
             the hypergradient of lr accounts for it.
+        keep_graphs: Keep every inner step's gradient graph from the forward pass, so the
+            reverse sweep runs only the Hessian-vector products (the fastest mode; memory of
+            all J steps' activations, like an autograd unroll, but no optimizer graph). Uses
+            the reverse-over-reverse HVP and the full tape.
         progress: Draw a progress bar of the forward and reverse steps on stderr. ``None``
             (default): when stderr is a terminal and J ≥ 100.
 
@@ -145,6 +149,7 @@ class GimliUpdater:
         checkpoint: Checkpointing | int | None = None,
         progress: Optional[bool] = None,
         lr_schedule: Optional[Callable[[int], float]] = None,
+        keep_graphs: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -195,6 +200,11 @@ class GimliUpdater:
         self.lr_schedule = lr_schedule
         self.meta_steps = 0
         self.skipped_steps = 0
+        if keep_graphs and self.checkpoint is not None:
+            raise ValueError("keep_graphs=True keeps every step's graph: it cannot be combined with checkpoint=")
+        if keep_graphs and hvp == "fwd":
+            raise ValueError("keep_graphs=True reuses the forward pass's graph, a reverse-over-reverse HVP: use hvp='rev'")
+        self.keep_graphs = bool(keep_graphs)
 
         named = list(model.named_parameters())
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
@@ -335,7 +345,8 @@ class GimliUpdater:
         show = self.progress if self.progress is not None else self.unroll >= 100
         bar = Progress(self.unroll, self.unroll, enabled=show)
         runner = Tape(problem, start, batches, schedule, keep_G=keep_G,
-                      verify=bool(self.checkpoint and self.checkpoint.verify), progress=bar)
+                      verify=bool(self.checkpoint and self.checkpoint.verify), progress=bar,
+                      keep_graphs=self.keep_graphs)
         try:
             tape = runner.forward()  # [Alg.1 L3-7]
             result = self._sweep(problem, runner, tape, val_batch)
@@ -452,6 +463,7 @@ class GimliUpdater:
             "on_nonfinite": self.on_nonfinite,
             "project": self.project,
             "checkpoint": None if self.checkpoint is None else tuple(self.checkpoint),
+            "keep_graphs": self.keep_graphs,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

@@ -147,3 +147,23 @@ def test_progress_bar_draws_on_a_terminal(capsys: pytest.CaptureFixture[str]) ->
     bar.advance()
     bar.close()
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize("arch", ["dropout", "mlp_bn"])
+def test_keep_graphs_gives_the_same_hypergradients(arch: str) -> None:
+    results = []
+    for keep in (False, True):
+        model = build_model(arch, seed=6)
+        up = GimliUpdater(model, torch.optim.Adam(model.parameters(), lr=0.01), ce_loss, ce_loss, unroll=5,
+                          learn={"lr": "tensor", "beta1": "element"}, learn_init=True, keep_graphs=keep)
+        torch.manual_seed(3)
+        results.append(up.hypergradient(*make_batches(5, seed=6)).hypergrads)
+    assert _bit_identical(results[0], results[1])
+
+
+def test_keep_graphs_option_errors() -> None:
+    model = build_model("mlp")
+    for kw, match in ((dict(checkpoint=2), "cannot be combined"), (dict(hvp="fwd"), "use hvp='rev'")):
+        with pytest.raises(ValueError, match=match):
+            GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, ce_loss, unroll=3,
+                         learn=["lr"], keep_graphs=True, **kw)
