@@ -46,7 +46,7 @@ class LRConfig:
         progress: Progress bars (``None``: only when stderr is a terminal).
     """
 
-    epochs: int = 30
+    epochs: int = 20
     unroll: int = 15
     width: int = 16
     optimizer: str = "sgd"
@@ -58,7 +58,7 @@ class LRConfig:
     milestones: tuple[float, float] = (0.5, 0.75)
     val_frac: float = 0.1
     test_frac: float = 0.2
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     device: str = "cpu"
     threads: int = 1
     out: str = "runs/lr"
@@ -164,13 +164,15 @@ def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
-    """Final and best test accuracy of every variant, mean and standard deviation over seeds."""
+    """Final and best test accuracy and final test loss of every variant, mean and std over seeds."""
     out = {}
     for variant, recs in runs.items():
         final = mean_std([r["final_test_acc"] for r in recs])
         best = mean_std([r["best_test_acc"] for r in recs])
+        loss = mean_std([r["test_loss"][-1] for r in recs])
         out[variant] = {"final_test_acc_mean": final[0], "final_test_acc_std": final[1],
                         "best_test_acc_mean": best[0], "best_test_acc_std": best[1],
+                        "final_test_loss_mean": loss[0], "final_test_loss_std": loss[1],
                         "seconds_mean": mean_std([r["seconds"] for r in recs])[0]}
     return out
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from . import require_extras
 
 COLORS = {"fixed": "tab:gray", "multistep": "tab:blue", "meta": "tab:red"}
+STYLES = {"fixed": (0, (4, 2)), "multistep": "-", "meta": "-"}
 LABELS = {"fixed": "fixed rate", "multistep": "multi-step annealing", "meta": "meta-learned per-group rates"}
 
 
@@ -31,7 +32,8 @@ def plot_lr_accuracy(runs: dict[str, list[dict[str, Any]]], path: Path, title: s
         epochs = np.array([0] + recs[0]["epoch"])
         accs = np.array([[r["initial_test_acc"]] + r["test_acc"] for r in recs])
         mean = accs.mean(0)
-        ax.plot(epochs, mean, color=COLORS.get(variant), label=LABELS.get(variant, variant))
+        ax.plot(epochs, mean, color=COLORS.get(variant), linestyle=STYLES.get(variant, "-"), linewidth=1.8,
+                label=LABELS.get(variant, variant), zorder=3 if variant == "fixed" else 2)
         if len(recs) > 1:
             std = accs.std(0, ddof=1)
             ax.fill_between(epochs, mean - std, mean + std, color=COLORS.get(variant), alpha=0.2, linewidth=0)
