@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--inner-lr", type=_positive(float), help="initial inner learning rate (default 0.1 sgd, 0.01 adam)")
     m.add_argument("--meta-lr", type=_positive(float), default=mc.meta_lr,
                    help=f"Adam learning rate of the meta step (default {mc.meta_lr})")
+    m.add_argument("--holdout", choices=["samples", "classes"], default=mc.holdout,
+                   help="meta-test on held-out examples of all classes (samples, default) or on the held-out "
+                        "--test-classes (classes)")
     m.add_argument("--train-classes", type=_digit_classes, default=mc.train_classes,
                    help="digit classes of meta-training tasks (default 0,1,2,3,4)")
     m.add_argument("--test-classes", type=_digit_classes, default=mc.test_classes,
@@ -188,20 +191,23 @@ def _run_maml(args: argparse.Namespace) -> None:
     from .experiments.maml import MAMLConfig, run_maml
 
     parser: argparse.ArgumentParser = args.subparser
-    if set(args.train_classes) & set(args.test_classes):
+    if args.holdout == "classes" and set(args.train_classes) & set(args.test_classes):
         parser.error("argument --test-classes: must not share classes with --train-classes "
                      f"({sorted(set(args.train_classes) & set(args.test_classes))})")
     if args.shots and max(args.shots) + args.queries > DIGITS_MIN_CLASS_SIZE:
         parser.error(f"argument --shots/--queries: a digit class has only {DIGITS_MIN_CLASS_SIZE} examples, "
                      f"fewer than shots + queries = {max(args.shots) + args.queries}")
-    for flag, classes in (("--train-classes", args.train_classes), ("--test-classes", args.test_classes)):
+    pools = ((("--train-classes", args.train_classes), ("--test-classes", args.test_classes))
+             if args.holdout == "classes" else
+             (("--train-classes/--test-classes", sorted(set(args.train_classes) | set(args.test_classes))),))
+    for flag, classes in pools:
         if args.ways > len(classes):
             parser.error(f"argument --ways: {args.ways}-way tasks need at least {args.ways} classes in {flag}, "
                          f"which has {len(classes)}")
     cfg = MAMLConfig(ways=args.ways, shots=args.shots, queries=args.queries, unroll=args.unroll,
                      meta_steps=args.meta_steps, meta_batch=args.meta_batch, width=args.width,
                      optimizers=args.optimizers, inner_lr=args.inner_lr, meta_lr=args.meta_lr,
-                     train_classes=args.train_classes, test_classes=args.test_classes, test_tasks=args.test_tasks,
+                     holdout=args.holdout, train_classes=args.train_classes, test_classes=args.test_classes, test_tasks=args.test_tasks,
                      seeds=list(range(args.seed, args.seed + args.seeds)), device=args.device,
                      threads=args.threads, out=args.out, progress=False if args.no_progress else None)
     run_maml(cfg)

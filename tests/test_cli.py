@@ -97,8 +97,9 @@ def test_maml_tiny(tmp_path: Path, extras: None) -> None:
     (["lr", "--device", "nonsense"], "--device: not a torch device"),
     (["maml", "--shots", "1,a"], "--shots: expected comma-separated ints"),
     (["maml", "--optimizer", "sgd,rmsprop"], "--optimizer: expected a comma-separated list"),
-    (["maml", "--ways", "6"], "--ways: 6-way tasks need at least 6 classes"),
-    (["maml", "--train-classes", "0,1,2,3,5"], "--test-classes: must not share classes"),
+    (["maml", "--ways", "11"], "--ways: 11-way tasks need at least 11 classes"),
+    (["maml", "--holdout", "classes", "--ways", "6"], "--ways: 6-way tasks need at least 6 classes"),
+    (["maml", "--holdout", "classes", "--train-classes", "0,1,2,3,5"], "--test-classes: must not share classes"),
     (["maml", "--test-classes", "5,6,7,8,10"], "--test-classes: expected distinct comma-separated digits"),
     (["maml", "--queries", "180"], "a digit class has only 174 examples"),
     (["maml", "--seeds", "-1"], "--seeds: must be positive"),
@@ -142,3 +143,15 @@ def test_progress_bar_only_on_a_terminal() -> None:
     with Progress(3, "x", enabled=True, stream=loud) as bar:
         bar.update(3, "done")
     assert "3/3" in loud.getvalue() and "done" in loud.getvalue()
+
+
+def test_maml_held_out_classes_tiny(tmp_path: Path, extras: None) -> None:
+    out = tmp_path / "maml_classes"
+    rc = main(["maml", "--holdout", "classes", "--ways", "2", "--shots", "1", "--queries", "2", "--unroll", "1",
+               "--meta-steps", "1", "--meta-batch", "1", "--width", "2", "--test-tasks", "2", "--seeds", "1",
+               "--optimizer", "sgd", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    result = json.loads((out / "maml.json").read_text())
+    assert result["config"]["holdout"] == "classes"
+    assert 0.0 <= result["summary"]["sgd"]["1"]["test_acc_mean"] <= 1.0
+    assert "held-out classes" in (out / "maml.md").read_text()
