@@ -45,7 +45,7 @@ def _check_png(path: Path) -> None:
 
 def test_lr_tiny(tmp_path: Path, extras: None, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "lr"
-    rc = main(["lr", "--epochs", "2", "--unroll", "2", "--width", "4", "--batch-size", "64", "--out", str(out),
+    rc = main(["lr", "--epochs", "2", "--unroll", "2", "--width", "4", "--batch-size", "64", "--seeds", "1", "--out", str(out),
                "--no-progress"])
     assert rc == 0
     assert "final test acc" in capsys.readouterr().out
