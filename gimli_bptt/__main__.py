@@ -1,15 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``gimli-bptt`` command line (also ``python -m gimli_bptt``)."""
+"""The ``gimli-bptt`` command line (also ``python -m gimli_bptt``): ``demo``, ``lr`` and ``maml``."""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .demo import DemoConfig, run_demo
 
+DIGITS_MIN_CLASS_SIZE = 174  # the smallest class of sklearn's digits (the 8s)
 
-def _positive(kind: type) -> object:
+
+def _positive(kind: type) -> Callable[[str], object]:
     def parse(text: str) -> object:
         try:
             value = kind(text)
@@ -22,8 +24,85 @@ def _positive(kind: type) -> object:
     return parse
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive comma-separated ints, got {text!r}")
+    return values
+
+
+def _digit_classes(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated digits 0-9, got {text!r}") from None
+    if not values or any(not 0 <= v <= 9 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated digits 0-9, got {text!r}")
+    return values
+
+
+def _optimizer_list(text: str) -> list[str]:
+    values = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [v for v in values if v not in ("sgd", "adam")]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of sgd, adam; got {text!r}")
+    return values
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (use cpu, cuda or cuda:N)")
+    return text
+
+
+def _common(p: argparse.ArgumentParser, out: str, seeds: int) -> None:
+    p.add_argument("--width", type=_positive(int), help="model size: channels of the conv net's first block")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="first seed")
+    p.add_argument("--seeds", type=_positive(int), default=seeds,
+                   help=f"number of seeds: --seed, --seed+1, ... (default {seeds})")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--threads", type=_positive(int), default=1,
+                   help="torch CPU threads (default 1: fastest for these small nets)")
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command line."""
+    from .experiments.lr import LRConfig
+    from .experiments.maml import MAMLConfig
+
     parser = argparse.ArgumentParser(prog="gimli-bptt", description="Exact hypergradients through unrolled training.")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="meta-learn per-layer learning rates of a small MLP on a synthetic task")
@@ -36,16 +115,124 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--optimizer", choices=["sgd", "adam"], default=defaults.optimizer, help="inner optimizer")
     d.add_argument("--hvp", choices=["rev", "fwd"], default=defaults.hvp, help="Hessian-vector product mode")
     d.add_argument("--seed", type=int, default=defaults.seed)
+
+    lc = LRConfig()
+    lr = sub.add_parser(
+        "lr", help="digits: fixed rate vs multi-step annealing vs meta-learned per-group rates (paper 5.1)",
+        description="Trains a small conv net on the scikit-learn digits three ways -- a fixed learning rate, "
+                    "multi-step annealing (rate / 10 at 50% and 75% of the epochs) and meta-learned "
+                    "per-parameter-group rates (one meta step per epoch: J unrolled steps on training batches, "
+                    "loss on a held-out validation split) -- and writes lr_accuracy.png, lr_rates.png and lr.json.")
+    lr.add_argument("--epochs", type=_positive(int), default=lc.epochs, help=f"training epochs (default {lc.epochs})")
+    lr.add_argument("--unroll", "-J", type=_positive(int), default=lc.unroll,
+                    help=f"J: inner steps unrolled at each meta step (default {lc.unroll})")
+    lr.add_argument("--optimizer", choices=["sgd", "adam"], default=lc.optimizer,
+                    help="inner optimizer: SGD with momentum 0.9, or Adam (default sgd)")
+    lr.add_argument("--lr", type=_positive(float), help="initial learning rate (default 0.1 for sgd, 0.003 for adam)")
+    lr.add_argument("--meta-lr", type=_positive(float), help="Adam learning rate of the meta step (default lr / 10)")
+    lr.add_argument("--batch-size", type=_positive(int), default=lc.batch_size,
+                    help=f"training minibatch size (default {lc.batch_size})")
+    lr.add_argument("--meta-batch-size", type=_positive(int), default=lc.meta_batch_size,
+                    help=f"minibatch size of the unrolled steps (default {lc.meta_batch_size})")
+    lr.add_argument("--val-frac", type=_fraction, default=lc.val_frac,
+                    help=f"fraction of each class held out for the meta step's validation loss (default {lc.val_frac})")
+    _common(lr, lc.out, len(lc.seeds))
+    lr.set_defaults(width=lc.width, subparser=lr)
+
+    mc = MAMLConfig()
+    m = sub.add_parser(
+        "maml", help="digits few-shot: MAML with inner SGD vs inner Adam, learned per-group rates (paper 5.2)",
+        description="Meta-learns the initial weights (MAML) of a small conv net on N-way K-shot tasks from the "
+                    "digit classes --train-classes, with inner SGD (learned per-group rates) and inner Adam "
+                    "(learned per-group rates and betas), and tests on tasks from the held-out --test-classes. "
+                    "Writes maml.md, maml.json and maml_rates_<optimizer>.png.")
+    m.add_argument("--ways", type=_positive(int), default=mc.ways, help=f"N: classes per task (default {mc.ways})")
+    m.add_argument("--shots", type=_int_list, default=mc.shots,
+                   help="K values, comma-separated: support examples per class (default 1,5)")
+    m.add_argument("--queries", type=_positive(int), default=mc.queries,
+                   help=f"query examples per class (default {mc.queries})")
+    m.add_argument("--unroll", "-J", type=_positive(int), default=mc.unroll,
+                   help=f"J: inner steps, in training and at test time (default {mc.unroll})")
+    m.add_argument("--meta-steps", type=_positive(int), default=mc.meta_steps,
+                   help=f"meta updates per run (default {mc.meta_steps})")
+    m.add_argument("--meta-batch", type=_positive(int), default=mc.meta_batch,
+                   help=f"tasks per meta update (default {mc.meta_batch})")
+    m.add_argument("--optimizer", dest="optimizers", type=_optimizer_list, default=mc.optimizers,
+                   help="inner optimizers, comma-separated from sgd, adam (default sgd,adam)")
+    m.add_argument("--inner-lr", type=_positive(float), help="initial inner learning rate (default 0.1 sgd, 0.01 adam)")
+    m.add_argument("--meta-lr", type=_positive(float), default=mc.meta_lr,
+                   help=f"Adam learning rate of the meta step (default {mc.meta_lr})")
+    m.add_argument("--holdout", choices=["samples", "classes"], default=mc.holdout,
+                   help="meta-test on held-out examples of all classes (samples, default) or on the held-out "
+                        "--test-classes (classes)")
+    m.add_argument("--train-classes", type=_digit_classes, default=mc.train_classes,
+                   help="digit classes of meta-training tasks (default 0,1,2,3,4)")
+    m.add_argument("--test-classes", type=_digit_classes, default=mc.test_classes,
+                   help="held-out digit classes of meta-test tasks (default 5,6,7,8,9)")
+    m.add_argument("--test-tasks", type=_positive(int), default=mc.test_tasks,
+                   help=f"meta-test tasks per run (default {mc.test_tasks})")
+    _common(m, mc.out, len(mc.seeds))
+    m.set_defaults(width=mc.width, subparser=m)
     return parser
+
+
+def _run_lr(args: argparse.Namespace) -> None:
+    from .experiments.lr import LRConfig, run_lr
+
+    cfg = LRConfig(epochs=args.epochs, unroll=args.unroll, width=args.width, optimizer=args.optimizer, lr=args.lr,
+                   meta_lr=args.meta_lr, batch_size=args.batch_size, meta_batch_size=args.meta_batch_size,
+                   val_frac=args.val_frac, seeds=list(range(args.seed, args.seed + args.seeds)),
+                   device=args.device, threads=args.threads, out=args.out,
+                   progress=False if args.no_progress else None)
+    run_lr(cfg)
+
+
+def _run_maml(args: argparse.Namespace) -> None:
+    from .experiments.maml import MAMLConfig, run_maml
+
+    parser: argparse.ArgumentParser = args.subparser
+    if args.holdout == "classes" and set(args.train_classes) & set(args.test_classes):
+        parser.error("argument --test-classes: must not share classes with --train-classes "
+                     f"({sorted(set(args.train_classes) & set(args.test_classes))})")
+    if args.shots and max(args.shots) + args.queries > DIGITS_MIN_CLASS_SIZE:
+        parser.error(f"argument --shots/--queries: a digit class has only {DIGITS_MIN_CLASS_SIZE} examples, "
+                     f"fewer than shots + queries = {max(args.shots) + args.queries}")
+    pools = ((("--train-classes", args.train_classes), ("--test-classes", args.test_classes))
+             if args.holdout == "classes" else
+             (("--train-classes/--test-classes", sorted(set(args.train_classes) | set(args.test_classes))),))
+    for flag, classes in pools:
+        if args.ways > len(classes):
+            parser.error(f"argument --ways: {args.ways}-way tasks need at least {args.ways} classes in {flag}, "
+                         f"which has {len(classes)}")
+    cfg = MAMLConfig(ways=args.ways, shots=args.shots, queries=args.queries, unroll=args.unroll,
+                     meta_steps=args.meta_steps, meta_batch=args.meta_batch, width=args.width,
+                     optimizers=args.optimizers, inner_lr=args.inner_lr, meta_lr=args.meta_lr,
+                     holdout=args.holdout, train_classes=args.train_classes, test_classes=args.test_classes, test_tasks=args.test_tasks,
+                     seeds=list(range(args.seed, args.seed + args.seeds)), device=args.device,
+                     threads=args.threads, out=args.out, progress=False if args.no_progress else None)
+    run_maml(cfg)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``gimli-bptt``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
         cfg = DemoConfig(meta_steps=args.meta_steps, unroll=args.unroll, lr=args.lr, meta_lr=args.meta_lr,
                          hidden=args.hidden, optimizer=args.optimizer, hvp=args.hvp, seed=args.seed)
         run_demo(cfg)
+        return 0
+    from .experiments import MissingExtraError, require_extras
+
+    try:
+        require_extras()
+    except MissingExtraError as exc:
+        print(f"gimli-bptt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "lr":
+        _run_lr(args)
+    elif args.command == "maml":
+        _run_maml(args)
     return 0
 
 

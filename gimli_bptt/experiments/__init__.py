@@ -1,0 +1,23 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The paper's Section 5 experiments on the scikit-learn digits: ``gimli-bptt lr`` and ``gimli-bptt maml``."""
+from __future__ import annotations
+
+import importlib.util
+
+EXTRAS = ("sklearn", "matplotlib")
+INSTALL_HINT = "pip install 'gimli_bptt[experiments]'  (or: pip install scikit-learn matplotlib)"
+
+
+class MissingExtraError(RuntimeError):
+    """An optional dependency of the experiments (scikit-learn, matplotlib) is not installed."""
+
+
+def require_extras() -> None:
+    """Raises :class:`MissingExtraError` naming the missing packages and the install command."""
+    missing = [name for name in EXTRAS if importlib.util.find_spec(name) is None]
+    if missing:
+        names = ", ".join("scikit-learn" if m == "sklearn" else m for m in missing)
+        raise MissingExtraError(f"the experiments need {names}, which is not installed: {INSTALL_HINT}")
+
+
+__all__ = ["EXTRAS", "INSTALL_HINT", "MissingExtraError", "require_extras"]

@@ -1,0 +1,232 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``gimli-bptt lr``: fixed rate vs multi-step annealing vs meta-learned per-group rates (paper Section 5.1)."""
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..updater import GimliUpdater
+from .data import Batch, Splits, load_digits_tensors, minibatches, sample_batches, split_digits
+from .models import cross_entropy, make_convnet, per_tensor_groups
+from .progress import Progress
+from .report import check_finite, mean_std
+
+VARIANTS = ("fixed", "multistep", "meta")
+DEFAULT_LR = {"sgd": 0.1, "adam": 0.003}
+
+
+@dataclass
+class LRConfig:
+    """Settings of :func:`run_lr` (the flags of ``gimli-bptt lr``).
+
+    Attributes:
+        epochs: Training epochs of every variant.
+        unroll: J, inner steps unrolled at each epoch's meta step.
+        width: Channels of the conv net's first block (model size).
+        optimizer: Inner optimizer, ``"sgd"`` (momentum 0.9) or ``"adam"``.
+        lr: Initial learning rate of every group (``None``: 0.1 for SGD, 0.003 for Adam).
+        meta_lr: Learning rate of the Adam meta optimizer (``None``: ``lr / 10``).
+        weight_decay: Weight decay of the inner optimizer.
+        batch_size: Minibatch size of real training.
+        meta_batch_size: Minibatch size of the J unrolled steps (the paper uses 16 against 64).
+        milestones: Epoch fractions where the multi-step schedule divides the rate by 10.
+        val_frac, test_frac: Fractions of every class held out for validation and test.
+        seeds: Seeds to run (each seeds the split, the initial weights and the batch order).
+        device: Torch device.
+        threads: CPU threads of torch (1 is fastest for this small net, and with other load).
+        out: Output folder.
+        progress: Progress bars (``None``: only when stderr is a terminal).
+    """
+
+    epochs: int = 20
+    unroll: int = 15
+    width: int = 16
+    optimizer: str = "sgd"
+    lr: Optional[float] = None
+    meta_lr: Optional[float] = None
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    meta_batch_size: int = 16
+    milestones: tuple[float, float] = (0.5, 0.75)
+    val_frac: float = 0.1
+    test_frac: float = 0.2
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    device: str = "cpu"
+    threads: int = 1
+    out: str = "runs/lr"
+    progress: Optional[bool] = None
+
+    def resolved(self) -> "LRConfig":
+        """A copy with the optimizer-dependent defaults filled in."""
+        if self.optimizer not in DEFAULT_LR:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of {sorted(DEFAULT_LR)}")
+        lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+        meta_lr = lr / 10 if self.meta_lr is None else self.meta_lr
+        return LRConfig(**{**asdict(self), "lr": lr, "meta_lr": meta_lr, "milestones": tuple(self.milestones)})
+
+
+def _make_opt(cfg: LRConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Batch) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``model`` in eval mode on ``data``."""
+    was_training = model.training
+    model.eval()
+    x, y = data
+    logits = model(x)
+    loss = float(torch.nn.functional.cross_entropy(logits, y))
+    acc = float((logits.argmax(1) == y).float().mean())
+    model.train(was_training)
+    return loss, acc
+
+
+def _plain_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = cross_entropy(model, batch)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
+                  bar: Optional[Progress] = None) -> dict[str, Any]:
+    """Trains one variant from the seed's initial weights and returns its per-epoch record.
+
+    * ``fixed``: the initial rate throughout; trains on train + validation splits.
+    * ``multistep``: ``MultiStepLR``, rate / 10 at each milestone; trains on train + validation.
+    * ``meta``: trains on the train split only; after every epoch one meta step
+      (:meth:`GimliUpdater.step`, ``commit=False``): J unrolled steps from the current weights
+      and optimizer state on fresh training minibatches, the loss on the whole validation split
+      at θ'_J, and one Adam step on the per-group rates, which are written into
+      ``opt.param_groups`` and used by the next epoch. The unroll only measures; the real
+      training steps are the same number as the baselines'.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}")
+    torch.manual_seed(seed)
+    model = make_convnet(cfg.width).to(cfg.device)
+    groups, names = per_tensor_groups(model)
+    opt = _make_opt(cfg, groups)
+    data_gen = torch.Generator().manual_seed(seed + 1)
+    meta_gen = torch.Generator().manual_seed(seed + 2)
+    if variant == "meta":
+        train = splits.train
+    else:
+        train = (torch.cat([splits.train[0], splits.val[0]]), torch.cat([splits.train[1], splits.val[1]]))
+    sched = None
+    if variant == "multistep":
+        milestones = sorted({max(1, int(round(f * cfg.epochs))) for f in cfg.milestones})
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    updater = None
+    if variant == "meta":
+        updater = GimliUpdater(model, opt, cross_entropy, cross_entropy, unroll=cfg.unroll, learn={"lr": "group"},
+                               meta_opt=functools.partial(torch.optim.Adam, lr=cfg.meta_lr))
+
+    rec: dict[str, Any] = {"epoch": [], "test_acc": [], "test_loss": [], "train_loss": [], "rates": [],
+                           "val_loss": [], "hypergrad_lr": [], "seconds": 0.0, "group_names": names}
+    _, acc0 = evaluate(model, splits.test)
+    rec["initial_test_acc"] = acc0
+    rec["initial_rates"] = [float(g["lr"]) for g in opt.param_groups]
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        losses = [_plain_step(model, opt, b) for b in minibatches(train, cfg.batch_size, data_gen)]
+        if sched is not None:
+            sched.step()
+        if updater is not None:
+            result = updater.step(sample_batches(splits.train, cfg.unroll, cfg.meta_batch_size, meta_gen),
+                                  splits.val)
+            rec["val_loss"].append(float(result.val_loss))
+            rec["hypergrad_lr"].append([float(v) for v in result.hypergrads["lr"]])  # type: ignore[union-attr]
+        test_loss, test_acc = evaluate(model, splits.test)
+        rec["epoch"].append(epoch)
+        rec["test_acc"].append(test_acc)
+        rec["test_loss"].append(test_loss)
+        rec["train_loss"].append(sum(losses) / len(losses))
+        rec["rates"].append([float(g["lr"]) for g in opt.param_groups])
+        if bar is not None:
+            bar.update(1, f"{variant} seed {seed} epoch {epoch} test acc {test_acc:.3f}")
+    rec["seconds"] = time.perf_counter() - start
+    rec["final_test_acc"] = rec["test_acc"][-1]
+    rec["best_test_acc"] = max(rec["test_acc"])
+    return rec
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Final and best test accuracy and final test loss of every variant, mean and std over seeds."""
+    out = {}
+    for variant, recs in runs.items():
+        final = mean_std([r["final_test_acc"] for r in recs])
+        best = mean_std([r["best_test_acc"] for r in recs])
+        loss = mean_std([r["test_loss"][-1] for r in recs])
+        out[variant] = {"final_test_acc_mean": final[0], "final_test_acc_std": final[1],
+                        "best_test_acc_mean": best[0], "best_test_acc_std": best[1],
+                        "final_test_loss_mean": loss[0], "final_test_loss_std": loss[1],
+                        "seconds_mean": mean_std([r["seconds"] for r in recs])[0]}
+    return out
+
+
+def run_lr(cfg: LRConfig, log: Optional[Callable[[str], None]] = print) -> dict[str, Any]:
+    """Runs the three variants for every seed and writes ``lr.json``, ``lr_accuracy.png`` and
+    ``lr_rates.png`` into ``cfg.out``.
+
+    Returns:
+        The content of ``lr.json``: the configuration, every per-epoch number of every run and
+        the summary.
+    """
+    from .plots import plot_lr_accuracy, plot_lr_rates
+
+    cfg = cfg.resolved()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    x, y = load_digits_tensors(cfg.device)
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    start = time.perf_counter()
+    if log:
+        log(f"lr: {cfg.optimizer.upper()} from lr {cfg.lr:g}, {cfg.epochs} epochs, J={cfg.unroll}, "
+            f"width {cfg.width}, seeds {cfg.seeds}, device {cfg.device}")
+    with Progress(len(cfg.seeds) * len(VARIANTS) * cfg.epochs, "lr", enabled=cfg.progress) as bar:
+        for seed in cfg.seeds:
+            splits = split_digits(x, y, seed, cfg.val_frac, cfg.test_frac)
+            for variant in VARIANTS:
+                rec = train_variant(variant, cfg, splits, seed, bar)
+                rec["seed"] = seed
+                runs[variant].append(rec)
+    summary = summarize(runs)
+    result = {
+        "command": "lr",
+        "config": {**asdict(cfg), "milestones": list(cfg.milestones)},
+        "data": {"train": len(splits.train[1]), "val": len(splits.val[1]), "test": len(splits.test[1])},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "threads": torch.get_num_threads()},
+        "seconds": time.perf_counter() - start,
+        "summary": summary,
+        "runs": runs,
+    }
+    check_finite(result)
+    (out / "lr.json").write_text(json.dumps(result, indent=1))
+    plot_lr_accuracy(runs, out / "lr_accuracy.png", title=f"digits, {cfg.optimizer.upper()} lr {cfg.lr:g}")
+    plot_lr_rates(runs["meta"][0], out / "lr_rates.png")
+    if log:
+        log(f"{'variant':>10}  {'final test acc':>16}  {'best test acc':>16}")
+        for variant, s in summary.items():
+            log(f"{variant:>10}  {s['final_test_acc_mean']:.4f} ± {s['final_test_acc_std']:.4f}  "
+                f"{s['best_test_acc_mean']:.4f} ± {s['best_test_acc_std']:.4f}")
+        log(f"done in {result['seconds']:.1f} s; wrote {out / 'lr.json'}, {out / 'lr_accuracy.png'}, "
+            f"{out / 'lr_rates.png'}")
+    return result
+
+
+__all__ = ["LRConfig", "VARIANTS", "evaluate", "run_lr", "summarize", "train_variant"]

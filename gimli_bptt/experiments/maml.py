@@ -1,0 +1,270 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``gimli-bptt maml``: MAML with inner SGD vs inner Adam on few-shot digit tasks (paper Section 5.2, Table 1)."""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..updater import GimliUpdater
+from .data import Task, TaskSampler, load_digits_tensors, split_digits
+from .models import cross_entropy, make_convnet, per_tensor_groups
+from .progress import Progress
+from .report import check_finite, mean_std
+
+OPTIMIZERS = ("sgd", "adam")
+DEFAULT_INNER_LR = {"sgd": 0.1, "adam": 0.01}
+LEARNED = {"sgd": ("lr",), "adam": ("lr", "beta1", "beta2")}
+
+
+@dataclass
+class MAMLConfig:
+    """Settings of :func:`run_maml` (the flags of ``gimli-bptt maml``).
+
+    Attributes:
+        ways: N, classes per task.
+        shots: The K values to run (support examples per class), one table column each.
+        queries: Query examples per class (the validation loss of a task, and its test accuracy).
+        unroll: J, inner steps on the support set, in meta-training and at test time.
+        meta_steps: Meta updates per run.
+        meta_batch: Tasks per meta update (hypergradients averaged over them).
+        width: Channels of the conv net's first block (model size).
+        optimizers: Inner optimizers to compare, from ``"sgd"`` and ``"adam"``.
+        inner_lr: Initial inner learning rate of every group (``None``: 0.1 SGD, 0.01 Adam).
+        meta_lr: Learning rate of the Adam meta optimizer (init weights and learned hyperparameters).
+        holdout: ``"samples"`` (default): tasks of both phases draw from all ``train_classes +
+            test_classes``, meta-test tasks from held-out examples (30% of every class).
+            ``"classes"``: meta-training tasks from ``train_classes``, meta-test tasks from the
+            disjoint ``test_classes``; with only 10 digit classes this over-specialises (see
+            docs/EXPERIMENTS.md).
+        train_classes, test_classes: Digit classes of meta-training and meta-test tasks.
+        test_tasks: Meta-test tasks per run.
+        seeds: Seeds to run; the table reports mean ± standard deviation over them.
+        device: Torch device.
+        threads: CPU threads of torch.
+        out: Output folder.
+        progress: Progress bars (``None``: only when stderr is a terminal).
+    """
+
+    ways: int = 5
+    shots: list[int] = field(default_factory=lambda: [1, 5])
+    queries: int = 10
+    unroll: int = 5
+    meta_steps: int = 100
+    meta_batch: int = 2
+    width: int = 8
+    optimizers: list[str] = field(default_factory=lambda: list(OPTIMIZERS))
+    inner_lr: Optional[float] = None
+    meta_lr: float = 0.003
+    holdout: str = "samples"
+    train_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    test_classes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])
+    test_tasks: int = 100
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    device: str = "cpu"
+    threads: int = 1
+    out: str = "runs/maml"
+    progress: Optional[bool] = None
+
+
+def _inner_opt(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    raise ValueError(f"unknown inner optimizer {name!r}: use one of {OPTIMIZERS}")
+
+
+def apply_hypergradients(updater: GimliUpdater, hypergrads: dict[str, Tensor]) -> None:
+    """One meta-optimizer step with summed/averaged hypergradients (a meta-batch of tasks).
+
+    Sets ``.grad`` of every meta-parameter (in the order of ``named_meta_parameters()``),
+    steps the meta optimizer, clamps the learned hyperparameters into range and writes them
+    into the inner optimizer's ``param_groups`` (what :meth:`GimliUpdater.step` does for one task).
+    """
+    for name, t in updater.named_meta_parameters():
+        t.grad = hypergrads[name].detach().to(t.dtype).clone()
+    updater.meta_opt.step()
+    updater.hyper.project()
+    updater.hyper.write_back(updater.opt.param_groups)
+
+
+def adapt_and_score(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int) -> float:
+    """Query accuracy after ``steps`` plain ``torch.optim`` steps on the support set.
+
+    Works on a copy of the model (θ_0) and a fresh optimizer with the learned group values, so
+    nothing is changed. BatchNorm stays in training mode (batch statistics), as in MAML.
+    """
+    fast = copy.deepcopy(model).train()
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [q]}
+              for g, q in zip(opt.param_groups, fast.parameters())]
+    inner = type(opt)(groups)
+    for _ in range(steps):
+        inner.zero_grad(set_to_none=True)
+        cross_entropy(fast, task.support).backward()
+        inner.step()
+    with torch.no_grad():
+        x, y = task.query
+        return float((fast(x).argmax(1) == y).float().mean())
+
+
+def train_maml(cfg: MAMLConfig, data: tuple[Tensor, Tensor], optimizer: str, shots: int, seed: int,
+               bar: Optional[Progress] = None) -> dict[str, Any]:
+    """Meta-trains θ_0 and the per-group inner hyperparameters for one setting and seed, then
+    scores ``cfg.test_tasks`` tasks from the held-out classes.
+
+    Every task starts from a fresh inner optimizer state (the optimizer's ``state`` stays empty:
+    the unroll never writes it). Each meta step averages the exact hypergradients of
+    ``cfg.meta_batch`` tasks (:meth:`GimliUpdater.hypergradient`, J = ``cfg.unroll`` steps on
+    the support set, cross-entropy on the query set) and applies them with one Adam step.
+    """
+    x, y = data
+    torch.manual_seed(seed)
+    model = make_convnet(cfg.width, num_classes=cfg.ways).to(cfg.device)
+    groups, names = per_tensor_groups(model)
+    lr = DEFAULT_INNER_LR[optimizer] if cfg.inner_lr is None else cfg.inner_lr
+    opt = _inner_opt(optimizer, groups, lr)
+    learned = LEARNED[optimizer]
+    updater = GimliUpdater(model, opt, cross_entropy, cross_entropy, unroll=cfg.unroll,
+                           learn={k: "group" for k in learned}, learn_init=True,
+                           meta_opt=functools.partial(torch.optim.Adam, lr=cfg.meta_lr))
+    if cfg.holdout == "samples":
+        classes = sorted(set(cfg.train_classes) | set(cfg.test_classes))
+        splits = split_digits(x, y, seed, val_frac=0.0, test_frac=0.3)
+        train_tasks = TaskSampler(*splits.train, classes, cfg.ways, shots, cfg.queries, seed=seed + 1)
+        test_tasks = TaskSampler(*splits.test, classes, cfg.ways, shots, cfg.queries, seed=seed + 2)
+    else:
+        train_tasks = TaskSampler(x, y, cfg.train_classes, cfg.ways, shots, cfg.queries, seed=seed + 1)
+        test_tasks = TaskSampler(x, y, cfg.test_classes, cfg.ways, shots, cfg.queries, seed=seed + 2)
+
+    def group_values() -> dict[str, list[float]]:
+        return {k: [float(updater.opt.param_groups[g]["lr"] if k == "lr" else
+                          updater.opt.param_groups[g]["betas"][0 if k == "beta1" else 1])
+                    for g in range(len(names))] for k in learned}
+
+    rec: dict[str, Any] = {"optimizer": optimizer, "shots": shots, "seed": seed, "group_names": names,
+                           "query_loss": [], "skipped_tasks": 0, "values": {k: [v] for k, v in group_values().items()}}
+    start = time.perf_counter()
+    for step in range(cfg.meta_steps):
+        total: dict[str, Tensor] = {}
+        losses = []
+        for _ in range(cfg.meta_batch):
+            task = train_tasks.sample()
+            result = updater.hypergradient([task.support] * cfg.unroll, task.query)
+            if result.nonfinite:
+                rec["skipped_tasks"] += 1
+                continue
+            losses.append(float(result.val_loss))
+            for name, g in result.hypergrads.items():
+                g = g / cfg.meta_batch  # type: ignore[operator]
+                total[name] = total[name] + g if name in total else g
+        if losses:
+            apply_hypergradients(updater, total)
+            rec["query_loss"].append(sum(losses) / len(losses))
+        for k, v in group_values().items():
+            rec["values"][k].append(v)
+        if bar is not None:
+            bar.update(1, f"{optimizer} {cfg.ways}-way {shots}-shot seed {seed} "
+                          f"query loss {rec['query_loss'][-1] if rec['query_loss'] else float('nan'):.3f}")
+    rec["train_seconds"] = time.perf_counter() - start
+    accs = [adapt_and_score(model, opt, test_tasks.sample(), cfg.unroll) for _ in range(cfg.test_tasks)]
+    rec["test_acc"] = sum(accs) / len(accs)
+    rec["test_acc_task_std"] = mean_std(accs)[1]
+    return rec
+
+
+def markdown_table(cfg: MAMLConfig, summary: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The results as a Markdown table: one row per inner optimizer, one column per K."""
+    cols = [f"{cfg.ways}-way {k}-shot" for k in cfg.shots]
+    lines = [f"| inner optimizer (learned) | {' | '.join(cols)} |", "| --- |" + " --- |" * len(cols)]
+    for opt_name in cfg.optimizers:
+        cells = []
+        for k in cfg.shots:
+            s = summary[opt_name][str(k)]
+            cells.append(f"{100 * s['test_acc_mean']:.2f} ± {100 * s['test_acc_std']:.2f}%")
+        label = {"sgd": "SGD (per-group lr)", "adam": "Adam (per-group lr, β1, β2)"}[opt_name]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_maml(cfg: MAMLConfig, log: Optional[Callable[[str], None]] = print) -> dict[str, Any]:
+    """Runs every (inner optimizer, K, seed) and writes ``maml.json``, ``maml.md`` and one
+    ``maml_rates_<optimizer>.png`` per optimizer (learned values of the first K and seed) into
+    ``cfg.out``.
+
+    Returns:
+        The content of ``maml.json``.
+    """
+    from .plots import plot_panels
+
+    for name in cfg.optimizers:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown inner optimizer {name!r}: use one of {OPTIMIZERS}")
+    if cfg.holdout not in ("samples", "classes"):
+        raise ValueError(f"holdout must be 'samples' or 'classes', got {cfg.holdout!r}")
+    if cfg.holdout == "classes" and set(cfg.train_classes) & set(cfg.test_classes):
+        raise ValueError("with holdout='classes', train_classes and test_classes must be disjoint")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    data = load_digits_tensors(cfg.device)
+    start = time.perf_counter()
+    if log:
+        log(f"maml: {cfg.ways}-way {cfg.shots}-shot digits, held-out {cfg.holdout}, train classes "
+            f"{cfg.train_classes}, test classes {cfg.test_classes}; inner {cfg.optimizers}, J={cfg.unroll}, {cfg.meta_steps} meta steps x "
+            f"{cfg.meta_batch} tasks, seeds {cfg.seeds}, device {cfg.device}")
+    runs: list[dict[str, Any]] = []
+    total = len(cfg.optimizers) * len(cfg.shots) * len(cfg.seeds) * cfg.meta_steps
+    with Progress(total, "maml", enabled=cfg.progress) as bar:
+        for opt_name in cfg.optimizers:
+            for k in cfg.shots:
+                for seed in cfg.seeds:
+                    runs.append(train_maml(cfg, data, opt_name, k, seed, bar))
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for opt_name in cfg.optimizers:
+        summary[opt_name] = {}
+        for k in cfg.shots:
+            accs = [r["test_acc"] for r in runs if r["optimizer"] == opt_name and r["shots"] == k]
+            m, s = mean_std(accs)
+            summary[opt_name][str(k)] = {"test_acc_mean": m, "test_acc_std": s, "seeds": len(accs)}
+    table = markdown_table(cfg, summary)
+    result = {
+        "command": "maml",
+        "config": asdict(cfg),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "threads": torch.get_num_threads()},
+        "seconds": time.perf_counter() - start,
+        "summary": summary,
+        "table_markdown": table,
+        "runs": runs,
+    }
+    check_finite(result)
+    (out / "maml.json").write_text(json.dumps(result, indent=1))
+    where = (f"held-out examples (30% of each class) of classes {sorted(set(cfg.train_classes) | set(cfg.test_classes))}"
+             if cfg.holdout == "samples" else f"the held-out classes {cfg.test_classes}")
+    note = (f"Test accuracy on {cfg.test_tasks} tasks per seed from {where} "
+            f"after J={cfg.unroll} inner steps; mean ± standard deviation over seeds {cfg.seeds}.\n")
+    (out / "maml.md").write_text(table + "\n" + note)
+    for opt_name in cfg.optimizers:
+        first = next(r for r in runs if r["optimizer"] == opt_name)
+        plot_panels(list(range(cfg.meta_steps + 1)), first["values"], first["group_names"],
+                    out / f"maml_rates_{opt_name}.png", xlabel="meta step",
+                    title=f"MAML, inner {opt_name.upper()}: learned per-group values "
+                          f"({cfg.ways}-way {first['shots']}-shot, seed {first['seed']})")
+    if log:
+        log(table.rstrip())
+        log(f"done in {result['seconds']:.1f} s; wrote {out / 'maml.json'}, {out / 'maml.md'}, "
+            + ", ".join(str(out / f"maml_rates_{o}.png") for o in cfg.optimizers))
+    return result
+
+
+__all__ = ["MAMLConfig", "OPTIMIZERS", "adapt_and_score", "apply_hypergradients", "markdown_table", "run_maml",
+           "train_maml"]

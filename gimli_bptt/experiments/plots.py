@@ -1,0 +1,109 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The experiments' PNG figures (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import require_extras
+
+COLORS = {"fixed": "tab:gray", "multistep": "tab:blue", "meta": "tab:red"}
+STYLES = {"fixed": (0, (4, 2)), "multistep": "-", "meta": "-"}
+LABELS = {"fixed": "fixed rate", "multistep": "multi-step annealing", "meta": "meta-learned per-group rates"}
+
+
+def _pyplot() -> Any:
+    require_extras()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lr_accuracy(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
+    """Test accuracy against epoch for every variant: mean over seeds, shaded ± one std."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for variant, recs in runs.items():
+        epochs = np.array([0] + recs[0]["epoch"])
+        accs = np.array([[r["initial_test_acc"]] + r["test_acc"] for r in recs])
+        mean = accs.mean(0)
+        ax.plot(epochs, mean, color=COLORS.get(variant), linestyle=STYLES.get(variant, "-"), linewidth=1.8,
+                label=LABELS.get(variant, variant), zorder=3 if variant == "fixed" else 2)
+        if len(recs) > 1:
+            std = accs.std(0, ddof=1)
+            ax.fill_between(epochs, mean - std, mean + std, color=COLORS.get(variant), alpha=0.2, linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(max(0.0, float(min(np.min([r["test_acc"][-1] for rs in runs.values() for r in rs]) - 0.1, 0.8))),
+                1.0)
+    seeds = len(next(iter(runs.values())))
+    ax.set_title(f"{title} ({seeds} seed{'s' if seeds > 1 else ''})" if title else "")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_rates(steps: Sequence[float], values: Sequence[Sequence[float]], names: Sequence[str], path: Path,
+               xlabel: str, ylabel: str = "learned learning rate", title: str = "", log: bool = False) -> None:
+    """One line per parameter group: ``values[t][g]`` against ``steps[t]``."""
+    import numpy as np
+
+    plt = _pyplot()
+    v = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    cmap = plt.get_cmap("viridis")
+    for g, name in enumerate(names):
+        ax.plot(steps, v[:, g], color=cmap(g / max(1, len(names) - 1)), label=name, linewidth=1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log and (v > 0).all():
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_lr_rates(meta_run: dict[str, Any], path: Path) -> None:
+    """The learned rate of every parameter group against epoch (one meta run)."""
+    steps = [0] + meta_run["epoch"]
+    values = [meta_run["initial_rates"]] + meta_run["rates"]
+    plot_rates(steps, values, meta_run["group_names"], path, xlabel="epoch (one meta step each)",
+               title=f"meta-learned per-group rates (seed {meta_run.get('seed', 0)})")
+
+
+
+
+
+def plot_panels(steps: Sequence[float], panels: dict[str, Sequence[Sequence[float]]], names: Sequence[str],
+                path: Path, xlabel: str, title: str = "") -> None:
+    """One panel per learned hyperparameter (``lr``, ``beta1``, ...), one line per parameter group."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.0, 3.8), dpi=100, squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, (key, values) in zip(axes[0], panels.items()):
+        v = np.asarray(values, dtype=float)
+        for g, name in enumerate(names):
+            ax.plot(steps, v[:, g], color=cmap(g / max(1, len(names) - 1)), label=name, linewidth=1.0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"learned {key}")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, ncol=2, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+__all__ = ["plot_lr_accuracy", "plot_lr_rates", "plot_panels", "plot_rates"]

@@ -1,0 +1,157 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ``gimli-bptt`` command line: ``lr`` and ``maml`` on tiny settings, bad flags, missing extras."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gimli_bptt.__main__ import main
+from gimli_bptt.experiments.progress import Progress
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def extras() -> None:
+    """Skips when the optional experiment dependencies are missing."""
+    pytest.importorskip("sklearn", reason="gimli-bptt lr/maml need scikit-learn (the [experiments] extra)")
+    pytest.importorskip("matplotlib", reason="gimli-bptt lr/maml need matplotlib (the [experiments] extra)")
+
+
+def _numbers(obj: Any) -> list[float]:
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [float(obj)]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _numbers(v)]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in _numbers(v)]
+    return []
+
+
+def _check_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 2000, f"{path} is not a non-empty PNG"
+
+
+def test_lr_tiny(tmp_path: Path, extras: None, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "lr"
+    rc = main(["lr", "--epochs", "2", "--unroll", "2", "--width", "4", "--batch-size", "64", "--seeds", "1", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    assert "final test acc" in capsys.readouterr().out
+    result = json.loads((out / "lr.json").read_text())
+    assert all(math.isfinite(x) for x in _numbers(result))
+    assert set(result["runs"]) == {"fixed", "multistep", "meta"}
+    for variant, runs in result["runs"].items():
+        (run,) = runs
+        assert run["epoch"] == [1, 2]
+        assert all(0.0 <= a <= 1.0 for a in run["test_acc"] + [run["initial_test_acc"]])
+        assert len(run["rates"]) == 2 and all(len(r) == len(run["group_names"]) for r in run["rates"])
+        assert all(r >= 0 for row in run["rates"] for r in row)
+    assert result["runs"]["fixed"][0]["rates"][-1] == [0.1] * len(result["runs"]["fixed"][0]["group_names"])
+    assert len(result["runs"]["meta"][0]["val_loss"]) == 2
+    assert result["runs"]["meta"][0]["rates"][-1] != result["runs"]["meta"][0]["initial_rates"]  # rates moved
+    for variant in ("fixed", "multistep", "meta"):
+        assert 0.0 <= result["summary"][variant]["final_test_acc_mean"] <= 1.0
+    _check_png(out / "lr_accuracy.png")
+    _check_png(out / "lr_rates.png")
+
+
+def test_maml_tiny(tmp_path: Path, extras: None) -> None:
+    out = tmp_path / "maml"
+    rc = main(["maml", "--ways", "3", "--shots", "1,2", "--queries", "2", "--unroll", "2", "--meta-steps", "2",
+               "--meta-batch", "2", "--width", "4", "--test-tasks", "3", "--seeds", "2", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    result = json.loads((out / "maml.json").read_text())
+    assert all(math.isfinite(x) for x in _numbers(result))
+    assert len(result["runs"]) == 2 * 2 * 2  # optimizers x shots x seeds
+    for opt in ("sgd", "adam"):
+        for k in ("1", "2"):
+            s = result["summary"][opt][k]
+            assert 0.0 <= s["test_acc_mean"] <= 1.0 and s["test_acc_std"] >= 0.0 and s["seeds"] == 2
+    adam = next(r for r in result["runs"] if r["optimizer"] == "adam")
+    assert set(adam["values"]) == {"lr", "beta1", "beta2"}
+    assert all(0.0 <= b < 1.0 for row in adam["values"]["beta2"] for b in row)
+    table = (out / "maml.md").read_text()
+    assert "3-way 1-shot" in table and "3-way 2-shot" in table and "±" in table
+    _check_png(out / "maml_rates_sgd.png")
+    _check_png(out / "maml_rates_adam.png")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lr", "--epochs", "0"], "--epochs: must be positive"),
+    (["lr", "--unroll", "x"], "--unroll/-J: expected a int"),
+    (["lr", "--optimizer", "rmsprop"], "--optimizer: invalid choice"),
+    (["lr", "--val-frac", "1.5"], "--val-frac: must be between 0 and 1"),
+    (["lr", "--device", "nonsense"], "--device: not a torch device"),
+    (["maml", "--shots", "1,a"], "--shots: expected comma-separated ints"),
+    (["maml", "--optimizer", "sgd,rmsprop"], "--optimizer: expected a comma-separated list"),
+    (["maml", "--ways", "11"], "--ways: 11-way tasks need at least 11 classes"),
+    (["maml", "--holdout", "classes", "--ways", "6"], "--ways: 6-way tasks need at least 6 classes"),
+    (["maml", "--holdout", "classes", "--train-classes", "0,1,2,3,5"], "--test-classes: must not share classes"),
+    (["maml", "--test-classes", "5,6,7,8,10"], "--test-classes: expected distinct comma-separated digits"),
+    (["maml", "--queries", "180"], "a digit class has only 174 examples"),
+    (["maml", "--seeds", "-1"], "--seeds: must be positive"),
+    (["nope"], "invalid choice"),
+])
+def test_bad_flags(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_extras(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import gimli_bptt.experiments as experiments
+
+    real = experiments.importlib.util.find_spec
+    monkeypatch.setattr(experiments.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sklearn" else real(name, *a))
+    assert main(["lr", "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "scikit-learn" in err and "pip install 'gimli_bptt[experiments]'" in err
+
+
+def test_demo_still_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--meta-steps", "2", "--unroll", "2", "--hidden", "8"]) == 0
+    assert "validation loss" in capsys.readouterr().out
+
+
+def test_module_entry_point() -> None:
+    done = subprocess.run([sys.executable, "-m", "gimli_bptt", "maml", "--help"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert done.returncode == 0 and "--meta-steps" in done.stdout
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    quiet = io.StringIO()
+    with Progress(3, "x", stream=quiet) as bar:
+        bar.update(3)
+    assert quiet.getvalue() == ""
+    loud = io.StringIO()
+    with Progress(3, "x", enabled=True, stream=loud) as bar:
+        bar.update(3, "done")
+    assert "3/3" in loud.getvalue() and "done" in loud.getvalue()
+
+
+def test_maml_held_out_classes_tiny(tmp_path: Path, extras: None) -> None:
+    out = tmp_path / "maml_classes"
+    rc = main(["maml", "--holdout", "classes", "--ways", "2", "--shots", "1", "--queries", "2", "--unroll", "1",
+               "--meta-steps", "1", "--meta-batch", "1", "--width", "2", "--test-tasks", "2", "--seeds", "1",
+               "--optimizer", "sgd", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    result = json.loads((out / "maml.json").read_text())
+    assert result["config"]["holdout"] == "classes"
+    assert 0.0 <= result["summary"]["sgd"]["1"]["test_acc_mean"] <= 1.0
+    assert "held-out classes" in (out / "maml.md").read_text()
