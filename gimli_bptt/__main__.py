@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--val-frac", type=_fraction, default=lc.val_frac,
                     help=f"fraction of each class held out for the meta step's validation loss (default {lc.val_frac})")
     _common(lr, lc.out, len(lc.seeds))
+    lr.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from the state saved (atomically, after every epoch) in OUT/state/")
     lr.set_defaults(width=lc.width, subparser=lr)
 
     mc = MAMLConfig()
@@ -183,7 +185,7 @@ def _run_lr(args: argparse.Namespace) -> None:
                    meta_lr=args.meta_lr, batch_size=args.batch_size, meta_batch_size=args.meta_batch_size,
                    val_frac=args.val_frac, seeds=list(range(args.seed, args.seed + args.seeds)),
                    device=args.device, threads=args.threads, out=args.out,
-                   progress=False if args.no_progress else None)
+                   progress=False if args.no_progress else None, resume=args.resume)
     run_lr(cfg)
 
 

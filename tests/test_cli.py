@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from gimli_bptt.__main__ import main
 from gimli_bptt.experiments.progress import Progress
@@ -155,3 +156,39 @@ def test_maml_held_out_classes_tiny(tmp_path: Path, extras: None) -> None:
     assert result["config"]["holdout"] == "classes"
     assert 0.0 <= result["summary"]["sgd"]["1"]["test_acc_mean"] <= 1.0
     assert "held-out classes" in (out / "maml.md").read_text()
+
+
+def test_lr_resumes_bit_identically_after_an_interrupt(tmp_path: Path, extras: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted in epoch 3 of the meta variant, resumed with --resume: the same numbers as a
+    straight run. The state is saved atomically after every epoch, so only epoch 3 is redone."""
+    import gimli_bptt.experiments.lr as lr_mod
+
+    args = ["lr", "--epochs", "3", "--unroll", "2", "--width", "4", "--batch-size", "128", "--seeds", "1",
+            "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
+    straight = json.loads((tmp_path / "straight" / "lr.json").read_text())
+
+    calls = {"n": 0}
+    real_evaluate = lr_mod.evaluate
+
+    def interrupting_evaluate(model: Any, data: Any) -> Any:
+        calls["n"] += 1
+        # evaluations: initial + 3 epochs per variant; the meta variant is the third
+        if calls["n"] == 2 * 4 + 1 + 3:
+            raise KeyboardInterrupt
+        return real_evaluate(model, data)
+
+    monkeypatch.setattr(lr_mod, "evaluate", interrupting_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--out", str(tmp_path / "resumed")])
+    saved = torch.load(tmp_path / "resumed" / "state" / "meta-0.pt", weights_only=False)
+    assert saved["epoch"] == 2
+    assert not list((tmp_path / "resumed" / "state").glob(".*.tmp"))  # no temporary left behind
+    monkeypatch.setattr(lr_mod, "evaluate", real_evaluate)
+    assert main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    resumed = json.loads((tmp_path / "resumed" / "lr.json").read_text())
+    for variant in ("fixed", "multistep", "meta"):
+        a, b = straight["runs"][variant][0], resumed["runs"][variant][0]
+        for key in ("test_acc", "test_loss", "train_loss", "rates", "val_loss", "hypergrad_lr"):
+            assert a[key] == b[key], (variant, key)

@@ -18,6 +18,7 @@ from .data import Batch, Splits, load_digits_tensors, minibatches, sample_batche
 from .models import cross_entropy, make_convnet, per_tensor_groups
 from .progress import Progress
 from .report import check_finite, mean_std
+from .runstate import load, save_atomic
 
 VARIANTS = ("fixed", "multistep", "meta")
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.003}
@@ -44,6 +45,8 @@ class LRConfig:
         threads: CPU threads of torch (1 is fastest for this small net, and with other load).
         out: Output folder.
         progress: Progress bars (``None``: only when stderr is a terminal).
+        resume: Continue from the state saved in ``out/state/`` (saved atomically after every
+            epoch of every run), so an interrupted run loses at most the current epoch.
     """
 
     epochs: int = 20
@@ -63,6 +66,7 @@ class LRConfig:
     threads: int = 1
     out: str = "runs/lr"
     progress: Optional[bool] = None
+    resume: bool = False
 
     def resolved(self) -> "LRConfig":
         """A copy with the optimizer-dependent defaults filled in."""
@@ -101,7 +105,7 @@ def _plain_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch) -> f
 
 
 def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
-                  bar: Optional[Progress] = None) -> dict[str, Any]:
+                  bar: Optional[Progress] = None, state_path: Optional[Path] = None) -> dict[str, Any]:
     """Trains one variant from the seed's initial weights and returns its per-epoch record.
 
     * ``fixed``: the initial rate throughout; trains on train + validation splits.
@@ -112,6 +116,10 @@ def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
       at θ'_J, and one Adam step on the per-group rates, which are written into
       ``opt.param_groups`` and used by the next epoch. The unroll only measures; the real
       training steps are the same number as the baselines'.
+
+    With ``state_path``, everything the next epoch depends on (weights, optimizer, schedule,
+    updater, generators, the record so far) is saved there atomically after every epoch, and
+    with ``cfg.resume`` training continues from it: bit-identically to an uninterrupted run.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}")
@@ -139,8 +147,24 @@ def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
     _, acc0 = evaluate(model, splits.test)
     rec["initial_test_acc"] = acc0
     rec["initial_rates"] = [float(g["lr"]) for g in opt.param_groups]
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    first_epoch = 1
+    saved = load(state_path) if (state_path is not None and cfg.resume) else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        if sched is not None:
+            sched.load_state_dict(saved["sched"])
+        if updater is not None:
+            updater.load_state_dict(saved["updater"])
+        data_gen.set_state(saved["data_gen"])
+        meta_gen.set_state(saved["meta_gen"])
+        torch.set_rng_state(saved["torch_rng"])
+        rec = saved["rec"]
+        first_epoch = saved["epoch"] + 1
+        if bar is not None:
+            bar.update(saved["epoch"], f"{variant} seed {seed}: resumed after epoch {saved['epoch']}")
+    start = time.perf_counter() - rec["seconds"]
+    for epoch in range(first_epoch, cfg.epochs + 1):
         losses = [_plain_step(model, opt, b) for b in minibatches(train, cfg.batch_size, data_gen)]
         if sched is not None:
             sched.step()
@@ -155,6 +179,13 @@ def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
         rec["test_loss"].append(test_loss)
         rec["train_loss"].append(sum(losses) / len(losses))
         rec["rates"].append([float(g["lr"]) for g in opt.param_groups])
+        rec["seconds"] = time.perf_counter() - start
+        if state_path is not None:
+            save_atomic({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+                         "sched": None if sched is None else sched.state_dict(),
+                         "updater": None if updater is None else updater.state_dict(),
+                         "data_gen": data_gen.get_state(), "meta_gen": meta_gen.get_state(),
+                         "torch_rng": torch.get_rng_state(), "rec": rec}, state_path)
         if bar is not None:
             bar.update(1, f"{variant} seed {seed} epoch {epoch} test acc {test_acc:.3f}")
     rec["seconds"] = time.perf_counter() - start
@@ -201,7 +232,7 @@ def run_lr(cfg: LRConfig, log: Optional[Callable[[str], None]] = print) -> dict[
         for seed in cfg.seeds:
             splits = split_digits(x, y, seed, cfg.val_frac, cfg.test_frac)
             for variant in VARIANTS:
-                rec = train_variant(variant, cfg, splits, seed, bar)
+                rec = train_variant(variant, cfg, splits, seed, bar, state_path=out / "state" / f"{variant}-{seed}.pt")
                 rec["seed"] = seed
                 runs[variant].append(rec)
     summary = summarize(runs)
