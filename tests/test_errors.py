@@ -171,18 +171,27 @@ def _failing_loss(fail_at: int, exc: type[BaseException]) -> Any:
 
 @pytest.mark.parametrize("exc", [Injected, KeyboardInterrupt])
 @pytest.mark.parametrize("hvp", ["rev", "fwd"])
-@pytest.mark.parametrize("commit", [False, True])
-def test_exception_in_tape_or_reverse_sweep_changes_nothing(exc: type[BaseException], hvp: str, commit: bool) -> None:
+@pytest.mark.parametrize("commit, checkpoint", [(False, None), (True, None), (True, 1)])
+def test_exception_in_tape_recomputation_or_reverse_sweep_changes_nothing(
+        exc: type[BaseException], hvp: str, commit: bool, checkpoint: Any) -> None:
     J = 4
-    rng = random.Random(hash((exc.__name__, hvp, commit)) % 1000)
-    # calls 0..J-1 are the tape (lines 5-6), J..2J-1 the reverse sweep's recomputations (lines 13-14)
-    for fail_at in (rng.randrange(0, J), rng.randrange(J, 2 * J)):
+    counted = {"n": 0}
+
+    def counting(m: Any, b: Any) -> Tensor:
+        counted["n"] += 1
+        return ce_loss(m, b)
+
+    probe = _updater(unroll=J, train_loss=counting, hvp=hvp, checkpoint=checkpoint)
+    probe.hypergradient(*make_batches(J, seed=4))
+    total = counted["n"]  # the tape's J calls, then recomputations (checkpointing) and the sweep's
+    rng = random.Random(hash((exc.__name__, hvp, commit, checkpoint)) % 1000)
+    for fail_at in (rng.randrange(0, J), rng.randrange(J, total)):
         model = build_model("mlp_bn", seed=1)
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
         warm = _updater(model=model, opt=opt, unroll=J, learn={"lr": "tensor"}, commit=True)
         warm.step(*make_batches(J, seed=2))  # the optimizer now has state, the meta optimizer too
         up = _updater(model=model, opt=opt, unroll=J, learn={"lr": "tensor", "beta1": "element"},
-                      train_loss=_failing_loss(fail_at, exc), hvp=hvp, commit=commit)
+                      train_loss=_failing_loss(fail_at, exc), hvp=hvp, commit=commit, checkpoint=checkpoint)
         before = snapshot(up)
         with pytest.raises(exc, match="injected"):
             up.step(*make_batches(J, seed=4))
