@@ -28,7 +28,8 @@ OPTIMIZERS: list[tuple[str, type, dict[str, Any], tuple[str, ...]]] = [
 OPTIMIZERS += [
     ("adagrad", torch.optim.Adagrad, dict(lr=0.05, lr_decay=0.02, weight_decay=0.01, initial_accumulator_value=0.1),
      ("lr", "lr_decay", "weight_decay", "eps")),
-    ("rmsprop", torch.optim.RMSprop, dict(lr=0.01, weight_decay=0.01), ("lr", "alpha", "eps", "weight_decay", "momentum")),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=0.01, weight_decay=0.01),
+     ("lr", "alpha", "eps", "weight_decay", "momentum")),
     ("rmsprop_centered_momentum", torch.optim.RMSprop,
      dict(lr=0.005, alpha=0.9, centered=True, momentum=0.5, maximize=True, eps=1e-4),
      ("lr", "alpha", "eps", "weight_decay", "momentum")),
