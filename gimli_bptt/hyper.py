@@ -22,6 +22,10 @@ _DOMAIN: dict[str, tuple[float | None, float | None]] = {
     "eps": (0.0, None),
     "beta1": (0.0, 1.0),
     "beta2": (0.0, 1.0),
+    # Adagrad, RMSprop, Adadelta (issue 3, part a)
+    "lr_decay": (0.0, None),
+    "alpha": (0.0, 1.0),
+    "rho": (0.0, 1.0),
 }
 
 

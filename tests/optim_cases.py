@@ -76,6 +76,34 @@ CASES: list[OptimCase] = [
     OptimCase("adamw-betas-eps", AdamW, dict(lr=0.02, betas=(0.8, 0.99), eps=1e-3), dict(betas=(0.95, 0.9), eps=1e-6)),
 ]
 
+# --- Adagrad, RMSprop, Adadelta, Adamax (issue 3, part a) ---
+# Adagrad's initial_accumulator_value is never overridden in group 2: torch fills every state
+# from the constructor's value (Note [Adagrad's initial accumulator]).
+Adagrad, RMSprop, Adadelta, Adamax = torch.optim.Adagrad, torch.optim.RMSprop, torch.optim.Adadelta, torch.optim.Adamax
+CASES += [
+    OptimCase("adagrad-default", Adagrad, dict(lr=0.1), dict(lr=0.05)),
+    OptimCase("adagrad-lr_decay-wd", Adagrad, dict(lr=0.1, lr_decay=0.05, weight_decay=0.1),
+              dict(lr_decay=0.2, weight_decay=0.0)),
+    OptimCase("adagrad-init_acc-eps-maximize", Adagrad,
+              dict(lr=0.05, initial_accumulator_value=0.1, eps=1e-6, maximize=True), dict(lr=0.1, lr_decay=0.01)),
+    OptimCase("rmsprop-default", RMSprop, dict(lr=0.01), dict(alpha=0.9)),
+    OptimCase("rmsprop-centered", RMSprop, dict(lr=0.01, centered=True), dict(alpha=0.8, eps=1e-4)),
+    OptimCase("rmsprop-momentum-wd", RMSprop, dict(lr=0.01, momentum=0.9, weight_decay=0.1),
+              dict(momentum=0.0, weight_decay=0.0)),
+    OptimCase("rmsprop-centered-momentum-wd-maximize", RMSprop,
+              dict(lr=0.005, alpha=0.95, centered=True, momentum=0.5, weight_decay=0.05, maximize=True),
+              dict(lr=0.01, momentum=0.8)),
+    OptimCase("adadelta-default", Adadelta, dict(), dict(lr=0.5)),
+    OptimCase("adadelta-rho-eps-wd", Adadelta, dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.1),
+              dict(rho=0.95, weight_decay=0.0)),
+    OptimCase("adadelta-maximize", Adadelta, dict(lr=1.0, maximize=True), dict(lr=0.3, eps=1e-3)),
+    OptimCase("adamax-default", Adamax, dict(), dict(lr=0.01)),
+    OptimCase("adamax-betas-eps-wd", Adamax, dict(lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1),
+              dict(betas=(0.95, 0.99), weight_decay=0.0)),
+    OptimCase("adamax-maximize", Adamax, dict(lr=0.02, maximize=True), dict(eps=1e-4)),
+]
+# --- end of issue 3, part a ---
+
 
 def case_params(cases: Sequence[OptimCase] = CASES) -> list[Any]:
     """``pytest.param`` per case, with its readable id."""

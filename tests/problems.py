@@ -24,6 +24,20 @@ OPTIMIZERS: list[tuple[str, type, dict[str, Any], tuple[str, ...]]] = [
     ("adamw", torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05), ("lr", "beta1", "beta2", "eps", "weight_decay")),
     ("adam_maximize", torch.optim.Adam, dict(lr=0.01, maximize=True), ("lr", "beta1", "beta2")),
 ]
+# --- Adagrad, RMSprop, Adadelta, Adamax (issue 3, part a) ---
+OPTIMIZERS += [
+    ("adagrad", torch.optim.Adagrad, dict(lr=0.05, lr_decay=0.02, weight_decay=0.01, initial_accumulator_value=0.1),
+     ("lr", "lr_decay", "weight_decay", "eps")),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=0.01, weight_decay=0.01),
+     ("lr", "alpha", "eps", "weight_decay", "momentum")),
+    ("rmsprop_centered_momentum", torch.optim.RMSprop,
+     dict(lr=0.005, alpha=0.9, centered=True, momentum=0.5, maximize=True, eps=1e-4),
+     ("lr", "alpha", "eps", "weight_decay", "momentum")),
+    ("adadelta", torch.optim.Adadelta, dict(lr=0.5, rho=0.8, weight_decay=0.01), ("lr", "rho", "eps", "weight_decay")),
+    ("adamax", torch.optim.Adamax, dict(lr=0.01, weight_decay=0.01, eps=1e-4),
+     ("lr", "beta1", "beta2", "eps", "weight_decay")),
+]
+# --- end of issue 3, part a ---
 OPTIMIZER_NAMES = [o[0] for o in OPTIMIZERS]
 
 

@@ -2,6 +2,7 @@
 """Oracle 1: each differentiable optimizer's pure ``step`` against ``torch.optim``'s own step."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -65,11 +66,11 @@ def _run_against_torch(case: OptimCase, *, warmup: int, granularity: str, kernel
         torch_step([random_like(s, gen) for s in shapes])
     theta = [p.detach().clone() for p in params]
     state = [impl.import_state(opt.state[p], p, hyper_of[id(p)]) for p in params]
-    if warmup == 0:
-        assert all(len(opt.state[p]) == 0 for p in params)
+    if warmup == 0:  # (Adagrad fills its state when built: a step count of 0)
+        assert all(len(opt.state[p]) == 0 or float(opt.state[p]["step"]) == 0 for p in params)
     # Note [Learned momentum]: a learned momentum takes the buffer path even at momentum 0,
     # so our state then holds a buffer that torch does not; the parameters agree.
-    learns_zero_momentum = granularity != "float" and not case.is_adam and any(
+    learns_zero_momentum = granularity != "float" and "momentum" in impl.hyper_names and any(
         hyper_of[id(p)]["momentum"] == 0 for p in params)
     hyper = [learn(hyper_of[id(p)], impl.hyper_names, granularity, p.detach()) for p in params]
     for j in range(steps):
@@ -95,6 +96,8 @@ _SETTINGS = [(w, g, "for_loop") for w in (0, 3) for g in GRANULARITIES] + [
 def test_step_matches_torch(case: OptimCase, warmup: int, granularity: str, kernel: str) -> None:
     """20 steps on two param groups, from an empty state or from torch's state after 3 steps
     (Algorithm 1, line 3), with the hyperparameters as floats, 0-d tensors or element tensors."""
+    if kernel == "fused" and "fused" not in inspect.signature(case.torch_cls.__init__).parameters:
+        pytest.skip(f"torch.optim.{case.torch_cls.__name__} has no fused kernel")
     _run_against_torch(case, warmup=warmup, granularity=granularity, kernel=kernel)
 
 
@@ -166,7 +169,7 @@ def test_registry() -> None:
 
     assert get_optimizer(MyAdam) is get_optimizer(torch.optim.Adam)
     with pytest.raises(TypeError, match="supported optimizers"):
-        get_optimizer(torch.optim.RMSprop)
+        get_optimizer(torch.optim.LBFGS)
 
 
 # --------------------------------------------------------------------------------------------

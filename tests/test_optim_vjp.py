@@ -108,6 +108,34 @@ def _adam_m_path(case: OptimCase, theta: Tensor, G: Tensor, state: dict[str, Any
     return (theta_next_bar.abs() * (1 - b1) * lr / (1 - b1**t) / denom).detach()
 
 
+# --- Adagrad, RMSprop, Adamax (issue 3, part a) ---
+def _linear_g_path(case: OptimCase, theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any],
+                   theta_next_bar: Tensor) -> Tensor | None:
+    """|theta_next_bar| |d theta'/dg| along the numerator alone, for Adagrad and RMSprop
+    (g / (sqrt(accumulator) + eps)) and Adamax (m' / max(b2 u, |g| + eps)); None for the others.
+
+    Where the accumulator is dominated by g^2 (the first step from a zero state above all),
+    g / (c |g| + eps) is nearly flat in g: the numerator and denominator paths of G_bar nearly
+    cancel (as Adam's, see :func:`_adam_m_path`), and both sides are accurate only relative to
+    either path.
+    """
+    cls = case.torch_cls
+    if cls not in (torch.optim.Adagrad, torch.optim.RMSprop, torch.optim.Adamax):
+        return None
+    with torch.no_grad():
+        sn = case.impl.step(theta, G, state, hyper)[1]
+        lr, eps = hyper["lr"], hyper["eps"]
+        if cls is torch.optim.Adagrad:
+            path = lr / (1 + (sn["step"] - 1) * hyper["lr_decay"]) / (sn["sum"].sqrt() + eps)
+        elif cls is torch.optim.RMSprop:
+            w = sn["square_avg"] - (sn["grad_avg"] ** 2 if hyper["centered"] else 0)
+            path = lr / (w.clamp(min=0).sqrt() + eps)
+        else:
+            path = lr / (1 - hyper["beta1"] ** sn["step"]) * (1 - hyper["beta1"]) / sn["exp_inf"]
+        return (theta_next_bar.abs() * path).detach()
+# --- end of issue 3, part a ---
+
+
 def _assert_vjp_matches(case, theta, G, state, hyper, theta_next_bar, state_next_bar, where: str) -> None:
     ours = case.impl.step_vjp(theta, G, state, hyper, theta_next_bar, state_next_bar)
     _check_contract(theta, G, state, hyper, *ours)
@@ -119,6 +147,10 @@ def _assert_vjp_matches(case, theta, G, state, hyper, theta_next_bar, state_next
         floor["G"] = m_path.max().item()
         if not hyper["decoupled_weight_decay"]:  # weight_decay_bar = <theta, g_bar>
             floor["weight_decay"] = (theta.abs() * m_path).sum().item()
+    g_path = _linear_g_path(case, theta, G, state, hyper, theta_next_bar)  # issue 3, part a
+    if g_path is not None:
+        floor["G"] = g_path.max().item()
+        floor["weight_decay"] = (theta.abs() * g_path).sum().item()
     assert_rel(theta_bar, ref[0], TOL, f"{where}: theta_bar")
     assert_rel(G_bar, ref[1], TOL, f"{where}: G_bar", floor.get("G", 0.0))
     for k, r in ref[2].items():  # a missing entry is zero

@@ -12,6 +12,15 @@ from .base import DiffOptimizer, Hyper, State, StepFn, StepVjpFn, clone_state, s
 from .derived import derive_step_vjp
 from .sgd import SGD, sgd_step, sgd_step_vjp
 
+# --- Adagrad, RMSprop, Adadelta, Adamax (issue 3, part a) ---
+from .adadelta import ADADELTA, adadelta_step, adadelta_step_vjp
+from .adagrad import ADAGRAD, adagrad_step, adagrad_step_vjp
+from .adamax import ADAMAX, adamax_step, adamax_step_vjp
+from .rmsprop import RMSPROP, rmsprop_step, rmsprop_step_vjp
+
+_BUILT_IN_A = (ADAGRAD, RMSPROP, ADADELTA, ADAMAX)
+# --- end of issue 3, part a ---
+
 _REGISTRY: dict[type, DiffOptimizer] = {}
 
 
@@ -20,6 +29,8 @@ def _register(impl: DiffOptimizer) -> None:
 
 
 for _impl in (SGD, ADAM, ADAMW):
+    _register(_impl)
+for _impl in _BUILT_IN_A:  # issue 3, part a
     _register(_impl)
 
 
@@ -138,7 +149,9 @@ def register_optimizer(
 
 def unregister_optimizer(cls: type) -> None:
     """Removes a registration made with :func:`register_optimizer` (built-ins cannot be removed)."""
-    if cls in (SGD.torch_cls, ADAM.torch_cls, ADAMW.torch_cls):
+    if cls in (SGD.torch_cls, ADAM.torch_cls, ADAMW.torch_cls) or cls in tuple(
+        impl.torch_cls for impl in _BUILT_IN_A  # issue 3, part a
+    ):
         raise ValueError(f"{cls.__name__} is built in and cannot be unregistered")
     _REGISTRY.pop(cls, None)
 
@@ -147,6 +160,20 @@ __all__ = [
     "ADAM",
     "ADAMW",
     "SGD",
+    # issue 3, part a
+    "ADADELTA",
+    "ADAGRAD",
+    "ADAMAX",
+    "RMSPROP",
+    "adadelta_step",
+    "adadelta_step_vjp",
+    "adagrad_step",
+    "adagrad_step_vjp",
+    "adamax_step",
+    "adamax_step_vjp",
+    "rmsprop_step",
+    "rmsprop_step_vjp",
+    # end of issue 3, part a
     "DiffOptimizer",
     "Hyper",
     "State",

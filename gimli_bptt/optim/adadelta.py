@@ -1,0 +1,184 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Differentiable ``torch.optim.Adadelta``: weight decay, maximize."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .adam import _sqrt
+from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+
+
+def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, float]:
+    """The gradient after ``maximize`` and weight decay, and the step number t."""
+    wd = hyper["weight_decay"]
+    g = -G if hyper["maximize"] else G
+    if is_learned(wd) or wd != 0:
+        g = g + wd * theta
+    return g, float(state["step"]) + 1.0
+
+
+def adadelta_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
+    """One Adadelta step on one tensor, out of place, as ``torch.optim.Adadelta`` makes it.
+
+    .. math::
+        g &= \\pm G + \\lambda \\theta \\\\
+        v' &= \\rho v + (1 - \\rho) g^2 \\\\
+        \\delta &= \\frac{\\sqrt{u + \\epsilon}}{\\sqrt{v' + \\epsilon}} \\, g \\\\
+        u' &= \\rho u + (1 - \\rho) \\delta^2 \\\\
+        \\theta' &= \\theta - \\eta \\delta
+    """
+    lr, rho, eps = hyper["lr"], hyper["rho"], hyper["eps"]
+    g, t = _prepare(theta, G, state, hyper)
+    square_avg = state["square_avg"] * rho + (1 - rho) * (g * g)
+    std = _sqrt(square_avg + eps)
+    delta = (_sqrt(state["acc_delta"] + eps) / std) * g
+    acc_delta = state["acc_delta"] * rho + (1 - rho) * (delta * delta)
+    return theta - lr * delta, {"step": t, "square_avg": square_avg, "acc_delta": acc_delta}
+
+
+def adadelta_step_vjp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_next_bar: Tensor,
+    state_next_bar: State,
+) -> tuple[Tensor, Tensor, State, dict[str, Tensor]]:
+    """Vector-Jacobian product of :func:`adadelta_step`.
+
+    With :math:`n = \\sqrt{u + \\epsilon}`, :math:`s = \\sqrt{v' + \\epsilon}`, :math:`k = n / s`,
+    :math:`\\delta = k g`:
+
+    .. math::
+        \\bar\\delta &= -\\eta \\bar\\theta' + 2 (1 - \\rho) \\delta \\bar u', \\quad
+        \\bar\\eta = -\\langle \\delta, \\bar\\theta' \\rangle \\\\
+        \\bar k &= g \\bar\\delta, \\quad \\bar n = \\bar k / s, \\quad \\bar s = -\\bar k k / s \\\\
+        \\bar u &= \\rho \\bar u' + \\bar n / (2 n), \\quad
+        \\bar v'_{tot} = \\bar v' + \\bar s / (2 s), \\quad
+        \\bar\\epsilon = \\langle 1, \\bar n / (2 n) + \\bar s / (2 s) \\rangle \\\\
+        \\bar v &= \\rho \\bar v'_{tot}, \\quad
+        \\bar\\rho = \\langle v - g^2, \\bar v'_{tot} \\rangle + \\langle u - \\delta^2, \\bar u' \\rangle \\\\
+        \\bar g &= k \\bar\\delta + 2 (1 - \\rho) g \\bar v'_{tot}
+
+    then weight decay and ``maximize`` as in SGD.
+
+    Note [Adadelta at eps = 0]: both roots are of a sum with :math:`\\epsilon`, so they are
+    positive and differentiable for :math:`\\epsilon > 0` (torch's default is 1e-6). At
+    :math:`\\epsilon = 0` torch's own step divides 0 by 0 where every gradient so far is 0,
+    and the accumulator :math:`u` stays exactly 0 for ever (:math:`\\delta = 0` at the first
+    step); we then take the derivative of :math:`\\sqrt{\\cdot}` at 0 as 0 (``_sqrt``, as in
+    Note [Adam at a zero second moment]), which is exact for every input through which
+    :math:`u` does not move, but not for ``eps`` itself (:math:`\\sqrt\\epsilon` has an
+    infinite slope there). A learned ``eps`` is kept positive by
+    ``OptimizerHyperparameters.project``.
+    """
+    lr, rho, eps, wd = hyper["lr"], hyper["rho"], hyper["eps"], hyper["weight_decay"]
+    g, t = _prepare(theta, G, state, hyper)
+    v, u = state["square_avg"], state["acc_delta"]
+    v_next = v * rho + (1 - rho) * (g * g)
+    s = (v_next + eps).sqrt()
+    n = (u + eps).sqrt()
+    k = n / s
+    delta = k * g
+    tb = theta_next_bar
+    bars: dict[str, Tensor] = {}
+    state_bar: State = {}
+
+    add_bar(bars, hyper, "lr", lambda: -delta * tb)
+    delta_bar = -lr * tb
+    u_next_bar = state_next_bar.get("acc_delta")
+    if u_next_bar is not None:
+        delta_bar = delta_bar + 2 * (1 - rho) * delta * u_next_bar
+    k_bar = g * delta_bar
+
+    def half_over(bar: Tensor, root: Tensor) -> Tensor:  # bar / (2 root), 0 where root == 0
+        positive = root > 0
+        safe = torch.where(positive, root, torch.ones_like(root))
+        return torch.where(positive, bar / (2 * safe), torch.zeros_like(root))
+
+    n_in_bar = half_over(k_bar / s, n)  # cotangent of u + eps
+    s_in_bar = half_over(-k_bar * k / s, s)  # cotangent of v' + eps
+    add_bar(bars, hyper, "eps", lambda: n_in_bar + s_in_bar)
+    u_bar = n_in_bar
+    if u_next_bar is not None:
+        u_bar = u_bar + rho * u_next_bar
+    v_bar = s_in_bar
+    carried = state_next_bar.get("square_avg")
+    if carried is not None:
+        v_bar = v_bar + carried
+    state_bar["acc_delta"] = u_bar
+    state_bar["square_avg"] = rho * v_bar
+
+    def rho_bar() -> Tensor:
+        out = (v - g * g) * v_bar
+        if u_next_bar is not None:
+            out = out + (u - delta * delta) * u_next_bar
+        return out
+
+    add_bar(bars, hyper, "rho", rho_bar)
+    g_bar = k * delta_bar + 2 * (1 - rho) * g * v_bar
+
+    theta_bar = tb
+    if is_learned(wd) or wd != 0:
+        theta_bar = tb + wd * g_bar
+        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
+    G_bar = -g_bar if hyper["maximize"] else g_bar
+    return theta_bar, G_bar, state_bar, bars
+
+
+def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "lr": float(group["lr"]),
+        "rho": float(group["rho"]),
+        "eps": float(group["eps"]),
+        "weight_decay": float(group["weight_decay"]),
+        "maximize": bool(group.get("maximize", False)),
+    }
+
+
+def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
+    group[name] = value
+
+
+def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
+    if len(torch_state) == 0:
+        return {
+            "step": 0.0,
+            "square_avg": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
+            "acc_delta": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
+        }
+    return {
+        "step": float(torch_state["step"]),
+        "square_avg": torch_state["square_avg"].detach().clone(),
+        "acc_delta": torch_state["acc_delta"].detach().clone(),
+    }
+
+
+def _export_state(state: State, param: Tensor) -> dict[str, Any]:
+    return {
+        "step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype()),
+        "square_avg": state["square_avg"].detach().clone(),
+        "acc_delta": state["acc_delta"].detach().clone(),
+    }
+
+
+ADADELTA = DiffOptimizer(
+    name="Adadelta",
+    torch_cls=torch.optim.Adadelta,
+    hyper_names=("lr", "rho", "eps", "weight_decay"),
+    flag_names=("maximize",),
+    state_keys=("square_avg", "acc_delta"),
+    step=adadelta_step,
+    step_vjp=adadelta_step_vjp,
+    read_hyper=_read_hyper,
+    write_hyper=_write_hyper,
+    import_state=_import_state,
+    export_state=_export_state,
+    notes="Needs eps > 0 for a finite derivative (Note [Adadelta at eps = 0]).",
+)
+
+__all__ = ["ADADELTA", "adadelta_step", "adadelta_step_vjp"]

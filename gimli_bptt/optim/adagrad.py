@@ -1,0 +1,159 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Differentiable ``torch.optim.Adagrad``: learning-rate decay, weight decay, maximize."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .adam import _sqrt
+from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+
+
+def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, float]:
+    """The gradient after ``maximize`` and weight decay, and the step number t."""
+    wd = hyper["weight_decay"]
+    g = -G if hyper["maximize"] else G
+    if is_learned(wd) or wd != 0:
+        g = g + wd * theta
+    return g, float(state["step"]) + 1.0
+
+
+def adagrad_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
+    """One Adagrad step on one tensor, out of place, as ``torch.optim.Adagrad`` makes it.
+
+    .. math::
+        g &= \\pm G + \\lambda \\theta \\\\
+        \\tilde\\eta &= \\eta / (1 + (t - 1) \\kappa) \\\\
+        s' &= s + g^2 \\\\
+        \\theta' &= \\theta - \\tilde\\eta \\, g / (\\sqrt{s'} + \\epsilon)
+
+    with :math:`\\kappa` the ``lr_decay``. ``initial_accumulator_value`` is not a
+    hyperparameter of the step: it only fills the state :math:`s_0` (Note [Adagrad's initial
+    accumulator]).
+    """
+    lr, lr_decay, eps = hyper["lr"], hyper["lr_decay"], hyper["eps"]
+    g, t = _prepare(theta, G, state, hyper)
+    clr = lr / (1 + (t - 1) * lr_decay)
+    sum_next = state["sum"] + g * g
+    std = _sqrt(sum_next) + eps
+    return theta - clr * (g / std), {"step": t, "sum": sum_next}
+
+
+def adagrad_step_vjp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_next_bar: Tensor,
+    state_next_bar: State,
+) -> tuple[Tensor, Tensor, State, dict[str, Tensor]]:
+    """Vector-Jacobian product of :func:`adagrad_step`.
+
+    With :math:`c = 1 + (t - 1)\\kappa`, :math:`\\tilde\\eta = \\eta / c`, :math:`r = \\sqrt{s'}`,
+    :math:`d = r + \\epsilon`:
+
+    .. math::
+        \\bar{\\tilde\\eta} &= -\\langle g / d, \\bar\\theta' \\rangle, \\quad
+        \\bar\\eta = \\bar{\\tilde\\eta} / c, \\quad
+        \\bar\\kappa = -\\bar{\\tilde\\eta} \\, \\eta (t - 1) / c^2 \\\\
+        \\bar d &= \\tilde\\eta \\bar\\theta' g / d^2 \\;(= \\bar\\epsilon), \\quad
+        \\bar s'_{tot} = \\bar s' + \\bar d / (2 r) \\text{ (0 where } r = 0) \\\\
+        \\bar s &= \\bar s'_{tot}, \\quad
+        \\bar g = -\\tilde\\eta \\bar\\theta' / d + 2 g \\bar s'_{tot} \\\\
+        \\bar\\theta &= \\bar\\theta' + \\lambda \\bar g, \\quad \\bar\\lambda = \\langle\\theta, \\bar g\\rangle,
+        \\quad \\bar G = \\pm \\bar g
+
+    Note [Adagrad at a zero accumulator]: with ``initial_accumulator_value = 0`` the
+    accumulator :math:`s'` is 0 where every gradient so far is 0; then :math:`g = 0` and
+    :math:`\\bar d = 0`, and the path through :math:`\\sqrt{s'}` is :math:`0 \\cdot \\infty`
+    in plain autograd. Its limit is 0 (as in Note [Adam at a zero second moment]), which is
+    what we use, and what :func:`adagrad_step` gives autograd through ``_sqrt``.
+
+    Note [Adagrad's initial accumulator]: ``initial_accumulator_value`` only sets
+    :math:`s_0` (torch fills ``state["sum"]`` with it when the optimizer is built, from the
+    constructor's value: a value given in a param group is ignored by torch). It is read from
+    the param group for a parameter that has no state yet and is not learnable; its
+    derivative, were it wanted, is the sum of the elements of the cotangent of :math:`s_0`.
+    """
+    lr, lr_decay, eps, wd = hyper["lr"], hyper["lr_decay"], hyper["eps"], hyper["weight_decay"]
+    g, t = _prepare(theta, G, state, hyper)
+    c = 1 + (t - 1) * lr_decay
+    clr = lr / c
+    sum_next = state["sum"] + g * g
+    r = sum_next.sqrt()
+    std = r + eps
+    q = g / std
+    tb = theta_next_bar
+    bars: dict[str, Tensor] = {}
+
+    clr_bar = -q * tb
+    add_bar(bars, hyper, "lr", lambda: clr_bar / c)
+    add_bar(bars, hyper, "lr_decay", lambda: -clr_bar * lr * (t - 1) / (c * c))
+    q_bar = -clr * tb
+    std_bar = -q_bar * q / std
+    add_bar(bars, hyper, "eps", std_bar)
+    positive = r > 0
+    r_safe = torch.where(positive, r, torch.ones_like(r))
+    sum_bar = torch.where(positive, std_bar / (2 * r_safe), torch.zeros_like(r))
+    carried = state_next_bar.get("sum")
+    if carried is not None:
+        sum_bar = sum_bar + carried
+    g_bar = q_bar / std + 2 * g * sum_bar
+
+    theta_bar = tb
+    if is_learned(wd) or wd != 0:
+        theta_bar = tb + wd * g_bar
+        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
+    G_bar = -g_bar if hyper["maximize"] else g_bar
+    return theta_bar, G_bar, {"sum": sum_bar}, bars
+
+
+def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "lr": float(group["lr"]),
+        "lr_decay": float(group["lr_decay"]),
+        "weight_decay": float(group["weight_decay"]),
+        "eps": float(group["eps"]),
+        "initial_accumulator_value": float(group.get("initial_accumulator_value", 0.0)),
+        "maximize": bool(group.get("maximize", False)),
+    }
+
+
+def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
+    group[name] = value
+
+
+def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
+    if len(torch_state) == 0:
+        # Note [Adagrad's initial accumulator]
+        init = float(hyper.get("initial_accumulator_value", 0.0))
+        return {"step": 0.0, "sum": torch.full_like(param, init, memory_format=torch.preserve_format).detach()}
+    return {"step": float(torch_state["step"]), "sum": torch_state["sum"].detach().clone()}
+
+
+def _export_state(state: State, param: Tensor) -> dict[str, Any]:
+    return {
+        "step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype()),
+        "sum": state["sum"].detach().clone(),
+    }
+
+
+ADAGRAD = DiffOptimizer(
+    name="Adagrad",
+    torch_cls=torch.optim.Adagrad,
+    hyper_names=("lr", "lr_decay", "weight_decay", "eps"),
+    flag_names=("maximize",),
+    state_keys=("sum",),
+    step=adagrad_step,
+    step_vjp=adagrad_step_vjp,
+    read_hyper=_read_hyper,
+    write_hyper=_write_hyper,
+    import_state=_import_state,
+    export_state=_export_state,
+    notes="Finite derivative at a zero accumulator; initial_accumulator_value is state initialisation only.",
+)
+
+__all__ = ["ADAGRAD", "adagrad_step", "adagrad_step_vjp"]

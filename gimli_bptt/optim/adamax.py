@@ -1,0 +1,176 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Differentiable ``torch.optim.Adamax``: weight decay, maximize."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+
+
+def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, float]:
+    """The gradient after ``maximize`` and weight decay, and the step number t."""
+    wd = hyper["weight_decay"]
+    g = -G if hyper["maximize"] else G
+    if is_learned(wd) or wd != 0:
+        g = g + wd * theta
+    return g, float(state["step"]) + 1.0
+
+
+def adamax_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
+    """One Adamax step on one tensor, out of place, as ``torch.optim.Adamax`` makes it.
+
+    .. math::
+        g &= \\pm G + \\lambda \\theta \\\\
+        m' &= \\beta_1 m + (1 - \\beta_1) g \\\\
+        u' &= \\max(\\beta_2 u, |g| + \\epsilon) \\\\
+        \\theta' &= \\theta - \\frac{\\eta}{1 - \\beta_1^t} \\, m' / u'
+    """
+    b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
+    g, t = _prepare(theta, G, state, hyper)
+    m_next = torch.lerp(state["exp_avg"], g, 1 - b1)
+    u_next = torch.maximum(state["exp_inf"] * b2, g.abs() + eps)
+    clr = lr / (1 - b1**t)
+    return theta - clr * (m_next / u_next), {"step": t, "exp_avg": m_next, "exp_inf": u_next}
+
+
+def adamax_step_vjp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_next_bar: Tensor,
+    state_next_bar: State,
+) -> tuple[Tensor, Tensor, State, dict[str, Tensor]]:
+    """Vector-Jacobian product of :func:`adamax_step`.
+
+    With :math:`c = 1 - \\beta_1^t`, :math:`\\alpha = \\eta / c`, :math:`N` the elements where
+    :math:`|g| + \\epsilon \\ge \\beta_2 u` (the new value wins):
+
+    .. math::
+        \\bar\\alpha &= -\\langle m' / u', \\bar\\theta' \\rangle, \\quad \\bar\\eta = \\bar\\alpha / c,
+        \\quad \\bar\\beta_1 \\mathrel{+}= \\bar\\alpha \\, \\eta \\, t \\beta_1^{t-1} / c^2 \\\\
+        \\bar m'_{tot} &= \\bar m' - \\alpha \\bar\\theta' / u', \\quad
+        \\bar u'_{tot} = \\bar u' + \\alpha \\bar\\theta' m' / u'^2 \\\\
+        \\bar u &= \\beta_2 \\bar u'_{tot} [\\lnot N], \\quad
+        \\bar\\beta_2 = \\langle u, \\bar u'_{tot} [\\lnot N] \\rangle, \\quad
+        \\bar\\epsilon = \\langle 1, \\bar u'_{tot} [N] \\rangle \\\\
+        \\bar m &= \\beta_1 \\bar m'_{tot}, \\quad \\bar\\beta_1 \\mathrel{+}= \\langle m - g, \\bar m'_{tot} \\rangle, \\quad
+        \\bar g = (1 - \\beta_1) \\bar m'_{tot} + \\operatorname{sign}(g) \\, \\bar u'_{tot} [N]
+
+    then weight decay and ``maximize`` as in SGD.
+
+    Note [Adamax maximum]: :math:`u' = \\max(\\beta_2 u, |g| + \\epsilon)` is not
+    differentiable where the two are equal. There the cotangent of :math:`u'` goes wholly to
+    :math:`|g| + \\epsilon` (a subgradient, as amsgrad's Note [amsgrad] gives it wholly to the
+    new value); autograd through ``torch.maximum`` splits it in halves, so the two agree
+    only away from ties. Ties are measure-zero for continuous gradients, except at the first
+    step from a zero state with ``eps = 0`` and a zero gradient (0 = 0). Note [Adamax
+    abs]: :math:`|g|` has derivative :math:`\\operatorname{sign}(g)`, taken as 0 at
+    :math:`g = 0` (as autograd's ``abs``).
+    """
+    b1, b2, lr, eps, wd = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"], hyper["weight_decay"]
+    g, t = _prepare(theta, G, state, hyper)
+    m, u = state["exp_avg"], state["exp_inf"]
+    m_next = torch.lerp(m, g, 1 - b1)
+    decayed = u * b2
+    fresh = g.abs() + eps
+    to_new = fresh >= decayed
+    u_next = torch.where(to_new, fresh, decayed)
+    c = 1 - b1**t
+    clr = lr / c
+    q = m_next / u_next
+    tb = theta_next_bar
+    bars: dict[str, Tensor] = {}
+
+    clr_bar = -q * tb
+    add_bar(bars, hyper, "lr", lambda: clr_bar / c)
+    m_bar = -clr * tb / u_next
+    u_next_bar = -m_bar * q
+    carried = state_next_bar.get("exp_inf")
+    if carried is not None:
+        u_next_bar = u_next_bar + carried
+    carried = state_next_bar.get("exp_avg")
+    if carried is not None:
+        m_bar = m_bar + carried
+    zero = torch.zeros_like(u_next_bar)
+    decayed_bar = torch.where(to_new, zero, u_next_bar)
+    fresh_bar = torch.where(to_new, u_next_bar, zero)
+    add_bar(bars, hyper, "beta2", lambda: u * decayed_bar)
+    add_bar(bars, hyper, "eps", fresh_bar)
+    if is_learned(b1):
+        c_bar = -clr_bar * lr / (c * c)
+        add_bar(bars, hyper, "beta1", -c_bar * t * b1 ** (t - 1) + (m - g) * m_bar)
+    state_bar: State = {"exp_avg": b1 * m_bar, "exp_inf": b2 * decayed_bar}
+    g_bar = (1 - b1) * m_bar + torch.sign(g) * fresh_bar
+
+    theta_bar = tb
+    if is_learned(wd) or wd != 0:
+        theta_bar = tb + wd * g_bar
+        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
+    G_bar = -g_bar if hyper["maximize"] else g_bar
+    return theta_bar, G_bar, state_bar, bars
+
+
+def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    beta1, beta2 = group["betas"]
+    return {
+        "lr": float(group["lr"]),
+        "beta1": float(beta1),
+        "beta2": float(beta2),
+        "eps": float(group["eps"]),
+        "weight_decay": float(group["weight_decay"]),
+        "maximize": bool(group.get("maximize", False)),
+    }
+
+
+def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
+    if name in ("beta1", "beta2"):
+        betas = list(group["betas"])
+        betas[0 if name == "beta1" else 1] = value
+        group["betas"] = tuple(betas)
+    else:
+        group[name] = value
+
+
+def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
+    if len(torch_state) == 0:
+        return {
+            "step": 0.0,
+            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
+            "exp_inf": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
+        }
+    return {
+        "step": float(torch_state["step"]),
+        "exp_avg": torch_state["exp_avg"].detach().clone(),
+        "exp_inf": torch_state["exp_inf"].detach().clone(),
+    }
+
+
+def _export_state(state: State, param: Tensor) -> dict[str, Any]:
+    return {
+        "step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype()),
+        "exp_avg": state["exp_avg"].detach().clone(),
+        "exp_inf": state["exp_inf"].detach().clone(),
+    }
+
+
+ADAMAX = DiffOptimizer(
+    name="Adamax",
+    torch_cls=torch.optim.Adamax,
+    hyper_names=("lr", "beta1", "beta2", "eps", "weight_decay"),
+    flag_names=("maximize",),
+    state_keys=("exp_avg", "exp_inf"),
+    step=adamax_step,
+    step_vjp=adamax_step_vjp,
+    read_hyper=_read_hyper,
+    write_hyper=_write_hyper,
+    import_state=_import_state,
+    export_state=_export_state,
+    notes="The maximum gives its cotangent to |g| + eps at ties (Note [Adamax maximum]).",
+)
+
+__all__ = ["ADAMAX", "adamax_step", "adamax_step_vjp"]

@@ -1,0 +1,228 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Differentiable ``torch.optim.RMSprop``: centered, momentum, weight decay, maximize."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .adam import _sqrt
+from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+
+
+def _uses_momentum(hyper: Hyper) -> bool:
+    # Note [RMSprop learned momentum]: torch.optim.RMSprop keeps no momentum buffer when
+    # ``momentum == 0`` (it tests ``momentum > 0``). A learned momentum always takes the
+    # buffer path, so that its derivative exists; at momentum 0 both paths give the same
+    # update (the buffer is then g / avg). As in Note [Learned momentum] (SGD).
+    momentum = hyper["momentum"]
+    return is_learned(momentum) or momentum > 0
+
+
+def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, float]:
+    """The gradient after ``maximize`` and weight decay, and the step number t."""
+    wd = hyper["weight_decay"]
+    g = -G if hyper["maximize"] else G
+    if is_learned(wd) or wd != 0:
+        g = g + wd * theta
+    return g, float(state["step"]) + 1.0
+
+
+def rmsprop_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
+    """One RMSprop step on one tensor, out of place, as ``torch.optim.RMSprop`` makes it.
+
+    .. math::
+        g &= \\pm G + \\lambda \\theta \\\\
+        v' &= \\alpha v + (1 - \\alpha) g^2, \\quad
+        \\bar g' = \\alpha \\bar g + (1 - \\alpha) g \\text{ (centered)} \\\\
+        a &= \\sqrt{v' - \\bar g'^2} + \\epsilon \\text{ (centered) or } \\sqrt{v'} + \\epsilon \\\\
+        b' &= \\mu b + g / a \\text{ (momentum)}, \\quad
+        \\theta' = \\theta - \\eta b' \\text{, or } \\theta - \\eta \\, g / a \\text{ without momentum}
+    """
+    lr, alpha, eps, mom = hyper["lr"], hyper["alpha"], hyper["eps"], hyper["momentum"]
+    g, t = _prepare(theta, G, state, hyper)
+    square_avg = state["square_avg"] * alpha + (1 - alpha) * (g * g)
+    new_state: State = {"step": t, "square_avg": square_avg}
+    if hyper["centered"]:
+        grad_avg = torch.lerp(state["grad_avg"], g, 1 - alpha)
+        new_state["grad_avg"] = grad_avg
+        avg = _sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = _sqrt(square_avg) + eps
+    if _uses_momentum(hyper):
+        buf = state.get("momentum_buffer")
+        buf_next = g / avg if buf is None else buf * mom + g / avg
+        new_state["momentum_buffer"] = buf_next
+        return theta - lr * buf_next, new_state
+    for key in ("momentum_buffer",):  # carried unchanged when not in use (torch keeps it too)
+        if state.get(key) is not None:
+            new_state[key] = state[key]
+    return theta - lr * (g / avg), new_state
+
+
+def rmsprop_step_vjp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_next_bar: Tensor,
+    state_next_bar: State,
+) -> tuple[Tensor, Tensor, State, dict[str, Tensor]]:
+    """Vector-Jacobian product of :func:`rmsprop_step`.
+
+    With :math:`w = v' - \\bar g'^2` (centered) or :math:`v'`, :math:`r = \\sqrt w`,
+    :math:`a = r + \\epsilon`, :math:`q = g / a`:
+
+    .. math::
+        \\bar q &= \\bar b'_{tot} = \\bar b' - \\eta \\bar\\theta', \\quad \\bar\\eta = -\\langle b', \\bar\\theta'\\rangle,
+        \\quad \\bar b = \\mu \\bar b'_{tot}, \\quad \\bar\\mu = \\langle b, \\bar b'_{tot}\\rangle
+        \\text{ (momentum; else } \\bar q = -\\eta\\bar\\theta') \\\\
+        \\bar a &= -\\bar q \\, g / a^2 \\;(= \\bar\\epsilon), \\quad
+        \\bar w = \\bar a / (2 r) \\text{ (0 where } r = 0) \\\\
+        \\bar v'_{tot} &= \\bar v' + \\bar w, \\quad
+        \\bar{\\bar g}'_{tot} = \\bar{\\bar g}' - 2 \\bar g' \\bar w \\text{ (centered)} \\\\
+        \\bar v &= \\alpha \\bar v'_{tot}, \\quad \\bar{\\bar g} = \\alpha \\bar{\\bar g}'_{tot}, \\quad
+        \\bar\\alpha = \\langle v - g^2, \\bar v'_{tot}\\rangle + \\langle \\bar g - g, \\bar{\\bar g}'_{tot}\\rangle \\\\
+        \\bar g &= \\bar q / a + 2 (1 - \\alpha) g \\bar v'_{tot} + (1 - \\alpha) \\bar{\\bar g}'_{tot}
+
+    then weight decay and ``maximize`` as in SGD.
+
+    Note [RMSprop at a zero second moment]: :math:`w = 0` where every gradient so far is 0
+    (then :math:`g = 0`, so :math:`\\bar a = 0`), or, centered, where the gradients seen so far
+    have no spread (e.g. ``alpha = 0``, or all equal since a zero state). The path through
+    :math:`\\sqrt w` is then :math:`\\bar a \\cdot \\infty`; we take it as 0, the limit where
+    :math:`\\bar a = 0` (as in Note [Adam at a zero second moment]), and :func:`rmsprop_step`
+    gives autograd the same through ``_sqrt``. Where :math:`\\bar a \\neq 0` at
+    :math:`w = 0` (centered, zero spread, nonzero gradient) the true derivative is infinite
+    and 0 is only a convention: keep ``eps`` and ``alpha`` away from such points.
+    """
+    lr, alpha, eps, mom, wd = hyper["lr"], hyper["alpha"], hyper["eps"], hyper["momentum"], hyper["weight_decay"]
+    g, t = _prepare(theta, G, state, hyper)
+    centered = hyper["centered"]
+    sq = state["square_avg"]
+    sq_next = sq * alpha + (1 - alpha) * (g * g)
+    if centered:
+        ga = state["grad_avg"]
+        ga_next = torch.lerp(ga, g, 1 - alpha)
+        w = sq_next - ga_next * ga_next
+    else:
+        w = sq_next
+    r = w.sqrt()
+    avg = r + eps
+    q = g / avg
+    tb = theta_next_bar
+    bars: dict[str, Tensor] = {}
+    state_bar: State = {}
+
+    if _uses_momentum(hyper):
+        buf = state.get("momentum_buffer")
+        buf_next = q if buf is None else buf * mom + q
+        add_bar(bars, hyper, "lr", lambda: -buf_next * tb)
+        buf_bar = -lr * tb
+        carried = state_next_bar.get("momentum_buffer")
+        if carried is not None:
+            buf_bar = buf_bar + carried
+        if buf is None:
+            if is_learned(mom):  # no path at this step: a zero cotangent (the contract)
+                bars["momentum"] = torch.zeros_like(mom)
+        else:
+            add_bar(bars, hyper, "momentum", lambda: buf * buf_bar)
+            state_bar["momentum_buffer"] = mom * buf_bar
+        q_bar = buf_bar
+    else:
+        add_bar(bars, hyper, "lr", lambda: -q * tb)
+        q_bar = -lr * tb
+        carried = state_next_bar.get("momentum_buffer")
+        if carried is not None and state.get("momentum_buffer") is not None:
+            state_bar["momentum_buffer"] = carried
+    avg_bar = -q_bar * q / avg
+    add_bar(bars, hyper, "eps", avg_bar)
+    positive = r > 0
+    r_safe = torch.where(positive, r, torch.ones_like(r))
+    w_bar = torch.where(positive, avg_bar / (2 * r_safe), torch.zeros_like(r))
+
+    sq_bar = w_bar
+    carried = state_next_bar.get("square_avg")
+    if carried is not None:
+        sq_bar = sq_bar + carried
+    g_bar = q_bar / avg + 2 * (1 - alpha) * g * sq_bar
+    state_bar["square_avg"] = alpha * sq_bar
+    alpha_terms = [lambda: (sq - g * g) * sq_bar]
+    if centered:
+        ga_bar = -2 * ga_next * w_bar
+        carried = state_next_bar.get("grad_avg")
+        if carried is not None:
+            ga_bar = ga_bar + carried
+        g_bar = g_bar + (1 - alpha) * ga_bar
+        state_bar["grad_avg"] = alpha * ga_bar
+        alpha_terms.append(lambda: (ga - g) * ga_bar)
+    add_bar(bars, hyper, "alpha", lambda: sum(f() for f in alpha_terms))
+
+    theta_bar = tb
+    if is_learned(wd) or wd != 0:
+        theta_bar = tb + wd * g_bar
+        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
+    if is_learned(mom) and "momentum" not in bars:
+        bars["momentum"] = torch.zeros_like(mom)
+    G_bar = -g_bar if hyper["maximize"] else g_bar
+    return theta_bar, G_bar, state_bar, bars
+
+
+def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "lr": float(group["lr"]),
+        "alpha": float(group["alpha"]),
+        "eps": float(group["eps"]),
+        "weight_decay": float(group["weight_decay"]),
+        "momentum": float(group.get("momentum", 0.0)),
+        "centered": bool(group.get("centered", False)),
+        "maximize": bool(group.get("maximize", False)),
+    }
+
+
+def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
+    group[name] = value
+
+
+def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
+    if len(torch_state) == 0:
+        zeros = lambda: torch.zeros_like(param, memory_format=torch.preserve_format).detach()  # noqa: E731
+        state: State = {"step": 0.0, "square_avg": zeros()}
+        if _uses_momentum(hyper):
+            state["momentum_buffer"] = zeros()
+        if hyper["centered"]:
+            state["grad_avg"] = zeros()
+        return state
+    state = {"step": float(torch_state["step"])}
+    for key in ("square_avg", "momentum_buffer", "grad_avg"):
+        if key in torch_state:
+            state[key] = torch_state[key].detach().clone()
+    return state
+
+
+def _export_state(state: State, param: Tensor) -> dict[str, Any]:
+    out: dict[str, Any] = {"step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype())}
+    for key in ("square_avg", "momentum_buffer", "grad_avg"):
+        if state.get(key) is not None:
+            out[key] = state[key].detach().clone()
+    return out
+
+
+RMSPROP = DiffOptimizer(
+    name="RMSprop",
+    torch_cls=torch.optim.RMSprop,
+    hyper_names=("lr", "alpha", "eps", "weight_decay", "momentum"),
+    flag_names=("centered", "maximize"),
+    state_keys=("square_avg", "momentum_buffer", "grad_avg"),
+    step=rmsprop_step,
+    step_vjp=rmsprop_step_vjp,
+    read_hyper=_read_hyper,
+    write_hyper=_write_hyper,
+    import_state=_import_state,
+    export_state=_export_state,
+    notes="A learned momentum always uses the momentum buffer; finite derivative at a zero second moment.",
+)
+
+__all__ = ["RMSPROP", "rmsprop_step", "rmsprop_step_vjp"]
