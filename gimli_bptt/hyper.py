@@ -23,6 +23,17 @@ _DOMAIN: dict[str, tuple[float | None, float | None]] = {
     "beta1": (0.0, 1.0),
     "beta2": (0.0, 1.0),
 }
+# --- issue 3, part B: NAdam, RAdam, ASGD, Rprop ---
+_DOMAIN.update({
+    "momentum_decay": (0.0, None),
+    "lambd": (0.0, None),
+    "alpha": (0.0, None),
+    "etaminus": (0.0, 1.0),
+    "etaplus": (1.0, None),
+    "step_size_min": (0.0, None),
+    "step_size_max": (0.0, None),
+})
+# --- end part B ---
 
 
 def parse_learn(impl: DiffOptimizer, learn: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:

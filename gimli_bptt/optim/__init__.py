@@ -12,6 +12,15 @@ from .base import DiffOptimizer, Hyper, State, StepFn, StepVjpFn, clone_state, s
 from .derived import derive_step_vjp
 from .sgd import SGD, sgd_step, sgd_step_vjp
 
+# --- issue 3, part B: NAdam, RAdam, ASGD, Rprop ---
+from .asgd import ASGD, asgd_step, asgd_step_vjp
+from .nadam import NADAM, nadam_step, nadam_step_vjp
+from .radam import RADAM, radam_step, radam_step_vjp
+from .rprop import RPROP, rprop_step, rprop_step_vjp
+
+_BUILT_IN_B = (NADAM, RADAM, ASGD, RPROP)
+# --- end part B ---
+
 _REGISTRY: dict[type, DiffOptimizer] = {}
 
 
@@ -20,6 +29,8 @@ def _register(impl: DiffOptimizer) -> None:
 
 
 for _impl in (SGD, ADAM, ADAMW):
+    _register(_impl)
+for _impl in _BUILT_IN_B:  # issue 3, part B
     _register(_impl)
 
 
@@ -140,6 +151,8 @@ def unregister_optimizer(cls: type) -> None:
     """Removes a registration made with :func:`register_optimizer` (built-ins cannot be removed)."""
     if cls in (SGD.torch_cls, ADAM.torch_cls, ADAMW.torch_cls):
         raise ValueError(f"{cls.__name__} is built in and cannot be unregistered")
+    if cls in tuple(impl.torch_cls for impl in _BUILT_IN_B):  # issue 3, part B
+        raise ValueError(f"{cls.__name__} is built in and cannot be unregistered")
     _REGISTRY.pop(cls, None)
 
 
@@ -152,6 +165,19 @@ __all__ = [
     "State",
     "adam_step",
     "adam_step_vjp",
+    # issue 3, part B
+    "ASGD",
+    "NADAM",
+    "RADAM",
+    "RPROP",
+    "asgd_step",
+    "asgd_step_vjp",
+    "nadam_step",
+    "nadam_step_vjp",
+    "radam_step",
+    "radam_step_vjp",
+    "rprop_step",
+    "rprop_step_vjp",
     "derive_step_vjp",
     "get_optimizer",
     "register_optimizer",
