@@ -27,6 +27,20 @@ _DOMAIN: dict[str, tuple[float | None, float | None]] = {
     "alpha": (0.0, 1.0),
     "rho": (0.0, 1.0),
 }
+# --- issue 3, part B: NAdam, RAdam, ASGD, Rprop ---
+_DOMAIN.update({
+    "momentum_decay": (0.0, None),
+    "lambd": (0.0, None),
+    "etaminus": (0.0, 1.0),
+    "etaplus": (1.0, None),
+    "step_size_min": (0.0, None),
+    "step_size_max": (0.0, None),
+})
+# --- end part B ---
+#: Ranges that differ by optimizer: ASGD's alpha is an exponent (RMSprop's a decay in [0, 1]).
+_DOMAIN_BY_OPTIMIZER: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("ASGD", "alpha"): (0.0, None),
+}
 
 
 def parse_learn(impl: DiffOptimizer, learn: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
@@ -172,7 +186,7 @@ class OptimizerHyperparameters:
         of range (a negative learning rate, a beta of 1) lands on the boundary instead.
         """
         for name, value in self.values.items():
-            lo, hi = _DOMAIN[name]
+            lo, hi = _DOMAIN_BY_OPTIMIZER.get((self.impl.name, name), _DOMAIN.get(name, (None, None)))
             for t in value if isinstance(value, list) else [value]:
                 finfo = torch.finfo(t.dtype)
                 if name == "eps":

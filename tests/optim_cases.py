@@ -176,3 +176,36 @@ def assert_rel(actual: Tensor, expected: Tensor, tol: float, what: str, floor: f
     assert torch.isfinite(torch.as_tensor(actual)).all(), f"{what}: not finite: {actual}"
     err = rel_err(actual, expected, floor)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}\nactual={actual}\nexpected={expected}"
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 3, part B: NAdam, RAdam, ASGD, Rprop.
+# --------------------------------------------------------------------------------------------
+
+NAdam, RAdam, ASGD, Rprop = torch.optim.NAdam, torch.optim.RAdam, torch.optim.ASGD, torch.optim.Rprop
+
+CASES_B: list[OptimCase] = [
+    OptimCase("nadam-default", NAdam, dict(lr=0.01), dict(lr=0.003, momentum_decay=0.01)),
+    OptimCase("nadam-weight_decay", NAdam, dict(lr=0.01, weight_decay=0.1), dict(weight_decay=0.0, betas=(0.8, 0.99))),
+    OptimCase("nadam-decoupled_weight_decay", NAdam, dict(lr=0.01, weight_decay=0.05, decoupled_weight_decay=True),
+              dict(weight_decay=0.2, momentum_decay=0.0)),
+    OptimCase("nadam-maximize-betas-eps", NAdam, dict(lr=0.02, betas=(0.8, 0.99), eps=1e-3, maximize=True,
+                                                     momentum_decay=0.1), dict(betas=(0.95, 0.9), eps=1e-6)),
+    # RAdam rectifies from step 6 (beta2 >= 0.9) or step 10 (beta2 = 0.7): 20 steps see both branches.
+    OptimCase("radam-default", RAdam, dict(lr=0.01), dict(lr=0.003, betas=(0.8, 0.9))),
+    OptimCase("radam-weight_decay", RAdam, dict(lr=0.01, weight_decay=0.1), dict(weight_decay=0.0)),
+    OptimCase("radam-decoupled_weight_decay", RAdam, dict(lr=0.01, weight_decay=0.05, decoupled_weight_decay=True),
+              dict(weight_decay=0.2)),
+    OptimCase("radam-maximize-betas-eps", RAdam, dict(lr=0.02, betas=(0.8, 0.99), eps=1e-3, maximize=True),
+              dict(betas=(0.95, 0.7), eps=1e-6)),
+    OptimCase("asgd-default", ASGD, dict(lr=0.01), dict(lr=0.05, lambd=1e-3)),
+    OptimCase("asgd-t0", ASGD, dict(lr=0.02, lambd=0.01, alpha=0.5, t0=3.0), dict(t0=0.0, alpha=1.0)),
+    OptimCase("asgd-weight_decay-maximize", ASGD, dict(lr=0.01, lambd=0.05, t0=5.0, weight_decay=0.1, maximize=True),
+              dict(lr=0.1, weight_decay=0.0)),
+    OptimCase("rprop-default", Rprop, dict(lr=0.01), dict(lr=0.002, etas=(0.3, 1.5))),
+    # Tight step-size bounds: both clamps act within a few steps.
+    OptimCase("rprop-clamped", Rprop, dict(lr=0.01, step_sizes=(0.004, 0.015)),
+              dict(etas=(0.4, 1.1), step_sizes=(0.008, 0.02))),
+    OptimCase("rprop-maximize", Rprop, dict(lr=0.01, maximize=True, step_sizes=(1e-3, 0.05)), dict(lr=0.03)),
+]
+CASES += CASES_B

@@ -38,6 +38,24 @@ OPTIMIZERS += [
      ("lr", "beta1", "beta2", "eps", "weight_decay")),
 ]
 # --- end of issue 3, part a ---
+
+# --- issue 3, part B: NAdam, RAdam, ASGD, Rprop ---
+_NADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay")
+_RADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
+OPTIMIZERS += [
+    ("nadam", torch.optim.NAdam, dict(lr=0.01, weight_decay=0.01, eps=1e-3), _NADAM_HYPER),
+    ("nadamw_maximize", torch.optim.NAdam,
+     dict(lr=0.01, weight_decay=0.05, decoupled_weight_decay=True, maximize=True, momentum_decay=0.1), _NADAM_HYPER),
+    # rectified from inner step 6 on (beta2 = 0.9): unrolls of 6 to 8 steps cross the switch.
+    ("radam", torch.optim.RAdam, dict(lr=0.01, betas=(0.9, 0.9), weight_decay=0.01), _RADAM_HYPER),
+    ("radam_decoupled", torch.optim.RAdam, dict(lr=0.01, weight_decay=0.05, decoupled_weight_decay=True),
+     _RADAM_HYPER),
+    ("asgd", torch.optim.ASGD, dict(lr=0.05, lambd=0.01, t0=2.0, weight_decay=0.01),
+     ("lr", "lambd", "alpha", "weight_decay")),
+    ("rprop", torch.optim.Rprop, dict(lr=0.01, step_sizes=(2e-3, 0.02)),
+     ("lr", "etaminus", "etaplus", "step_size_min", "step_size_max")),
+]
+# --- end part B ---
 OPTIMIZER_NAMES = [o[0] for o in OPTIMIZERS]
 
 

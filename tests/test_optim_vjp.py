@@ -63,6 +63,15 @@ def _out_keys(case: OptimCase, theta: Tensor, G: Tensor, state: dict[str, Any], 
     return tensor_keys(case.impl.step(theta, G, state, hyper)[1])
 
 
+def _state_next_bar(case: OptimCase, theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any],
+                    gen: torch.Generator, keys: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Random cotangents for the differentiable entries of the next state, each shaped like its
+    entry (a scalar entry, NAdam's mu_product or ASGD's eta, is 0-d beside an n-d parameter)."""
+    state_next = case.impl.step(theta, G, state, hyper)[1]
+    keys = tensor_keys(state_next) if keys is None else keys
+    return {k: random_like(state_next[k].shape, gen) for k in keys}
+
+
 def _autograd_vjp(case: OptimCase, theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any],
                   theta_next_bar: Tensor, state_next_bar: dict[str, Tensor]):
     """``(theta_bar, G_bar, state_bar, hyper_bar)`` by ``torch.autograd.grad`` through ``step``."""
@@ -136,14 +145,30 @@ def _linear_g_path(case: OptimCase, theta: Tensor, G: Tensor, state: dict[str, A
 # --- end of issue 3, part a ---
 
 
+def _nadam_g_path(case: OptimCase, theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any],
+                  theta_next_bar: Tensor) -> Tensor:
+    """|theta_next_bar| (|c_g| + (1 - b1) |c_m|) / d: the size of NAdam's first-order paths of G_bar.
+
+    As for Adam (:func:`_adam_m_path`), at the first step they nearly cancel against the v' path."""
+    sn = case.impl.step(theta, G, state, hyper)[1]
+    b1, b2, lr, eps, md, t = (hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"], hyper["momentum_decay"],
+                              sn["step"])
+    mu, mu_n = b1 * (1 - 0.5 * 0.96 ** (t * md)), b1 * (1 - 0.5 * 0.96 ** ((t + 1) * md))
+    p1 = sn["mu_product"]
+    denom = (sn["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps
+    c_g, c_m = lr * (1 - mu) / (1 - p1), lr * mu_n / (1 - p1 * mu_n)
+    return (theta_next_bar.abs() * (abs(c_g) + (1 - b1) * abs(c_m)) / denom).detach()
+
+
 def _assert_vjp_matches(case, theta, G, state, hyper, theta_next_bar, state_next_bar, where: str) -> None:
     ours = case.impl.step_vjp(theta, G, state, hyper, theta_next_bar, state_next_bar)
     _check_contract(theta, G, state, hyper, *ours)
     ref = _autograd_vjp(case, theta, G, state, hyper, theta_next_bar, state_next_bar)
     theta_bar, G_bar, state_bar, hyper_bar = ours
     floor = {}
-    if case.is_adam:
-        m_path = _adam_m_path(case, theta, G, state, hyper, theta_next_bar)
+    if case.is_adam or case.torch_cls is torch.optim.NAdam:
+        path = _adam_m_path if case.is_adam else _nadam_g_path
+        m_path = path(case, theta, G, state, hyper, theta_next_bar)
         floor["G"] = m_path.max().item()
         if not hyper["decoupled_weight_decay"]:  # weight_decay_bar = <theta, g_bar>
             floor["weight_decay"] = (theta.abs() * m_path).sum().item()
@@ -180,7 +205,7 @@ def test_vjp_matches_autograd(case: OptimCase, learned: tuple[str, ...], granula
         for shape in SHAPES:
             theta, G, state, hyper = _point(case, shape, phase, gen, group)
             hyper = learn(hyper, learned, granularity, theta)
-            state_next_bar = {k: random_like(shape, gen) for k in _out_keys(case, theta, G, state, hyper)}
+            state_next_bar = _state_next_bar(case, theta, G, state, hyper, gen)
             _assert_vjp_matches(case, theta, G, state, hyper, random_like(shape, gen), state_next_bar,
                                 f"group {group}, shape {shape}")
 
@@ -195,7 +220,7 @@ def test_vjp_fixed_hyper_and_empty_state_bar(case: OptimCase, phase: str) -> Non
         theta, G, state, hyper = _point(case, shape, phase, gen)
         keys = _out_keys(case, theta, G, state, hyper)
         for subset in [[], keys[:1], keys[1:]]:
-            bar = {k: random_like(shape, gen) for k in subset}
+            bar = _state_next_bar(case, theta, G, state, hyper, gen, subset)
             _assert_vjp_matches(case, theta, G, state, hyper, random_like(shape, gen), bar,
                                 f"shape {shape}, state_next_bar keys {subset}")
 
@@ -207,7 +232,7 @@ def test_vjp_is_pure(case: OptimCase) -> None:
     theta, G, state, hyper = _point(case, (3, 4), "after_3_steps", gen)
     hyper = learn(hyper, case.impl.hyper_names, "element", theta)
     tb = random_like((3, 4), gen)
-    sb = {k: random_like((3, 4), gen) for k in _out_keys(case, theta, G, state, hyper)}
+    sb = _state_next_bar(case, theta, G, state, hyper, gen)
     inputs = [theta, G, tb] + [state[k] for k in tensor_keys(state)] + list(sb.values()) + [
         hyper[n] for n in _learned(hyper)]
     before = [x.clone() for x in inputs]
@@ -430,7 +455,7 @@ def test_vjp_matches_autograd_random(point, phase: str, granularity: str, seed: 
     gen = torch.Generator().manual_seed(seed)
     theta, G, state, hyper = _point(case, shape, phase, gen, hyper=hyper)
     hyper = learn(hyper, case.impl.hyper_names, granularity, theta)
-    sb = {k: random_like(shape, gen) for k in _out_keys(case, theta, G, state, hyper)}
+    sb = _state_next_bar(case, theta, G, state, hyper, gen)
     _assert_vjp_matches(case, theta, G, state, hyper, random_like(shape, gen), sb, "random")
     lhs, rhs, scale = _dot_product_gap(case, theta, G, state, hyper, gen)
     assert abs(lhs - rhs) <= TOL * scale

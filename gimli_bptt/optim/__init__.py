@@ -20,6 +20,14 @@ from .rmsprop import RMSPROP, rmsprop_step, rmsprop_step_vjp
 
 _BUILT_IN_A = (ADAGRAD, RMSPROP, ADADELTA, ADAMAX)
 # --- end of issue 3, part a ---
+# --- issue 3, part B: NAdam, RAdam, ASGD, Rprop ---
+from .asgd import ASGD, asgd_step, asgd_step_vjp
+from .nadam import NADAM, nadam_step, nadam_step_vjp
+from .radam import RADAM, radam_step, radam_step_vjp
+from .rprop import RPROP, rprop_step, rprop_step_vjp
+
+_BUILT_IN_B = (NADAM, RADAM, ASGD, RPROP)
+# --- end part B ---
 
 _REGISTRY: dict[type, DiffOptimizer] = {}
 
@@ -30,7 +38,7 @@ def _register(impl: DiffOptimizer) -> None:
 
 for _impl in (SGD, ADAM, ADAMW):
     _register(_impl)
-for _impl in _BUILT_IN_A:  # issue 3, part a
+for _impl in _BUILT_IN_A + _BUILT_IN_B:  # issue 3, parts a and B
     _register(_impl)
 
 
@@ -149,9 +157,8 @@ def register_optimizer(
 
 def unregister_optimizer(cls: type) -> None:
     """Removes a registration made with :func:`register_optimizer` (built-ins cannot be removed)."""
-    if cls in (SGD.torch_cls, ADAM.torch_cls, ADAMW.torch_cls) or cls in tuple(
-        impl.torch_cls for impl in _BUILT_IN_A  # issue 3, part a
-    ):
+    built_in = (SGD, ADAM, ADAMW) + _BUILT_IN_A + _BUILT_IN_B
+    if cls in tuple(impl.torch_cls for impl in built_in):
         raise ValueError(f"{cls.__name__} is built in and cannot be unregistered")
     _REGISTRY.pop(cls, None)
 
@@ -179,6 +186,19 @@ __all__ = [
     "State",
     "adam_step",
     "adam_step_vjp",
+    # issue 3, part B
+    "ASGD",
+    "NADAM",
+    "RADAM",
+    "RPROP",
+    "asgd_step",
+    "asgd_step_vjp",
+    "nadam_step",
+    "nadam_step_vjp",
+    "radam_step",
+    "radam_step_vjp",
+    "rprop_step",
+    "rprop_step_vjp",
     "derive_step_vjp",
     "get_optimizer",
     "register_optimizer",

@@ -1,0 +1,209 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Differentiable ``torch.optim.ASGD``: the decaying step size ``eta``, the average ``ax``, weight decay, maximize."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+from .scalars import export_scalar, round_to_torch_scalar, scalar_state_dtype, sum_to, zero_missing_bars
+
+_HYPER_NAMES = ("lr", "lambd", "alpha", "weight_decay")
+
+
+def _eta_used(state: State, hyper: Hyper) -> Any:
+    """The step size of this step.
+
+    Note [Lazy first step size]: ``torch.optim`` creates the state at the first step, with
+    ``eta = lr`` (ASGD) or ``step_size = lr`` everywhere (Rprop), from the group's learning rate at
+    that moment. So at the first step (``state["step"] == 0``) the step size is the hyperparameter
+    ``lr`` itself, not the state's copy: the same value, and the learned ``lr`` then gets its
+    derivative through the first step (later steps reach it through the state).
+    """
+    if float(state["step"]) == 0.0:
+        return round_to_torch_scalar(hyper["lr"])
+    return state["eta"]
+
+
+def _next_eta(hyper: Hyper, t: float) -> tuple[Any, Any]:
+    """``(eta', 1 + lambd lr t)``: the step size torch computes for the next step, and its base."""
+    lr, lambd, alpha = hyper["lr"], hyper["lambd"], hyper["alpha"]
+    base = 1 + lambd * lr * t
+    return lr / (base**alpha), base
+
+
+def _next_mu(hyper: Hyper, t: float) -> float:
+    return round_to_torch_scalar(1 / max(1, t - float(hyper["t0"])))
+
+
+def asgd_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
+    """One ASGD step on one tensor, out of place, as ``torch.optim.ASGD`` makes it.
+
+    .. math::
+        g &= \\pm G + \\lambda_{wd} \\theta \\\\
+        \\theta' &= \\theta (1 - \\lambda \\eta) - \\eta g \\\\
+        a' &= a + \\mu (\\theta' - a) \\\\
+        \\eta' &= \\frac{\\eta_0}{(1 + \\lambda \\eta_0 t)^\\alpha}, \\quad
+        \\mu' = \\frac{1}{\\max(1, t - t_0)}
+
+    with :math:`\\eta_0` the ``lr``, :math:`\\eta` and :math:`\\mu` from the state (Note [Lazy
+    first step size]) and both rounded as torch keeps them (Note [Scalar state precision]).
+    ``eta`` becomes element-shaped when ``lr``, ``lambd`` or ``alpha`` is learned per element.
+
+    Note [ASGD's average]: torch copies :math:`\\theta'` into :math:`a'` where :math:`\\mu = 1`
+    (``t <= t0 + 1``) and takes the formula otherwise; the formula at :math:`\\mu = 1` is the same
+    value (up to one rounding), so it is used throughout, a smooth function of :math:`\\mu`.
+    ``t0`` is a step threshold that only reaches :math:`a'` (which never feeds back into
+    :math:`\\theta`): it is a fixed option, not a learnable hyperparameter.
+    """
+    lambd, wd = hyper["lambd"], hyper["weight_decay"]
+    t = float(state["step"]) + 1.0
+    g = -G if hyper["maximize"] else G
+    if is_learned(wd) or wd != 0:
+        g = g + wd * theta
+    eta = _eta_used(state, hyper)
+    theta_next = theta * (1 - lambd * eta) - eta * g
+    ax = state["ax"]
+    ax_next = ax + (theta_next - ax) * state["mu"]
+    eta_next, _ = _next_eta(hyper, t)
+    eta_next = round_to_torch_scalar(eta_next)
+    dtype = state["mu"].dtype
+    if not isinstance(eta_next, Tensor):
+        eta_next = torch.tensor(eta_next, dtype=dtype, device=theta.device)
+    mu_next = torch.tensor(_next_mu(hyper, t), dtype=dtype, device=theta.device)
+    return theta_next, {"step": t, "eta": eta_next, "mu": mu_next, "ax": ax_next}
+
+
+def asgd_step_vjp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_next_bar: Tensor,
+    state_next_bar: State,
+) -> tuple[Tensor, Tensor, State, dict[str, Tensor]]:
+    """Vector-Jacobian product of :func:`asgd_step`.
+
+    With :math:`B = 1 + \\lambda\\eta_0 t`:
+
+    .. math::
+        \\bar\\theta'_{tot} &= \\bar\\theta' + \\mu \\bar a', \\quad \\bar a = (1 - \\mu) \\bar a', \\quad
+        \\bar\\mu = \\langle \\theta' - a, \\bar a' \\rangle \\\\
+        \\bar\\eta &= -\\langle \\lambda\\theta + g, \\bar\\theta'_{tot} \\rangle, \\quad
+        \\bar\\lambda = -\\langle \\eta\\theta, \\bar\\theta'_{tot} \\rangle, \\quad
+        \\bar g = -\\eta \\bar\\theta'_{tot}, \\quad
+        \\bar\\theta = (1 - \\lambda\\eta) \\bar\\theta'_{tot} + \\lambda_{wd} \\bar g \\\\
+        \\bar\\eta_0 &\\mathrel{+}= \\bar\\eta' B^{-\\alpha} (1 - \\alpha \\lambda \\eta_0 t / B), \\quad
+        \\bar\\lambda \\mathrel{+}= -\\bar\\eta' \\alpha \\eta_0^2 t B^{-\\alpha - 1}, \\quad
+        \\bar\\alpha = -\\bar\\eta' \\eta' \\ln B
+
+    and at the first step :math:`\\bar\\eta` goes to ``lr`` (Note [Lazy first step size]);
+    :math:`\\mu'` depends on nothing differentiable.
+    """
+    lr, lambd, alpha, wd = hyper["lr"], hyper["lambd"], hyper["alpha"], hyper["weight_decay"]
+    t = float(state["step"]) + 1.0
+    g = -G if hyper["maximize"] else G
+    has_wd = is_learned(wd) or wd != 0
+    if has_wd:
+        g = g + wd * theta
+    eta = _eta_used(state, hyper)
+    mu, ax = state["mu"], state["ax"]
+    bars: dict[str, Tensor] = {}
+    state_bar: State = {}
+
+    theta_next_bar_tot = theta_next_bar
+    ax_next_bar = state_next_bar.get("ax")
+    if ax_next_bar is not None:
+        theta_next = theta * (1 - lambd * eta) - eta * g
+        theta_next_bar_tot = theta_next_bar + mu * ax_next_bar
+        state_bar["ax"] = (1 - mu) * ax_next_bar
+        state_bar["mu"] = sum_to((theta_next - ax) * ax_next_bar, mu)
+    tb = theta_next_bar_tot
+    eta_bar = -(lambd * theta + g) * tb
+    add_bar(bars, hyper, "lambd", lambda: -eta * theta * tb)
+    g_bar = -eta * tb
+    if float(state["step"]) == 0.0:
+        add_bar(bars, hyper, "lr", eta_bar)
+    else:
+        state_bar["eta"] = sum_to(eta_bar, state["eta"])
+
+    eta_next_bar = state_next_bar.get("eta")
+    if eta_next_bar is not None and any(is_learned(hyper[n]) for n in ("lr", "lambd", "alpha")):
+        eta_next, base = _next_eta(hyper, t)
+        # eta' = lr B^-alpha, B = 1 + lambd lr t
+        base_bar = -eta_next_bar * alpha * eta_next / base
+        add_bar(bars, hyper, "lr", lambda: eta_next_bar * base ** (-alpha) + base_bar * lambd * t)
+        add_bar(bars, hyper, "lambd", lambda: base_bar * lr * t)
+        if is_learned(alpha):
+            log_base = torch.log(base) if isinstance(base, Tensor) else math.log(base)
+            add_bar(bars, hyper, "alpha", -eta_next_bar * eta_next * log_base)
+
+    theta_bar = tb * (1 - lambd * eta)
+    if has_wd:
+        theta_bar = theta_bar + wd * g_bar
+        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
+    G_bar = -g_bar if hyper["maximize"] else g_bar
+    return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
+
+
+def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "lr": float(group["lr"]),
+        "lambd": float(group["lambd"]),
+        "alpha": float(group["alpha"]),
+        "weight_decay": float(group["weight_decay"]),
+        "t0": float(group["t0"]),
+        "maximize": bool(group.get("maximize", False)),
+    }
+
+
+def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
+    group[name] = value
+
+
+def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
+    dtype = scalar_state_dtype(param)
+    if len(torch_state) == 0:
+        return {
+            "step": 0.0,
+            "eta": torch.tensor(round_to_torch_scalar(float(hyper["lr"])), dtype=dtype, device=param.device),
+            "mu": torch.ones((), dtype=dtype, device=param.device),
+            "ax": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
+        }
+    return {
+        "step": float(torch_state["step"]),
+        "eta": torch.as_tensor(torch_state["eta"]).detach().to(dtype=dtype, device=param.device).clone(),
+        "mu": torch.as_tensor(torch_state["mu"]).detach().to(dtype=dtype, device=param.device).clone(),
+        "ax": torch_state["ax"].detach().clone(),
+    }
+
+
+def _export_state(state: State, param: Tensor) -> dict[str, Any]:
+    return {
+        "step": export_scalar(float(state["step"])),
+        "eta": export_scalar(state["eta"]),
+        "mu": export_scalar(state["mu"]),
+        "ax": state["ax"].detach().clone(),
+    }
+
+
+ASGD = DiffOptimizer(
+    name="ASGD",
+    torch_cls=torch.optim.ASGD,
+    hyper_names=_HYPER_NAMES,
+    flag_names=("t0", "maximize"),
+    state_keys=("eta", "mu", "ax"),
+    step=asgd_step,
+    step_vjp=asgd_step_vjp,
+    read_hyper=_read_hyper,
+    write_hyper=_write_hyper,
+    import_state=_import_state,
+    export_state=_export_state,
+    notes="t0 is a fixed option (Note [ASGD's average]); eta and mu rounded as torch keeps them; "
+          "the first step uses lr itself (Note [Lazy first step size]).",
+)
+
+__all__ = ["ASGD", "asgd_step", "asgd_step_vjp"]

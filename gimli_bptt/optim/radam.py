@@ -1,0 +1,244 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Differentiable ``torch.optim.RAdam``: the variance rectification, decoupled weight decay, maximize."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .adam import _prepare, _sqrt
+from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+from .scalars import export_scalar, zero_missing_bars
+
+_HYPER_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay")
+#: The switch of torch.optim.RAdam: the update is rectified where rho_t > 5.
+RHO_SWITCH = 5.0
+
+
+def _select(on: Any, a: Any, b: Any) -> Any:
+    """``a`` where ``on`` else ``b``: a Python branch for a bool, ``torch.where`` for a mask."""
+    if isinstance(on, Tensor):
+        return torch.where(on, a, b)
+    return a if on else b
+
+
+def _rho(b2: Any, t: float) -> tuple[Any, Any, Any]:
+    """``(rho_inf, rho_t, rectified)`` of step t: the SMA lengths and whether rho_t > 5."""
+    bc2 = 1 - b2**t
+    rho_inf = 2 / (1 - b2) - 1
+    rho_t = rho_inf - 2 * t * (b2**t) / bc2
+    return rho_inf, rho_t, rho_t > RHO_SWITCH
+
+
+def _rect(rho_inf: Any, rho_t: Any, on: Any) -> Any:
+    """The rectification term; where it is off, it is evaluated at a harmless point (so that no NaN
+    of the unused branch reaches a derivative through ``torch.where``)."""
+    if isinstance(on, Tensor):
+        rho_t = torch.where(on, rho_t, 6.0)
+        rho_inf = torch.where(on, rho_inf, 7.0)
+    elif not on:
+        return 1.0
+    return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+
+
+def radam_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
+    """One RAdam step on one tensor, out of place, as ``torch.optim.RAdam`` makes it.
+
+    .. math::
+        m' &= \\beta_1 m + (1 - \\beta_1) g, \\quad v' = \\beta_2 v + (1 - \\beta_2) g^2, \\quad
+        c_1 = 1 - \\beta_1^t, \\quad c_2 = 1 - \\beta_2^t \\\\
+        \\rho_\\infty &= \\frac{2}{1 - \\beta_2} - 1, \\quad
+        \\rho_t = \\rho_\\infty - \\frac{2 t \\beta_2^t}{c_2}, \\quad
+        r_t = \\sqrt{\\frac{(\\rho_t - 4)(\\rho_t - 2)\\rho_\\infty}{(\\rho_\\infty - 4)(\\rho_\\infty - 2)\\rho_t}} \\\\
+        \\theta' &= \\theta_1 - \\eta \\frac{m'}{c_1} \\cdot
+        \\begin{cases} r_t \\sqrt{c_2} / (\\sqrt{v'} + \\epsilon) & \\rho_t > 5 \\\\ 1 & \\text{otherwise} \\end{cases}
+
+    with :math:`g` and :math:`\\theta_1` as for Adam (coupled or decoupled weight decay).
+    A ``beta2`` learned per element switches per element.
+    """
+    b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
+    g, theta1, t = _prepare(theta, G, state, hyper)
+    m_next = torch.lerp(state["exp_avg"], g, 1 - b1)
+    v_next = state["exp_avg_sq"] * b2 + (1 - b2) * (g * g)
+    bias_correction1 = 1 - b1**t
+    bias_correction2 = 1 - b2**t
+    bias_corrected = m_next / bias_correction1
+    rho_inf, rho_t, on = _rho(b2, t)
+    new_state: State = {"step": t, "exp_avg": m_next, "exp_avg_sq": v_next}
+    if isinstance(on, Tensor) or on:
+        adaptive = bias_correction2**0.5 / (_sqrt(v_next) + eps)
+        factor = _select(on, adaptive * _rect(rho_inf, rho_t, on), 1.0)
+        return theta1 - bias_corrected * lr * factor, new_state
+    return theta1 - bias_corrected * lr, new_state
+
+
+def radam_step_vjp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_next_bar: Tensor,
+    state_next_bar: State,
+) -> tuple[Tensor, Tensor, State, dict[str, Tensor]]:
+    """Vector-Jacobian product of :func:`radam_step`.
+
+    With :math:`\\hat m = m'/c_1`, :math:`F = \\eta A r_t` (rectified, :math:`A = \\sqrt{c_2}/(s + \\epsilon)`,
+    :math:`s = \\sqrt{v'}`) or :math:`F = \\eta`:
+
+    .. math::
+        \\bar{\\hat m} &= -F \\bar\\theta', \\quad \\bar F = -\\hat m \\bar\\theta', \\quad
+        \\bar m'_{tot} = \\bar m' + \\bar{\\hat m} / c_1, \\quad
+        \\bar c_1 = -\\bar{\\hat m} m' / c_1^2 \\\\
+        \\bar A &= \\eta r_t \\bar F, \\quad \\bar\\epsilon = -\\bar A A / (s + \\epsilon), \\quad
+        \\bar v'_{tot} = \\bar v' + \\bar\\epsilon / (2 s), \\quad
+        \\bar c_2 = \\bar A A / (2 c_2) \\\\
+        \\bar r_t &= \\eta A \\bar F, \\quad
+        \\bar\\rho_t = \\tfrac12 r_t \\bar r_t \\left(\\frac{1}{\\rho_t - 4} + \\frac{1}{\\rho_t - 2} - \\frac{1}{\\rho_t}\\right), \\quad
+        \\bar\\rho_\\infty = \\bar\\rho_t + \\tfrac12 r_t \\bar r_t \\left(\\frac{1}{\\rho_\\infty} - \\frac{1}{\\rho_\\infty - 4} - \\frac{1}{\\rho_\\infty - 2}\\right) \\\\
+        \\bar\\beta_2 &\\mathrel{+}= \\bar\\rho_\\infty \\frac{2}{(1 - \\beta_2)^2}
+        - \\bar\\rho_t \\frac{2 t^2 \\beta_2^{t-1}}{c_2^2} - \\bar c_2 t \\beta_2^{t-1} + (v - g^2) \\bar v'_{tot}
+
+    Note [RAdam's rectification switch]: the update is piecewise in :math:`\\rho_t`, a function of
+    ``beta2`` and the step only (not of the gradients). We differentiate the branch taken: where
+    :math:`\\rho_t \\le 5` neither ``eps`` nor the rectification has a path to the output and
+    ``beta2`` acts only through :math:`v'`. At :math:`\\rho_t = 5` exactly the update jumps (r_t
+    is not 1 there), so no derivative in ``beta2`` exists at the switch itself; like torch
+    (a strict test) we take the unrectified branch there. The tests stay away from it.
+    """
+    b1, b2, lr, eps, wd = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"], hyper["weight_decay"]
+    g, _, t = _prepare(theta, G, state, hyper)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m_next = torch.lerp(m, g, 1 - b1)
+    v_next = v * b2 + (1 - b2) * (g * g)
+    bc1 = 1 - b1**t
+    bc2 = 1 - b2**t
+    hat_m = m_next / bc1
+    rho_inf, rho_t, on = _rho(b2, t)
+    any_on = isinstance(on, Tensor) or on
+    tb = theta_next_bar
+    bars: dict[str, Tensor] = {}
+    state_bar: State = {}
+    v_bar = None
+
+    if any_on:
+        s = v_next.sqrt()
+        sqrt_bc2 = bc2**0.5
+        den = s + eps
+        A = sqrt_bc2 / den
+        r = _rect(rho_inf, rho_t, on)
+        F = _select(on, lr * A * r, lr)
+        F_bar = -hat_m * tb
+        hat_m_bar = -F * tb
+        add_bar(bars, hyper, "lr", lambda: F_bar * _select(on, A * r, 1.0))
+        A_bar = _select(on, lr * r * F_bar, 0.0)
+        den_bar = -A_bar * A / den
+        add_bar(bars, hyper, "eps", den_bar)
+        positive = s > 0
+        s_safe = torch.where(positive, s, torch.ones_like(s))
+        v_bar = torch.where(positive, den_bar / (2 * s_safe), torch.zeros_like(s))
+        if is_learned(b2):
+            bc2_bar = A_bar * A / (2 * bc2)  # A = bc2^(1/2) / den
+            r_bar = _select(on, lr * A * F_bar, 0.0)
+            rho_t_s = torch.where(on, rho_t, 6.0) if isinstance(on, Tensor) else rho_t
+            rho_inf_s = torch.where(on, rho_inf, 7.0) if isinstance(on, Tensor) else rho_inf
+            half = 0.5 * r * r_bar
+            rho_t_bar = half * (1 / (rho_t_s - 4) + 1 / (rho_t_s - 2) - 1 / rho_t_s)
+            rho_inf_bar = rho_t_bar + half * (1 / rho_inf_s - 1 / (rho_inf_s - 4) - 1 / (rho_inf_s - 2))
+            add_bar(bars, hyper, "beta2", lambda: rho_inf_bar * 2 / ((1 - b2) * (1 - b2))
+                    - rho_t_bar * 2 * t * t * b2 ** (t - 1) / (bc2 * bc2) - bc2_bar * t * b2 ** (t - 1))
+    else:
+        hat_m_bar = -lr * tb
+        add_bar(bars, hyper, "lr", lambda: -hat_m * tb)
+
+    m_bar = hat_m_bar / bc1
+    carried = state_next_bar.get("exp_avg")
+    if carried is not None:
+        m_bar = m_bar + carried
+    carried = state_next_bar.get("exp_avg_sq")
+    if carried is not None:
+        v_bar = carried if v_bar is None else v_bar + carried
+    if is_learned(b1):
+        bc1_bar = -hat_m_bar * m_next / (bc1 * bc1)
+        add_bar(bars, hyper, "beta1", -bc1_bar * t * b1 ** (t - 1) + (m - g) * m_bar)
+    state_bar["exp_avg"] = b1 * m_bar
+    g_bar = (1 - b1) * m_bar
+    if v_bar is not None:
+        add_bar(bars, hyper, "beta2", lambda: (v - g * g) * v_bar)
+        state_bar["exp_avg_sq"] = b2 * v_bar
+        g_bar = g_bar + 2 * (1 - b2) * g * v_bar
+
+    theta_bar = tb
+    if is_learned(wd) or wd != 0:
+        if hyper["decoupled_weight_decay"]:
+            theta_bar = tb * (1 - lr * wd)
+            add_bar(bars, hyper, "lr", lambda: -wd * theta * tb)
+            add_bar(bars, hyper, "weight_decay", lambda: -lr * theta * tb)
+        else:
+            theta_bar = tb + wd * g_bar
+            add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
+    G_bar = -g_bar if hyper["maximize"] else g_bar
+    return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
+
+
+def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    beta1, beta2 = group["betas"]
+    return {
+        "lr": float(group["lr"]),
+        "beta1": float(beta1),
+        "beta2": float(beta2),
+        "eps": float(group["eps"]),
+        "weight_decay": float(group["weight_decay"]),
+        "maximize": bool(group.get("maximize", False)),
+        "decoupled_weight_decay": bool(group.get("decoupled_weight_decay", False)),
+    }
+
+
+def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
+    if name in ("beta1", "beta2"):
+        betas = list(group["betas"])
+        betas[0 if name == "beta1" else 1] = value
+        group["betas"] = tuple(betas)
+    else:
+        group[name] = value
+
+
+def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
+    if len(torch_state) == 0:
+        return {
+            "step": 0.0,
+            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
+            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
+        }
+    return {
+        "step": float(torch_state["step"]),
+        "exp_avg": torch_state["exp_avg"].detach().clone(),
+        "exp_avg_sq": torch_state["exp_avg_sq"].detach().clone(),
+    }
+
+
+def _export_state(state: State, param: Tensor) -> dict[str, Any]:
+    return {
+        "step": export_scalar(float(state["step"])),
+        "exp_avg": state["exp_avg"].detach().clone(),
+        "exp_avg_sq": state["exp_avg_sq"].detach().clone(),
+    }
+
+
+RADAM = DiffOptimizer(
+    name="RAdam",
+    torch_cls=torch.optim.RAdam,
+    hyper_names=_HYPER_NAMES,
+    flag_names=("maximize", "decoupled_weight_decay"),
+    state_keys=("exp_avg", "exp_avg_sq"),
+    step=radam_step,
+    step_vjp=radam_step_vjp,
+    read_hyper=_read_hyper,
+    write_hyper=_write_hyper,
+    import_state=_import_state,
+    export_state=_export_state,
+    notes="The branch taken at the rectification switch rho_t > 5 is differentiated "
+          "(Note [RAdam's rectification switch]); finite derivative at a zero second moment.",
+)
+
+__all__ = ["RADAM", "RHO_SWITCH", "radam_step", "radam_step_vjp"]

@@ -1,0 +1,178 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Differentiable ``torch.optim.Rprop``: sign-based steps with adaptive, clamped step sizes; maximize."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .base import DiffOptimizer, Hyper, State, add_bar
+from .scalars import export_scalar, zero_missing_bars
+
+_HYPER_NAMES = ("lr", "etaminus", "etaplus", "step_size_min", "step_size_max")
+
+
+def _step_size_used(theta: Tensor, state: State, hyper: Hyper) -> Tensor:
+    """The step sizes before this step's update: ``lr`` everywhere at the first step (Note [Lazy
+    first step size] in :mod:`gimli_bptt.optim.asgd`), the state's afterwards."""
+    if float(state["step"]) == 0.0:
+        return torch.zeros_like(theta) + hyper["lr"]
+    return state["step_size"]
+
+
+def _clamp(x: Tensor, lo: Any, hi: Any) -> Tensor:
+    """``torch.clamp``, with both bounds as tensors where either is (torch takes no mix)."""
+    if isinstance(lo, Tensor) or isinstance(hi, Tensor):
+        lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
+        hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
+    return torch.clamp(x, min=lo, max=hi)
+
+
+def _signs(G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, Tensor, Tensor]:
+    """``(g, sign of g * prev, the factor etaplus / etaminus / 1)``."""
+    g = -G if hyper["maximize"] else G
+    sign = (g * state["prev"]).sign()
+    # A tensor operand first, so that float etas keep their float64 value (where of two Python
+    # scalars would give the default dtype).
+    factor = torch.where(sign > 0, hyper["etaplus"], torch.where(sign < 0, hyper["etaminus"], torch.ones_like(g)))
+    return g, sign, factor
+
+
+def rprop_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
+    """One Rprop step on one tensor, out of place, as ``torch.optim.Rprop`` makes it.
+
+    .. math::
+        g &= \\pm G, \\quad s = \\operatorname{sign}(g \\cdot g_{prev}), \\quad
+        f = \\eta_+ \\,(s > 0),\\; \\eta_- \\,(s < 0),\\; 1 \\,(s = 0) \\\\
+        \\delta' &= \\operatorname{clamp}(\\delta f, \\delta_{min}, \\delta_{max}), \\quad
+        \\tilde g = 0 \\text{ where } s < 0 \\text{, else } g \\\\
+        \\theta' &= \\theta - \\operatorname{sign}(\\tilde g) \\, \\delta', \\quad g_{prev}' = \\tilde g
+    """
+    g, sign, factor = _signs(G, state, hyper)
+    step_size = _clamp(_step_size_used(theta, state, hyper) * factor, hyper["step_size_min"], hyper["step_size_max"])
+    g_masked = torch.where(sign < 0, torch.zeros_like(g), g)
+    theta_next = theta - g_masked.sign() * step_size
+    return theta_next, {"step": float(state["step"]) + 1.0, "prev": g_masked, "step_size": step_size}
+
+
+def rprop_step_vjp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_next_bar: Tensor,
+    state_next_bar: State,
+) -> tuple[Tensor, Tensor, State, dict[str, Tensor]]:
+    """Vector-Jacobian product of :func:`rprop_step`.
+
+    .. math::
+        \\bar\\delta'_{tot} &= \\bar\\delta' - \\operatorname{sign}(\\tilde g) \\bar\\theta', \\quad
+        \\bar x = \\bar\\delta'_{tot} [\\delta_{min} \\le \\delta f \\le \\delta_{max}], \\quad
+        \\bar\\delta_{min} = \\bar\\delta'_{tot} [\\delta f < \\delta_{min}], \\quad
+        \\bar\\delta_{max} = \\bar\\delta'_{tot} [\\delta f > \\delta_{max}] \\\\
+        \\bar\\delta &= f \\bar x, \\quad \\bar\\eta_\\pm = \\delta \\bar x [s \\gtrless 0], \\quad
+        \\bar g = \\bar g'_{prev} [s \\ge 0], \\quad \\bar\\theta = \\bar\\theta'
+
+    Note [Rprop's derivatives]: the update is piecewise constant in the gradient and the
+    previous gradient (signs): :math:`\\theta'` and :math:`\\delta'` have zero derivative in
+    them, so :math:`\\bar G` is only the pass-through into :math:`g_{prev}'`, and the previous
+    gradient gets no cotangent. The learning rate (through the first step size, Note [Lazy first
+    step size]), ``etaplus`` and ``etaminus`` reach the output through the step sizes: every one is
+    a product of them, clamped. The clamp is differentiated as ``torch.clamp`` is (a tie at a bound
+    counts as inside: the cotangent goes to the step size, not the bound), so ``step_size_min`` and
+    ``step_size_max`` are learnable too: they get the cotangent where they clamp. All these
+    derivatives are exact away from sign changes and clamp ties.
+    """
+    g, sign, factor = _signs(G, state, hyper)
+    step_size = _step_size_used(theta, state, hyper)
+    lo, hi = hyper["step_size_min"], hyper["step_size_max"]
+    pre = step_size * factor
+    g_masked = torch.where(sign < 0, torch.zeros_like(g), g)
+    ss_bar = -g_masked.sign() * theta_next_bar
+    carried = state_next_bar.get("step_size")
+    if carried is not None:
+        ss_bar = ss_bar + carried
+    zero = torch.zeros_like(ss_bar)
+    bars: dict[str, Tensor] = {}
+    add_bar(bars, hyper, "step_size_min", lambda: torch.where(pre < lo, ss_bar, zero))
+    add_bar(bars, hyper, "step_size_max", lambda: torch.where(pre > hi, ss_bar, zero))
+    pre_bar = torch.where((pre >= lo) & (pre <= hi), ss_bar, zero)
+    add_bar(bars, hyper, "etaplus", lambda: torch.where(sign > 0, step_size * pre_bar, zero))
+    add_bar(bars, hyper, "etaminus", lambda: torch.where(sign < 0, step_size * pre_bar, zero))
+    state_bar: State = {}
+    if float(state["step"]) == 0.0:
+        add_bar(bars, hyper, "lr", lambda: factor * pre_bar)
+    else:
+        state_bar["step_size"] = factor * pre_bar
+    carried = state_next_bar.get("prev")
+    g_bar = zero if carried is None else torch.where(sign < 0, zero, carried)
+    G_bar = -g_bar if hyper["maximize"] else g_bar
+    return theta_next_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
+
+
+def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    etaminus, etaplus = group["etas"]
+    step_size_min, step_size_max = group["step_sizes"]
+    return {
+        "lr": float(group["lr"]),
+        "etaminus": float(etaminus),
+        "etaplus": float(etaplus),
+        "step_size_min": float(step_size_min),
+        "step_size_max": float(step_size_max),
+        "maximize": bool(group.get("maximize", False)),
+    }
+
+
+def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
+    if name in ("etaminus", "etaplus"):
+        etas = list(group["etas"])
+        etas[0 if name == "etaminus" else 1] = value
+        group["etas"] = tuple(etas)
+    elif name in ("step_size_min", "step_size_max"):
+        sizes = list(group["step_sizes"])
+        sizes[0 if name == "step_size_min" else 1] = value
+        group["step_sizes"] = tuple(sizes)
+    else:
+        group[name] = value
+
+
+def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
+    if len(torch_state) == 0:
+        return {
+            "step": 0.0,
+            "prev": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
+            "step_size": torch.full_like(param, float(hyper["lr"])).detach(),
+        }
+    return {
+        "step": float(torch_state["step"]),
+        "prev": torch_state["prev"].detach().clone(),
+        "step_size": torch_state["step_size"].detach().clone(),
+    }
+
+
+def _export_state(state: State, param: Tensor) -> dict[str, Any]:
+    return {
+        "step": export_scalar(float(state["step"])),
+        "prev": state["prev"].detach().clone(),
+        "step_size": state["step_size"].detach().clone(),
+    }
+
+
+RPROP = DiffOptimizer(
+    name="Rprop",
+    torch_cls=torch.optim.Rprop,
+    hyper_names=_HYPER_NAMES,
+    flag_names=("maximize",),
+    state_keys=("prev", "step_size"),
+    step=rprop_step,
+    step_vjp=rprop_step_vjp,
+    read_hyper=_read_hyper,
+    write_hyper=_write_hyper,
+    import_state=_import_state,
+    export_state=_export_state,
+    notes="Piecewise constant in the gradients; lr, etas and the step-size bounds are differentiated "
+          "through the step sizes (Note [Rprop's derivatives]).",
+)
+
+__all__ = ["RPROP", "rprop_step", "rprop_step_vjp"]

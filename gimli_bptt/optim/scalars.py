@@ -1,0 +1,65 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Helpers shared by the optimizers whose state holds scalars (NAdam, RAdam, ASGD, Rprop)."""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .base import Hyper, is_learned
+
+Scalar = Union[float, Tensor]
+
+
+def round_to_torch_scalar(x: Scalar) -> Scalar:
+    """``x`` rounded as ``torch.optim`` rounds a scalar it keeps in a 0-d state tensor.
+
+    Note [Scalar state precision]: NAdam's ``mu_product`` and ASGD's ``eta`` and ``mu`` live in
+    0-d tensors of ``_get_scalar_dtype()``: float32 unless the default dtype is float64, even for
+    float64 parameters. ``torch.optim`` rounds them to float32 at every step (a relative change
+    of ~1e-8 in the update), so the step rounds them the same way to match torch to 1e-12. The
+    rounding is taken to have derivative 1 (the derivative of the exact-arithmetic step): under
+    autograd or forward-mode AD it is a straight-through ``x + (round(x) - x).detach()``.
+    """
+    dtype = _get_scalar_dtype()
+    if dtype == torch.float64:
+        return x
+    if not isinstance(x, Tensor):
+        return torch.tensor(x, dtype=dtype).item()
+    if torch.finfo(x.dtype).bits <= torch.finfo(dtype).bits:
+        return x
+    rounded = x.detach().to(dtype).to(x.dtype)
+    return x + (rounded - x).detach()
+
+
+def scalar_state_dtype(param: Tensor) -> torch.dtype:
+    """The dtype of our copy of a scalar state entry: torch's scalar dtype or the parameter's, the wider."""
+    return torch.promote_types(param.dtype, _get_scalar_dtype())
+
+
+def sum_to(x: Tensor, like: Any) -> Tensor:
+    """Sums a cotangent down to ``like``'s shape (a 0-d ``like`` takes the sum of all elements)."""
+    if isinstance(like, Tensor) and like.dim() == x.dim():
+        return x
+    return x.sum()
+
+
+def zero_missing_bars(bars: dict[str, Tensor], hyper: Hyper, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """Zero cotangents for learned hyperparameters that had no path at this step (the contract:
+    one entry per tensor hyperparameter)."""
+    for name in names:
+        if is_learned(hyper[name]) and name not in bars:
+            bars[name] = torch.zeros_like(hyper[name])
+    return bars
+
+
+def export_scalar(value: Scalar) -> Tensor:
+    """A scalar state entry as ``torch.optim`` keeps it: a tensor of ``_get_scalar_dtype()``."""
+    if isinstance(value, Tensor):
+        return value.detach().to(_get_scalar_dtype()).clone()
+    return torch.tensor(float(value), dtype=_get_scalar_dtype())
+
+
+__all__ = ["export_scalar", "round_to_torch_scalar", "scalar_state_dtype", "sum_to", "zero_missing_bars"]
