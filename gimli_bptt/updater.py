@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from .functional import FunctionalModel, buffer_names, clone_buffers
 from .hvp import HVP_MODES
 from .hyper import OptimizerHyperparameters, parse_learn
 from .optim import get_optimizer
-from .optim.base import State, clone_state, step_all
+from .optim.base import KERNEL_MODES, State, clone_state, step_all
 from .problem import InnerProblem, LossFn, check_scalar_loss
 from .sweep import reverse_sweep
 from .tape import TapeResult, record_tape
@@ -106,6 +107,11 @@ class GimliUpdater:
             Either way φ is left untouched.
         project: Clamp learned hyperparameters into their valid range after each meta step.
         check_finite: Check every inner loss for NaN/Inf (one host sync per inner step).
+        kernels: How the inner optimizer's step and VJP run over the parameter tensors:
+            ``"auto"`` (fused flat-buffer kernels where available, else their pure-PyTorch
+            twin), ``"fused"`` (raise if the kernels cannot run), ``"reference"`` (the twin) or
+            ``"loop"`` (one tensor at a time). All give the same hypergradients; see
+            ``docs/KERNELS.md``.
 
     Raises:
         TypeError: an unsupported optimizer, or arguments of the wrong type.
@@ -130,6 +136,7 @@ class GimliUpdater:
         on_nonfinite: str = "raise",
         project: bool = True,
         check_finite: bool = True,
+        kernels: str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -162,7 +169,9 @@ class GimliUpdater:
         self.project = project
         self.check_finite = check_finite
         self.learn_init = bool(learn_init)
-        self.impl = get_optimizer(opt)
+        if kernels not in KERNEL_MODES:
+            raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
+        self.impl = dataclasses.replace(get_optimizer(opt), kernels=kernels)
         self._hvp_fallback = False
 
         named = list(model.named_parameters())

@@ -47,6 +47,11 @@ struct AdamFlags {
   bool has_m_bar, has_v_bar, has_vmax_bar;  // carried cotangents of the next state exist
 };
 
+/// Correctly rounded square root in the element type (an unqualified ``sqrt(float)`` may resolve
+/// to ``sqrt(double)`` and keep the rest of the expression in double).
+GIMLI_HD float sqrt_t(float x) { return ::sqrtf(x); }
+GIMLI_HD double sqrt_t(double x) { return ::sqrt(x); }
+
 // ------------------------------------------------------------------------------------ SGD
 template <typename T>
 struct SgdCoef {
@@ -205,7 +210,7 @@ GIMLI_HD void adam_step_elem(const AdamCoef<T>& c, const AdamFlags& f, T theta, 
     v_hat = (v_next != v_next) ? v_next : (v_next >= vmax ? v_next : vmax);
     vmax_next = v_hat;
   }
-  const T denom = sqrt(v_hat) / c.bc2s + c.eps;
+  const T denom = sqrt_t(v_hat) / c.bc2s + c.eps;
   theta_next = theta1 - c.ss * (m_next / denom);
 }
 
@@ -233,7 +238,7 @@ GIMLI_HD AdamVjpElem<T> adam_vjp_elem(const AdamCoef<T>& c, const AdamFlags& f, 
     to_new = v_next >= vmax;
     v_hat = to_new ? v_next : vmax;
   }
-  const T s = sqrt(v_hat);
+  const T s = sqrt_t(v_hat);
   const T denom = s / c.bc2s + c.eps;
   const T step_size_bar = (-(m_next / denom)) * tb;
   T m_bar = c.neg_ss * tb / denom;
