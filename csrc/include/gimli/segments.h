@@ -15,6 +15,12 @@ struct HyperView {
   GIMLI_HD double at(int h, int64_t seg, int64_t i) const { return (elementwise >> h & 1) ? p[h][i] : p[h][seg]; }
 };
 
+/// Per hyperparameter slot, where a kernel writes its element-wise partial (nullptr: nowhere).
+template <typename T>
+struct HyperOut {
+  T* p[kMaxHyper];
+};
+
 template <typename T>
 GIMLI_HD SgdCoef<T> sgd_coef_at(const HyperView& hv, int64_t seg, int64_t i) {
   return sgd_coef<T>(hv.at(kSgdLr, seg, i), hv.at(kSgdMomentum, seg, i), hv.at(kSgdDampening, seg, i),
