@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from .functional import FunctionalModel, buffer_names, clone_buffers
 from .hvp import HVP_MODES
 from .hyper import OptimizerHyperparameters, parse_learn
 from .optim import get_optimizer
-from .optim.base import State, clone_state, step_all
+from .optim.base import KERNEL_MODES, State, clone_state, step_all
 from .problem import InnerProblem, LossFn, check_scalar_loss
 from .sweep import reverse_sweep
 from .checkpoint import Checkpointing, store_all_schedule
@@ -122,6 +123,11 @@ class GimliUpdater:
             the reverse-over-reverse HVP and the full tape.
         progress: Draw a progress bar of the forward and reverse steps on stderr. ``None``
             (default): when stderr is a terminal and J ≥ 100.
+        kernels: How the inner optimizer's step and VJP run over the parameter tensors:
+            ``"auto"`` (fused flat-buffer kernels where available, else their pure-PyTorch
+            twin), ``"fused"`` (raise if the kernels cannot run), ``"reference"`` (the twin) or
+            ``"loop"`` (one tensor at a time). All give the same hypergradients; see
+            ``docs/KERNELS.md``.
 
     Raises:
         TypeError: an unsupported optimizer, or arguments of the wrong type.
@@ -150,6 +156,7 @@ class GimliUpdater:
         progress: Optional[bool] = None,
         lr_schedule: Optional[Callable[[int], float]] = None,
         keep_graphs: bool = False,
+        kernels: str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -182,7 +189,9 @@ class GimliUpdater:
         self.project = project
         self.check_finite = check_finite
         self.learn_init = bool(learn_init)
-        self.impl = get_optimizer(opt)
+        if kernels not in KERNEL_MODES:
+            raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
+        self.impl = dataclasses.replace(get_optimizer(opt), kernels=kernels)
         self._hvp_fallback = False
         if isinstance(checkpoint, bool) or not (checkpoint is None or isinstance(checkpoint, (int, Checkpointing))):
             raise TypeError(

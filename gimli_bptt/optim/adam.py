@@ -233,6 +233,7 @@ def _make(name: str, cls: type, decoupled: bool) -> DiffOptimizer:
         import_state=_import_state,
         export_state=_export_state,
         notes="Finite derivative at a zero second moment; amsgrad's max takes a subgradient at ties.",
+        flat="adam",
     )
 
 

@@ -49,6 +49,12 @@ class DiffOptimizer:
         write_hyper: Writes one float hyperparameter back into a param group.
         import_state: Builds our state of one tensor from ``opt.state[p]`` (a copy).
         export_state: Builds ``opt.state[p]`` from our state.
+        flat: The kind of flat-buffer op that implements this optimizer (``"sgd"``, ``"adam"``),
+            or None: ``step_all``/``step_vjp_all`` then loop over the tensors.
+        kernels: How ``step_all``/``step_vjp_all`` run: ``"auto"`` (fused kernels where they are
+            available and suit the tensors, else their pure-PyTorch flat twin), ``"fused"`` (raise
+            if the kernels cannot run), ``"reference"`` (the flat twin) or ``"loop"`` (the
+            per-tensor functions, one tensor at a time). See ``gimli_bptt.kernels``.
     """
 
     name: str
@@ -63,6 +69,8 @@ class DiffOptimizer:
     import_state: Callable[[Mapping[str, Any], Tensor, Hyper], State]
     export_state: Callable[[State, Tensor], dict[str, Any]]
     notes: str = field(default="")
+    flat: Optional[str] = None
+    kernels: str = "auto"
 
 
 def reduce_like(x: Tensor, like: HyperValue) -> Tensor:
@@ -101,6 +109,39 @@ def clone_state(state: Mapping[str, Any]) -> State:
     return {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
 
 
+KERNEL_MODES = ("auto", "fused", "reference", "loop")
+
+
+def _differentiable(*lists: Sequence[Any]) -> bool:
+    """Whether autograd records the step: grad mode on and some input requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    for items in lists:
+        for x in items:
+            if isinstance(x, Tensor) and x.requires_grad:
+                return True
+            if isinstance(x, Mapping) and any(isinstance(v, Tensor) and v.requires_grad for v in x.values()):
+                return True
+    return False
+
+
+def _use_flat(opt: DiffOptimizer, *inputs: Sequence[Any]) -> bool:
+    """Whether ``step_all``/``step_vjp_all`` take the flat-buffer path.
+
+    Note [Flat ops under autograd]: the flat ops (compiled or their twin) have no autograd
+    formula, and the engine never differentiates through a step (the tape runs under
+    ``no_grad``; the sweep's VJP is hand-written). A caller that does, such as the reference
+    unroll of :mod:`gimli_bptt.testing`, gets the per-tensor functions, whatever ``kernels`` says.
+    """
+    if opt.kernels not in KERNEL_MODES:
+        raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {opt.kernels!r}")
+    if opt.flat is None:
+        if opt.kernels in ("fused", "reference"):
+            raise ValueError(f"{opt.name} has no flat-buffer implementation; use kernels='auto' or 'loop'")
+        return False
+    return opt.kernels != "loop" and not _differentiable(*inputs)
+
+
 def step_all(
     opt: DiffOptimizer,
     theta: Sequence[Tensor],
@@ -112,7 +153,13 @@ def step_all(
 
     A tensor whose gradient is ``None`` (it did not take part in the loss) is left as it is,
     with its state, exactly as ``torch.optim`` skips parameters whose ``.grad`` is ``None``.
+    With ``opt.flat`` set and ``opt.kernels != "loop"``, the tensors go through one fused op
+    per bucket of flat buffers instead (:mod:`gimli_bptt.kernels.flat`), with the same result.
     """
+    if _use_flat(opt, theta, G, hyper):
+        from ..kernels import flat
+
+        return flat.step_all(opt, theta, G, state, hyper, impl=opt.kernels)
     theta_next: list[Tensor] = []
     state_next: list[State] = []
     for t, g, s, h in zip(theta, G, state, hyper):
@@ -139,7 +186,12 @@ def step_vjp_all(
 
     Returns ``(θ̄_j, Ḡ_j, σ̄_j, φ̄_opt per tensor)``. A tensor whose gradient was ``None`` was left
     as it was by the step, so its cotangents pass through unchanged and ``Ḡ`` is ``None``.
+    Dispatches to the flat-buffer ops as :func:`step_all` does.
     """
+    if _use_flat(opt, theta, G, hyper, theta_next_bar):
+        from ..kernels import flat
+
+        return flat.step_vjp_all(opt, theta, G, state, hyper, theta_next_bar, state_next_bar, impl=opt.kernels)
     theta_bar: list[Tensor] = []
     G_bar: list[Optional[Tensor]] = []
     state_bar: list[State] = []
@@ -167,6 +219,7 @@ def zeros_state_bar(state: State, keys: Sequence[str]) -> State:
 __all__ = [
     "DiffOptimizer",
     "Hyper",
+    "KERNEL_MODES",
     "HyperValue",
     "State",
     "add_bar",

@@ -147,6 +147,7 @@ SGD = DiffOptimizer(
     import_state=_import_state,
     export_state=_export_state,
     notes="A learned momentum always uses the momentum buffer (see Note [Learned momentum]).",
+    flat="sgd",
 )
 
 __all__ = ["SGD", "sgd_step", "sgd_step_vjp"]

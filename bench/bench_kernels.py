@@ -1,0 +1,116 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fused kernels vs the pure path: op throughput from 1e3 to 1e7 elements, and GimliUpdater.step() on a 120-tensor model.
+
+Run: ``python bench/bench_kernels.py [--quick]``. Times are medians of interleaved repeats in
+one process (``torch.utils.benchmark.Timer.blocked_autorange``); the machine load is printed,
+since shared machines make absolute times noisy. Not collected by pytest.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+from gimli_bptt import GimliUpdater, kernels
+from gimli_bptt.kernels import _reference as ref
+from gimli_bptt.optim import ADAM
+from gimli_bptt.optim.base import step_all, step_vjp_all
+
+
+def _t(fn, min_run_time: float) -> float:
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def op_throughput(sizes: list[int], min_run_time: float) -> list[tuple]:
+    rows = []
+    for n in sizes:
+        g = torch.Generator().manual_seed(0)
+        theta, G, m, tb = (torch.randn(n, generator=g) for _ in range(4))
+        v = torch.rand(n, generator=g)
+        off = torch.tensor([0, n])
+        hyper = [torch.tensor([x], dtype=torch.float64) for x in (1e-3, 0.9, 0.999, 1e-8, 0.0)]
+        step_args = (theta, G, m, v, None, off, hyper, 0, 3.0, False, False, False, False)
+        vjp_args = (theta, G, m, v, None, tb, None, None, None, off, hyper, 0, 1, 3.0, False, False, False, False)
+        for name, args in (("adam_step", step_args), ("adam_step_vjp", vjp_args)):
+            fused = getattr(torch.ops.gimli, name)
+            twin = getattr(ref, name)
+            tf = _t(lambda: fused(*args), min_run_time)
+            tr = _t(lambda: twin(*args), min_run_time)
+            rows.append((name, n, tf, tr))
+            print(f"{name:14s} n={n:>9,d}  fused {tf * 1e6:10.1f} us  pure twin {tr * 1e6:10.1f} us  "
+                  f"speed-up {tr / tf:5.1f}x  fused {4 * n * (5 if name == 'adam_step' else 8) / tf / 1e9:6.2f} GB/s", flush=True)
+    return rows
+
+
+def model_bench(repeats: int, layers: int = 60, width: int = 16, unroll: int = 5) -> dict[str, list[float]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.Tanh())], nn.Linear(width, 1))
+    n_tensors = len(list(model.parameters()))
+    batches = [(torch.randn(32, width), torch.randn(32, 1)) for _ in range(unroll + 1)]
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    ups = {}
+    for mode in ("loop", "reference", "fused"):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        ups[mode] = GimliUpdater(model, opt, loss, loss, unroll=unroll, learn={"lr": "group"}, kernels=mode,
+                                 meta_opt=lambda p: torch.optim.SGD(p, lr=0.0))
+    print(f"model: {layers} x Linear({width},{width}) + tanh, {n_tensors} parameter tensors, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; Adam, learn lr per group, unroll {unroll}")
+    # the optimizer alone: step_all + step_vjp_all over the model's tensors
+    params = [p.detach().clone() for p in model.parameters()]
+    G = [torch.randn_like(p) for p in params]
+    hyper = [dict(ADAM.read_hyper(opt.param_groups[0]), lr=torch.tensor(1e-3)) for _ in params]
+    state = [ADAM.import_state({}, p, hyper[0]) for p in params]
+    times: dict[str, list[float]] = {f"step() {k}": [] for k in ups}
+    times.update({f"optimizer {k}": [] for k in ups})
+
+    def opt_only(mode: str) -> None:
+        impl = dataclasses.replace(ADAM, kernels=mode)
+        with torch.no_grad():
+            th, st = step_all(impl, params, G, state, hyper)
+            step_vjp_all(impl, params, G, state, hyper, G, [{} for _ in params])
+
+    for mode, up in ups.items():  # warm-up
+        up.step(batches[:unroll], batches[unroll])
+        opt_only(mode)
+    for _ in range(repeats):
+        for mode, up in ups.items():
+            t0 = time.perf_counter()
+            up.step(batches[:unroll], batches[unroll])
+            times[f"step() {mode}"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for _ in range(10):
+                opt_only(mode)
+            times[f"optimizer {mode}"].append((time.perf_counter() - t0) / 10)
+    for k, v in times.items():
+        print(f"{k:22s} median {statistics.median(v) * 1e3:8.2f} ms  [{min(v) * 1e3:.2f}-{max(v) * 1e3:.2f}]", flush=True)
+    for what in ("step()", "optimizer"):
+        loop = statistics.median(times[f"{what} loop"])
+        for mode in ("reference", "fused"):
+            print(f"{what} speed-up of {mode} over the per-tensor loop: {loop / statistics.median(times[f'{what} {mode}']):.2f}x")
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    assert kernels.is_available("cpu"), "CPU kernels unavailable"
+    print(f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {a.threads}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    sizes = [10**3, 10**4, 10**5, 10**6] + ([] if a.quick else [10**7])
+    op_throughput(sizes, 0.2 if a.quick else 0.5)
+    model_bench(5 if a.quick else 15)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

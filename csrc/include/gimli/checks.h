@@ -1,0 +1,75 @@
+// SPDX-License-Identifier: Apache-2.0
+// Argument checks shared by the CPU and CUDA bindings (host code; includes ATen).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace gimli {
+
+/// A flat buffer like ``theta``: defined, 1-D, contiguous, same dtype, device and length.
+inline void check_flat(const at::Tensor& t, const at::Tensor& theta, const char* name) {
+  TORCH_CHECK(t.defined(), "gimli: ", name, " is undefined");
+  TORCH_CHECK(t.dim() == 1, "gimli: ", name, " must be a flat 1-D buffer, got ", t.dim(), " dimensions");
+  TORCH_CHECK(t.is_contiguous(), "gimli: ", name, " must be contiguous (flatten it with .contiguous())");
+  TORCH_CHECK(t.scalar_type() == theta.scalar_type(), "gimli: ", name, " is ", t.scalar_type(), " but theta is ",
+              theta.scalar_type());
+  TORCH_CHECK(t.device() == theta.device(), "gimli: ", name, " is on ", t.device(), " but theta is on ",
+              theta.device());
+  TORCH_CHECK(t.numel() == theta.numel(), "gimli: ", name, " has ", t.numel(), " elements but theta has ",
+              theta.numel());
+}
+
+inline void check_theta(const at::Tensor& theta) {
+  TORCH_CHECK(theta.dim() == 1 && theta.is_contiguous(), "gimli: theta must be a flat contiguous 1-D buffer");
+  TORCH_CHECK(theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble,
+              "gimli: fused kernels support float32 and float64, got ", theta.scalar_type());
+}
+
+/// A present optional buffer is checked like ``theta``; returns whether it is present.
+inline bool check_optional(const c10::optional<at::Tensor>& t, const at::Tensor& theta, const char* name) {
+  if (!t.has_value() || !t->defined()) return false;
+  check_flat(*t, theta, name);
+  return true;
+}
+
+/// Offsets: int64, 1-D, contiguous, on theta's device, nseg + 1 entries. Returns nseg.
+inline int64_t check_offsets(const at::Tensor& offsets, const at::Tensor& theta) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.is_contiguous(),
+              "gimli: offsets must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(offsets.device() == theta.device(), "gimli: offsets are on ", offsets.device(), " but theta is on ",
+              theta.device());
+  TORCH_CHECK(offsets.numel() >= 1, "gimli: offsets need nseg + 1 >= 1 entries");
+  return offsets.numel() - 1;
+}
+
+/// Host-side validation of offsets (CPU only: on CUDA it would cost a synchronisation).
+inline void check_offsets_values(const int64_t* off, int64_t nseg, int64_t n) {
+  TORCH_CHECK(off[0] == 0, "gimli: offsets[0] must be 0, got ", off[0]);
+  TORCH_CHECK(off[nseg] == n, "gimli: offsets[-1] must be the buffer length ", n, ", got ", off[nseg]);
+  for (int64_t s = 0; s < nseg; ++s) {
+    TORCH_CHECK(off[s] <= off[s + 1], "gimli: offsets must be non-decreasing (segment ", s, ")");
+  }
+}
+
+/// One float64 tensor per hyperparameter slot, ``(nseg,)`` or ``(N,)`` for an element-wise slot.
+inline void check_hyper(const std::vector<at::Tensor>& hyper, int64_t num_slots, int64_t elementwise, int64_t nseg,
+                        const at::Tensor& theta) {
+  TORCH_CHECK(static_cast<int64_t>(hyper.size()) == num_slots, "gimli: expected ", num_slots,
+              " hyperparameter tensors, got ", hyper.size());
+  for (int64_t h = 0; h < num_slots; ++h) {
+    const at::Tensor& t = hyper[h];
+    TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 1 && t.is_contiguous(),
+                "gimli: hyperparameter ", h, " must be a contiguous 1-D float64 tensor");
+    TORCH_CHECK(t.device() == theta.device(), "gimli: hyperparameter ", h, " is on ", t.device(),
+                " but theta is on ", theta.device());
+    const int64_t want = (elementwise >> h & 1) ? theta.numel() : nseg;
+    TORCH_CHECK(t.numel() == want, "gimli: hyperparameter ", h, " has ", t.numel(), " values, expected ", want,
+                (elementwise >> h & 1) ? " (element-wise)" : " (one per segment)");
+  }
+}
+
+}  // namespace gimli

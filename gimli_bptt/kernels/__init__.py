@@ -1,0 +1,79 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fused optimizer kernels: availability and dispatch between the compiled ops and their pure-PyTorch twin.
+
+Dispatch (STYLE.md §6, as ``torch.optim``'s ``adam()`` front end with torchopt's twin):
+``select_impl(tensors, "auto")`` picks ``"fused"`` when the compiled ops are loaded for the
+tensors' device and the tensors suit them (dense, float32/float64, one dtype and device), and
+``"reference"`` otherwise; ``GIMLI_DISABLE_KERNELS=1`` forces ``"reference"``. An explicit
+``impl="fused"`` that cannot run raises instead of falling back.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _reference, ops
+
+IMPLS = ("auto", "fused", "reference")
+FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def is_available(device: torch.device | str = "cpu") -> bool:
+    """Whether the compiled ops can run on ``device`` (loading or JIT-building them if needed)."""
+    if not ops.load():
+        return False
+    device = torch.device(device)
+    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
+    if key is None:
+        return False
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"gimli::{name}", key) for name in ops.OP_NAMES)
+
+
+def unsuitable(tensors: Sequence[Tensor]) -> str | None:
+    """Why the fused ops cannot take these tensors, or None if they can."""
+    if not tensors:
+        return "no tensors"
+    ref = tensors[0]
+    for t in tensors:
+        if t.layout != torch.strided:
+            return f"a {t.layout} tensor (only dense tensors)"
+        if t.dtype not in FUSED_DTYPES:
+            return f"dtype {t.dtype} (only float32 and float64)"
+        if t.dtype != ref.dtype or t.device != ref.device:
+            return "tensors of several dtypes or devices in one bucket"
+    return None
+
+
+def select_impl(tensors: Sequence[Tensor], impl: str = "auto") -> str:
+    """``"fused"`` or ``"reference"`` for one bucket of tensors (one dtype and device).
+
+    Raises:
+        ValueError: an unknown ``impl``.
+        RuntimeError: ``impl="fused"`` and the fused ops cannot run these tensors (why is said).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return "reference"
+    why = unsuitable(tensors)
+    if why is None:
+        if ops.disabled():
+            why = "GIMLI_DISABLE_KERNELS is set"
+        elif not is_available(tensors[0].device):
+            err = ops.load_error()
+            why = f"no compiled kernels for {tensors[0].device}" + (f" ({err})" if err is not None else "")
+    if why is None:
+        return "fused"
+    if impl == "fused":
+        raise RuntimeError(f"fused kernels requested but cannot run: {why}")
+    return "reference"
+
+
+def get_op(name: str, impl: str):  # noqa: ANN201 - a torch op or its twin
+    """The op ``name`` of implementation ``impl`` (``"fused"`` or ``"reference"``)."""
+    return ops.op(name) if impl == "fused" else getattr(_reference, name)
+
+
+__all__ = ["FUSED_DTYPES", "IMPLS", "get_op", "is_available", "select_impl", "unsuitable"]

@@ -1,0 +1,243 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Flat buffers: the per-tensor optimizer contract of ``step_all``/``step_vjp_all`` over one op call per bucket.
+
+Note [Flat buffers]: the parameter tensors that take a step are bucketed by what the op must
+hold fixed (device, dtype, boolean options, Adam's step count, whether a momentum buffer
+exists, and for each hyperparameter whether it is a float, a 0-d tensor or an element-wise
+tensor). Each bucket is laid end to end in one contiguous buffer per quantity (θ_j, G_j, each
+state entry); segment ``offsets`` mark the tensors. The op returns flat outputs, which are
+handed back as per-tensor views (``unflatten_dense_tensors``), so θ_{j+1} and σ_{j+1} of a
+tape entry live in one buffer each, and the next step finds them already flat (no copy).
+Fixed and per-group/per-tensor hyperparameters travel as one float64 value per segment
+(expanded inside the kernel through the offsets); element-wise ones as one flat buffer.
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import get_op, select_impl
+from ._reference import ADAM_HYPER, SGD_HYPER
+
+if TYPE_CHECKING:
+    from ..optim.base import DiffOptimizer, Hyper, State
+
+_unflatten = torch._C._nn.unflatten_dense_tensors
+_flatten = torch._C._nn.flatten_dense_tensors
+
+#: The kinds of optimizer the flat ops implement, with their hyperparameter slots.
+HYPER_SLOTS = {"sgd": SGD_HYPER, "adam": ADAM_HYPER}
+
+
+@functools.lru_cache(maxsize=256)
+def _offsets(numels: tuple[int, ...], device: torch.device) -> Tensor:
+    out = [0]
+    for n in numels:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _constants(values: tuple[float, ...], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def flat(tensors: Sequence[Tensor]) -> Tensor:
+    """One contiguous 1-D buffer holding ``tensors`` end to end: their own buffer when they are
+    already consecutive views of one (the outputs of the previous step), else a copy."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first.reshape(-1)
+    base = first._base
+    if base is not None and base.dim() == 1 and base.is_contiguous():
+        pos = base.storage_offset()
+        for t in tensors:
+            if t._base is not base or t.storage_offset() != pos or not t.is_contiguous():
+                break
+            pos += t.numel()
+        else:
+            if pos == base.storage_offset() + base.numel():
+                return base
+    return _flatten(tensors)
+
+
+def _kind(value: Any) -> int:
+    """0: a fixed float; 1: a 0-d tensor (learned per group or tensor); 2: element-wise."""
+    if not isinstance(value, Tensor):
+        return 0
+    return 2 if value.dim() > 0 else 1
+
+
+def _bucket_key(kind: str, theta: Tensor, state: "State", hyper: "Hyper") -> tuple:
+    kinds = tuple(_kind(hyper[name]) for name in HYPER_SLOTS[kind])
+    if kind == "sgd":
+        use_momentum = _kind(hyper["momentum"]) > 0 or hyper["momentum"] != 0
+        has_buf = use_momentum and state.get("momentum_buffer") is not None
+        flags: tuple = (bool(hyper["nesterov"]), bool(hyper["maximize"]), use_momentum,
+                        kinds[3] > 0 or hyper["weight_decay"] != 0, has_buf)
+    else:
+        flags = (bool(hyper["amsgrad"]), bool(hyper["maximize"]), bool(hyper["decoupled_weight_decay"]),
+                 kinds[4] > 0 or hyper["weight_decay"] != 0, float(state["step"]) + 1.0)
+    return (theta.device, theta.dtype, flags, kinds)
+
+
+class _Bucket:
+    """The tensors of one bucket and their flat hyperparameters."""
+
+    def __init__(self, kind: str, key: tuple, idx: list[int], theta: Sequence[Tensor], hyper: Sequence["Hyper"]):
+        self.kind, self.key, self.idx = kind, key, idx
+        self.device, self.dtype, self.flags, self.kinds = key
+        self.theta = [theta[k] for k in idx]
+        self.offsets = _offsets(tuple(t.numel() for t in self.theta), self.device)
+        self.names = HYPER_SLOTS[kind]
+        self.hyper: list[Tensor] = []
+        self.elementwise = self.learned = 0
+        for h, (name, kd) in enumerate(zip(self.names, self.kinds)):
+            values = [hyper[k][name] for k in idx]
+            if kd == 0:
+                self.hyper.append(_constants(tuple(float(v) for v in values), self.device))
+            elif kd == 1:
+                self.hyper.append(torch.stack(values).to(torch.float64))
+            else:
+                self.hyper.append(flat(values).to(torch.float64))
+            self.learned |= (kd > 0) << h
+            self.elementwise |= (kd == 2) << h
+
+    def views(self, buffer: Tensor) -> list[Tensor]:
+        return list(_unflatten(buffer, self.theta))
+
+    def gather(self, tensors: Sequence[Tensor]) -> Tensor:
+        return flat([tensors[k] for k in self.idx])
+
+    def gather_optional(self, dicts: Sequence["State"], key: str) -> Optional[Tensor]:
+        """The flat buffer of ``dicts[k][key]`` (zeros where missing), or None if none has it."""
+        items = [dicts[k].get(key) for k in self.idx]
+        if all(x is None for x in items):
+            return None
+        return flat([torch.zeros_like(t) if x is None else x for x, t in zip(items, self.theta)])
+
+    def hyper_bars(self, bars: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Per-tensor ``{name: cotangent}`` from the op's per-segment or element-wise outputs."""
+        out: list[dict[str, Tensor]] = [{} for _ in self.idx]
+        for h, (name, kd) in enumerate(zip(self.names, self.kinds)):
+            if kd == 0:
+                continue
+            parts = bars[h].to(self.dtype).unbind(0) if kd == 1 else self.views(bars[h])
+            for d, p in zip(out, parts):
+                d[name] = p
+        return out
+
+
+def _buckets(kind: str, theta: Sequence[Tensor], G: Sequence[Optional[Tensor]], state: Sequence["State"],
+             hyper: Sequence["Hyper"]) -> tuple[list[_Bucket], list[int]]:
+    """Buckets of the tensors that take a step, and the indices left to the per-tensor path
+    (empty tensors)."""
+    groups: dict[tuple, list[int]] = {}
+    single: list[int] = []
+    for k, (t, g) in enumerate(zip(theta, G)):
+        if g is None:
+            continue
+        if t.numel() == 0:
+            single.append(k)
+            continue
+        groups.setdefault(_bucket_key(kind, t, state[k], hyper[k]), []).append(k)
+    return [_Bucket(kind, key, idx, theta, hyper) for key, idx in groups.items()], single
+
+
+def step_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Optional[Tensor]], state: Sequence["State"],
+             hyper: Sequence["Hyper"], impl: str = "auto") -> tuple[list[Tensor], list["State"]]:
+    """``optim.base.step_all`` over flat buffers (Algorithm 1, line 6), one op call per bucket."""
+    kind = opt.flat
+    assert kind in HYPER_SLOTS, f"{opt.name} has no flat implementation"
+    theta_next: list[Tensor] = list(theta)
+    state_next: list["State"] = list(state)
+    buckets, single = _buckets(kind, theta, G, state, hyper)
+    for k in single:
+        theta_next[k], state_next[k] = opt.step(theta[k], G[k], state[k], hyper[k])  # type: ignore[arg-type]
+    for b in buckets:
+        which = select_impl(b.theta[:1], impl)
+        th, g = b.gather(theta), b.gather(G)  # type: ignore[arg-type]
+        if kind == "sgd":
+            nesterov, maximize, use_momentum, has_wd, has_buf = b.flags
+            buf = b.gather_optional(state, "momentum_buffer") if has_buf else None
+            tn, bn = get_op("sgd_step", which)(th, g, buf, b.offsets, b.hyper, b.elementwise, nesterov, maximize,
+                                               use_momentum, has_wd)
+            bufs = b.views(bn) if use_momentum else None
+            for j, (k, t) in enumerate(zip(b.idx, b.views(tn))):
+                theta_next[k] = t
+                s = dict(state[k])
+                if bufs is not None:
+                    s["momentum_buffer"] = bufs[j]
+                state_next[k] = s
+        else:
+            amsgrad, maximize, decoupled, has_wd, t_next = b.flags
+            m, v = b.gather_optional(state, "exp_avg"), b.gather_optional(state, "exp_avg_sq")
+            vmax = b.gather_optional(state, "max_exp_avg_sq") if amsgrad else None
+            tn, mn, vn, xn = get_op("adam_step", which)(th, g, m, v, vmax, b.offsets, b.hyper, b.elementwise,
+                                                        t_next, amsgrad, maximize, decoupled, has_wd)
+            ms, vs = b.views(mn), b.views(vn)
+            xs = b.views(xn) if amsgrad else None
+            for j, (k, t) in enumerate(zip(b.idx, b.views(tn))):
+                theta_next[k] = t
+                s = {"step": t_next, "exp_avg": ms[j], "exp_avg_sq": vs[j]}
+                if xs is not None:
+                    s["max_exp_avg_sq"] = xs[j]
+                state_next[k] = s
+    return theta_next, state_next
+
+
+def step_vjp_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Optional[Tensor]],
+                 state: Sequence["State"], hyper: Sequence["Hyper"], theta_next_bar: Sequence[Tensor],
+                 state_next_bar: Sequence["State"], impl: str = "auto"
+                 ) -> tuple[list[Tensor], list[Optional[Tensor]], list["State"], list[dict[str, Tensor]]]:
+    """``optim.base.step_vjp_all`` over flat buffers (Algorithm 1, lines 11-12)."""
+    kind = opt.flat
+    assert kind in HYPER_SLOTS, f"{opt.name} has no flat implementation"
+    n = len(theta)
+    theta_bar: list[Tensor] = list(theta_next_bar)
+    G_bar: list[Optional[Tensor]] = [None] * n
+    state_bar: list["State"] = list(state_next_bar)
+    hyper_bar: list[dict[str, Tensor]] = [{} for _ in range(n)]
+    buckets, single = _buckets(kind, theta, G, state, hyper)
+    for k in single:
+        theta_bar[k], G_bar[k], state_bar[k], hyper_bar[k] = opt.step_vjp(
+            theta[k], G[k], state[k], hyper[k], theta_next_bar[k], state_next_bar[k])  # type: ignore[arg-type]
+    for b in buckets:
+        which = select_impl(b.theta[:1], impl)
+        th, g, tb = b.gather(theta), b.gather(G), b.gather(theta_next_bar)  # type: ignore[arg-type]
+        if kind == "sgd":
+            nesterov, maximize, use_momentum, has_wd, has_buf = b.flags
+            buf = b.gather_optional(state, "momentum_buffer") if has_buf else None
+            buf_bar_in = b.gather_optional(state_next_bar, "momentum_buffer") if use_momentum else None
+            tbar, gbar, bbar, hbars = get_op("sgd_step_vjp", which)(
+                th, g, buf, tb, buf_bar_in, b.offsets, b.hyper, b.elementwise, b.learned, nesterov, maximize,
+                use_momentum, has_wd)
+            bufs = b.views(bbar) if has_buf else None
+            new_state_bar: list["State"] = [{"momentum_buffer": x} for x in bufs] if bufs is not None else [{} for _ in b.idx]
+        else:
+            amsgrad, maximize, decoupled, has_wd, t_next = b.flags
+            m, v = b.gather_optional(state, "exp_avg"), b.gather_optional(state, "exp_avg_sq")
+            vmax = b.gather_optional(state, "max_exp_avg_sq") if amsgrad else None
+            cm = b.gather_optional(state_next_bar, "exp_avg")
+            cv = b.gather_optional(state_next_bar, "exp_avg_sq")
+            cx = b.gather_optional(state_next_bar, "max_exp_avg_sq") if amsgrad else None
+            tbar, gbar, mbar, vbar, xbar, hbars = get_op("adam_step_vjp", which)(
+                th, g, m, v, vmax, tb, cm, cv, cx, b.offsets, b.hyper, b.elementwise, b.learned, t_next, amsgrad,
+                maximize, decoupled, has_wd)
+            ms, vs = b.views(mbar), b.views(vbar)
+            xs = b.views(xbar) if amsgrad else None
+            new_state_bar = []
+            for j in range(len(b.idx)):
+                s = {"exp_avg": ms[j], "exp_avg_sq": vs[j]}
+                if xs is not None:
+                    s["max_exp_avg_sq"] = xs[j]
+                new_state_bar.append(s)
+        for k, a, gg, s, h in zip(b.idx, b.views(tbar), b.views(gbar), new_state_bar, b.hyper_bars(hbars)):
+            theta_bar[k], G_bar[k], state_bar[k], hyper_bar[k] = a, gg, s, h
+    return theta_bar, G_bar, state_bar, hyper_bar
+
+
+__all__ = ["HYPER_SLOTS", "flat", "step_all", "step_vjp_all"]
