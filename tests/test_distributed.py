@@ -246,6 +246,30 @@ def test_failing_rank_makes_every_rank_fail_in_bounded_time(tmp_path: Any) -> No
     assert reported == ["rank0", "rank2"], reported
 
 
+def _check_exited_rank(rank: int, world: int, out: str) -> None:
+    model = build_model("mlp", seed=1)
+    w = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
+    calls = {"calls": 0, "fail_at": 3 if rank == 1 else -1}
+    u = GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), functools.partial(_failing_loss, calls, w),
+                     _val_loss, unroll=J, learn={"lr": "group"}, loss_params={"w": w})
+    batches, val = _data()
+    start = time.monotonic()
+    try:
+        u.step([_shard(b, rank, world) for b in batches], _shard(val, rank, world))
+    except (ValueError, DistributedError) as exc:
+        with open(os.path.join(out, f"rank{rank}"), "w") as f:
+            f.write(f"{type(exc).__name__} {time.monotonic() - start:.1f}")
+    os._exit(0)  # the failed rank's process ends (as an uncaught error would end it)
+
+
+def test_exited_rank_fails_the_others_without_waiting_for_the_timeout(tmp_path: Any) -> None:
+    _spawn(_check_exited_rank, 2, str(tmp_path), timeout_s=120.0, bound_s=90)
+    kinds = {name: open(tmp_path / name).read().split() for name in sorted(os.listdir(tmp_path))}
+    assert kinds["rank1"][0] == "ValueError"
+    assert kinds["rank0"][0] == "DistributedError"
+    assert float(kinds["rank0"][1]) < 60, kinds  # the closed connection, not the 120 s timeout
+
+
 def test_process_group_option() -> None:
     config = CONFIGS["sgd rev"]
     assert _updater(config).world_size == 1  # not initialised: no communication
