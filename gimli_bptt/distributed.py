@@ -64,13 +64,16 @@ class Reducer:
 
     Args:
         group: The process group (more than one rank).
+        device: Where the collectives' buffers live when there is no tensor to take it from
+            (the model's device: NCCL reduces CUDA tensors only).
     """
 
-    def __init__(self, group: Any):
+    def __init__(self, group: Any, device: torch.device | str = "cpu"):
         dist = torch.distributed
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.device = torch.device(device)
         self.calls = 0  # collectives in the current meta step (reset by :meth:`reset`)
 
     def reset(self) -> None:
@@ -123,7 +126,7 @@ class Reducer:
                 out[i] = (buf[offset:offset + n] / self.world_size).view_as(values[i])
                 offset += n
         if flags is None:  # no tensors at all: still one collective for the tag
-            flags = torch.tensor([tag, tag * tag], dtype=torch.float64)
+            flags = torch.tensor([tag, tag * tag], dtype=torch.float64, device=self.device)
             self._all_reduce(flags, what)
         reduced = flags.double().tolist()
         w = self.world_size

@@ -254,7 +254,7 @@ class GimliUpdater:
         if not isinstance(self.meta_opt, torch.optim.Optimizer):
             raise TypeError(f"meta_opt must build a torch.optim.Optimizer, got {type(self.meta_opt).__name__}")
         self.process_group = resolve_process_group(process_group)
-        self._reducer = Reducer(self.process_group) if self.process_group is not None else None
+        self._reducer = Reducer(self.process_group, self._ref.device) if self.process_group is not None else None
         if self._reducer is not None:
             self._check_replicas()
 
@@ -598,7 +598,7 @@ class GimliUpdater:
         """
         if self._reducer is None:
             return
-        flag = torch.tensor(1.0 if ok else 0.0, dtype=torch.float64)
+        flag = torch.tensor(1.0 if ok else 0.0, dtype=self._ref.dtype, device=self._ref.device)
         (mean,) = self._reducer.mean([flag], [flag], "the success flags of the meta update (line 16)")
         assert mean is not None
         if ok and float(mean) != 1.0:
