@@ -6,7 +6,7 @@ forward tape and a hand-written reverse sweep. Start with :class:`GimliUpdater`.
 """
 from __future__ import annotations
 
-from .errors import NonFiniteError
+from .errors import DistributedError, NonFiniteError
 from .functional import FunctionalModel
 from .optim import get_optimizer, register_optimizer, supported_optimizers, unregister_optimizer
 from .checkpoint import Checkpointing
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Checkpointing",
+    "DistributedError",
     "FunctionalModel",
     "GimliUpdater",
     "MetaStepResult",

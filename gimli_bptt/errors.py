@@ -11,4 +11,13 @@ class NonFiniteError(FloatingPointError):
     """
 
 
-__all__ = ["NonFiniteError"]
+class DistributedError(RuntimeError):
+    """A collective of a data-parallel meta step failed, timed out, or found the ranks out of step.
+
+    Raised on a rank whose peer raised, exited or did not reach the same all-reduce within the
+    process group's timeout. The message names the quantity being reduced and the rank; the
+    meta step that raises it has changed nothing on this rank.
+    """
+
+
+__all__ = ["DistributedError", "NonFiniteError"]

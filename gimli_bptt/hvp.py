@@ -37,20 +37,37 @@ class StepSecondOrder:
         if entry.graph is not None:  # kept from the forward pass: nothing to recompute
             self._theta, self._G_graph = entry.graph
             self.mode = "rev"
-            self.G: Grads = [None if g is None else g.detach() for g in self._G_graph]
+            assert entry.G is not None, "the tape hands G_j with a kept graph"
+            self.G: Grads = entry.G
         elif mode == "rev":
             self._recompute_with_graph()
-            self.G = [None if g is None else g.detach() for g in self._G_graph]
+            # [Alg.1 L5] across ranks: step_vjp needs the G_j of the tape, the mean over the ranks;
+            # the graph of this rank's G_j stays local for the HVP.
+            self.G = problem.all_reduce_mean([None if g is None else g.detach() for g in self._G_graph],
+                                             self._theta, f"G_{entry.j} (recomputed, inner step {entry.j})")
         else:
             if entry.G is None:
                 raise RuntimeError("the forward-over-reverse HVP needs G_j on the tape")
             self.G = entry.G
 
     def apply(self, G_bar: Sequence[Optional[Tensor]]) -> tuple[Grads, Grads]:
-        """``(H_j·Ḡ_j per inner parameter, (∂G_j/∂φ_loss)ᵀ·Ḡ_j per loss leaf)``; None means zero."""
+        """``(H_j·Ḡ_j per inner parameter, (∂G_j/∂φ_loss)ᵀ·Ḡ_j per loss leaf)``; None means zero.
+
+        Distributed, Ḡ_j is the same on every rank; each rank applies its own loss's second
+        derivatives and the results are averaged (one collective): the mean of the per-rank
+        Hessians is the Hessian of the mean loss.
+        """
         if self.mode == "rev":
-            return self._apply_rev(G_bar)
-        return self._apply_fwd(G_bar)
+            h_theta, h_loss = self._apply_rev(G_bar)
+        else:
+            h_theta, h_loss = self._apply_fwd(G_bar)
+        if self.problem.reducer is None:
+            return h_theta, h_loss
+        n = len(h_theta)
+        like = [t.detach() for t in self.entry.theta] + list(self.problem.loss_leaves)
+        out = self.problem.all_reduce_mean(h_theta + h_loss, like,
+                                           f"H_{self.entry.j}·Ḡ_{self.entry.j} and the mixed terms (inner step {self.entry.j})")
+        return out[:n], out[n:]
 
     def _apply_rev(self, G_bar: Sequence[Optional[Tensor]]) -> tuple[Grads, Grads]:
         n = len(self._theta)

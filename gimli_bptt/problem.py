@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .distributed import Reducer
 from .errors import NonFiniteError
 from .functional import FunctionalModel, clone_buffers
 from .optim.base import DiffOptimizer
@@ -90,6 +91,8 @@ class InnerProblem:
             decay inside the unroll); the learned lr is the base value it scales.
         hvp_fallback: Set once the forward-over-reverse HVP failed on an op of ``train_loss``
             (see Note [Forward-mode fallback] in :mod:`gimli_bptt.hvp`).
+        reducer: Data-parallel runs: averages G_j, ℓ_j and the second-order terms over the
+            ranks (:mod:`gimli_bptt.distributed`); None on a single process.
     """
 
     module: nn.Module
@@ -103,6 +106,39 @@ class InnerProblem:
     check_finite: bool = True
     hvp_fallback: bool = False
     lr_schedule: Optional[Callable[[int], float]] = None
+    reducer: Optional[Reducer] = None
+
+    def all_reduce_mean(self, tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor],
+                        what: str) -> list[Optional[Tensor]]:
+        """The seam of data parallelism: the mean of ``tensors`` over the ranks (identity on one process).
+
+        ``None`` entries count as zeros shaped like ``like``; a result is None only when the
+        entry is None on every rank. One collective per call, whatever the number of tensors.
+        """
+        if self.reducer is None:
+            return list(tensors)
+        return self.reducer.mean(tensors, like, what)
+
+    def reduce_gradient(self, loss: Tensor, G: Sequence[Optional[Tensor]], theta: Sequence[Tensor],
+                        j: int) -> tuple[Tensor, list[Optional[Tensor]]]:
+        """Line 5 across ranks: ``(ℓ_j, G_j)`` averaged in one collective, detached.
+
+        With a reducer the finiteness of ℓ_j is checked on the mean (NaN or Inf on any rank makes
+        it non-finite), so every rank raises :class:`NonFiniteError` together.
+        """
+        detached = [None if g is None else g.detach() for g in G]
+        if self.reducer is None:
+            return loss.detach(), detached
+        out = self.reducer.mean([loss.detach()] + detached, [loss] + list(theta), f"ℓ_{j} and G_{j} (inner step {j})")
+        mean_loss = out[0]
+        assert mean_loss is not None
+        self._check_finite(mean_loss, j)
+        return mean_loss, out[1:]
+
+    def _check_finite(self, loss: Tensor, j: int) -> None:
+        if self.check_finite and not bool(torch.isfinite(loss)):
+            where = " (the mean over the ranks)" if self.reducer is not None else ""
+            raise NonFiniteError(f"train_loss{where} is {loss.item()} at inner step {j}; check the batch of step {j}")
 
     def lr_scale(self, j: int) -> float:
         """The inner learning-rate schedule's factor at inner step j (1 without a schedule)."""
@@ -134,19 +170,26 @@ class InnerProblem:
     def loss(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int) -> Tensor:
         """ℓ_j(θ, φ_loss) with ``buffers`` updated in place, checked (line 5's loss)."""
         loss = check_scalar_loss(self.train_loss(self.view(theta, buffers), batch), "train_loss")
-        if self.check_finite and not bool(torch.isfinite(loss)):
-            raise NonFiniteError(f"train_loss is {loss.item()} at inner step {j}; check the batch of step {j}")
+        if self.reducer is None:  # distributed: checked on the mean in reduce_gradient, on every rank alike
+            self._check_finite(loss, j)
         return loss
 
     def gradient(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
                  j: int) -> tuple[Tensor, list[Optional[Tensor]]]:
-        """Line 5 without a kept graph: ``(ℓ_j, G_j)``; ``G_j[k]`` is None if ℓ_j ignores θ_k."""
-        loss, _, G = self.gradient_with_graph(theta, buffers, batch, j, create_graph=False)
-        return loss, G
+        """Line 5 without a kept graph: ``(ℓ_j, G_j)``; ``G_j[k]`` is None if ℓ_j ignores θ_k.
+
+        Distributed, both are the means over the ranks (:meth:`reduce_gradient`).
+        """
+        loss, leaves, G = self.gradient_with_graph(theta, buffers, batch, j, create_graph=False)
+        return self.reduce_gradient(loss, G, leaves, j)
 
     def gradient_with_graph(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int,
                             create_graph: bool = True) -> tuple[Tensor, list[Tensor], list[Optional[Tensor]]]:
-        """Line 5: ``(ℓ_j detached, θ leaves, G_j)``, G_j differentiable when ``create_graph``."""
+        """Line 5 on this rank: ``(ℓ_j detached, θ leaves, G_j)``, G_j differentiable when ``create_graph``.
+
+        Nothing is averaged here: the graph stays local (pass the detached G_j through
+        :meth:`reduce_gradient` before stepping).
+        """
         leaves = [t.detach().requires_grad_(True) for t in theta]
         with torch.enable_grad():
             loss = self.loss(leaves, buffers, batch, j)

@@ -55,9 +55,10 @@ class TapeEntry:
         buffers: The module's buffers before step j (BatchNorm statistics), or ``{}``.
         batch: A reference to the batch of step j (never copied).
         rng: The generator states before ℓ_j, or None if ℓ_j drew no random numbers.
-        G: G_j when the forward-over-reverse HVP needs it, else None.
-        graph: ``(θ leaves, G_j with its autograd graph)`` kept from the forward pass
-            (``keep_graphs``), so the sweep need not recompute step j; else None.
+        G: G_j (the mean over ranks when distributed) when the forward-over-reverse HVP
+            needs it or a graph is kept, else None.
+        graph: ``(θ leaves, this rank's G_j with its autograd graph)`` kept from the forward
+            pass (``keep_graphs``), so the sweep need not recompute step j; else None.
     """
 
     j: int
@@ -120,6 +121,7 @@ class Tape:
         self.progress = progress
         self.keep_graphs = keep_graphs
         self._graphs: dict[int, tuple[list[Tensor], Grads]] = {}
+        self._graph_G: dict[int, Grads] = {}
         self._pc = 0
         self._current: Optional[tuple[int, InnerState]] = (0, start)
         self._slots: dict[int, InnerState] = {}
@@ -140,8 +142,9 @@ class Tape:
             before = capture_rng(problem.cuda_devices)
             if self.keep_graphs:
                 loss, leaves, G_graph = problem.gradient_with_graph(s.theta, buffers_next, self.batches[j], j)
+                loss, G = problem.reduce_gradient(loss, G_graph, leaves, j)  # Ḡ over ranks; graph stays local
                 self._graphs[j] = (leaves, G_graph)
-                G = [None if g is None else g.detach() for g in G_graph]
+                self._graph_G[j] = G
             else:
                 loss, G = problem.gradient(s.theta, buffers_next, self.batches[j], j)
             self._rng.append(None if same_rng(before, capture_rng(problem.cuda_devices)) else before)
@@ -193,8 +196,9 @@ class Tape:
                 assert self._current is not None and self._current[0] == op.step, op
                 j, s = op.step, self._current[1]
                 self._current = None
-                return TapeEntry(j, s.theta, s.state, s.buffers, self.batches[j], self._rng[j], self._G_for(j, s),
-                                 self._graphs.pop(j, None))
+                graph = self._graphs.pop(j, None)
+                G = self._graph_G.pop(j) if graph is not None else self._G_for(j, s)
+                return TapeEntry(j, s.theta, s.state, s.buffers, self.batches[j], self._rng[j], G, graph)
             else:  # pragma: no cover - schedules are validated by construction
                 raise ValueError(f"unknown schedule operation {op!r}")
         return None

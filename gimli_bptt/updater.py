@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import NonFiniteError
+from .distributed import Reducer, all_equal_across_ranks, resolve_process_group
+from .errors import DistributedError, NonFiniteError
 from .functional import FunctionalModel, buffer_names, clone_buffers
 from .hvp import HVP_MODES
 from .hyper import OptimizerHyperparameters, parse_learn
@@ -128,6 +129,14 @@ class GimliUpdater:
             twin), ``"fused"`` (raise if the kernels cannot run), ``"reference"`` (the twin) or
             ``"loop"`` (one tensor at a time). All give the same hypergradients; see
             ``docs/KERNELS.md``.
+        process_group: Data-parallel meta-updates (``docs/DISTRIBUTED.md``). ``None``
+            (default): the default group when ``torch.distributed`` is initialised with more
+            than one rank, else none. ``False``: no communication. A ``ProcessGroup``: that
+            group. Each rank passes its shard of every batch; G_j, ℓ_j, the validation
+            gradient and every second-order term are averaged over the ranks, so every rank
+            computes the hypergradient of the mean of the per-rank losses (the full-batch one
+            for equal-sized shards and mean losses) and holds the same φ. Every rank must
+            build its updater from identical parameters and φ (checked here, one collective).
 
     Raises:
         TypeError: an unsupported optimizer, or arguments of the wrong type.
@@ -157,6 +166,7 @@ class GimliUpdater:
         lr_schedule: Optional[Callable[[int], float]] = None,
         keep_graphs: bool = False,
         kernels: str = "auto",
+        process_group: Any = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -252,6 +262,29 @@ class GimliUpdater:
         self.meta_opt = meta_opt(leaves)
         if not isinstance(self.meta_opt, torch.optim.Optimizer):
             raise TypeError(f"meta_opt must build a torch.optim.Optimizer, got {type(self.meta_opt).__name__}")
+        self.process_group = resolve_process_group(process_group)
+        self._reducer = Reducer(self.process_group, self._ref.device) if self.process_group is not None else None
+        if self._reducer is not None:
+            self._check_replicas()
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks the meta-updates are averaged over (1 without communication)."""
+        return 1 if self._reducer is None else self._reducer.world_size
+
+    def _check_replicas(self) -> None:
+        """Every rank must start from the same θ_0 and φ (as DDP makes sure at construction)."""
+        named = [(f"parameter {n!r}", p) for n, p in self.model.named_parameters()]
+        named += [(f"meta-parameter {n!r}", t) for n, t in self.named_meta_parameters() if not n.startswith("init.")]
+        same = all_equal_across_ranks([t for _, t in named], self.process_group)
+        differ = [what for (what, _), ok in zip(named, same) if not ok]
+        if differ:
+            raise ValueError(
+                f"the ranks hold different values of {', '.join(differ[:3])}{' and others' if len(differ) > 3 else ''}: "
+                "every rank must start from the same model and meta-parameters; seed every rank alike or load "
+                "rank 0's state_dict on every rank (e.g. torch.distributed.broadcast each tensor from rank 0) "
+                "before building GimliUpdater"
+            )
 
     # ----------------------------------------------------------------- set-up helpers
     def _check_loss_params(self, loss_params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -309,6 +342,7 @@ class GimliUpdater:
             check_finite=self.check_finite,
             hvp_fallback=self._hvp_fallback,
             lr_schedule=self.lr_schedule,
+            reducer=self._reducer,
         )
 
     def _initial_state(self) -> tuple[list[Tensor], list[State], dict[str, Tensor]]:
@@ -343,6 +377,8 @@ class GimliUpdater:
 
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[MetaStepResult, TapeResult]:
         batches = self._check_batches(train_batches)
+        if self._reducer is not None:
+            self._reducer.reset()
         problem = self._problem()
         start = InnerState(*self._initial_state())
         keep_G = self.hvp == "fwd"
@@ -386,11 +422,17 @@ class GimliUpdater:
         with torch.enable_grad():
             val_view = problem.view(theta_J, problem.fresh_buffers(tape.buffers))
             L = check_scalar_loss(self.val_loss(val_view, val_batch), "val_loss")
-            if self.check_finite and not bool(torch.isfinite(L)):
+            if problem.reducer is None and self.check_finite and not bool(torch.isfinite(L)):
                 raise NonFiniteError(f"val_loss is {L.item()} after {self.unroll} inner steps")
             if not L.requires_grad:
                 raise ValueError("val_loss does not depend on the model's parameters")
-            grads = torch.autograd.grad(L, theta_J + problem.loss_leaves, allow_unused=True)
+            grads: Sequence[Optional[Tensor]] = torch.autograd.grad(L, theta_J + problem.loss_leaves, allow_unused=True)
+        if problem.reducer is not None:  # [Alg.1 L9] across ranks: L_val, B_J and ∂L_val/∂φ_loss, one collective
+            out = problem.all_reduce_mean([L.detach()] + list(grads), [L] + theta_J + problem.loss_leaves,
+                                          "L_val, B_J and the direct term ∂L_val/∂φ_loss (validation)")
+            L, grads = out[0], out[1:]  # type: ignore[assignment]
+            if self.check_finite and not bool(torch.isfinite(L)):
+                raise NonFiniteError(f"val_loss (the mean over the ranks) is {L.item()} after {self.unroll} inner steps")
         n = len(theta_J)
         B_J = [torch.zeros_like(t) if g is None else g for t, g in zip(theta_J, grads[:n])]
         theta0_bar, A_opt, A_loss = reverse_sweep(
@@ -525,6 +567,7 @@ class GimliUpdater:
         saved_model = None
         if self.commit:
             saved_model = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()))
+        agreeing = False
         try:
             grads = self._grads_by_leaf(result.hypergrads)
             for (_, t), g in zip(leaves, grads):
@@ -535,7 +578,14 @@ class GimliUpdater:
             self.hyper.write_back(self.opt.param_groups)
             if self.commit:
                 self._commit(tape)
+            agreeing = True
+            self._agree(True)
         except BaseException:
+            if self._reducer is not None and not agreeing:
+                try:  # tell the peers, waiting in _agree, that this rank failed: they roll back too
+                    self._agree(False)
+                except DistributedError:
+                    pass
             with torch.no_grad():
                 for (_, t), v, g in zip(leaves, saved_values, saved_grads):
                     t.copy_(v)
@@ -548,6 +598,24 @@ class GimliUpdater:
                 self.model.load_state_dict(saved_model[0])
                 self.opt.load_state_dict(saved_model[1])
             raise
+
+    def _agree(self, ok: bool) -> None:
+        """Distributed line 16: every rank commits its meta update only if every rank succeeded.
+
+        One collective of a success flag; if any rank failed, raises :class:`DistributedError`
+        (inside :meth:`_apply`'s transaction, so this rank rolls back as the failed one does).
+        """
+        if self._reducer is None:
+            return
+        flag = torch.tensor(1.0 if ok else 0.0, dtype=self._ref.dtype, device=self._ref.device)
+        (mean,) = self._reducer.mean([flag], [flag], "the success flags of the meta update (line 16)")
+        assert mean is not None
+        if ok and float(mean) != 1.0:
+            raise DistributedError(
+                f"another rank failed while applying the meta update (rank {self._reducer.rank} of "
+                f"{self._reducer.world_size} succeeded); every rank rolled back: φ, the meta optimizer, the model "
+                "and the optimizer are as before this step"
+            )
 
     def _grads_by_leaf(self, hypergrads: Mapping[str, Hypergrad]) -> list[Tensor]:
         """The hypergradients in the order of :meth:`named_meta_parameters`."""
@@ -582,7 +650,9 @@ class GimliUpdater:
         ``batch``; buffers update as in training. Writes the new parameters into the model
         and the new state into ``opt.state``. Returns the loss.
         """
-        problem = self._problem()
+        if self._reducer is not None:
+            self._reducer.reset()
+        problem = self._problem()  # distributed: G is averaged over the ranks, as DDP's backward does
         buffers = {n: b for n, b in self.model.named_buffers() if b is not None}
         theta = [p.detach() for p in self._params]
         state = [self.impl.import_state(self.opt.state.get(p, {}), p, h) for p, h in zip(self._params, self.hyper.fixed)]
