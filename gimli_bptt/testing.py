@@ -146,9 +146,11 @@ def check_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any], va
     Returns:
         ``{meta-parameter name: max relative error}``; in float64 a correct setup gives about
         1e-12 or less. Each error is relative to the largest entry of that hypergradient, or
-        to 1e-6 times the larger of |L_val| and the largest entry of all hypergradients if
+        to 1e-4 times the larger of |L_val| and the largest entry of all hypergradients if
         that is larger: a hypergradient that is zero in exact arithmetic (Adam's beta1 after
-        one step, a bias followed by BatchNorm) is pure round-off on both sides.
+        one step, a bias followed by BatchNorm) is pure round-off on both sides, and the
+        terms that cancel there can be a thousand times larger than the result (Adam's beta2
+        terms scale with 1 / (1 - beta2)), so the floor sits well above round-off.
     """
     if dtype is None or dtype == updater._ref.dtype:
         twin = updater
@@ -169,7 +171,7 @@ def check_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any], va
             torch.cuda.set_rng_state(s, d)
         L, ref = reference_hypergradients(twin, batches, val)
     overall = max((t.detach().abs().max().item() for v in ref.values() for t in _flat(v) if t.numel()), default=0.0)
-    floor = 1e-6 * max(overall, abs(float(L)))
+    floor = 1e-4 * max(overall, abs(float(L)))
     return {name: relative_error(ours.hypergrads[name], ref[name], floor) for name in ref}
 
 
