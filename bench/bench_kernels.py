@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Fused kernels vs the pure path: op throughput from 1e3 to 1e7 elements, and GimliUpdater.step() on a 120-tensor model.
 
-Run: ``python bench/bench_kernels.py [--quick]``. Times are medians of interleaved repeats in
+Run: ``python bench/bench_kernels.py [--quick] [--model-only]``. Times are medians of interleaved repeats in
 one process (``torch.utils.benchmark.Timer.blocked_autorange``); the machine load is printed,
 since shared machines make absolute times noisy. Not collected by pytest.
 """
@@ -101,13 +101,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model-only", action="store_true", help="only the end-to-end GimliUpdater.step() part")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     assert kernels.is_available("cpu"), "CPU kernels unavailable"
     print(f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {a.threads}, "
           f"load average {os.getloadavg()[0]:.1f}")
     sizes = [10**3, 10**4, 10**5, 10**6] + ([] if a.quick else [10**7])
-    op_throughput(sizes, 0.2 if a.quick else 0.5)
+    if not a.model_only:
+        op_throughput(sizes, 0.2 if a.quick else 0.5)
     model_bench(5 if a.quick else 15)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

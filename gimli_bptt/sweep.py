@@ -61,9 +61,10 @@ def reverse_sweep(
               for leaf, b in zip(problem.loss_leaves, loss_bar)]  # [Alg.1 L8] + direct term of L_val
     for entry in entries_reversed:  # [Alg.1 L10]
         step = StepSecondOrder(problem, entry, hvp)
-        theta_bar, G_bar, state_bar, hyper_bar = step_vjp_all(  # [Alg.1 L11]
-            problem.impl, entry.theta, step.G, entry.state, problem.hyper_at(entry.j), theta_bar, state_bar
-        )
+        with torch.no_grad():  # a hand-written VJP: nothing to record (and no per-tensor requires_grad scan)
+            theta_bar, G_bar, state_bar, hyper_bar = step_vjp_all(  # [Alg.1 L11]
+                problem.impl, entry.theta, step.G, entry.state, problem.hyper_at(entry.j), theta_bar, state_bar
+            )
         scale = problem.lr_scale(entry.j)  # d lr_j / d lr = the schedule's factor
         for k, bars in enumerate(hyper_bar):  # [Alg.1 L12]
             if scale != 1.0 and "lr" in bars:

@@ -327,6 +327,44 @@ def test_flat_outputs_are_views_of_one_buffer(device: str) -> None:
     assert flat(stepped).data_ptr() == stepped[0]._base.data_ptr()
 
 
+@pytest.mark.parametrize("case", range(len(LIST_CASES)))
+def test_plan_cache_follows_changed_inputs(device: str, case: int) -> None:
+    """Note [Plan cache]: a cached plan is reused only for the same signature; a replaced
+    hyperparameter value, a new dtype or a learned value changed in place give the results of
+    a fresh plan, bit for bit."""
+    from gimli_bptt.kernels import flat as flat_mod
+
+    impl, fixed = LIST_CASES[case]
+    opt = dataclasses.replace(impl, kernels="auto")
+
+    def run(theta, G, state, hyper, fresh: bool):
+        if fresh:
+            flat_mod._PLANS.clear()
+        with torch.no_grad():
+            return step_all(opt, theta, G, state, hyper)
+
+    def same(a, b) -> None:
+        for x, y in zip(a[0], b[0]):
+            assert torch.equal(x, y)
+        for sx, sy in zip(a[1], b[1]):
+            assert sx.keys() == sy.keys()
+            for k in sx:
+                assert torch.equal(sx[k], sy[k]) if isinstance(sx[k], Tensor) else sx[k] == sy[k]
+
+    theta, G, state, hyper, _ = _list_problem(impl, fixed, "tensor", torch.float64, device, seed=case)
+    run(theta, G, state, hyper, fresh=True)
+    hyper[2] = {**hyper[2], "lr": torch.tensor(0.25 * float(hyper[2]["lr"]), dtype=torch.float64, device=device)}
+    same(run(theta, G, state, hyper, fresh=False), run(theta, G, state, hyper, fresh=True))
+    hyper[0]["weight_decay"] = 0.125  # a value replaced in place in the same dict
+    same(run(theta, G, state, hyper, fresh=False), run(theta, G, state, hyper, fresh=True))
+    hyper[1]["lr"].mul_(0.5)  # a learned value changed in place (as the meta step does)
+    same(run(theta, G, state, hyper, fresh=False), run(theta, G, state, hyper, fresh=True))
+    theta32 = [t.float() for t in theta]
+    G32 = [None if g is None else g.float() for g in G]
+    state32 = [impl.import_state({}, t, h) for t, h in zip(theta32, hyper)]
+    same(run(theta32, G32, state32, hyper, fresh=False), run(theta32, G32, state32, hyper, fresh=True))
+
+
 # ------------------------------------------------------------------------------- dispatch
 def test_select_impl_rules(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.zeros(3, device=device)

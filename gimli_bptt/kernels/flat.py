@@ -10,10 +10,23 @@ handed back as per-tensor views (``unflatten_dense_tensors``), so Î¸_{j+1} and Ï
 tape entry live in one buffer each, and the next step finds them already flat (no copy).
 Fixed and per-group/per-tensor hyperparameters travel as one float64 value per segment
 (expanded inside the kernel through the offsets); element-wise ones as one flat buffer.
+
+Note [Plan cache]: working out the buckets (keys, offsets, fixed-hyperparameter tensors) costs
+Python work per tensor, yet within one meta step the J tape steps and the J sweep steps all see
+the same shapes, dtypes, flags and hyperparameter objects. ``_plan`` therefore keeps the last
+few plans, keyed by a cheap signature: per tensor (shape, dtype, device, whether G is None,
+the Adam step relative to the first tensor's / whether a momentum buffer exists), plus the
+identity of every hyperparameter value and flag (the plan holds references to them, so an id
+cannot be reused while it is cached; a value replaced in a dict is a new object, hence a miss).
+Learned hyperparameter tensors are re-read on every call (their values change in place
+between meta steps), and Adam's step count is read per call. A hit runs exactly the ops a miss
+would, so results are bit-identical; the signature costs ~0.1 ms for 122 tensors, the plan ~3 ms.
 """
 from __future__ import annotations
 
 import functools
+import operator
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
@@ -64,6 +77,19 @@ def flat(tensors: Sequence[Tensor]) -> Tensor:
     return _flatten(tensors)
 
 
+def _flat_planned(tensors: Sequence[Tensor], starts: list[int], total: int) -> Tensor:
+    """:func:`flat` for tensors whose numels are known to be the plan's (``starts`` = segment
+    starts, ``total`` = their sum): the view check without per-tensor arithmetic."""
+    first = tensors[0]
+    base = first._base
+    if (base is not None and base.dim() == 1 and base.numel() == total and base.is_contiguous()
+            and all(t._base is base for t in tensors)):
+        pos = base.storage_offset()
+        if [t.storage_offset() - pos for t in tensors] == starts and all(t.is_contiguous() for t in tensors):
+            return base
+    return first.reshape(-1) if len(tensors) == 1 else _flatten(tensors)
+
+
 def _kind(value: Any) -> int:
     """0: a fixed float; 1: a 0-d tensor (learned per group or tensor); 2: element-wise."""
     if not isinstance(value, Tensor):
@@ -90,34 +116,47 @@ class _Bucket:
     def __init__(self, kind: str, key: tuple, idx: list[int], theta: Sequence[Tensor], hyper: Sequence["Hyper"]):
         self.kind, self.key, self.idx = kind, key, idx
         self.device, self.dtype, self.flags, self.kinds = key
-        self.theta = [theta[k] for k in idx]
-        self.offsets = _offsets(tuple(t.numel() for t in self.theta), self.device)
+        self.all = idx == list(range(len(theta)))  # every tensor, in order: gather without a list
+        # shape templates for the views, on the meta device: a cached plan holds no data
+        self.theta = [torch.empty(theta[k].shape, dtype=self.dtype, device="meta") for k in idx]
+        numels = tuple(t.numel() for t in self.theta)
+        self.offsets = _offsets(numels, self.device)
+        self.starts = self.offsets.tolist()[:-1] if self.device.type == "cpu" else _starts(numels)
+        self.total = sum(numels)
         self.names = HYPER_SLOTS[kind]
-        self.hyper: list[Tensor] = []
+        self.fixed: list[Optional[Tensor]] = []
         self.elementwise = self.learned = 0
         for h, (name, kd) in enumerate(zip(self.names, self.kinds)):
-            values = [hyper[k][name] for k in idx]
-            if kd == 0:
-                self.hyper.append(_constants(tuple(float(v) for v in values), self.device))
-            elif kd == 1:
-                self.hyper.append(torch.stack(values).to(torch.float64))
-            else:
-                self.hyper.append(flat(values).to(torch.float64))
+            self.fixed.append(_constants(tuple(float(hyper[k][name]) for k in idx), self.device) if kd == 0 else None)
             self.learned |= (kd > 0) << h
             self.elementwise |= (kd == 2) << h
+
+    def hyper(self, hyper: Sequence["Hyper"]) -> list[Tensor]:
+        """The op's hyperparameter inputs: the cached fixed ones, the learned ones read now."""
+        out: list[Tensor] = []
+        for name, kd, fixed in zip(self.names, self.kinds, self.fixed):
+            if fixed is not None:
+                out.append(fixed)
+                continue
+            values = [hyper[k][name] for k in self.idx]
+            out.append(torch.stack(values).to(torch.float64) if kd == 1 else flat(values).to(torch.float64))
+        return out
 
     def views(self, buffer: Tensor) -> list[Tensor]:
         return list(_unflatten(buffer, self.theta))
 
     def gather(self, tensors: Sequence[Tensor]) -> Tensor:
-        return flat([tensors[k] for k in self.idx])
+        return _flat_planned(tensors if self.all else [tensors[k] for k in self.idx], self.starts, self.total)
 
     def gather_optional(self, dicts: Sequence["State"], key: str) -> Optional[Tensor]:
         """The flat buffer of ``dicts[k][key]`` (zeros where missing), or None if none has it."""
         items = [dicts[k].get(key) for k in self.idx]
         if all(x is None for x in items):
             return None
-        return flat([torch.zeros_like(t) if x is None else x for x, t in zip(items, self.theta)])
+        if any(x is None for x in items):
+            items = [torch.zeros(t.shape, dtype=self.dtype, device=self.device) if x is None else x
+                     for x, t in zip(items, self.theta)]
+        return _flat_planned(items, self.starts, self.total)
 
     def hyper_bars(self, bars: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Per-tensor ``{name: cotangent}`` from the op's per-segment or element-wise outputs."""
@@ -131,20 +170,66 @@ class _Bucket:
         return out
 
 
-def _buckets(kind: str, theta: Sequence[Tensor], G: Sequence[Optional[Tensor]], state: Sequence["State"],
-             hyper: Sequence["Hyper"]) -> tuple[list[_Bucket], list[int]]:
+def _starts(numels: Sequence[int]) -> list[int]:
+    out, pos = [], 0
+    for n in numels:
+        out.append(pos)
+        pos += n
+    return out
+
+
+class _Plan:
     """Buckets of the tensors that take a step, and the indices left to the per-tensor path
-    (empty tensors)."""
-    groups: dict[tuple, list[int]] = {}
-    single: list[int] = []
-    for k, (t, g) in enumerate(zip(theta, G)):
-        if g is None:
-            continue
-        if t.numel() == 0:
-            single.append(k)
-            continue
-        groups.setdefault(_bucket_key(kind, t, state[k], hyper[k]), []).append(k)
-    return [_Bucket(kind, key, idx, theta, hyper) for key, idx in groups.items()], single
+    (empty tensors). ``refs`` holds the hyperparameter objects whose ids are in the cache key."""
+
+    def __init__(self, kind: str, theta: Sequence[Tensor], G: Sequence[Optional[Tensor]], state: Sequence["State"],
+                 hyper: Sequence["Hyper"], refs: list[Any]):
+        groups: dict[tuple, list[int]] = {}
+        self.single: list[int] = []
+        for k, (t, g) in enumerate(zip(theta, G)):
+            if g is None:
+                continue
+            if t.numel() == 0:
+                self.single.append(k)
+                continue
+            groups.setdefault(_bucket_key(kind, t, state[k], hyper[k]), []).append(k)
+        self.buckets = [_Bucket(kind, key, idx, theta, hyper) for key, idx in groups.items()]
+        self.refs = refs
+
+
+_MISSING = object()
+_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_PLAN_CACHE_SIZE = 8
+
+
+def _plan(kind: str, theta: Sequence[Tensor], G: Sequence[Optional[Tensor]], state: Sequence["State"],
+          hyper: Sequence["Hyper"]) -> _Plan:
+    """The cached plan for this call's signature, or a new one (Note [Plan cache])."""
+    if kind == "adam":
+        s0 = float(state[0]["step"]) if state else 0.0
+        per = [(t.shape, t.dtype, t.device, g is None, float(s["step"]) - s0) for t, g, s in zip(theta, G, state)]
+    else:
+        per = [(t.shape, t.dtype, t.device, g is None, s.get("momentum_buffer") is None)
+               for t, g, s in zip(theta, G, state)]
+    refs = [h.get(name, _MISSING) for h in hyper for name in _HYPER_KEYS[kind]]
+    key = (kind, tuple(per), tuple(map(id, refs)))
+    plan = _PLANS.get(key)
+    if plan is not None and len(plan.refs) == len(refs) and all(map(operator.is_, plan.refs, refs)):
+        _PLANS.move_to_end(key)
+        return plan
+    plan = _PLANS[key] = _Plan(kind, theta, G, state, hyper, refs)
+    while len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+#: Every hyperparameter and flag that a bucket key or a fixed-hyperparameter tensor reads.
+_HYPER_KEYS = {"sgd": SGD_HYPER + ("nesterov", "maximize"),
+               "adam": ADAM_HYPER + ("amsgrad", "maximize", "decoupled_weight_decay")}
+
+
+def _t_next(b: _Bucket, state: Sequence["State"]) -> float:
+    return float(state[b.idx[0]]["step"]) + 1.0
 
 
 def step_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Optional[Tensor]], state: Sequence["State"],
@@ -154,16 +239,17 @@ def step_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Optional
     assert kind in HYPER_SLOTS, f"{opt.name} has no flat implementation"
     theta_next: list[Tensor] = list(theta)
     state_next: list["State"] = list(state)
-    buckets, single = _buckets(kind, theta, G, state, hyper)
-    for k in single:
+    plan = _plan(kind, theta, G, state, hyper)
+    for k in plan.single:
         theta_next[k], state_next[k] = opt.step(theta[k], G[k], state[k], hyper[k])  # type: ignore[arg-type]
-    for b in buckets:
-        which = select_impl(b.theta[:1], impl)
+    for b in plan.buckets:
+        hp = b.hyper(hyper)
+        which = select_impl([theta[b.idx[0]]], impl)
         th, g = b.gather(theta), b.gather(G)  # type: ignore[arg-type]
         if kind == "sgd":
             nesterov, maximize, use_momentum, has_wd, has_buf = b.flags
             buf = b.gather_optional(state, "momentum_buffer") if has_buf else None
-            tn, bn = get_op("sgd_step", which)(th, g, buf, b.offsets, b.hyper, b.elementwise, nesterov, maximize,
+            tn, bn = get_op("sgd_step", which)(th, g, buf, b.offsets, hp, b.elementwise, nesterov, maximize,
                                                use_momentum, has_wd)
             bufs = b.views(bn) if use_momentum else None
             for j, (k, t) in enumerate(zip(b.idx, b.views(tn))):
@@ -173,10 +259,11 @@ def step_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Optional
                     s["momentum_buffer"] = bufs[j]
                 state_next[k] = s
         else:
-            amsgrad, maximize, decoupled, has_wd, t_next = b.flags
+            amsgrad, maximize, decoupled, has_wd, _ = b.flags
+            t_next = _t_next(b, state)
             m, v = b.gather_optional(state, "exp_avg"), b.gather_optional(state, "exp_avg_sq")
             vmax = b.gather_optional(state, "max_exp_avg_sq") if amsgrad else None
-            tn, mn, vn, xn = get_op("adam_step", which)(th, g, m, v, vmax, b.offsets, b.hyper, b.elementwise,
+            tn, mn, vn, xn = get_op("adam_step", which)(th, g, m, v, vmax, b.offsets, hp, b.elementwise,
                                                         t_next, amsgrad, maximize, decoupled, has_wd)
             ms, vs = b.views(mn), b.views(vn)
             xs = b.views(xn) if amsgrad else None
@@ -201,31 +288,33 @@ def step_vjp_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Opti
     G_bar: list[Optional[Tensor]] = [None] * n
     state_bar: list["State"] = list(state_next_bar)
     hyper_bar: list[dict[str, Tensor]] = [{} for _ in range(n)]
-    buckets, single = _buckets(kind, theta, G, state, hyper)
-    for k in single:
+    plan = _plan(kind, theta, G, state, hyper)
+    for k in plan.single:
         theta_bar[k], G_bar[k], state_bar[k], hyper_bar[k] = opt.step_vjp(
             theta[k], G[k], state[k], hyper[k], theta_next_bar[k], state_next_bar[k])  # type: ignore[arg-type]
-    for b in buckets:
-        which = select_impl(b.theta[:1], impl)
+    for b in plan.buckets:
+        hp = b.hyper(hyper)
+        which = select_impl([theta[b.idx[0]]], impl)
         th, g, tb = b.gather(theta), b.gather(G), b.gather(theta_next_bar)  # type: ignore[arg-type]
         if kind == "sgd":
             nesterov, maximize, use_momentum, has_wd, has_buf = b.flags
             buf = b.gather_optional(state, "momentum_buffer") if has_buf else None
             buf_bar_in = b.gather_optional(state_next_bar, "momentum_buffer") if use_momentum else None
             tbar, gbar, bbar, hbars = get_op("sgd_step_vjp", which)(
-                th, g, buf, tb, buf_bar_in, b.offsets, b.hyper, b.elementwise, b.learned, nesterov, maximize,
+                th, g, buf, tb, buf_bar_in, b.offsets, hp, b.elementwise, b.learned, nesterov, maximize,
                 use_momentum, has_wd)
             bufs = b.views(bbar) if has_buf else None
             new_state_bar: list["State"] = [{"momentum_buffer": x} for x in bufs] if bufs is not None else [{} for _ in b.idx]
         else:
-            amsgrad, maximize, decoupled, has_wd, t_next = b.flags
+            amsgrad, maximize, decoupled, has_wd, _ = b.flags
+            t_next = _t_next(b, state)
             m, v = b.gather_optional(state, "exp_avg"), b.gather_optional(state, "exp_avg_sq")
             vmax = b.gather_optional(state, "max_exp_avg_sq") if amsgrad else None
             cm = b.gather_optional(state_next_bar, "exp_avg")
             cv = b.gather_optional(state_next_bar, "exp_avg_sq")
             cx = b.gather_optional(state_next_bar, "max_exp_avg_sq") if amsgrad else None
             tbar, gbar, mbar, vbar, xbar, hbars = get_op("adam_step_vjp", which)(
-                th, g, m, v, vmax, tb, cm, cv, cx, b.offsets, b.hyper, b.elementwise, b.learned, t_next, amsgrad,
+                th, g, m, v, vmax, tb, cm, cv, cx, b.offsets, hp, b.elementwise, b.learned, t_next, amsgrad,
                 maximize, decoupled, has_wd)
             ms, vs = b.views(mbar), b.views(vbar)
             xs = b.views(xbar) if amsgrad else None
