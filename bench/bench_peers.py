@@ -582,7 +582,8 @@ def plots(rows: list[dict[str, Any]], img_dir: Path) -> list[Path]:
                              and isinstance(r.get(key), float) and r[key] > 0 and r.get("median") is not None)
                 if pts:
                     mark = next(label(impl, r) for r in rows if r["problem"] == prob and r["impl"] == impl)
-                    ax.plot(*zip(*pts), marker="o", label=mark, linestyle="--" if impl == "plain training" else "-")
+                    ax.plot(*zip(*pts), marker="o", label=mark, color=f"C{IMPLS.index(impl)}",
+                            linestyle="--" if impl == "plain training" else "-")
             ax.set_xscale("log"), ax.set_yscale("log")
             ax.set_xlabel("J (inner steps)"), ax.set_ylabel(ylabel)
             ax.set_title(f"problem {prob}"), ax.grid(True, which="both", alpha=0.3)
