@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -91,6 +92,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _same(a: list[float], b: list[float]) -> bool:
+    """Bit-identical lists, NaN matching NaN (a hypergradient can overflow on a long unroll)."""
+    return len(a) == len(b) and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| J | tape | time (s) | time / full | peak memory growth (MiB) | memory / full | forward steps "
              "(measured / optimal) | recompute factor | same hypergradient |",
@@ -104,7 +110,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         f = full.get(r["J"])
         t_ratio = f"{r['seconds'] / f['seconds']:.2f}" if f else "-"
         m_ratio = f"{r['peak_mib'] / f['peak_mib']:.3f}" if f and f["peak_mib"] > 0 else "-"
-        same = "yes" if f and r["hypergrad"] == f["hypergrad"] else ("-" if not f else "NO")
+        same = "-" if not f else ("yes" if _same(r["hypergrad"], f["hypergrad"]) else "NO")
+        if f and not all(math.isfinite(x) for x in r["hypergrad"]):
+            same += " (non-finite: " + ", ".join(f"{x:.3g}" for x in r["hypergrad"]) + ")"
         lines.append(
             f"| {r['J']} | {name} | {r['seconds']:.1f} | {t_ratio} | {r['peak_mib']:.1f} | {m_ratio} | "
             f"{r['forward_steps']} / {r['theory_forward_steps']} | {r['forward_steps'] / r['J']:.2f} | {same} |"

@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--val-frac", type=_fraction, default=lc.val_frac,
                     help=f"fraction of each class held out for the meta step's validation loss (default {lc.val_frac})")
     _common(lr, lc.out, len(lc.seeds))
+    lr.add_argument("--dist-timeout", type=_positive(float), default=60.0,
+                    help="under torchrun: seconds a rank waits for its peers before failing (default 60)")
     lr.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from the state saved (atomically, after every epoch) in OUT/state/")
     lr.set_defaults(width=lc.width, subparser=lr)
@@ -215,6 +217,37 @@ def _run_maml(args: argparse.Namespace) -> None:
     run_maml(cfg)
 
 
+def _distributed(run: Callable[[], None], timeout_s: float) -> int:
+    """Runs ``run`` in a torch.distributed process group when started by torchrun (WORLD_SIZE > 1).
+
+    Each rank holds a shard of every meta batch; GimliUpdater averages over the ranks
+    (docs/DISTRIBUTED.md). A failed or timed-out peer ends every rank with exit status 1.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        run()
+        return 0
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from .errors import DistributedError
+
+    backend = "nccl" if torch.cuda.is_available() and os.environ.get("GIMLI_DIST_BACKEND") != "gloo" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        run()
+    except DistributedError as exc:
+        print(f"gimli-bptt (rank {dist.get_rank()}): error: {exc}", file=sys.stderr)
+        return 1  # no destroy_process_group(): it can block after a timeout
+    dist.destroy_process_group()
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``gimli-bptt``; returns the exit status."""
     parser = build_parser()
@@ -232,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gimli-bptt {args.command}: error: {exc}", file=sys.stderr)
         return 1
     if args.command == "lr":
-        _run_lr(args)
+        return _distributed(lambda: _run_lr(args), args.dist_timeout)
     elif args.command == "maml":
         _run_maml(args)
     return 0

@@ -192,3 +192,22 @@ def test_lr_resumes_bit_identically_after_an_interrupt(tmp_path: Path, extras: N
         a, b = straight["runs"][variant][0], resumed["runs"][variant][0]
         for key in ("test_acc", "test_loss", "train_loss", "rates", "val_loss", "hypergrad_lr"):
             assert a[key] == b[key], (variant, key)
+
+
+def test_lr_under_torchrun_with_two_ranks(tmp_path: Path, extras: None) -> None:
+    """gimli-bptt lr under torchrun --nproc_per_node=2 (gloo on loopback): rank 0 writes the outputs."""
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path / "lr2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "gimli_bptt", "lr", "--epochs", "1", "--unroll", "2", "--width", "4", "--batch-size", "128",
+           "--seeds", "1", "--no-progress", "--dist-timeout", "120", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "GIMLI_DIST_BACKEND": "gloo"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "lr.json").read_text())
+    assert result["world_size"] == 2
+    assert all(math.isfinite(x) for x in _numbers(result))
+    assert result["runs"]["meta"][0]["rates"][-1] != result["runs"]["meta"][0]["initial_rates"]

@@ -169,8 +169,11 @@ def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
         if sched is not None:
             sched.step()
         if updater is not None:
-            result = updater.step(sample_batches(splits.train, cfg.unroll, cfg.meta_batch_size, meta_gen),
-                                  splits.val)
+            # Under torchrun every rank trains identically; the meta step's batches are sharded
+            # and GimliUpdater averages over the ranks (docs/DISTRIBUTED.md).
+            rank, world = _ranks()
+            meta_batches = sample_batches(splits.train, cfg.unroll, cfg.meta_batch_size, meta_gen)
+            result = updater.step([_shard(b, rank, world) for b in meta_batches], _shard(splits.val, rank, world))
             rec["val_loss"].append(float(result.val_loss))
             rec["hypergrad_lr"].append([float(v) for v in result.hypergrads["lr"]])  # type: ignore[union-attr]
         test_loss, test_acc = evaluate(model, splits.test)
@@ -180,7 +183,7 @@ def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
         rec["train_loss"].append(sum(losses) / len(losses))
         rec["rates"].append([float(g["lr"]) for g in opt.param_groups])
         rec["seconds"] = time.perf_counter() - start
-        if state_path is not None:
+        if state_path is not None and _ranks()[0] == 0:  # one writer; every rank resumes from it
             save_atomic({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
                          "sched": None if sched is None else sched.state_dict(),
                          "updater": None if updater is None else updater.state_dict(),
@@ -192,6 +195,24 @@ def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
     rec["final_test_acc"] = rec["test_acc"][-1]
     rec["best_test_acc"] = max(rec["test_acc"])
     return rec
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(batch: Batch, rank: int, world: int) -> Batch:
+    """This rank's equal share of a batch (a remainder of fewer than ``world`` rows is dropped:
+    the ranks' mean losses average to the full-batch mean only over equal shards)."""
+    if world == 1:
+        return batch
+    n = batch[1].shape[0] // world * world
+    return tuple(t[:n].chunk(world)[rank] for t in batch)  # type: ignore[return-value]
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -219,6 +240,11 @@ def run_lr(cfg: LRConfig, log: Optional[Callable[[str], None]] = print) -> dict[
     from .plots import plot_lr_accuracy, plot_lr_rates
 
     cfg = cfg.resolved()
+    rank, world = _ranks()
+    if cfg.meta_batch_size % world:
+        raise ValueError(f"--meta-batch-size {cfg.meta_batch_size} must be divisible by the {world} ranks")
+    if rank != 0:
+        log = None  # rank 0 reports and writes the outputs
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -247,6 +273,9 @@ def run_lr(cfg: LRConfig, log: Optional[Callable[[str], None]] = print) -> dict[
         "runs": runs,
     }
     check_finite(result)
+    result["world_size"] = world
+    if rank != 0:
+        return result
     (out / "lr.json").write_text(json.dumps(result, indent=1))
     plot_lr_accuracy(runs, out / "lr_accuracy.png", title=f"digits, {cfg.optimizer.upper()} lr {cfg.lr:g}")
     plot_lr_rates(runs["meta"][0], out / "lr_rates.png")
