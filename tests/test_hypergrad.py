@@ -100,7 +100,7 @@ def test_rev_and_fwd_agree() -> None:
         updater.unroll = 5
         batches, val = make_batches(5, seed=3)
         results.append(updater.hypergradient(batches, val))
-    floor = 1e-6 * float(results[0].val_loss)  # init.1.bias is round-off: a bias followed by BatchNorm
+    floor = 1e-4 * float(results[0].val_loss)  # init.1.bias is round-off: a bias followed by BatchNorm
     for name, value in results[0].hypergrads.items():
         assert relative_error(results[1].hypergrads[name], value, floor) <= 1e-11, name
 
