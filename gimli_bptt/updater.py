@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -14,11 +12,11 @@ from torch import Tensor, nn
 
 from .distributed import Reducer, all_equal_across_ranks, resolve_process_group
 from .errors import DistributedError, NonFiniteError
-from .functional import FunctionalModel, buffer_names, clone_buffers
+from .functional import clone_buffers
 from .hvp import HVP_MODES
 from .hyper import OptimizerHyperparameters, parse_learn
 from .optim import get_optimizer
-from .optim.base import KERNEL_MODES, State, clone_state, step_all
+from .optim.base import KERNEL_MODES, State, step_all
 from .problem import InnerProblem, LossFn, check_scalar_loss
 from .sweep import reverse_sweep
 from .checkpoint import Checkpointing, store_all_schedule
