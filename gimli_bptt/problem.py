@@ -106,6 +106,7 @@ class InnerProblem:
     check_finite: bool = True
     hvp_fallback: bool = False
     lr_schedule: Optional[Callable[[int], float]] = None
+    _order: Optional[list[str]] = field(default=None, repr=False)
     reducer: Optional[Reducer] = None
 
     def all_reduce_mean(self, tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor],
@@ -164,8 +165,9 @@ class InnerProblem:
         """The module bound to inner parameters ``theta``, the frozen parameters and ``buffers``."""
         params = dict(zip(self.names, theta))
         params.update(self.frozen)
-        ordered = {name: params[name] for name, _ in self.module.named_parameters()}
-        return FunctionalModel(self.module, ordered, buffers)
+        if self._order is None:  # the module's parameter order, once per meta step
+            self._order = [name for name, _ in self.module.named_parameters()]
+        return FunctionalModel(self.module, {name: params[name] for name in self._order}, buffers)
 
     def loss(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int) -> Tensor:
         """ℓ_j(θ, φ_loss) with ``buffers`` updated in place, checked (line 5's loss)."""

@@ -20,15 +20,26 @@ IMPLS = ("auto", "fused", "reference")
 FUSED_DTYPES = (torch.float32, torch.float64)
 
 
+_REGISTERED: dict[str, bool] = {}
+
+
 def is_available(device: torch.device | str = "cpu") -> bool:
-    """Whether the compiled ops can run on ``device`` (loading or JIT-building them if needed)."""
+    """Whether the compiled ops can run on ``device`` (loading or JIT-building them if needed).
+
+    Once the ops are loaded, which device types have kernels never changes: the answer per
+    dispatch key is cached (this runs on every inner step).
+    """
     if not ops.load():
         return False
     device = torch.device(device)
     key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
     if key is None:
         return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"gimli::{name}", key) for name in ops.OP_NAMES)
+    if key not in _REGISTERED:
+        _REGISTERED[key] = all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"gimli::{name}", key) for name in ops.OP_NAMES
+        )
+    return _REGISTERED[key]
 
 
 def unsuitable(tensors: Sequence[Tensor]) -> str | None:
