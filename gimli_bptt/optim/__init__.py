@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .adam import ADAM, ADAMW, adam_step, adam_step_vjp
-from .base import DiffOptimizer, Hyper, State, StepFn, StepVjpFn, clone_state, step_all, step_vjp_all
+from .base import DiffOptimizer, Hyper, State, StepFn, StepVjpFn, clone_state, hyper_writer, step_all, step_vjp_all
 from .derived import derive_step_vjp
 from .sgd import SGD, sgd_step, sgd_step_vjp
 
@@ -126,9 +126,6 @@ def register_optimizer(
         out.update({n: group[n] for n in flag_names})
         return out
 
-    def default_write(group: dict[str, Any], hname: str, value: float) -> None:
-        group[hname] = value
-
     def import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
         if len(torch_state) == 0:
             return dict(init_state(param, hyper)) if init_state is not None else {}
@@ -146,7 +143,7 @@ def register_optimizer(
         step=step,
         step_vjp=step_vjp if step_vjp is not None else derive_step_vjp(step),
         read_hyper=read_hyper or default_read,
-        write_hyper=write_hyper or default_write,
+        write_hyper=write_hyper or hyper_writer(),
         import_state=import_state,
         export_state=export_state,
         notes="registered" + ("" if step_vjp is not None else "; VJP derived with torch.func.vjp"),

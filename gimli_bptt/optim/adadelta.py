@@ -6,10 +6,9 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
 
 from .adam import _sqrt
-from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+from .base import DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, import_step_state, is_learned
 
 
 def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, float]:
@@ -140,30 +139,15 @@ def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
-    group[name] = value
+_write_hyper = hyper_writer()
 
 
 def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    if len(torch_state) == 0:
-        return {
-            "step": 0.0,
-            "square_avg": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-            "acc_delta": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-        }
-    return {
-        "step": float(torch_state["step"]),
-        "square_avg": torch_state["square_avg"].detach().clone(),
-        "acc_delta": torch_state["acc_delta"].detach().clone(),
-    }
+    return import_step_state(torch_state, param, ("square_avg", "acc_delta"))
 
 
 def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return {
-        "step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype()),
-        "square_avg": state["square_avg"].detach().clone(),
-        "acc_delta": state["acc_delta"].detach().clone(),
-    }
+    return export_step_state(state, ("square_avg", "acc_delta"))
 
 
 ADADELTA = DiffOptimizer(

@@ -6,10 +6,9 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
 
 from .adam import _sqrt
-from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+from .base import DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, is_learned
 
 
 def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, float]:
@@ -122,8 +121,7 @@ def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
-    group[name] = value
+_write_hyper = hyper_writer()
 
 
 def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
@@ -135,10 +133,7 @@ def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -
 
 
 def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return {
-        "step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype()),
-        "sum": state["sum"].detach().clone(),
-    }
+    return export_step_state(state, ("sum",))
 
 
 ADAGRAD = DiffOptimizer(

@@ -6,9 +6,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
 
-from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, is_learned
 
 
 def _sqrt(v: Tensor) -> Tensor:
@@ -181,13 +180,7 @@ def _read_hyper(group: Mapping[str, Any], decoupled_default: bool) -> dict[str, 
     }
 
 
-def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
-    if name in ("beta1", "beta2"):
-        betas = list(group["betas"])
-        betas[0 if name == "beta1" else 1] = value
-        group["betas"] = tuple(betas)
-    else:
-        group[name] = value
+_write_hyper = hyper_writer(BETAS)
 
 
 def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
@@ -212,11 +205,7 @@ def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -
 
 
 def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype())}
-    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        if key in state:
-            out[key] = state[key].detach().clone()
-    return out
+    return export_step_state(state, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
 
 
 def _make(name: str, cls: type, decoupled: bool) -> DiffOptimizer:

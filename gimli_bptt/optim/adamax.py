@@ -6,9 +6,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
 
-from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, import_step_state, is_learned
 
 
 def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, float]:
@@ -127,35 +126,15 @@ def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
-    if name in ("beta1", "beta2"):
-        betas = list(group["betas"])
-        betas[0 if name == "beta1" else 1] = value
-        group["betas"] = tuple(betas)
-    else:
-        group[name] = value
+_write_hyper = hyper_writer(BETAS)
 
 
 def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    if len(torch_state) == 0:
-        return {
-            "step": 0.0,
-            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-            "exp_inf": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-        }
-    return {
-        "step": float(torch_state["step"]),
-        "exp_avg": torch_state["exp_avg"].detach().clone(),
-        "exp_inf": torch_state["exp_inf"].detach().clone(),
-    }
+    return import_step_state(torch_state, param, ("exp_avg", "exp_inf"))
 
 
 def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return {
-        "step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype()),
-        "exp_avg": state["exp_avg"].detach().clone(),
-        "exp_inf": state["exp_inf"].detach().clone(),
-    }
+    return export_step_state(state, ("exp_avg", "exp_inf"))
 
 
 ADAMAX = DiffOptimizer(

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+from .base import DiffOptimizer, Hyper, State, add_bar, hyper_writer, is_learned
 from .scalars import export_scalar, round_to_torch_scalar, scalar_state_dtype, sum_to, zero_missing_bars
 
 _HYPER_NAMES = ("lr", "lambd", "alpha", "weight_decay")
@@ -160,8 +160,7 @@ def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
-    group[name] = value
+_write_hyper = hyper_writer()
 
 
 def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
 
 #: A hyperparameter value for one parameter tensor: a Python float (fixed), a 0-d tensor
 #: (learned per group or per tensor) or a tensor shaped like the parameter (learned per element).
@@ -211,12 +212,56 @@ def step_vjp_all(
     return theta_bar, G_bar, state_bar, hyper_bar
 
 
+#: Adam-style optimizers keep beta1 and beta2 in the tuple option ``betas``.
+BETAS: dict[str, tuple[str, int]] = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
+
+
+def hyper_writer(in_tuples: Mapping[str, tuple[str, int]] | None = None) -> Callable[[dict[str, Any], str, float], None]:
+    """A ``write_hyper`` for ``DiffOptimizer``: ``group[name] = value``, except for the names that
+    live inside a tuple option (``in_tuples[name] = (option, index)``, e.g. :data:`BETAS`)."""
+    in_tuples = dict(in_tuples or {})
+
+    def write_hyper(group: dict[str, Any], name: str, value: float) -> None:
+        if name in in_tuples:
+            option, index = in_tuples[name]
+            values = list(group[option])
+            values[index] = value
+            group[option] = tuple(values)
+        else:
+            group[name] = value
+
+    return write_hyper
+
+
+def import_step_state(torch_state: Mapping[str, Any], param: Tensor, keys: Sequence[str]) -> State:
+    """``opt.state[p]`` of an optimizer whose state is a step count and tensors shaped like ``p``
+    that start at zero: copies of the tensors and the count as a float, or a fresh state."""
+    if len(torch_state) == 0:
+        fresh: State = {"step": 0.0}
+        fresh.update({k: torch.zeros_like(param, memory_format=torch.preserve_format).detach() for k in keys})
+        return fresh
+    state: State = {"step": float(torch_state["step"])}
+    state.update({k: torch_state[k].detach().clone() for k in keys})
+    return state
+
+
+def export_step_state(state: State, keys: Sequence[str]) -> dict[str, Any]:
+    """``opt.state[p]`` as ``torch.optim`` keeps it: the step as a scalar tensor of torch's scalar
+    dtype, and copies of the tensors among ``keys`` that the state holds (missing or None: left out)."""
+    out: dict[str, Any] = {"step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype())}
+    for key in keys:
+        if state.get(key) is not None:
+            out[key] = state[key].detach().clone()
+    return out
+
+
 def zeros_state_bar(state: State, keys: Sequence[str]) -> State:
     """Zero cotangents for the differentiable entries of one tensor's state."""
     return {k: torch.zeros_like(state[k]) for k in keys if isinstance(state.get(k), Tensor)}
 
 
 __all__ = [
+    "BETAS",
     "DiffOptimizer",
     "Hyper",
     "KERNEL_MODES",
@@ -224,6 +269,9 @@ __all__ = [
     "State",
     "add_bar",
     "clone_state",
+    "export_step_state",
+    "hyper_writer",
+    "import_step_state",
     "is_learned",
     "reduce_like",
     "step_all",

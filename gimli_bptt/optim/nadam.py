@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .adam import _prepare, _sqrt
-from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, hyper_writer, is_learned
 from .scalars import export_scalar, round_to_torch_scalar, scalar_state_dtype, sum_to, zero_missing_bars
 
 _HYPER_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay")
@@ -183,13 +183,7 @@ def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
-    if name in ("beta1", "beta2"):
-        betas = list(group["betas"])
-        betas[0 if name == "beta1" else 1] = value
-        group["betas"] = tuple(betas)
-    else:
-        group[name] = value
+_write_hyper = hyper_writer(BETAS)
 
 
 def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:

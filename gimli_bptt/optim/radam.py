@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from .adam import _prepare, _sqrt
-from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
-from .scalars import export_scalar, zero_missing_bars
+from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, import_step_state, is_learned
+from .scalars import zero_missing_bars
 
 _HYPER_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay")
 #: The switch of torch.optim.RAdam: the update is rectified where rho_t > 5.
@@ -194,35 +194,15 @@ def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
-    if name in ("beta1", "beta2"):
-        betas = list(group["betas"])
-        betas[0 if name == "beta1" else 1] = value
-        group["betas"] = tuple(betas)
-    else:
-        group[name] = value
+_write_hyper = hyper_writer(BETAS)
 
 
 def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    if len(torch_state) == 0:
-        return {
-            "step": 0.0,
-            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-        }
-    return {
-        "step": float(torch_state["step"]),
-        "exp_avg": torch_state["exp_avg"].detach().clone(),
-        "exp_avg_sq": torch_state["exp_avg_sq"].detach().clone(),
-    }
+    return import_step_state(torch_state, param, ("exp_avg", "exp_avg_sq"))
 
 
 def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return {
-        "step": export_scalar(float(state["step"])),
-        "exp_avg": state["exp_avg"].detach().clone(),
-        "exp_avg_sq": state["exp_avg_sq"].detach().clone(),
-    }
+    return export_step_state(state, ("exp_avg", "exp_avg_sq"))
 
 
 RADAM = DiffOptimizer(

@@ -6,10 +6,9 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
 
 from .adam import _sqrt
-from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+from .base import DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, is_learned
 
 
 def _uses_momentum(hyper: Hyper) -> bool:
@@ -182,8 +181,7 @@ def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
-    group[name] = value
+_write_hyper = hyper_writer()
 
 
 def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
@@ -203,11 +201,7 @@ def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -
 
 
 def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype())}
-    for key in ("square_avg", "momentum_buffer", "grad_avg"):
-        if state.get(key) is not None:
-            out[key] = state[key].detach().clone()
-    return out
+    return export_step_state(state, ("square_avg", "momentum_buffer", "grad_avg"))
 
 
 RMSPROP = DiffOptimizer(

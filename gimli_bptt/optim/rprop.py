@@ -7,8 +7,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import DiffOptimizer, Hyper, State, add_bar
-from .scalars import export_scalar, zero_missing_bars
+from .base import DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer
+from .scalars import zero_missing_bars
 
 _HYPER_NAMES = ("lr", "etaminus", "etaplus", "step_size_min", "step_size_max")
 
@@ -124,17 +124,7 @@ def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
-    if name in ("etaminus", "etaplus"):
-        etas = list(group["etas"])
-        etas[0 if name == "etaminus" else 1] = value
-        group["etas"] = tuple(etas)
-    elif name in ("step_size_min", "step_size_max"):
-        sizes = list(group["step_sizes"])
-        sizes[0 if name == "step_size_min" else 1] = value
-        group["step_sizes"] = tuple(sizes)
-    else:
-        group[name] = value
+_write_hyper = hyper_writer({"etaminus": ("etas", 0), "etaplus": ("etas", 1), "step_size_min": ("step_sizes", 0), "step_size_max": ("step_sizes", 1)})
 
 
 def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
@@ -152,11 +142,7 @@ def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -
 
 
 def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return {
-        "step": export_scalar(float(state["step"])),
-        "prev": state["prev"].detach().clone(),
-        "step_size": state["step_size"].detach().clone(),
-    }
+    return export_step_state(state, ("prev", "step_size"))
 
 
 RPROP = DiffOptimizer(

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import DiffOptimizer, Hyper, State, add_bar, is_learned
+from .base import DiffOptimizer, Hyper, State, add_bar, hyper_writer, is_learned
 
 
 def _uses_momentum(hyper: Hyper) -> bool:
@@ -120,8 +120,7 @@ def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_hyper(group: dict[str, Any], name: str, value: float) -> None:
-    group[name] = value
+_write_hyper = hyper_writer()
 
 
 def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
