@@ -26,7 +26,7 @@ def _ext_modules():
         print("gimli_bptt: torch not importable at build time; kernels will be JIT-built on first use", file=sys.stderr)
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
-    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     sources = ["csrc/gimli.cpp", "csrc/cpu/optim_cpu.cpp"]
     kwargs = dict(include_dirs=[os.path.join(here, "csrc", "include")], extra_link_args=["-fopenmp"])
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:

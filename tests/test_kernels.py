@@ -134,6 +134,10 @@ SGD_FLAGS = [  # nesterov, maximize, use_momentum, has_wd, has_buf, has_buf_bar
     (True, True, True, True, True, True),
     (True, False, True, True, True, False),
 ]
+# Note [Static flags] in csrc/cpu/optim_cpu.cpp: every combination that gets its own compiled loop
+# (per-segment hyperparameters, buffer and carried cotangent present) is checked once.
+SGD_FLAGS += [(n and u, m, u, w, u, u) for n, m, u, w in itertools.product((False, True), repeat=4)
+              if (n and u, m, u, w, u, u) not in SGD_FLAGS]
 ADAM_FLAGS = [  # amsgrad, maximize, decoupled, has_wd, step, carried
     (False, False, False, False, 1.0, False),
     (False, True, False, True, 3.0, True),
@@ -142,6 +146,9 @@ ADAM_FLAGS = [  # amsgrad, maximize, decoupled, has_wd, step, carried
     (False, False, True, True, 1.0, False),
     (True, False, False, True, 1.0, False),
 ]
+ADAM_FLAGS += [(a, m, d and w, w, 3.0, True) for a, m, d, w in itertools.product((False, True), repeat=4)
+               if (a, m, d and w, w, 3.0, True) not in ADAM_FLAGS and (a, m, d and w, w, 2.0, True) not in ADAM_FLAGS
+               and (a, m, d and w, w, 7.0, True) not in ADAM_FLAGS]
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

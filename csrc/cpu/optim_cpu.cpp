@@ -3,9 +3,21 @@
 //
 // The loops call the per-element functions of optim_math.h (one source of truth with CUDA);
 // they are plain, restrict-qualified loops over one segment at a time with the segment's
-// coefficients hoisted, which GCC -O3 vectorises. Note [Deterministic segment sums]: the
-// hyperparameter partials of a segment are summed in double over fixed chunks of kChunk
-// elements, then chunk by chunk in order, so the result does not depend on the thread count.
+// coefficients hoisted.
+//
+// Note [Static flags]: in the common case (hyperparameters per segment, the momentum buffer
+// and every carried cotangent present) an op's boolean options are compile-time constants
+// (dispatch_sgd / dispatch_adam over static_bools), so each combination has its own loop with
+// no branch on a flag inside, which GCC -O3 vectorises. The rare cases (element-wise
+// hyperparameters, the first step without a momentum buffer, the last step of the sweep
+// without carried cotangents) run one generic loop that reads the flags and coefficients at
+// run time: the same per-element functions, so the same values, just not vectorised.
+//
+// Note [Deterministic segment sums]: a VJP's hyperparameter partials of a segment are summed
+// in double over fixed chunks of kChunk elements; inside a chunk in blocks of kBlock elements,
+// each block as kLanes interleaved sums added in a fixed order; then chunk by chunk in order.
+// The result does not depend on the thread count. Each learned slot's partials are computed in
+// a pass of their own (*_vjp_partial), which keeps the main pass free of reductions.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -16,6 +28,8 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "gimli/checks.h"
@@ -27,6 +41,8 @@ namespace {
 
 constexpr int64_t kGrain = 16384;  // elements per parallel task (step)
 constexpr int64_t kChunk = 4096;   // elements per reduction chunk (VJP), fixed: see the note above
+constexpr int64_t kBlock = 256;    // elements per block of a reduction inside a chunk
+constexpr int kLanes = 8;          // interleaved partial sums of a block
 
 template <typename T>
 T* ptr_or(const at::Tensor& t, T* fallback) {
@@ -105,6 +121,217 @@ std::vector<double> segment_reduce(const int64_t* off, int64_t nseg, int64_t n, 
   return out;
 }
 
+/// Calls ``fn(std::true_type{} or std::false_type{}, ...)``, one argument per flag: Note [Static
+/// flags]. Each combination of flags is compiled into its own loop, with no branch on a flag
+/// inside it, which GCC can vectorise.
+template <typename Fn>
+void static_bools(const Fn& fn) {
+  fn();
+}
+
+template <typename Fn, typename... Rest>
+void static_bools(const Fn& fn, bool flag, Rest... rest) {
+  if (flag) {
+    static_bools([&](auto... xs) { fn(std::true_type{}, xs...); }, rest...);
+  } else {
+    static_bools([&](auto... xs) { fn(std::false_type{}, xs...); }, rest...);
+  }
+}
+
+/// Calls ``fn(std::integral_constant<int, h>{})`` for h = 0 ... N-1.
+template <int N, typename Fn, int... H>
+void for_each_slot(const Fn& fn, std::integer_sequence<int, H...>) {
+  (fn(std::integral_constant<int, H>{}), ...);
+}
+
+template <int N, typename Fn>
+void for_each_slot(const Fn& fn) {
+  for_each_slot<N>(fn, std::make_integer_sequence<int, N>{});
+}
+
+/// The sum in double of ``x[0 .. n)`` as kLanes interleaved partial sums added in a fixed order
+/// (independent lanes: the loop vectorises without reassociating any sum).
+template <typename T>
+double lane_sum(const T* __restrict__ x, int64_t n) {
+  double lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane[l] += static_cast<double>(x[i + l]);
+  }
+  for (int l = 0; i < n; ++i, ++l) lane[l] += static_cast<double>(x[i]);
+  double total = 0.0;
+  for (int l = 0; l < kLanes; ++l) total += lane[l];
+  return total;
+}
+
+/// Writes ``partial(i)`` for i in ``[lo, hi)`` to ``out`` (an element-wise slot), or, with
+/// ``out == nullptr``, adds their sum to ``*acc`` block by block (kBlock elements, lane_sum).
+template <typename T, typename Partial>
+inline void write_or_sum(int64_t lo, int64_t hi, T* __restrict__ out, double* acc, const Partial& partial) {
+  if (out != nullptr) {
+    for (int64_t i = lo; i < hi; ++i) out[i] = partial(i);
+    return;
+  }
+  T block[kBlock];
+  for (int64_t b = lo; b < hi; b += kBlock) {
+    const int64_t e = std::min(hi, b + kBlock);
+    for (int64_t i = b; i < e; ++i) block[i - b] = partial(i);
+    *acc += lane_sum(block, e - b);
+  }
+}
+
+/// The flags of a loop read at run time: the generic loop (Note [Static flags]).
+struct RuntimeFlags {
+  static constexpr bool kStatic = false;
+};
+
+/// SGD flags known at compile time; the momentum buffer and its carried cotangent exist.
+template <bool Nesterov, bool Maximize, bool Momentum, bool Wd>
+struct SgdStatic {
+  static constexpr bool kStatic = true;
+  static constexpr SgdFlags value{Nesterov, Maximize, Momentum, Wd, Momentum, Momentum};
+};
+
+/// Adam flags known at compile time; the carried cotangents of m, v (and vmax) exist.
+template <bool Amsgrad, bool Maximize, bool Decoupled, bool Wd>
+struct AdamStatic {
+  static constexpr bool kStatic = true;
+  static constexpr AdamFlags value{Amsgrad, Maximize, Decoupled, Wd, true, true, Amsgrad};
+};
+
+/// ``F::value`` for static flags, else the run-time ``flags``.
+template <typename F, typename Flags>
+inline Flags flags_of(const Flags& flags) {
+  if constexpr (F::kStatic) {
+    return F::value;
+  } else {
+    return flags;
+  }
+}
+
+/// Runs ``body(SgdStatic<...>{})``, or ``body(RuntimeFlags{})`` when ``generic``: the caller's
+/// rare cases (element-wise hyperparameters, the first step without a momentum buffer, the
+/// last step of the sweep without a carried cotangent).
+template <typename Body>
+void dispatch_sgd(const SgdFlags& f, bool generic, const Body& body) {
+  if (generic) return body(RuntimeFlags{});
+  static_bools([&](auto mom, auto nesterov, auto maximize, auto wd) {
+    constexpr bool m = decltype(mom)::value;
+    body(SgdStatic<m && decltype(nesterov)::value, decltype(maximize)::value, m, decltype(wd)::value>{});
+  }, f.use_momentum, f.nesterov, f.maximize, f.has_wd);
+}
+
+/// As dispatch_sgd for Adam.
+template <typename Body>
+void dispatch_adam(const AdamFlags& f, bool generic, const Body& body) {
+  if (generic) return body(RuntimeFlags{});
+  static_bools([&](auto amsgrad, auto maximize, auto decoupled, auto wd) {
+    constexpr bool w = decltype(wd)::value;
+    body(AdamStatic<decltype(amsgrad)::value, decltype(maximize)::value, w && decltype(decoupled)::value, w>{});
+  }, f.amsgrad, f.maximize, f.decoupled, f.has_wd);
+}
+
+// The loops of one (chunk, segment) piece [lo, hi) of segment s. Note [Restrict parameters]:
+// every buffer is a __restrict__ parameter of the function that holds the loop and the
+// coefficients are its locals, so GCC knows that no store touches them and vectorises; the
+// same loop over pointers captured by a lambda reloads every coefficient per element. The
+// generic loop (RuntimeFlags) also reads the coefficients per element (element-wise ones).
+
+/// SGD step (Algorithm 1, line 6).
+template <typename T, typename F>
+void sgd_step_loop(const HyperView& hv, const SgdFlags& flags, int64_t s, int64_t lo, int64_t hi,
+                   const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ bf, T* __restrict__ tn,
+                   T* __restrict__ bn) {
+  const SgdFlags f = flags_of<F>(flags);
+  const SgdCoef<T> c0 = sgd_coef_at<T>(hv, s, lo);
+  for (int64_t i = lo; i < hi; ++i) {
+    T b_next;
+    sgd_step_elem(F::kStatic ? c0 : sgd_coef_at<T>(hv, s, i), f, th[i], gr[i], bf[i], tn[i], b_next);
+    if (f.use_momentum) bn[i] = b_next;
+  }
+}
+
+/// Adam/AdamW step (Algorithm 1, line 6).
+template <typename T, typename F>
+void adam_step_loop(const HyperView& hv, const AdamFlags& flags, double step, int64_t s, int64_t lo, int64_t hi,
+                    const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ mp,
+                    const T* __restrict__ vp, const T* __restrict__ xp, T* __restrict__ tn, T* __restrict__ mn,
+                    T* __restrict__ vn, T* __restrict__ xn) {
+  const AdamFlags f = flags_of<F>(flags);
+  const AdamCoef<T> c0 = adam_coef_at<T>(hv, s, lo, step);
+  for (int64_t i = lo; i < hi; ++i) {
+    T x_next;
+    adam_step_elem(F::kStatic ? c0 : adam_coef_at<T>(hv, s, i, step), f, th[i], gr[i], mp[i], vp[i], xp[i], tn[i],
+                   mn[i], vn[i], x_next);
+    if (f.amsgrad) xn[i] = x_next;
+  }
+}
+
+/// SGD VJP, the element-wise cotangents of θ, G and the momentum buffer.
+template <typename T, typename F>
+void sgd_vjp_outputs(const HyperView& hv, const SgdFlags& flags, int64_t s, int64_t lo, int64_t hi,
+                     const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ bf,
+                     const T* __restrict__ tb, const T* __restrict__ cb, T* __restrict__ o_th, T* __restrict__ o_g,
+                     T* __restrict__ o_b) {
+  const SgdFlags f = flags_of<F>(flags);
+  const SgdCoef<T> c0 = sgd_coef_at<T>(hv, s, lo);
+  for (int64_t i = lo; i < hi; ++i) {
+    const SgdVjpElem<T> r =
+        sgd_vjp_elem(F::kStatic ? c0 : sgd_coef_at<T>(hv, s, i), f, th[i], gr[i], bf[i], tb[i], cb[i]);
+    o_th[i] = r.theta_bar;
+    o_g[i] = r.G_bar;
+    if (f.use_momentum && f.has_buf) o_b[i] = r.buf_bar;
+  }
+}
+
+/// SGD VJP, the partials of hyperparameter slot H (recomputed: only that slot's arithmetic remains).
+template <typename T, typename F, int H>
+void sgd_vjp_partial(const HyperView& hv, const SgdFlags& flags, int64_t s, int64_t lo, int64_t hi,
+                     const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ bf,
+                     const T* __restrict__ tb, const T* __restrict__ cb, T* __restrict__ out, double* acc) {
+  const SgdFlags f = flags_of<F>(flags);
+  const SgdCoef<T> c0 = sgd_coef_at<T>(hv, s, lo);
+  write_or_sum(lo, hi, out, acc, [&](int64_t i) {
+    return sgd_vjp_elem(F::kStatic ? c0 : sgd_coef_at<T>(hv, s, i), f, th[i], gr[i], bf[i], tb[i], cb[i]).hyper_bar[H];
+  });
+}
+
+/// Adam VJP, the element-wise cotangents of θ, G, m, v and vmax.
+template <typename T, typename F>
+void adam_vjp_outputs(const HyperView& hv, const AdamFlags& flags, double step, int64_t s, int64_t lo, int64_t hi,
+                      const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ mp,
+                      const T* __restrict__ vp, const T* __restrict__ xp, const T* __restrict__ tb,
+                      const T* __restrict__ cm, const T* __restrict__ cv, const T* __restrict__ cx,
+                      T* __restrict__ o_th, T* __restrict__ o_g, T* __restrict__ o_m, T* __restrict__ o_v,
+                      T* __restrict__ o_x) {
+  const AdamFlags f = flags_of<F>(flags);
+  const AdamCoef<T> c0 = adam_coef_at<T>(hv, s, lo, step);
+  for (int64_t i = lo; i < hi; ++i) {
+    const AdamVjpElem<T> r = adam_vjp_elem(F::kStatic ? c0 : adam_coef_at<T>(hv, s, i, step), f, th[i], gr[i], mp[i],
+                                           vp[i], xp[i], tb[i], cm[i], cv[i], cx[i]);
+    o_th[i] = r.theta_bar;
+    o_g[i] = r.G_bar;
+    o_m[i] = r.m_bar;
+    o_v[i] = r.v_bar;
+    if (f.amsgrad) o_x[i] = r.vmax_bar;
+  }
+}
+
+/// Adam VJP, the partials of hyperparameter slot H.
+template <typename T, typename F, int H>
+void adam_vjp_partial(const HyperView& hv, const AdamFlags& flags, double step, int64_t s, int64_t lo, int64_t hi,
+                      const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ mp,
+                      const T* __restrict__ vp, const T* __restrict__ xp, const T* __restrict__ tb,
+                      const T* __restrict__ cm, const T* __restrict__ cv, const T* __restrict__ cx,
+                      T* __restrict__ out, double* acc) {
+  const AdamFlags f = flags_of<F>(flags);
+  const AdamCoef<T> c0 = adam_coef_at<T>(hv, s, lo, step);
+  write_or_sum(lo, hi, out, acc, [&](int64_t i) {
+    return adam_vjp_elem(F::kStatic ? c0 : adam_coef_at<T>(hv, s, i, step), f, th[i], gr[i], mp[i], vp[i], xp[i],
+                         tb[i], cm[i], cv[i], cx[i]).hyper_bar[H];
+  });
+}
+
 /// The hyper_bar outputs: (nseg,) float64 sums, (N,) element-wise partials, or empty.
 std::vector<at::Tensor> hyper_outputs(const at::Tensor& theta, int num_slots, int64_t learned, int64_t elementwise,
                                       int64_t nseg, std::vector<at::Tensor>& elem_out) {
@@ -146,32 +373,23 @@ std::tuple<at::Tensor, at::Tensor> sgd_step_cpu(const at::Tensor& theta, const a
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
-  const SgdFlags f{nesterov, maximize, use_momentum, has_wd, has_buf, false};
   const HyperView hv = hyper_view(hyper, elementwise);
   at::Tensor theta_next = at::empty_like(theta);
   at::Tensor buf_next = use_momentum ? at::empty_like(theta) : at::empty({0}, theta.options());
+  const SgdFlags f{nesterov, maximize, use_momentum, has_wd, has_buf, false};
+  const bool generic = elementwise != 0 || (use_momentum && !has_buf);
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "gimli::sgd_step", [&] {
     using T = scalar_t;
     const T* __restrict__ th = theta.data_ptr<T>();
     const T* __restrict__ gr = G.data_ptr<T>();
     const T* __restrict__ bf = has_buf ? buf->data_ptr<T>() : th;
     T* __restrict__ tn = theta_next.data_ptr<T>();
-    T* __restrict__ bn = use_momentum ? buf_next.data_ptr<T>() : tn;
-    parallel_segments(off, nseg, n, [&](int64_t s, int64_t lo, int64_t hi) {
-      if (elementwise == 0) {
-        const SgdCoef<T> c = sgd_coef_at<T>(hv, s, lo);
-        if (use_momentum) {
-          for (int64_t i = lo; i < hi; ++i) sgd_step_elem(c, f, th[i], gr[i], bf[i], tn[i], bn[i]);
-        } else {
-          T dummy;
-          for (int64_t i = lo; i < hi; ++i) sgd_step_elem(c, f, th[i], gr[i], bf[i], tn[i], dummy);
-        }
-      } else {
-        for (int64_t i = lo; i < hi; ++i) {
-          T dummy;
-          sgd_step_elem(sgd_coef_at<T>(hv, s, i), f, th[i], gr[i], bf[i], tn[i], use_momentum ? bn[i] : dummy);
-        }
-      }
+    T* __restrict__ bn = use_momentum ? buf_next.data_ptr<T>() : nullptr;
+    dispatch_sgd(f, generic, [&](auto flags) {
+      using F = decltype(flags);
+      parallel_segments(off, nseg, n, [&](int64_t s, int64_t lo, int64_t hi) {
+        sgd_step_loop<T, F>(hv, f, s, lo, hi, th, gr, bf, tn, bn);
+      });
     });
   });
   return {theta_next, buf_next};
@@ -193,15 +411,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> sgd_step
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
-  const SgdFlags f{nesterov, maximize, use_momentum, has_wd, has_buf, has_buf_bar};
   const HyperView hv = hyper_view(hyper, elementwise);
   const bool buf_bar_out = use_momentum && has_buf;
   at::Tensor theta_bar = at::empty_like(theta), G_bar = at::empty_like(theta);
   at::Tensor buf_bar = buf_bar_out ? at::empty_like(theta) : at::empty({0}, theta.options());
   std::vector<at::Tensor> elem_out;
   std::vector<at::Tensor> hyper_bar = hyper_outputs(theta, kSgdNumHyper, learned, elementwise, nseg, elem_out);
-  const int64_t reduce_mask = learned & ~elementwise;
   std::vector<double> sums;
+  const SgdFlags f{nesterov, maximize, use_momentum, has_wd, has_buf, has_buf_bar};
+  const bool generic = elementwise != 0 || (use_momentum && !(has_buf && has_buf_bar));
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "gimli::sgd_step_vjp", [&] {
     using T = scalar_t;
     const T* __restrict__ th = theta.data_ptr<T>();
@@ -214,19 +432,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> sgd_step
     T* __restrict__ o_b = buf_bar_out ? buf_bar.data_ptr<T>() : nullptr;
     T* o_h[kSgdNumHyper];
     for (int h = 0; h < kSgdNumHyper; ++h) o_h[h] = elem_out[h].defined() ? elem_out[h].data_ptr<T>() : nullptr;
-    sums = segment_reduce(off, nseg, n, kSgdNumHyper, [&](int64_t s, int64_t lo, int64_t hi, double* acc) {
-      const SgdCoef<T> c0 = sgd_coef_at<T>(hv, s, lo);
-      for (int64_t i = lo; i < hi; ++i) {
-        const SgdCoef<T> c = elementwise == 0 ? c0 : sgd_coef_at<T>(hv, s, i);
-        const SgdVjpElem<T> r = sgd_vjp_elem(c, f, th[i], gr[i], bf[i], tb[i], cb[i]);
-        o_th[i] = r.theta_bar;
-        o_g[i] = r.G_bar;
-        if (buf_bar_out) o_b[i] = r.buf_bar;
-        for (int h = 0; h < kSgdNumHyper; ++h) {
-          if (reduce_mask >> h & 1) acc[h] += static_cast<double>(r.hyper_bar[h]);
-          else if (o_h[h] != nullptr) o_h[h][i] = r.hyper_bar[h];
-        }
-      }
+    dispatch_sgd(f, generic, [&](auto flags) {
+      using F = decltype(flags);
+      sums = segment_reduce(off, nseg, n, kSgdNumHyper, [&](int64_t s, int64_t lo, int64_t hi, double* acc) {
+        sgd_vjp_outputs<T, F>(hv, f, s, lo, hi, th, gr, bf, tb, cb, o_th, o_g, o_b);
+        for_each_slot<kSgdNumHyper>([&](auto h) {
+          if (learned >> h & 1) sgd_vjp_partial<T, F, h>(hv, f, s, lo, hi, th, gr, bf, tb, cb, o_h[h], &acc[h]);
+        });
+      });
     });
   });
   fill_sums(hyper_bar, sums, kSgdNumHyper, learned, elementwise, nseg);
@@ -250,10 +463,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
-  const AdamFlags f{amsgrad, maximize, decoupled, has_wd, false, false, false};
   const HyperView hv = hyper_view(hyper, elementwise);
   at::Tensor theta_next = at::empty_like(theta), m_next = at::empty_like(theta), v_next = at::empty_like(theta);
   at::Tensor vmax_next = amsgrad ? at::empty_like(theta) : at::empty({0}, theta.options());
+  const AdamFlags f{amsgrad, maximize, decoupled, has_wd, false, false, false};
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "gimli::adam_step", [&] {
     using T = scalar_t;
     const T* __restrict__ th = theta.data_ptr<T>();
@@ -265,22 +478,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
     T* __restrict__ mn = m_next.data_ptr<T>();
     T* __restrict__ vn = v_next.data_ptr<T>();
     T* __restrict__ xn = amsgrad ? vmax_next.data_ptr<T>() : nullptr;
-    parallel_segments(off, nseg, n, [&](int64_t s, int64_t lo, int64_t hi) {
-      if (elementwise == 0) {
-        const AdamCoef<T> c = adam_coef_at<T>(hv, s, lo, step);
-        if (amsgrad) {
-          for (int64_t i = lo; i < hi; ++i) adam_step_elem(c, f, th[i], gr[i], mp[i], vp[i], xp[i], tn[i], mn[i], vn[i], xn[i]);
-        } else {
-          T dummy;
-          for (int64_t i = lo; i < hi; ++i) adam_step_elem(c, f, th[i], gr[i], mp[i], vp[i], xp[i], tn[i], mn[i], vn[i], dummy);
-        }
-      } else {
-        for (int64_t i = lo; i < hi; ++i) {
-          T dummy;
-          adam_step_elem(adam_coef_at<T>(hv, s, i, step), f, th[i], gr[i], mp[i], vp[i], xp[i], tn[i], mn[i], vn[i],
-                         amsgrad ? xn[i] : dummy);
-        }
-      }
+    dispatch_adam(f, elementwise != 0, [&](auto flags) {
+      using F = decltype(flags);
+      parallel_segments(off, nseg, n, [&](int64_t s, int64_t lo, int64_t hi) {
+        adam_step_loop<T, F>(hv, f, step, s, lo, hi, th, gr, mp, vp, xp, tn, mn, vn, xn);
+      });
     });
   });
   return {theta_next, m_next, v_next, vmax_next};
@@ -308,15 +510,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vect
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
-  const AdamFlags f{amsgrad, maximize, decoupled, has_wd, has_m_bar, has_v_bar, has_vmax_bar};
   const HyperView hv = hyper_view(hyper, elementwise);
   at::Tensor theta_bar = at::empty_like(theta), G_bar = at::empty_like(theta);
   at::Tensor m_bar = at::empty_like(theta), v_bar = at::empty_like(theta);
   at::Tensor vmax_bar = amsgrad ? at::empty_like(theta) : at::empty({0}, theta.options());
   std::vector<at::Tensor> elem_out;
   std::vector<at::Tensor> hyper_bar = hyper_outputs(theta, kAdamNumHyper, learned, elementwise, nseg, elem_out);
-  const int64_t reduce_mask = learned & ~elementwise;
   std::vector<double> sums;
+  const AdamFlags f{amsgrad, maximize, decoupled, has_wd, has_m_bar, has_v_bar, has_vmax_bar};
+  const bool generic = elementwise != 0 || !(has_m_bar && has_v_bar && (has_vmax_bar || !amsgrad));
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "gimli::adam_step_vjp", [&] {
     using T = scalar_t;
     const T* __restrict__ th = theta.data_ptr<T>();
@@ -335,21 +537,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vect
     T* __restrict__ o_x = amsgrad ? vmax_bar.data_ptr<T>() : nullptr;
     T* o_h[kAdamNumHyper];
     for (int h = 0; h < kAdamNumHyper; ++h) o_h[h] = elem_out[h].defined() ? elem_out[h].data_ptr<T>() : nullptr;
-    sums = segment_reduce(off, nseg, n, kAdamNumHyper, [&](int64_t s, int64_t lo, int64_t hi, double* acc) {
-      const AdamCoef<T> c0 = adam_coef_at<T>(hv, s, lo, step);
-      for (int64_t i = lo; i < hi; ++i) {
-        const AdamCoef<T> c = elementwise == 0 ? c0 : adam_coef_at<T>(hv, s, i, step);
-        const AdamVjpElem<T> r = adam_vjp_elem(c, f, th[i], gr[i], mp[i], vp[i], xp[i], tb[i], cm[i], cv[i], cx[i]);
-        o_th[i] = r.theta_bar;
-        o_g[i] = r.G_bar;
-        o_m[i] = r.m_bar;
-        o_v[i] = r.v_bar;
-        if (amsgrad) o_x[i] = r.vmax_bar;
-        for (int h = 0; h < kAdamNumHyper; ++h) {
-          if (reduce_mask >> h & 1) acc[h] += static_cast<double>(r.hyper_bar[h]);
-          else if (o_h[h] != nullptr) o_h[h][i] = r.hyper_bar[h];
-        }
-      }
+    dispatch_adam(f, generic, [&](auto flags) {
+      using F = decltype(flags);
+      sums = segment_reduce(off, nseg, n, kAdamNumHyper, [&](int64_t s, int64_t lo, int64_t hi, double* acc) {
+        adam_vjp_outputs<T, F>(hv, f, step, s, lo, hi, th, gr, mp, vp, xp, tb, cm, cv, cx, o_th, o_g, o_m, o_v, o_x);
+        for_each_slot<kAdamNumHyper>([&](auto h) {
+          if (learned >> h & 1) {
+            adam_vjp_partial<T, F, h>(hv, f, step, s, lo, hi, th, gr, mp, vp, xp, tb, cm, cv, cx, o_h[h], &acc[h]);
+          }
+        });
+      });
     });
   });
   fill_sums(hyper_bar, sums, kAdamNumHyper, learned, elementwise, nseg);

@@ -33,7 +33,7 @@ JIT_NAME = "gimli_bptt_kernels_v1"
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CSRC = _PACKAGE_DIR.parent / "csrc"
 #: Compile flags: Note [One source of truth] in csrc/include/gimli/optim_math.h.
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17"]
 
 _lock = threading.Lock()

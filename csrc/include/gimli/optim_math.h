@@ -9,7 +9,9 @@
 // Element operations are plain IEEE +, -, *, /, sqrt in the element type, with no FMA
 // contraction (-ffp-contract=off on the host, --fmad=false under nvcc), so the compiled kernels
 // and the twin agree bit for bit element by element; only segment reductions (hyperparameter
-// partials) sum in a different order.
+// partials) sum in a different order. The host build also passes -fno-trapping-math, which
+// changes no value (it only lets GCC evaluate both sides of a select such as
+// ``positive ? d / s : 0``, so the loops vectorise); nothing here reads floating-point flags.
 //
 // This header includes nothing from torch: nvcc compiles it without a CUDA build of torch.
 #pragma once
