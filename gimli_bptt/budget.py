@@ -44,7 +44,7 @@ class StatePlan:
 
 
 def plan_states(budget_bytes: int, num_steps: int, state_bytes: int) -> StatePlan:
-    """Plans the states of ``num_steps`` inner steps in ``budget_bytes``.
+    """Plans the states of ``num_steps`` inner steps in ``budget_bytes`` (the tape of [Alg.1 L4-7]).
 
     The schedule is :meth:`Checkpointing.schedule` of ``Checkpointing(budget_bytes=...)``
     (one mechanism for both spellings of a budget).
@@ -69,7 +69,7 @@ def plan_states(budget_bytes: int, num_steps: int, state_bytes: int) -> StatePla
 
 
 def graphs_that_fit(bytes_left: int, num_steps: int, graph_bytes: int) -> int:
-    """Returns k, the number of steps whose graphs fit: ``min(J, bytes_left // graph_bytes)``.
+    """Returns k, the number of steps whose graphs of G_j [Alg.1 L5] fit: ``min(J, bytes_left // graph_bytes)``.
 
     Args:
         bytes_left: The budget left once the J states are counted (``>= 0``).
@@ -110,7 +110,7 @@ def _storage(t: Tensor) -> tuple[int, int] | None:
 
 
 class SavedGraphMeter:
-    """Measures the memory an autograd graph holds: the bytes of one step's graph for the budget.
+    """Measures the memory an autograd graph holds: the bytes of one step's graph of G_j [Alg.1 L5].
 
     Run the forward pass of ℓ_j and the ``create_graph`` backward pass that forms G_j under
     :meth:`hooks`, then :meth:`count` G_j itself::
