@@ -126,8 +126,7 @@ class Tape:
     def __init__(self, problem: InnerProblem, start: InnerState, batches: Sequence[Any], schedule: Sequence[Op],
                  keep_G: bool = False, verify: bool = False, progress: Optional[Progress] = None,
                  keep_graphs_from: Optional[int] = None, graph_bytes_left: Optional[int] = None):
-        if keep_graphs_from is not None and graph_bytes_left is not None:
-            raise ValueError("give keep_graphs_from (a fixed plan) or graph_bytes_left (a budget), not both")
+        assert keep_graphs_from is None or graph_bytes_left is None, "a fixed plan or a budget, not both"
         self.problem = problem
         self.batches = batches
         self.J = len(batches)
