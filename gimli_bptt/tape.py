@@ -125,7 +125,7 @@ class Tape:
 
     def __init__(self, problem: InnerProblem, start: InnerState, batches: Sequence[Any], schedule: Sequence[Op],
                  keep_G: bool = False, verify: bool = False, progress: Optional[Progress] = None,
-                 keep_graphs_from: Optional[int] = None, graph_bytes_left: Optional[int] = None):
+                 keep_graphs_from: int | None = None, graph_bytes_left: int | None = None):
         assert keep_graphs_from is None or graph_bytes_left is None, "a fixed plan or a budget, not both"
         self.problem = problem
         self.batches = batches
@@ -136,7 +136,7 @@ class Tape:
         self.progress = progress
         self.keep_graphs_from = self.J if keep_graphs_from is None else keep_graphs_from
         self.graph_bytes_left = graph_bytes_left
-        self.graph_bytes: Optional[int] = None
+        self.graph_bytes: int | None = None
         self._graphs: dict[int, tuple[list[Tensor], Grads]] = {}
         self._graph_G: dict[int, Grads] = {}
         self._pc = 0

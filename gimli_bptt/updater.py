@@ -434,8 +434,8 @@ class GimliUpdater:
         problem = self._problem()
         start = InnerState(*self._initial_state())
         keep_G = self.hvp == "fwd"
-        state_bytes: Optional[int] = None
-        graph_bytes_left: Optional[int] = None
+        state_bytes: int | None = None
+        graph_bytes_left: int | None = None
         if self._budget is not None:  # [Alg.1 L4-7] planned: graphs of the last k steps, full tape or checkpoints
             state_bytes = self._state_bytes(start, problem, keep_G)
             plan = plan_states(self._budget, self.unroll, state_bytes)

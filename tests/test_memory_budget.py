@@ -173,14 +173,14 @@ def test_checkpointing_budget_bytes_is_memory_budget() -> None:
 
 # --------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("options, exc, match", [
-    (dict(memory_budget=2**20, checkpoint=2), ValueError, "memory_budget= and checkpoint="),
-    (dict(memory_budget=2**20, checkpoint=Checkpointing(budget_bytes=2**20)), ValueError,
+    ({"memory_budget": 2**20, "checkpoint": 2}, ValueError, "memory_budget= and checkpoint="),
+    ({"memory_budget": 2**20, "checkpoint": Checkpointing(budget_bytes=2**20)}, ValueError,
      "memory_budget= and checkpoint="),
-    (dict(memory_budget=2**20, keep_graphs=True), ValueError, "memory_budget= and keep_graphs=True"),
-    (dict(memory_budget=1.5e6), TypeError, "memory_budget must be a number of bytes"),
-    (dict(memory_budget=True), TypeError, "memory_budget must be a number of bytes"),
-    (dict(memory_budget="1GB"), TypeError, "memory_budget must be a number of bytes"),
-    (dict(memory_budget=0), ValueError, "memory_budget must be at least 1 byte"),
+    ({"memory_budget": 2**20, "keep_graphs": True}, ValueError, "memory_budget= and keep_graphs=True"),
+    ({"memory_budget": 1.5e6}, TypeError, "memory_budget must be a number of bytes"),
+    ({"memory_budget": True}, TypeError, "memory_budget must be a number of bytes"),
+    ({"memory_budget": "1GB"}, TypeError, "memory_budget must be a number of bytes"),
+    ({"memory_budget": 0}, ValueError, "memory_budget must be at least 1 byte"),
 ])
 def test_bad_memory_budgets(options: dict[str, Any], exc: type, match: str) -> None:
     with pytest.raises(exc, match=match):
@@ -213,7 +213,7 @@ def test_state_dict_round_trip_and_resume_under_another_budget() -> None:
     same = _updater("adam", J, memory_budget=HUGE)
     same.load_state_dict(saved)
     assert same.state_dict()["options"] == saved["options"]
-    for options in (dict(memory_budget=2 * state), dict(checkpoint=1), dict(keep_graphs=True), {}):
+    for options in ({"memory_budget": 2 * state}, {"checkpoint": 1}, {"keep_graphs": True}, {}):
         resumed = _updater("adam", J, **options)  # memory options do not change the results: free to differ
         resumed.load_state_dict(copy.deepcopy(saved))  # the meta optimizer's state would alias saved's tensors
         run(resumed, range(1, 2))
