@@ -508,7 +508,11 @@ class Checkpointing(NamedTuple):
     - ``slots``: keep at most this many inner states (parameters, optimizer state, buffers) and
       recompute the others with the optimal binomial schedule (revolve); ``slots >= J`` stores
       everything.
-    - ``budget_bytes``: the same, with ``slots = budget_bytes // (bytes of one inner state)``.
+    - ``budget_bytes``: a memory budget, the same as ``GimliUpdater(memory_budget=...)``
+      (:mod:`gimli_bptt.budget`): ``slots = budget_bytes // (bytes of one inner state)`` when
+      they are fewer than J; when all J states fit, the updater keeps the gradient graphs of
+      as many of the last steps as the rest of the budget holds (``hvp="rev"``).
+      :meth:`schedule` plans the states only.
     - ``every``: keep every k-th state and recompute each segment from its start
       (:func:`every_k_slots` states at most, :func:`every_k_forward_steps` forward steps).
 

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .budget import SavedGraphMeter, graphs_that_fit, tensors_in
 from .checkpoint import Op
 from .optim.base import State, step_all
 from .problem import InnerProblem, RngState, capture_rng, replay_rng, same_rng
@@ -58,7 +59,8 @@ class TapeEntry:
         G: G_j (the mean over ranks when distributed) when the forward-over-reverse HVP
             needs it or a graph is kept, else None.
         graph: ``(θ leaves, this rank's G_j with its autograd graph)`` kept from the forward
-            pass (``keep_graphs``), so the sweep need not recompute step j; else None.
+            pass (step j is at or after the tape's ``keep_graphs_from``), so the sweep need
+            not recompute step j; else None.
     """
 
     j: int
@@ -104,14 +106,27 @@ class Tape:
         verify: Check that every recomputed state equals, bit for bit, the state of the first
             forward pass (a digest of each is kept); raises ``RuntimeError`` if not.
         progress: Draws a progress bar.
-        keep_graphs: Keep each step's gradient graph from the first forward pass and hand it to
-            the sweep (no recomputation; memory of all J steps' activations, as an autograd
-            unroll). Needs the store-all schedule.
+        keep_graphs_from: The first step whose gradient graph is kept from the first forward
+            pass and handed to the sweep, which then need not recompute it: 0 keeps every
+            step's (the memory of all J steps' activations, as an autograd unroll), J or None
+            none. The last steps' graphs are the ones kept since the sweep reaches them first
+            and frees each after its HVP. Needs the store-all schedule.
+        graph_bytes_left: Plan the kept graphs from a memory budget instead of
+            ``keep_graphs_from``: the bytes left once the states are counted. Step 0 runs with
+            its graph under :class:`~gimli_bptt.budget.SavedGraphMeter`; the graphs of the last
+            :func:`~gimli_bptt.budget.graphs_that_fit` steps are kept (step 0's own is dropped
+            when it is not among them). Needs the store-all schedule.
+
+    Attributes:
+        graph_bytes: The measured bytes of one step's graph (with ``graph_bytes_left``, after
+            step 0; the mean over the ranks when distributed), else None.
+        keep_graphs_from: The first step whose graph is kept (J: none), once planned.
     """
 
     def __init__(self, problem: InnerProblem, start: InnerState, batches: Sequence[Any], schedule: Sequence[Op],
                  keep_G: bool = False, verify: bool = False, progress: Optional[Progress] = None,
-                 keep_graphs: bool = False):
+                 keep_graphs_from: int | None = None, graph_bytes_left: int | None = None):
+        assert keep_graphs_from is None or graph_bytes_left is None, "a fixed plan or a budget, not both"
         self.problem = problem
         self.batches = batches
         self.J = len(batches)
@@ -119,7 +134,9 @@ class Tape:
         self.keep_G = keep_G
         self.verify = verify
         self.progress = progress
-        self.keep_graphs = keep_graphs
+        self.keep_graphs_from = self.J if keep_graphs_from is None else keep_graphs_from
+        self.graph_bytes_left = graph_bytes_left
+        self.graph_bytes: int | None = None
         self._graphs: dict[int, tuple[list[Tensor], Grads]] = {}
         self._graph_G: dict[int, Grads] = {}
         self._pc = 0
@@ -140,11 +157,10 @@ class Tape:
         buffers_next = problem.fresh_buffers(s.buffers)
         if first:
             before = capture_rng(problem.cuda_devices)
-            if self.keep_graphs:
-                loss, leaves, G_graph = problem.gradient_with_graph(s.theta, buffers_next, self.batches[j], j)
-                loss, G = problem.reduce_gradient(loss, G_graph, leaves, j)  # Ḡ over ranks; graph stays local
-                self._graphs[j] = (leaves, G_graph)
-                self._graph_G[j] = G
+            if j == 0 and self.graph_bytes_left is not None:
+                loss, G = self._measured_gradient(s, buffers_next)
+            elif j >= self.keep_graphs_from:
+                loss, G = self._kept_gradient(j, s.theta, buffers_next)
             else:
                 loss, G = problem.gradient(s.theta, buffers_next, self.batches[j], j)
             self._rng.append(None if same_rng(before, capture_rng(problem.cuda_devices)) else before)
@@ -168,6 +184,38 @@ class Tape:
         if self.progress is not None:
             self.progress.advance()
         return InnerState(theta, state, buffers_next)
+
+    def _kept_gradient(self, j: int, theta: list[Tensor], buffers: dict[str, Tensor]) -> tuple[Tensor, Grads]:
+        """[Alg.1 L5] keeping G_j's graph for the sweep: ``(ℓ_j, G_j)`` as :meth:`InnerProblem.gradient` gives them."""
+        loss, leaves, G_graph = self.problem.gradient_with_graph(theta, buffers, self.batches[j], j)
+        loss, G = self.problem.reduce_gradient(loss, G_graph, leaves, j)  # Ḡ over ranks; graph stays local
+        self._graphs[j] = (leaves, G_graph)
+        self._graph_G[j] = G
+        return loss, G
+
+    def _measured_gradient(self, s: InnerState, buffers: dict[str, Tensor]) -> tuple[Tensor, Grads]:
+        """[Alg.1 L5] of step 0 with its graph measured; plans ``keep_graphs_from`` from the bytes left."""
+        problem = self.problem
+        held = list(s.theta) + list(buffers.values()) + list(tensors_in(self.batches[0]))
+        held += list(problem.loss_leaves) + list(problem.frozen.values())
+        meter = SavedGraphMeter(held)
+        with meter.hooks():
+            loss, G = self._kept_gradient(0, s.theta, buffers)
+        meter.count(self._graphs[0][1] + G)  # G_0 itself, and its mean over the ranks when distributed
+        measured = torch.tensor(float(meter.nbytes), dtype=torch.float64, device=s.theta[0].device)
+        # Every rank must keep the same steps' graphs (a kept step skips a collective in the sweep).
+        (agreed,) = problem.all_reduce_mean([measured], [measured], "the bytes of one step's graph (memory budget)")
+        assert agreed is not None and self.graph_bytes_left is not None
+        self.graph_bytes = max(1, round(float(agreed)))
+        self.keep_graphs_from = self.J - graphs_that_fit(self.graph_bytes_left, self.J, self.graph_bytes)
+        if self.keep_graphs_from > 0:  # step 0 is not among the kept steps
+            del self._graphs[0], self._graph_G[0]
+        return loss, G
+
+    @property
+    def graphs_kept(self) -> int:
+        """How many steps' graphs the tape keeps (the last ones)."""
+        return self.J - self.keep_graphs_from
 
     # ------------------------------------------------------------------ the executor
     def _run(self, until_reverse: bool) -> Optional[TapeEntry]:

@@ -126,7 +126,7 @@ def converted_copy(updater: GimliUpdater, dtype: torch.dtype) -> GimliUpdater:
             model, opt, updater.train_loss, updater.val_loss, unroll=updater.unroll, learn=updater.learn,
             loss_params=updater.loss_params, learn_init=updater.learn_init, hvp=updater.hvp,
             check_finite=updater.check_finite, meta_opt=torch.optim.SGD, lr_schedule=updater.lr_schedule,
-            checkpoint=updater.checkpoint, keep_graphs=updater.keep_graphs,
+            checkpoint=updater.checkpoint, keep_graphs=updater.keep_graphs, memory_budget=updater.memory_budget,
         )
     with torch.no_grad():
         for t_new, t_old in zip(twin.hyper.leaves(), updater.hyper.leaves()):

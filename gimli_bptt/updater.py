@@ -19,9 +19,13 @@ from .optim import get_optimizer
 from .optim.base import KERNEL_MODES, State, step_all
 from .problem import InnerProblem, LossFn, check_scalar_loss
 from .sweep import reverse_sweep
+from .budget import plan_states
 from .checkpoint import Checkpointing, store_all_schedule
 from .progress import Progress
 from .tape import InnerState, Tape, TapeResult
+
+#: Options that trade memory for time and never change the results (free to differ on resume).
+_MEMORY_OPTIONS = ("checkpoint", "memory_budget", "keep_graphs")
 
 MetaOptFactory = Union[type, Callable[[list[Tensor]], torch.optim.Optimizer]]
 Hypergrad = Union[Tensor, list[Tensor]]
@@ -108,18 +112,38 @@ class GimliUpdater:
             Either way φ is left untouched.
         project: Clamp learned hyperparameters into their valid range after each meta step.
         check_finite: Check every inner loss for NaN/Inf (one host sync per inner step).
-        checkpoint: Memory for the tape. ``None`` (default) keeps every inner state; an int
-            keeps at most that many and recomputes the rest with the optimal binomial
-            schedule; a :class:`~gimli_bptt.checkpoint.Checkpointing` also takes a memory
-            budget in bytes, an every-k-th schedule, and ``verify``. The hypergradients are
-            bit-identical either way (on the CPU).
+        checkpoint: Memory for the tape by hand. ``None`` (default) keeps every inner state;
+            an int keeps at most that many and recomputes the rest with the optimal binomial
+            schedule; a :class:`~gimli_bptt.checkpoint.Checkpointing` also takes an every-k-th
+            schedule and ``verify``, and ``Checkpointing(budget_bytes=B)`` is
+            ``memory_budget=B``. The hypergradients are bit-identical either way (on the CPU).
+        memory_budget: Bytes the tape may hold (Algorithm 1, lines 4-7), planned per meta step
+            for the fastest computation that fits (:mod:`gimli_bptt.budget`). It counts the J
+            stored inner states (θ'_j, σ_j and the buffers, plus G_j with ``hvp="fwd"``; each
+            as large as after the first step) and the gradient graphs kept from the forward
+            pass, whose size is measured on step 0: every storage autograd saves for ℓ_0 and
+            G_0 that is not held anyway (θ, buffers, batch), and G_0. It does not count the
+            model, the optimizer, the batches, s_J, the working memory of the step being
+            computed (its temporaries, and the one graph recomputed before an HVP) or the
+            allocator's overhead. Regimes, fastest first: if the budget holds the J states and
+            the graphs of k ≥ 1 steps, the graphs of the last k steps are kept (k as large as
+            fits, at most J; the sweep reaches them first and frees them first) and the other
+            steps are recomputed before their HVP; if it holds the J states but no graph, the
+            full tape; if not even that, binomial checkpointing with ``memory_budget //
+            (bytes of one state)`` slots (below one state, the meta step raises ``ValueError``).
+            Graphs are kept only with ``hvp="rev"``. ``last_tape_stats`` reports the plan.
+            The hypergradients do not depend on it: they are bit-identical whatever the budget
+            (on the CPU). ``Checkpointing(budget_bytes=B)`` is the same budget. ``None``
+            (default): as ``checkpoint`` and ``keep_graphs`` say; it cannot be combined with
+            either.
         lr_schedule: ``lr_schedule(j) -> factor``: the learning rate of inner step j is the
             (learned) lr times this factor, e.g. a warm-up ``lambda j: min(1, (j + 1) / 5)``;
             the hypergradient of lr accounts for it.
         keep_graphs: Keep every inner step's gradient graph from the forward pass, so the
             reverse sweep runs only the Hessian-vector products (the fastest mode; memory of
-            all J steps' activations, like an autograd unroll, but no optimizer graph). Uses
-            the reverse-over-reverse HVP and the full tape.
+            all J steps' activations, like an autograd unroll, but no optimizer graph): the
+            shorthand for a ``memory_budget`` that holds them all. Uses the reverse-over-reverse
+            HVP and the full tape.
         progress: Draw a progress bar of the forward and reverse steps on stderr. ``None``
             (default): when stderr is a terminal and J ≥ 100.
         kernels: How the inner optimizer's step and VJP run over the parameter tensors:
@@ -135,6 +159,17 @@ class GimliUpdater:
             computes the hypergradient of the mean of the per-rank losses (the full-batch one
             for equal-sized shards and mean losses) and holds the same φ. Every rank must
             build its updater from identical parameters and φ (checked here, one collective).
+
+    Attributes:
+        last_tape_stats: The tape of the last meta step: ``forward_steps`` (the first sweep's J
+            plus the recomputed steps), ``max_slots_used`` (states held at once),
+            ``schedule`` (``"graphs"``: the graphs of ``graphs_kept`` ≥ 1 steps were kept;
+            ``"full"``: every state, no graph; ``"checkpointed"``: states were recomputed),
+            ``graphs_kept`` (k, the last steps' graphs kept from the forward pass),
+            ``graph_bytes`` (the measured bytes of one step's graph with ``memory_budget`` and
+            ``hvp="rev"`` when the states fit, else None) and ``state_bytes`` (the bytes of one
+            inner state as the budget counts it, with ``memory_budget`` or ``checkpoint``, else
+            None): the plan keeps ``J * state_bytes + graphs_kept * graph_bytes`` within the budget.
 
     Raises:
         TypeError: an unsupported optimizer, or arguments of the wrong type.
@@ -160,6 +195,7 @@ class GimliUpdater:
         project: bool = True,
         check_finite: bool = True,
         checkpoint: Checkpointing | int | None = None,
+        memory_budget: int | None = None,
         progress: Optional[bool] = None,
         lr_schedule: Optional[Callable[[int], float]] = None,
         keep_graphs: bool = False,
@@ -222,6 +258,24 @@ class GimliUpdater:
         if keep_graphs and hvp == "fwd":
             raise ValueError("keep_graphs=True reuses the forward pass's graph, a reverse-over-reverse HVP: use hvp='rev'")
         self.keep_graphs = bool(keep_graphs)
+        if memory_budget is not None:
+            if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
+                raise TypeError(f"memory_budget must be a number of bytes (an int), got {type(memory_budget).__name__}")
+            if memory_budget < 1:
+                raise ValueError(f"memory_budget must be at least 1 byte, got {memory_budget}")
+            if self.checkpoint is not None:
+                raise ValueError(
+                    "memory_budget= and checkpoint= both set what the tape keeps: give one of them "
+                    "(Checkpointing(budget_bytes=B) is the same as memory_budget=B)"
+                )
+            if self.keep_graphs:
+                raise ValueError(
+                    "memory_budget= and keep_graphs=True both set which graphs the tape keeps: give one of them "
+                    "(keep_graphs=True keeps every graph whatever the budget)"
+                )
+        self.memory_budget = memory_budget
+        # One budget mechanism: Checkpointing(budget_bytes=B) is planned as memory_budget=B.
+        self._budget = memory_budget if self.checkpoint is None else self.checkpoint.budget_bytes
 
         named = list(model.named_parameters())
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
@@ -380,22 +434,38 @@ class GimliUpdater:
         problem = self._problem()
         start = InnerState(*self._initial_state())
         keep_G = self.hvp == "fwd"
-        if self.checkpoint is None:
-            schedule = store_all_schedule(self.unroll)
-        else:
+        state_bytes: int | None = None
+        graph_bytes_left: int | None = None
+        if self._budget is not None:  # [Alg.1 L4-7] planned: graphs of the last k steps, full tape or checkpoints
+            state_bytes = self._state_bytes(start, problem, keep_G)
+            plan = plan_states(self._budget, self.unroll, state_bytes)
+            schedule = plan.schedule
+            if self.hvp == "rev":
+                graph_bytes_left = plan.graph_bytes_left
+        elif self.checkpoint is not None:
             state_bytes = self._state_bytes(start, problem, keep_G)
             schedule = self.checkpoint.schedule(self.unroll, state_bytes)
+        else:
+            schedule = store_all_schedule(self.unroll)
         show = self.progress if self.progress is not None else self.unroll >= 100
         bar = Progress(self.unroll, self.unroll, enabled=show)
         runner = Tape(problem, start, batches, schedule, keep_G=keep_G,
                       verify=bool(self.checkpoint and self.checkpoint.verify), progress=bar,
-                      keep_graphs=self.keep_graphs)
+                      keep_graphs_from=0 if self.keep_graphs else None, graph_bytes_left=graph_bytes_left)
         try:
             tape = runner.forward()  # [Alg.1 L3-7]
             result = self._sweep(problem, runner, tape, val_batch)
         finally:
             bar.close()
-        self.last_tape_stats = {"forward_steps": runner.forward_steps, "max_slots_used": runner.max_slots_used}
+        recomputed = runner.forward_steps > self.unroll
+        self.last_tape_stats = {
+            "forward_steps": runner.forward_steps,
+            "max_slots_used": runner.max_slots_used,
+            "schedule": "checkpointed" if recomputed else "graphs" if runner.graphs_kept else "full",
+            "graphs_kept": runner.graphs_kept,
+            "graph_bytes": runner.graph_bytes,
+            "state_bytes": state_bytes,
+        }
         return result, tape
 
     def _state_bytes(self, start: InnerState, problem: InnerProblem, keep_G: bool) -> int:
@@ -513,10 +583,14 @@ class GimliUpdater:
             "project": self.project,
             "checkpoint": None if self.checkpoint is None else tuple(self.checkpoint),
             "keep_graphs": self.keep_graphs,
+            "memory_budget": self.memory_budget,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restores what :meth:`state_dict` saved into an updater built with the same options.
+
+        The memory options (``checkpoint``, ``memory_budget``, ``keep_graphs``) may differ: they
+        do not change the results, so a run can resume on a machine with another budget.
 
         Raises:
             ValueError: the saved options, or the names and shapes of φ, differ from this
@@ -527,7 +601,7 @@ class GimliUpdater:
                 raise ValueError(f"not a GimliUpdater state_dict: missing {key!r}")
         saved, ours = state_dict["options"], self._options()
         diffs = [f"{k}: saved {saved.get(k)!r}, here {ours[k]!r}" for k in ours
-                 if k != "checkpoint" and saved.get(k) != ours[k]]
+                 if k not in _MEMORY_OPTIONS and saved.get(k) != ours[k]]
         phi = dict(self.named_meta_parameters())
         if set(state_dict["phi"]) != set(phi):
             diffs.append(f"meta-parameters: saved {sorted(state_dict['phi'])}, here {sorted(phi)}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ARCHS = ("mlp", "mlp_bn", "conv", "conv_bn", "dropout")
+ARCHS = ("mlp", "mlp_bn", "conv", "conv_bn", "dropout")  # drawn by test_hypergrad; build_model also has mlp_bn_dropout
 
 #: (name, torch class, kwargs, hyperparameters that can be learned)
 OPTIMIZERS: list[tuple[str, type, dict[str, Any], tuple[str, ...]]] = [
@@ -74,6 +74,9 @@ def build_model(arch: str, seed: int = 0, width: int = 5) -> nn.Module:
         m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 3))
     elif arch == "conv_bn":
         m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Softplus(), nn.Flatten(), nn.Linear(48, 3))
+    elif arch == "mlp_bn_dropout":  # no bias before BatchNorm: its gradient would be pure round-off
+        m = nn.Sequential(nn.Flatten(), nn.Linear(36, width, bias=False), nn.BatchNorm1d(width), nn.Tanh(),
+                          nn.Dropout(0.3), nn.Linear(width, 3))
     elif arch == "dropout":
         m = nn.Sequential(nn.Flatten(), nn.Linear(36, width), nn.Tanh(), nn.Dropout(0.3), nn.Linear(width, 3))
     else:

@@ -68,7 +68,8 @@ def test_every_k_counts() -> None:
 
 def test_full_tape_keeps_every_state_and_recomputes_nothing() -> None:
     _, up = _hypergrads("mlp", "sgd", 6, None)
-    assert up.last_tape_stats == {"forward_steps": 6, "max_slots_used": 6}
+    assert up.last_tape_stats == {"forward_steps": 6, "max_slots_used": 6, "schedule": "full", "graphs_kept": 0,
+                                  "graph_bytes": None, "state_bytes": None}
 
 
 def test_budget_in_bytes_derives_the_slots() -> None:

@@ -98,14 +98,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _updater(config: dict[str, Any], process_group: Any = None, **extra: Any) -> GimliUpdater:
+def _updater(config: dict[str, Any], process_group: Any = None, loss: Callable[..., Tensor] = _train_loss,
+             **extra: Any) -> GimliUpdater:
     model = build_model("mlp", seed=1)
     cls, kwargs = config["opt"]
     opt = cls(model.parameters(), **kwargs)
     w = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
     options = {k: v for k, v in config.items() if k != "opt"}
     options.update(extra)
-    return GimliUpdater(model, opt, functools.partial(_train_loss, w), _val_loss, unroll=J, loss_params={"w": w},
+    return GimliUpdater(model, opt, functools.partial(loss, w), _val_loss, unroll=J, loss_params={"w": w},
                         meta_opt=functools.partial(torch.optim.Adam, lr=0.01), process_group=process_group,
                         **options)
 
@@ -159,6 +160,34 @@ def _check_equal_to_single_process(rank: int, world: int, out: str) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_hypergradients_equal_single_process_on_full_batch(world: int, tmp_path: Any) -> None:
     _spawn(_check_equal_to_single_process, world, str(tmp_path))
+
+
+def _lopsided_loss(w: Tensor, model: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The same loss, but rank 0's graph saves more (a zero term): the ranks measure different graph bytes."""
+    extra = 0 * model(batch[0]).exp().sum() if dist.get_rank() == 0 else 0
+    return _train_loss(w, model, batch) + extra
+
+
+def _check_memory_budget(rank: int, world: int, out: str) -> None:
+    batches, val = _data()
+    shards, val_shard = [_shard(b, rank, world) for b in batches], _shard(val, rank, world)
+    config = CONFIGS["sgd rev"]
+    probe = _updater(config, loss=_lopsided_loss, memory_budget=2**40)
+    probe.hypergradient(shards, val_shard)
+    state, graph = probe.last_tape_stats["state_bytes"], probe.last_tape_stats["graph_bytes"]
+    # planned on the mean of the ranks' graph bytes: alone, rank 0 (the larger graph) would keep fewer than rank 1
+    u = _updater(config, loss=_lopsided_loss, memory_budget=J * state + 2 * graph)
+    got = u.hypergradient(shards, val_shard)
+    assert u.last_tape_stats["graphs_kept"] == 2
+    assert _gathered_equal([torch.tensor([float(graph), float(u.last_tape_stats["graphs_kept"])])])
+    ref = _updater(config, process_group=False, loss=_lopsided_loss).hypergradient(batches, val)
+    for key in ref.hypergrads:
+        err = relative_error(got.hypergrads[key], ref.hypergrads[key], floor=1e-12)
+        assert err <= TOL, f"memory_budget rank {rank}/{world}: {key} relative error {err:.2e}"
+
+
+def test_memory_budget_keeps_the_same_graphs_on_every_rank(tmp_path: Any) -> None:
+    _spawn(_check_memory_budget, 2, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- failures
