@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .distributed import Reducer
 from .errors import NonFiniteError
-from .functional import FunctionalModel, clone_buffers
+from .functional import FunctionalModel, ModuleSlots, clone_buffers
 from .optim.base import DiffOptimizer
 
 LossFn = Callable[[FunctionalModel, Any], Tensor]
@@ -107,6 +107,7 @@ class InnerProblem:
     hvp_fallback: bool = False
     lr_schedule: Optional[Callable[[int], float]] = None
     _order: Optional[list[str]] = field(default=None, repr=False)
+    _slots: Optional[ModuleSlots] = field(default=None, repr=False)
     reducer: Optional[Reducer] = None
 
     def all_reduce_mean(self, tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor],
@@ -165,9 +166,10 @@ class InnerProblem:
         """The module bound to inner parameters ``theta``, the frozen parameters and ``buffers``."""
         params = dict(zip(self.names, theta))
         params.update(self.frozen)
-        if self._order is None:  # the module's parameter order, once per meta step
+        if self._order is None:  # the module's parameter order and slots, once per meta step
             self._order = [name for name, _ in self.module.named_parameters()]
-        return FunctionalModel(self.module, {name: params[name] for name in self._order}, buffers)
+            self._slots = ModuleSlots(self.module)
+        return FunctionalModel(self.module, {name: params[name] for name in self._order}, buffers, self._slots)
 
     def loss(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int) -> Tensor:
         """ℓ_j(θ, φ_loss) with ``buffers`` updated in place, checked (line 5's loss)."""
