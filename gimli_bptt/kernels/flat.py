@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import get_op, select_impl
+from .ops import disabled
 from ._reference import ADAM_HYPER, SGD_HYPER
 
 if TYPE_CHECKING:
@@ -130,17 +131,41 @@ class _Bucket:
             self.fixed.append(_constants(tuple(float(hyper[k][name]) for k in idx), self.device) if kd == 0 else None)
             self.learned |= (kd > 0) << h
             self.elementwise |= (kd == 2) << h
+        self._learned: dict[int, tuple[list[Tensor], list[int], Tensor]] = {}
+        self._impl: dict[tuple[str, bool], str] = {}
 
     def hyper(self, hyper: Sequence["Hyper"]) -> list[Tensor]:
-        """The op's hyperparameter inputs: the cached fixed ones, the learned ones read now."""
+        """The op's hyperparameter inputs: the cached fixed ones, the learned ones read now.
+
+        A learned slot's float64 tensor is reused while its values are the same tensor objects
+        at the same version (``Tensor._version`` counts in-place writes), which holds for the
+        2J steps of one meta step; the meta optimizer's update bumps the version.
+        """
         out: list[Tensor] = []
-        for name, kd, fixed in zip(self.names, self.kinds, self.fixed):
+        for h, (name, kd, fixed) in enumerate(zip(self.names, self.kinds, self.fixed)):
             if fixed is not None:
                 out.append(fixed)
                 continue
             values = [hyper[k][name] for k in self.idx]
-            out.append(torch.stack(values).to(torch.float64) if kd == 1 else flat(values).to(torch.float64))
+            versions = [v._version for v in values]
+            cached = self._learned.get(h)
+            if cached is not None and cached[1] == versions and all(map(operator.is_, cached[0], values)):
+                out.append(cached[2])
+                continue
+            value = torch.stack(values).to(torch.float64) if kd == 1 else flat(values).to(torch.float64)
+            self._learned[h] = (values, versions, value)
+            out.append(value)
         return out
+
+    def impl(self, impl: str, sample: Tensor) -> str:
+        """``select_impl`` for this bucket (``sample`` is one of its tensors), cached: the answer
+        depends only on ``impl``, ``GIMLI_DISABLE_KERNELS`` and the tensors' device, dtype and
+        layout, and the first two of those are the bucket's."""
+        key = (impl, disabled(), sample.layout)
+        which = self._impl.get(key)
+        if which is None:
+            which = self._impl[key] = select_impl([sample], impl)
+        return which
 
     def views(self, buffer: Tensor) -> list[Tensor]:
         return list(_unflatten(buffer, self.theta))
@@ -244,7 +269,7 @@ def step_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Optional
         theta_next[k], state_next[k] = opt.step(theta[k], G[k], state[k], hyper[k])  # type: ignore[arg-type]
     for b in plan.buckets:
         hp = b.hyper(hyper)
-        which = select_impl([theta[b.idx[0]]], impl)
+        which = b.impl(impl, theta[b.idx[0]])
         th, g = b.gather(theta), b.gather(G)  # type: ignore[arg-type]
         if kind == "sgd":
             nesterov, maximize, use_momentum, has_wd, has_buf = b.flags
@@ -294,7 +319,7 @@ def step_vjp_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Opti
             theta[k], G[k], state[k], hyper[k], theta_next_bar[k], state_next_bar[k])  # type: ignore[arg-type]
     for b in plan.buckets:
         hp = b.hyper(hyper)
-        which = select_impl([theta[b.idx[0]]], impl)
+        which = b.impl(impl, theta[b.idx[0]])
         th, g, tb = b.gather(theta), b.gather(G), b.gather(theta_next_bar)  # type: ignore[arg-type]
         if kind == "sgd":
             nesterov, maximize, use_momentum, has_wd, has_buf = b.flags
