@@ -11,7 +11,8 @@ sklearn-digits data):
 - ``c-maml``: MAML (``learn_init=True``) of a 2-conv-layer net, 5-way 5-shot on sklearn digits
   upsampled to 14x14, inner SGD, J=5 only.
 
-Implementations: gimli (``hvp="rev"``, ``hvp="fwd"``, ``keep_graphs=True``, ``checkpoint=ceil(sqrt(J))``),
+Implementations: gimli (``hvp="rev"`` with the fused kernels and without them (``kernels="reference"``,
+their pure-PyTorch twin), ``hvp="fwd"``, ``keep_graphs=True``, ``checkpoint=ceil(sqrt(J))``),
 higher 0.2.1 (``innerloop_ctx`` with ``override``), TorchOpt 0.7.3 (functional API, with and
 without ``use_accelerated_op``; the op exists for Adam only), a plain torch.func unroll
 (``functional_call`` + ``autograd.grad(create_graph=True)`` + the optimizer written in torch
@@ -73,9 +74,10 @@ except Exception as e:  # noqa: BLE001
 
 SECTION = "## Side by side with higher and TorchOpt (issue 9)"
 PROBLEMS = ("a-sgd", "a-adam", "b-wd", "c-maml")
-IMPLS = ("gimli rev", "gimli fwd", "gimli keep_graphs", "gimli ckpt", "higher", "torchopt",
+IMPLS = ("gimli rev", "gimli rev no-kernels", "gimli fwd", "gimli keep_graphs", "gimli ckpt", "higher", "torchopt",
          "torchopt accel", "torch.func unroll", "plain training")
-GIMLI = {"gimli rev": dict(hvp="rev"), "gimli fwd": dict(hvp="fwd"),
+GIMLI = {"gimli rev": dict(hvp="rev"), "gimli rev no-kernels": dict(hvp="rev", kernels="reference"),
+         "gimli fwd": dict(hvp="fwd"),
          "gimli keep_graphs": dict(hvp="rev", keep_graphs=True), "gimli ckpt": dict(hvp="rev")}
 SLUG = {i: re.sub(r"[^a-z0-9]+", "_", i) for i in IMPLS}
 UNSLUG = {v: k for k, v in SLUG.items()}
@@ -596,6 +598,15 @@ def plots(rows: list[dict[str, Any]], img_dir: Path) -> list[Path]:
     return paths
 
 
+def cpu_times() -> tuple[int, int]:
+    """``(steal, total)`` jiffies of all CPUs since boot, from /proc/stat (0, 0 where unreadable)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -649,8 +660,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--big-J", type=int, default=1000, help="the extra long unroll, run on --big-J-problems only (0: none)")
     p.add_argument("--big-J-problems", nargs="*", default=["a-sgd"], choices=PROBLEMS)
     p.add_argument("--big-J-impls", nargs="+", choices=IMPLS,
-                   default=[i for i in IMPLS if i != "gimli fwd"],
-                   help="implementations run at --big-J (default: all but gimli fwd, the slowest in every row, for time)")
+                   default=[i for i in IMPLS if i not in ("gimli fwd", "gimli rev no-kernels")],
+                   help="implementations run at --big-J (default: all but gimli fwd, the slowest in every row, and "
+                        "gimli rev no-kernels, for time)")
     p.add_argument("--big-J-cap-mib", type=float, default=1500.0,
                    help="skip an implementation at --big-J when its J=200 memory growth, scaled linearly, exceeds this")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row, after one warm-up")
@@ -684,6 +696,7 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     print(f"{versions()}; {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; load {os.getloadavg()}", flush=True)
     loads = [os.getloadavg()[0]]
+    steal0 = cpu_times()
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     mem_server = MemoryServer(args)
@@ -745,7 +758,9 @@ def main(argv=None) -> None:
         (here / "peers_rows.json").write_text(json.dumps(rows, indent=1, default=str))
     prof = None if args.no_profile or args.quick else profile_gimli(args)
     elapsed = time.perf_counter() - t_start
-    section = render(rows, args, command, started, elapsed, loads, skipped, prof)
+    steal1 = cpu_times()
+    steal = (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1])
+    section = render(rows, args, command, started, elapsed, loads, skipped, prof, steal)
     print()
     print(section)
     if img_dir is not None:
@@ -755,7 +770,7 @@ def main(argv=None) -> None:
         print(f"written to {out_path}")
 
 
-def render(rows, args, command, started, elapsed, loads, skipped, prof) -> str:
+def render(rows, args, command, started, elapsed, loads, skipped, prof, steal: float = 0.0) -> str:
     mlp = Problem("a-sgd", 1, torch.float32, args.hidden, args.batch).model
     conv = Problem("c-maml", 1, torch.float32, args.hidden, args.batch).model
     n_mlp, n_conv = (sum(p.numel() for p in m.parameters()) for m in (mlp, conv))
@@ -765,7 +780,8 @@ def render(rows, args, command, started, elapsed, loads, skipped, prof) -> str:
     out.append(f"Machine: `{platform.platform()}`, {os.cpu_count()} CPUs (`{cpu_model()}`), shared with other "
                f"processes; Python {platform.python_version()}, `torch.set_num_threads({args.threads})`  ")
     out.append(f"Versions: {versions()}  ")
-    out.append(f"1-min load average at the start and after each (problem, J): {', '.join(f'{x:.1f}' for x in loads)}")
+    out.append(f"1-min load average at the start and after each (problem, J): {', '.join(f'{x:.1f}' for x in loads)}; "
+               f"CPU time taken by the hypervisor (steal, /proc/stat) during the run: {100 * steal:.0f}%")
     out.append("")
     out.append("Problems (float32; one hypergradient of the validation loss after J inner steps):")
     out.append("")
@@ -780,7 +796,8 @@ def render(rows, args, command, started, elapsed, loads, skipped, prof) -> str:
                f"inner SGD lr {MAML_LR}, J={MAML_J} steps on the support set; meta-parameters: all initial weights "
                f"(`learn_init=True`). Only J={MAML_J} is reported (one task; no J axis).")
     out.append("")
-    out.append("Implementations: `gimli rev`/`fwd` (`hvp=`), `gimli keep_graphs` (`keep_graphs=True`), `gimli ckpt` "
+    out.append("Implementations: `gimli rev`/`fwd` (`hvp=`), `gimli rev no-kernels` (`hvp=\"rev\"`, "
+               "`kernels=\"reference\"`: the fused kernels' pure-PyTorch twin), `gimli keep_graphs` (`keep_graphs=True`), `gimli ckpt` "
                "(`checkpoint=ceil(sqrt(J))` slots, binomial schedule); `higher` (`innerloop_ctx(..., override={'lr': "
                "[...]})`, its differentiable optimizers); `torchopt` (functional `torchopt.sgd/adam(lr=<tensor>, "
                "moment_requires_grad=True)`, one per param group, `update(..., inplace=False)` + `apply_updates`); "
