@@ -29,23 +29,32 @@ def _t(fn, min_run_time: float) -> float:
 
 
 def op_throughput(sizes: list[int], min_run_time: float) -> list[tuple]:
+    """Each op on one segment of n float32 elements, fused vs twin, in the common case of the sweep:
+    a momentum buffer / Adam moments and their carried cotangents present, the lr learned (its
+    per-segment sum). Bytes moved per element: inputs + outputs, 4 bytes each."""
     rows = []
     for n in sizes:
         g = torch.Generator().manual_seed(0)
-        theta, G, m, tb = (torch.randn(n, generator=g) for _ in range(4))
+        theta, G, m, tb, cm, cv, buf, cb = (torch.randn(n, generator=g) for _ in range(8))
         v = torch.rand(n, generator=g)
         off = torch.tensor([0, n])
-        hyper = [torch.tensor([x], dtype=torch.float64) for x in (1e-3, 0.9, 0.999, 1e-8, 0.0)]
-        step_args = (theta, G, m, v, None, off, hyper, 0, 3.0, False, False, False, False)
-        vjp_args = (theta, G, m, v, None, tb, None, None, None, off, hyper, 0, 1, 3.0, False, False, False, False)
-        for name, args in (("adam_step", step_args), ("adam_step_vjp", vjp_args)):
+        adam_h = [torch.tensor([x], dtype=torch.float64) for x in (1e-3, 0.9, 0.999, 1e-8, 0.0)]
+        sgd_h = [torch.tensor([x], dtype=torch.float64) for x in (0.05, 0.9, 0.0, 0.0)]
+        cases = (  # (op, args, elements read + written)
+            ("sgd_step", (theta, G, buf, off, sgd_h, 0, False, False, True, False), 5),
+            ("sgd_step_vjp", (theta, G, buf, tb, cb, off, sgd_h, 0, 1, False, False, True, False), 8),
+            ("adam_step", (theta, G, m, v, None, off, adam_h, 0, 3.0, False, False, False, False), 7),
+            ("adam_step_vjp", (theta, G, m, v, None, tb, cm, cv, None, off, adam_h, 0, 1, 3.0, False, False, False,
+                               False), 11),
+        )
+        for name, args, elems in cases:
             fused = getattr(torch.ops.gimli, name)
             twin = getattr(ref, name)
             tf = _t(lambda: fused(*args), min_run_time)
             tr = _t(lambda: twin(*args), min_run_time)
             rows.append((name, n, tf, tr))
             print(f"{name:14s} n={n:>9,d}  fused {tf * 1e6:10.1f} us  pure twin {tr * 1e6:10.1f} us  "
-                  f"speed-up {tr / tf:5.1f}x  fused {4 * n * (5 if name == 'adam_step' else 8) / tf / 1e9:6.2f} GB/s", flush=True)
+                  f"speed-up {tr / tf:5.1f}x  fused {4 * n * elems / tf / 1e9:6.2f} GB/s", flush=True)
     return rows
 
 
@@ -56,10 +65,12 @@ def model_bench(repeats: int, layers: int = 60, width: int = 16, unroll: int = 5
     batches = [(torch.randn(32, width), torch.randn(32, 1)) for _ in range(unroll + 1)]
     loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
     ups = {}
-    for mode in ("loop", "reference", "fused"):
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        ups[mode] = GimliUpdater(model, opt, loss, loss, unroll=unroll, learn={"lr": "group"}, kernels=mode,
-                                 meta_opt=lambda p: torch.optim.SGD(p, lr=0.0))
+    for keep in (False, True):  # the default full tape, and keep_graphs=True (no recomputation in the sweep)
+        for mode in ("loop", "reference", "fused"):
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            ups[mode + (" keep_graphs" if keep else "")] = GimliUpdater(
+                model, opt, loss, loss, unroll=unroll, learn={"lr": "group"}, kernels=mode, keep_graphs=keep,
+                meta_opt=lambda p: torch.optim.SGD(p, lr=0.0))
     print(f"model: {layers} x Linear({width},{width}) + tanh, {n_tensors} parameter tensors, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; Adam, learn lr per group, unroll {unroll}")
     # the optimizer alone: step_all + step_vjp_all over the model's tensors
@@ -68,32 +79,34 @@ def model_bench(repeats: int, layers: int = 60, width: int = 16, unroll: int = 5
     hyper = [dict(ADAM.read_hyper(opt.param_groups[0]), lr=torch.tensor(1e-3)) for _ in params]
     state = [ADAM.import_state({}, p, hyper[0]) for p in params]
     times: dict[str, list[float]] = {f"step() {k}": [] for k in ups}
-    times.update({f"optimizer {k}": [] for k in ups})
+    times.update({f"optimizer {k}": [] for k in ("loop", "reference", "fused")})
 
     def opt_only(mode: str) -> None:
         impl = dataclasses.replace(ADAM, kernels=mode)
         with torch.no_grad():
             th, st = step_all(impl, params, G, state, hyper)
-            step_vjp_all(impl, params, G, state, hyper, G, [{} for _ in params])
+            step_vjp_all(impl, th, G, st, hyper, G, st)  # carried cotangents present, as in the sweep
 
-    for mode, up in ups.items():  # warm-up
+    for name, up in ups.items():  # warm-up
         up.step(batches[:unroll], batches[unroll])
-        opt_only(mode)
+        opt_only(up.impl.kernels)
     for _ in range(repeats):
-        for mode, up in ups.items():
+        for name, up in ups.items():
             t0 = time.perf_counter()
             up.step(batches[:unroll], batches[unroll])
-            times[f"step() {mode}"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for _ in range(10):
-                opt_only(mode)
-            times[f"optimizer {mode}"].append((time.perf_counter() - t0) / 10)
+            times[f"step() {name}"].append(time.perf_counter() - t0)
+            if name in ("loop", "reference", "fused"):
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    opt_only(name)
+                times[f"optimizer {name}"].append((time.perf_counter() - t0) / 10)
     for k, v in times.items():
         print(f"{k:22s} median {statistics.median(v) * 1e3:8.2f} ms  [{min(v) * 1e3:.2f}-{max(v) * 1e3:.2f}]", flush=True)
-    for what in ("step()", "optimizer"):
-        loop = statistics.median(times[f"{what} loop"])
+    for what, suffix in (("step()", ""), ("step()", " keep_graphs"), ("optimizer", "")):
+        loop = statistics.median(times[f"{what} loop{suffix}"])
         for mode in ("reference", "fused"):
-            print(f"{what} speed-up of {mode} over the per-tensor loop: {loop / statistics.median(times[f'{what} {mode}']):.2f}x")
+            ratio = loop / statistics.median(times[f"{what} {mode}{suffix}"])
+            print(f"{what}{suffix} speed-up of {mode} over the per-tensor loop: {ratio:.2f}x")
     return times
 
 
