@@ -789,8 +789,8 @@ def render(rows, args, command, started, elapsed, loads, skipped, prof, steal: f
                f"cross-entropy, batch {args.batch}, random data; `SGD(momentum={MOMENTUM})`, one param group per layer "
                f"(lr {', '.join(map(str, LRS_SGD))}); meta-parameters: the 3 learning rates.")
     out.append(f"- **a-adam**: the same with `Adam(betas={BETAS}, eps={EPS:g})` (lr {', '.join(map(str, LRS_ADAM))}).")
-    out.append(f"- **b-wd**: the a-sgd set-up; the training loss adds `0.5 * wd[l] * ||W_l||^2` for the 3 weight "
-               f"matrices; meta-parameters: `wd` (3 values, `loss_params`).")
+    out.append("- **b-wd**: the a-sgd set-up; the training loss adds `0.5 * wd[l] * ||W_l||^2` for the 3 weight "
+               "matrices; meta-parameters: `wd` (3 values, `loss_params`).")
     out.append(f"- **c-maml**: conv net (2x [conv 3x3 16 ch, ReLU, max-pool 2], linear; {n_conv:,} parameters), "
                f"{WAYS}-way {SHOTS}-shot tasks from sklearn's digits upsampled to 14x14, {QUERIES} queries per class; "
                f"inner SGD lr {MAML_LR}, J={MAML_J} steps on the support set; meta-parameters: all initial weights "
@@ -832,8 +832,8 @@ def render(rows, args, command, started, elapsed, loads, skipped, prof, steal: f
                f"ratios within one (problem, J) were measured interleaved and are less affected than absolute times.")
     out.append("")
     if prof:
-        out.append(f"Profile: one `gimli rev` hypergradient, a-sgd, J=50 (cProfile, top functions by cumulative time; "
-                   f"cProfile's own overhead inflates Python-heavy code):")
+        out.append("Profile: one `gimli rev` hypergradient, a-sgd, J=50 (cProfile, top functions by cumulative time; "
+                   "cProfile's own overhead inflates Python-heavy code):")
         out.append("")
         out.append("```")
         out.append(prof)

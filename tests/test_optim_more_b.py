@@ -13,7 +13,7 @@ from gimli_bptt import GimliUpdater
 from gimli_bptt.optim import ASGD, NADAM, RADAM, RPROP
 from gimli_bptt.optim.radam import RHO_SWITCH
 from gimli_bptt.testing import check_hypergradients
-from optim_cases import CASES_B, DTYPE, assert_rel, case_params, group_hyper, learn, random_like, tensor_keys
+from optim_cases import CASES_B, DTYPE, assert_rel, case_params, group_hyper, learn, random_like
 from problems import build_model, ce_loss, make_batches
 from test_optim_step import _run_against_torch
 from test_optim_vjp import _JIT_WARNING, _assert_vjp_matches, _dot_product_gap, _state_next_bar
