@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -490,7 +491,7 @@ class GimliUpdater:
         with torch.enable_grad():
             val_view = problem.view(theta_J, problem.fresh_buffers(tape.buffers))
             L = check_scalar_loss(self.val_loss(val_view, val_batch), "val_loss")
-            if problem.reducer is None and self.check_finite and not bool(torch.isfinite(L)):
+            if problem.reducer is None and self.check_finite and not math.isfinite(L.item()):
                 raise NonFiniteError(f"val_loss is {L.item()} after {self.unroll} inner steps")
             if not L.requires_grad:
                 raise ValueError("val_loss does not depend on the model's parameters")
@@ -499,7 +500,7 @@ class GimliUpdater:
             out = problem.all_reduce_mean([L.detach()] + list(grads), [L] + theta_J + problem.loss_leaves,
                                           "L_val, B_J and the direct term ∂L_val/∂φ_loss (validation)")
             L, grads = out[0], out[1:]  # type: ignore[assignment]
-            if self.check_finite and not bool(torch.isfinite(L)):
+            if self.check_finite and not math.isfinite(L.item()):
                 raise NonFiniteError(f"val_loss (the mean over the ranks) is {L.item()} after {self.unroll} inner steps")
         n = len(theta_J)
         B_J = [torch.zeros_like(t) if g is None else g for t, g in zip(theta_J, grads[:n])]
