@@ -16,7 +16,7 @@ Phases (each the total over the J steps of one hypergradient, median over the re
 - ``sweep: recompute``   the sweep's recomputation of ℓ_j and G_j with a graph (``hvp="rev"``)
 - ``sweep: optimizer``   ``step_vjp_all`` ([Alg.1 L11])
 - ``sweep: HVP``         ``StepSecondOrder.apply`` ([Alg.1 L13-14])
-- ``sweep: A_opt``       ``OptimizerHyperparameters.accumulate`` ([Alg.1 L12])
+- ``sweep: A_opt``       ``OptimizerHyperparameters.accumulate_all`` ([Alg.1 L12])
 - ``other``              the rest: validation loss, tape bookkeeping, random-generator capture, ...
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def instrument() -> None:
     step._recompute_with_graph = _timed("sweep: recompute", step._recompute_with_graph)
     step.apply = _timed("sweep: HVP", step.apply)
     hp = hyper_mod.OptimizerHyperparameters
-    hp.accumulate = _timed("sweep: A_opt", hp.accumulate)
+    hp.accumulate_all = _timed("sweep: A_opt", hp.accumulate_all)
 
 
 def func_phases(P: peers.Problem) -> Callable[[], dict[str, float]]:

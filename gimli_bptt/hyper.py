@@ -103,6 +103,7 @@ class OptimizerHyperparameters:
         self.group_of = [index[id(p)] for p in params]
         self.num_groups = len(groups)
         self.fixed = [impl.read_hyper(groups[g]) for g in self.group_of]
+        self._index_cache: dict[tuple[str, tuple[int, ...]], Tensor] = {}
         ref = params[0]
         self.values: dict[str, Tensor | list[Tensor]] = {}
         for name, gran in self.learn.items():
@@ -163,6 +164,31 @@ class OptimizerHyperparameters:
             name: [torch.zeros_like(t).detach() for t in v] if isinstance(v, list) else torch.zeros_like(v).detach()
             for name, v in self.values.items()
         }
+
+    def accumulate_all(self, acc: dict[str, Tensor | list[Tensor]], hyper_bar: Sequence[Mapping[str, Tensor]]) -> None:
+        """Adds every parameter's hyperparameter cotangents into ``acc`` (line 12): ``hyper_bar[k]``
+        holds parameter ``k``'s, as :meth:`accumulate` takes them.
+
+        On the CPU a group- or tensor-granularity name takes one ``index_add_`` for all
+        parameters, which adds in the order of the parameters, as :meth:`accumulate` does one
+        by one; elsewhere (where ``index_add_`` may add concurrently, in no fixed order) and for
+        element granularity it is :meth:`accumulate` per parameter.
+        """
+        for name, gran in self.learn.items():
+            a = acc[name]
+            if gran == "element" or not isinstance(a, Tensor) or a.device.type != "cpu":
+                for k, bars in enumerate(hyper_bar):
+                    if name in bars:
+                        self.accumulate(acc, k, {name: bars[name]})
+                continue
+            ks = [k for k, bars in enumerate(hyper_bar) if name in bars]
+            if not ks:
+                continue
+            rows = [self.group_of[k] for k in ks] if gran == "group" else ks
+            index = self._index_cache.get((gran, tuple(ks)))
+            if index is None:
+                index = self._index_cache[(gran, tuple(ks))] = torch.tensor(rows, dtype=torch.int64)
+            a.index_add_(0, index, torch.stack([hyper_bar[k][name] for k in ks]).to(a.dtype))
 
     def accumulate(self, acc: dict[str, Tensor | list[Tensor]], k: int, bars: Mapping[str, Tensor]) -> None:
         """Adds the cotangents of parameter ``k``'s hyperparameters into ``acc`` (line 12)."""

@@ -66,10 +66,11 @@ def reverse_sweep(
                 problem.impl, entry.theta, step.G, entry.state, problem.hyper_at(entry.j), theta_bar, state_bar
             )
         scale = problem.lr_scale(entry.j)  # d lr_j / d lr = the schedule's factor
-        for k, bars in enumerate(hyper_bar):  # [Alg.1 L12]
-            if scale != 1.0 and "lr" in bars:
-                bars["lr"] = bars["lr"] * scale
-            hyper.accumulate(A_opt, k, bars)
+        if scale != 1.0:
+            for bars in hyper_bar:
+                if "lr" in bars:
+                    bars["lr"] = bars["lr"] * scale
+        hyper.accumulate_all(A_opt, hyper_bar)  # [Alg.1 L12]
         h_theta, h_loss = step.apply(G_bar)
         for i, h in enumerate(h_loss):  # [Alg.1 L13]
             if h is not None:
