@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .hvp import StepSecondOrder
 from .hyper import OptimizerHyperparameters
+from .kernels.flat import owned_indices
 from .optim.base import State, step_vjp_all
 from .problem import InnerProblem
 from .tape import TapeEntry
@@ -75,8 +76,14 @@ def reverse_sweep(
         for i, h in enumerate(h_loss):  # [Alg.1 L13]
             if h is not None:
                 A_loss[i] += h
-        for k, h in enumerate(h_theta):  # [Alg.1 L14]
-            if h is not None:
+        # [Alg.1 L14]: in place where θ̄' is a view of the buffer the flat op just allocated for it
+        # (Note [Flat outputs] in kernels/flat.py: θ̄_j then stays one flat buffer for step j-1's op)
+        own = owned_indices(theta_bar)
+        mine = [k for k, h in enumerate(h_theta) if h is not None and k in own]
+        if mine:
+            torch._foreach_add_([theta_bar[k] for k in mine], [h_theta[k] for k in mine])  # type: ignore[misc]
+        for k, h in enumerate(h_theta):
+            if h is not None and k not in own:
                 theta_bar[k] = theta_bar[k] + h
     return theta_bar, A_opt, A_loss
 

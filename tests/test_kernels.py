@@ -334,6 +334,32 @@ def test_flat_outputs_are_views_of_one_buffer(device: str) -> None:
     assert flat(stepped).data_ptr() == stepped[0]._base.data_ptr()
 
 
+@pytest.mark.parametrize("case", [1, 3, 4])
+def test_flat_outputs_follow_replaced_items(device: str, case: int) -> None:
+    """Note [Flat outputs]: a replaced item of an op's output list is gathered, not the stale buffer."""
+    from gimli_bptt.kernels.flat import FlatOutputs, owned_indices
+
+    impl, fixed = LIST_CASES[case]
+    theta, G, state, hyper, _ = _list_problem(impl, fixed, "fixed", torch.float64, device, seed=1)
+    opt = dataclasses.replace(impl, kernels="fused")
+    with torch.no_grad():
+        theta1, state1 = step_all(opt, theta, G, state, hyper)
+        stepped = {k for k, (t, g) in enumerate(zip(theta1, G)) if t.numel() and g is not None}
+        assert type(theta1) is FlatOutputs and owned_indices(theta1) == stepped
+        k = min(stepped)
+        theta1[k] = theta1[k] + 1.0  # replaced: no longer a view of the recorded buffer
+        key = next(name for name, v in state1[k].items() if isinstance(v, Tensor))
+        state1[k] = {**state1[k], key: state1[k][key] * 0.5}  # a replaced state entry
+        assert k not in owned_indices(theta1)
+        got = step_all(opt, theta1, G, state1, hyper)
+        want = step_all(opt, [t.clone() for t in theta1],  G,
+                        [{n: (v.clone() if isinstance(v, Tensor) else v) for n, v in s.items()} for s in state1], hyper)
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)
+    for sa, sb in zip(got[1], want[1]):
+        assert all(torch.equal(sa[n], sb[n]) if isinstance(sa[n], Tensor) else sa[n] == sb[n] for n in sa)
+
+
 @pytest.mark.parametrize("case", range(len(LIST_CASES)))
 def test_plan_cache_follows_changed_inputs(device: str, case: int) -> None:
     """Note [Plan cache]: a cached plan is reused only for the same signature; a replaced

@@ -91,6 +91,49 @@ def _flat_planned(tensors: Sequence[Tensor], starts: list[int], total: int) -> T
     return first.reshape(-1) if len(tensors) == 1 else _flatten(tensors)
 
 
+class FlatOutputs(list):
+    """The per-tensor outputs of the flat ops (tensors, or state dicts), remembering the flat
+    buffers behind them: Note [Flat outputs].
+
+    ``flats[(key, bucket indices)] = (views, buffer)``: ``key`` is None for a list of tensors, else
+    the state entry (``"momentum_buffer"``, ...) whose values are the views.
+
+    Note [Flat outputs]: the next op call gathers its inputs from these lists. When every item at
+    a bucket's indices is still, by identity, the view recorded for it, the recorded buffer *is*
+    their concatenation (views share its memory), so :meth:`_Bucket.gather` returns it without
+    looking at the tensors; an item that was replaced fails the identity check and the usual
+    path runs. The reverse sweep also uses this to add H·Ḡ into θ̄ in place
+    (:func:`owned_indices`): the views of a buffer the op has just allocated belong to no one else.
+    """
+
+    def __init__(self, items: Sequence[Any]):
+        super().__init__(items)
+        self.flats: dict[tuple[Optional[str], tuple[int, ...]], tuple[tuple[Tensor, ...], Tensor]] = {}
+
+    def record(self, key: Optional[str], idx: tuple[int, ...], views: Sequence[Tensor], buffer: Tensor) -> None:
+        self.flats[(key, idx)] = (tuple(views), buffer)
+
+    def buffer(self, key: Optional[str], idx: tuple[int, ...], items: Sequence[Any]) -> Optional[Tensor]:
+        """The recorded buffer of ``key`` at ``idx`` if ``items`` (the current values there) are its views."""
+        hit = self.flats.get((key, idx))
+        if hit is None or len(hit[0]) != len(items) or not all(map(operator.is_, items, hit[0])):
+            return None
+        return hit[1]
+
+
+def owned_indices(tensors: Sequence[Tensor]) -> set[int]:
+    """The indices of ``tensors`` that are still views of a buffer a flat op allocated for this
+    list (Note [Flat outputs]); empty for any other sequence."""
+    flats = getattr(tensors, "flats", None)
+    if not flats:
+        return set()
+    out: set[int] = set()
+    for (key, idx), (views, _) in flats.items():
+        if key is None and all(tensors[k] is v for k, v in zip(idx, views)):
+            out.update(idx)
+    return out
+
+
 def _kind(value: Any) -> int:
     """0: a fixed float; 1: a 0-d tensor (learned per group or tensor); 2: element-wise."""
     if not isinstance(value, Tensor):
@@ -116,6 +159,7 @@ class _Bucket:
 
     def __init__(self, kind: str, key: tuple, idx: list[int], theta: Sequence[Tensor], hyper: Sequence["Hyper"]):
         self.kind, self.key, self.idx = kind, key, idx
+        self.idx_key = tuple(idx)
         self.device, self.dtype, self.flags, self.kinds = key
         self.all = idx == list(range(len(theta)))  # every tensor, in order: gather without a list
         # shape templates for the views, on the meta device: a cached plan holds no data
@@ -171,11 +215,20 @@ class _Bucket:
         return list(_unflatten(buffer, self.theta))
 
     def gather(self, tensors: Sequence[Tensor]) -> Tensor:
-        return _flat_planned(tensors if self.all else [tensors[k] for k in self.idx], self.starts, self.total)
+        items = tensors if self.all else [tensors[k] for k in self.idx]
+        if type(tensors) is FlatOutputs:
+            buffer = tensors.buffer(None, self.idx_key, items)
+            if buffer is not None:
+                return buffer
+        return _flat_planned(items, self.starts, self.total)
 
     def gather_optional(self, dicts: Sequence["State"], key: str) -> Optional[Tensor]:
         """The flat buffer of ``dicts[k][key]`` (zeros where missing), or None if none has it."""
         items = [dicts[k].get(key) for k in self.idx]
+        if type(dicts) is FlatOutputs:
+            buffer = dicts.buffer(key, self.idx_key, items)
+            if buffer is not None:
+                return buffer
         if all(x is None for x in items):
             return None
         if any(x is None for x in items):
@@ -262,8 +315,8 @@ def step_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Optional
     """``optim.base.step_all`` over flat buffers (Algorithm 1, line 6), one op call per bucket."""
     kind = opt.flat
     assert kind in HYPER_SLOTS, f"{opt.name} has no flat implementation"
-    theta_next: list[Tensor] = list(theta)
-    state_next: list["State"] = list(state)
+    theta_next: FlatOutputs = FlatOutputs(theta)
+    state_next: FlatOutputs = FlatOutputs(state)
     plan = _plan(kind, theta, G, state, hyper)
     for k in plan.single:
         theta_next[k], state_next[k] = opt.step(theta[k], G[k], state[k], hyper[k])  # type: ignore[arg-type]
@@ -277,12 +330,16 @@ def step_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Optional
             tn, bn = get_op("sgd_step", which)(th, g, buf, b.offsets, hp, b.elementwise, nesterov, maximize,
                                                use_momentum, has_wd)
             bufs = b.views(bn) if use_momentum else None
-            for j, (k, t) in enumerate(zip(b.idx, b.views(tn))):
+            thetas = b.views(tn)
+            for j, (k, t) in enumerate(zip(b.idx, thetas)):
                 theta_next[k] = t
                 s = dict(state[k])
                 if bufs is not None:
                     s["momentum_buffer"] = bufs[j]
                 state_next[k] = s
+            theta_next.record(None, b.idx_key, thetas, tn)
+            if bufs is not None:
+                state_next.record("momentum_buffer", b.idx_key, bufs, bn)
         else:
             amsgrad, maximize, decoupled, has_wd, _ = b.flags
             t_next = _t_next(b, state)
@@ -292,12 +349,18 @@ def step_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Optional
                                                         t_next, amsgrad, maximize, decoupled, has_wd)
             ms, vs = b.views(mn), b.views(vn)
             xs = b.views(xn) if amsgrad else None
-            for j, (k, t) in enumerate(zip(b.idx, b.views(tn))):
+            thetas = b.views(tn)
+            for j, (k, t) in enumerate(zip(b.idx, thetas)):
                 theta_next[k] = t
                 s = {"step": t_next, "exp_avg": ms[j], "exp_avg_sq": vs[j]}
                 if xs is not None:
                     s["max_exp_avg_sq"] = xs[j]
                 state_next[k] = s
+            theta_next.record(None, b.idx_key, thetas, tn)
+            state_next.record("exp_avg", b.idx_key, ms, mn)
+            state_next.record("exp_avg_sq", b.idx_key, vs, vn)
+            if xs is not None:
+                state_next.record("max_exp_avg_sq", b.idx_key, xs, xn)
     return theta_next, state_next
 
 
@@ -309,9 +372,9 @@ def step_vjp_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Opti
     kind = opt.flat
     assert kind in HYPER_SLOTS, f"{opt.name} has no flat implementation"
     n = len(theta)
-    theta_bar: list[Tensor] = list(theta_next_bar)
+    theta_bar: FlatOutputs = FlatOutputs(theta_next_bar)
     G_bar: list[Optional[Tensor]] = [None] * n
-    state_bar: list["State"] = list(state_next_bar)
+    state_bar: FlatOutputs = FlatOutputs(state_next_bar)
     hyper_bar: list[dict[str, Tensor]] = [{} for _ in range(n)]
     plan = _plan(kind, theta, G, state, hyper)
     for k in plan.single:
@@ -330,6 +393,8 @@ def step_vjp_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Opti
                 use_momentum, has_wd)
             bufs = b.views(bbar) if has_buf else None
             new_state_bar: list["State"] = [{"momentum_buffer": x} for x in bufs] if bufs is not None else [{} for _ in b.idx]
+            if bufs is not None:
+                state_bar.record("momentum_buffer", b.idx_key, bufs, bbar)
         else:
             amsgrad, maximize, decoupled, has_wd, _ = b.flags
             t_next = _t_next(b, state)
@@ -349,9 +414,15 @@ def step_vjp_all(opt: "DiffOptimizer", theta: Sequence[Tensor], G: Sequence[Opti
                 if xs is not None:
                     s["max_exp_avg_sq"] = xs[j]
                 new_state_bar.append(s)
-        for k, a, gg, s, h in zip(b.idx, b.views(tbar), b.views(gbar), new_state_bar, b.hyper_bars(hbars)):
+            state_bar.record("exp_avg", b.idx_key, ms, mbar)
+            state_bar.record("exp_avg_sq", b.idx_key, vs, vbar)
+            if xs is not None:
+                state_bar.record("max_exp_avg_sq", b.idx_key, xs, xbar)
+        thetas = b.views(tbar)
+        for k, a, gg, s, h in zip(b.idx, thetas, b.views(gbar), new_state_bar, b.hyper_bars(hbars)):
             theta_bar[k], G_bar[k], state_bar[k], hyper_bar[k] = a, gg, s, h
+        theta_bar.record(None, b.idx_key, thetas, tbar)
     return theta_bar, G_bar, state_bar, hyper_bar
 
 
-__all__ = ["HYPER_SLOTS", "flat", "step_all", "step_vjp_all"]
+__all__ = ["HYPER_SLOTS", "FlatOutputs", "flat", "owned_indices", "step_all", "step_vjp_all"]
