@@ -81,7 +81,7 @@ def reverse_sweep(
         own = owned_indices(theta_bar)
         mine = [k for k, h in enumerate(h_theta) if h is not None and k in own]
         if mine:
-            torch._foreach_add_([theta_bar[k] for k in mine], [h_theta[k] for k in mine])  # type: ignore[misc]
+            torch._foreach_add_([theta_bar[k] for k in mine], [h_theta[k] for k in mine])
         for k, h in enumerate(h_theta):
             if h is not None and k not in own:
                 theta_bar[k] = theta_bar[k] + h
