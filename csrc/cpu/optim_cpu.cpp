@@ -44,18 +44,6 @@ constexpr int64_t kChunk = 4096;   // elements per reduction chunk (VJP), fixed:
 constexpr int64_t kBlock = 256;    // elements per block of a reduction inside a chunk
 constexpr int kLanes = 8;          // interleaved partial sums of a block
 
-template <typename T>
-T* ptr_or(const at::Tensor& t, T* fallback) {
-  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : fallback;
-}
-
-HyperView hyper_view(const std::vector<at::Tensor>& hyper, int64_t elementwise) {
-  HyperView hv{};
-  for (size_t h = 0; h < hyper.size(); ++h) hv.p[h] = hyper[h].data_ptr<double>();
-  hv.elementwise = elementwise;
-  return hv;
-}
-
 /// Calls fn(seg, lo, hi) for the pieces of every segment, in parallel over element ranges.
 template <typename Fn>
 void parallel_segments(const int64_t* off, int64_t nseg, int64_t n, const Fn& fn) {
@@ -364,12 +352,10 @@ std::tuple<at::Tensor, at::Tensor> sgd_step_cpu(const at::Tensor& theta, const a
                                                 const c10::optional<at::Tensor>& buf, const at::Tensor& offsets,
                                                 at::TensorList hyper_list, int64_t elementwise, bool nesterov,
                                                 bool maximize, bool use_momentum, bool has_wd) {
-  check_theta(theta);
-  check_flat(G, theta, "G");
+  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kSgdNumHyper, elementwise);
+  const int64_t nseg = op.nseg;
+  const std::vector<at::Tensor>& hyper = op.hyper;
   const bool has_buf = check_optional(buf, theta, "buf");
-  const int64_t nseg = check_offsets(offsets, theta);
-  const std::vector<at::Tensor> hyper = hyper_list.vec();
-  check_hyper(hyper, kSgdNumHyper, elementwise, nseg, theta);
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
@@ -400,14 +386,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> sgd_step
     const at::Tensor& theta_next_bar, const c10::optional<at::Tensor>& buf_next_bar, const at::Tensor& offsets,
     at::TensorList hyper_list, int64_t elementwise, int64_t learned, bool nesterov, bool maximize,
     bool use_momentum, bool has_wd) {
-  check_theta(theta);
-  check_flat(G, theta, "G");
+  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kSgdNumHyper, elementwise);
+  const int64_t nseg = op.nseg;
+  const std::vector<at::Tensor>& hyper = op.hyper;
   check_flat(theta_next_bar, theta, "theta_next_bar");
   const bool has_buf = check_optional(buf, theta, "buf");
   const bool has_buf_bar = check_optional(buf_next_bar, theta, "buf_next_bar");
-  const int64_t nseg = check_offsets(offsets, theta);
-  const std::vector<at::Tensor> hyper = hyper_list.vec();
-  check_hyper(hyper, kSgdNumHyper, elementwise, nseg, theta);
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
@@ -451,15 +435,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
     const at::Tensor& theta, const at::Tensor& G, const at::Tensor& m, const at::Tensor& v,
     const c10::optional<at::Tensor>& vmax, const at::Tensor& offsets, at::TensorList hyper_list,
     int64_t elementwise, double step, bool amsgrad, bool maximize, bool decoupled, bool has_wd) {
-  check_theta(theta);
-  check_flat(G, theta, "G");
+  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kAdamNumHyper, elementwise);
+  const int64_t nseg = op.nseg;
+  const std::vector<at::Tensor>& hyper = op.hyper;
   check_flat(m, theta, "m");
   check_flat(v, theta, "v");
   const bool has_vmax = check_optional(vmax, theta, "vmax");
   TORCH_CHECK(has_vmax || !amsgrad, "gimli::adam_step: amsgrad needs vmax (max_exp_avg_sq)");
-  const int64_t nseg = check_offsets(offsets, theta);
-  const std::vector<at::Tensor> hyper = hyper_list.vec();
-  check_hyper(hyper, kAdamNumHyper, elementwise, nseg, theta);
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
@@ -494,8 +476,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vect
     const c10::optional<at::Tensor>& v_next_bar, const c10::optional<at::Tensor>& vmax_next_bar,
     const at::Tensor& offsets, at::TensorList hyper_list, int64_t elementwise, int64_t learned, double step,
     bool amsgrad, bool maximize, bool decoupled, bool has_wd) {
-  check_theta(theta);
-  check_flat(G, theta, "G");
+  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kAdamNumHyper, elementwise);
+  const int64_t nseg = op.nseg;
+  const std::vector<at::Tensor>& hyper = op.hyper;
   check_flat(m, theta, "m");
   check_flat(v, theta, "v");
   check_flat(theta_next_bar, theta, "theta_next_bar");
@@ -504,9 +487,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vect
   const bool has_m_bar = check_optional(m_next_bar, theta, "m_next_bar");
   const bool has_v_bar = check_optional(v_next_bar, theta, "v_next_bar");
   const bool has_vmax_bar = check_optional(vmax_next_bar, theta, "vmax_next_bar") && amsgrad;
-  const int64_t nseg = check_offsets(offsets, theta);
-  const std::vector<at::Tensor> hyper = hyper_list.vec();
-  check_hyper(hyper, kAdamNumHyper, elementwise, nseg, theta);
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);

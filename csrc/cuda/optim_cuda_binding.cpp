@@ -20,13 +20,6 @@
 namespace gimli {
 namespace {
 
-HyperView hyper_view(const std::vector<at::Tensor>& hyper, int64_t elementwise) {
-  HyperView hv{};
-  for (size_t h = 0; h < hyper.size(); ++h) hv.p[h] = hyper[h].data_ptr<double>();
-  hv.elementwise = elementwise;
-  return hv;
-}
-
 void check_launch() {
   const char* err = cuda::last_error();
   TORCH_CHECK(err == nullptr, "gimli: CUDA kernel launch failed: ", err);
@@ -72,12 +65,10 @@ std::tuple<at::Tensor, at::Tensor> sgd_step_cuda(const at::Tensor& theta, const 
                                                  const c10::optional<at::Tensor>& buf, const at::Tensor& offsets,
                                                  at::TensorList hyper_list, int64_t elementwise, bool nesterov,
                                                  bool maximize, bool use_momentum, bool has_wd) {
-  check_theta(theta);
-  check_flat(G, theta, "G");
+  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kSgdNumHyper, elementwise);
+  const int64_t nseg = op.nseg;
+  const std::vector<at::Tensor>& hyper = op.hyper;
   const bool has_buf = check_optional(buf, theta, "buf");
-  const int64_t nseg = check_offsets(offsets, theta);
-  const std::vector<at::Tensor> hyper = hyper_list.vec();
-  check_hyper(hyper, kSgdNumHyper, elementwise, nseg, theta);
   const c10::cuda::CUDAGuard guard(theta.device());
   const SgdFlags f{nesterov, maximize, use_momentum, has_wd, has_buf, false};
   at::Tensor theta_next = at::empty_like(theta);
@@ -97,14 +88,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> sgd_step
     const at::Tensor& theta_next_bar, const c10::optional<at::Tensor>& buf_next_bar, const at::Tensor& offsets,
     at::TensorList hyper_list, int64_t elementwise, int64_t learned, bool nesterov, bool maximize,
     bool use_momentum, bool has_wd) {
-  check_theta(theta);
-  check_flat(G, theta, "G");
+  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kSgdNumHyper, elementwise);
+  const int64_t nseg = op.nseg;
+  const std::vector<at::Tensor>& hyper = op.hyper;
   check_flat(theta_next_bar, theta, "theta_next_bar");
   const bool has_buf = check_optional(buf, theta, "buf");
   const bool has_buf_bar = check_optional(buf_next_bar, theta, "buf_next_bar");
-  const int64_t nseg = check_offsets(offsets, theta);
-  const std::vector<at::Tensor> hyper = hyper_list.vec();
-  check_hyper(hyper, kSgdNumHyper, elementwise, nseg, theta);
   const c10::cuda::CUDAGuard guard(theta.device());
   const SgdFlags f{nesterov, maximize, use_momentum, has_wd, has_buf, has_buf_bar};
   const bool buf_bar_out = use_momentum && has_buf;
@@ -129,15 +118,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
     const at::Tensor& theta, const at::Tensor& G, const at::Tensor& m, const at::Tensor& v,
     const c10::optional<at::Tensor>& vmax, const at::Tensor& offsets, at::TensorList hyper_list,
     int64_t elementwise, double step, bool amsgrad, bool maximize, bool decoupled, bool has_wd) {
-  check_theta(theta);
-  check_flat(G, theta, "G");
+  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kAdamNumHyper, elementwise);
+  const int64_t nseg = op.nseg;
+  const std::vector<at::Tensor>& hyper = op.hyper;
   check_flat(m, theta, "m");
   check_flat(v, theta, "v");
   const bool has_vmax = check_optional(vmax, theta, "vmax");
   TORCH_CHECK(has_vmax || !amsgrad, "gimli::adam_step: amsgrad needs vmax (max_exp_avg_sq)");
-  const int64_t nseg = check_offsets(offsets, theta);
-  const std::vector<at::Tensor> hyper = hyper_list.vec();
-  check_hyper(hyper, kAdamNumHyper, elementwise, nseg, theta);
   const c10::cuda::CUDAGuard guard(theta.device());
   const AdamFlags f{amsgrad, maximize, decoupled, has_wd, false, false, false};
   at::Tensor theta_next = at::empty_like(theta), m_next = at::empty_like(theta), v_next = at::empty_like(theta);
@@ -159,8 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vect
     const c10::optional<at::Tensor>& v_next_bar, const c10::optional<at::Tensor>& vmax_next_bar,
     const at::Tensor& offsets, at::TensorList hyper_list, int64_t elementwise, int64_t learned, double step,
     bool amsgrad, bool maximize, bool decoupled, bool has_wd) {
-  check_theta(theta);
-  check_flat(G, theta, "G");
+  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kAdamNumHyper, elementwise);
+  const int64_t nseg = op.nseg;
+  const std::vector<at::Tensor>& hyper = op.hyper;
   check_flat(m, theta, "m");
   check_flat(v, theta, "v");
   check_flat(theta_next_bar, theta, "theta_next_bar");
@@ -169,9 +157,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vect
   const bool has_m_bar = check_optional(m_next_bar, theta, "m_next_bar");
   const bool has_v_bar = check_optional(v_next_bar, theta, "v_next_bar");
   const bool has_vmax_bar = check_optional(vmax_next_bar, theta, "vmax_next_bar") && amsgrad;
-  const int64_t nseg = check_offsets(offsets, theta);
-  const std::vector<at::Tensor> hyper = hyper_list.vec();
-  check_hyper(hyper, kAdamNumHyper, elementwise, nseg, theta);
   const c10::cuda::CUDAGuard guard(theta.device());
   const AdamFlags f{amsgrad, maximize, decoupled, has_wd, has_m_bar, has_v_bar, has_vmax_bar};
   at::Tensor theta_bar = at::empty_like(theta), G_bar = at::empty_like(theta);

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Argument checks shared by the CPU and CUDA bindings (host code; includes ATen).
+// Argument checks shared by the CPU and CUDA bindings, and the hyperparameter view of checked
+// arguments (host code; includes ATen).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,6 +8,8 @@
 #include <c10/util/Optional.h>
 
 #include <vector>
+
+#include "segments.h"
 
 namespace gimli {
 
@@ -70,6 +73,30 @@ inline void check_hyper(const std::vector<at::Tensor>& hyper, int64_t num_slots,
     TORCH_CHECK(t.numel() == want, "gimli: hyperparameter ", h, " has ", t.numel(), " values, expected ", want,
                 (elementwise >> h & 1) ? " (element-wise)" : " (one per segment)");
   }
+}
+
+/// The arguments every op shares, checked: ``theta`` and ``G`` flat and alike, the segment
+/// offsets and one float64 tensor per hyperparameter slot.
+struct CheckedOp {
+  int64_t nseg;
+  std::vector<at::Tensor> hyper;
+};
+
+inline CheckedOp check_op(const at::Tensor& theta, const at::Tensor& G, const at::Tensor& offsets,
+                          at::TensorList hyper_list, int64_t num_slots, int64_t elementwise) {
+  check_theta(theta);
+  check_flat(G, theta, "G");
+  CheckedOp op{check_offsets(offsets, theta), hyper_list.vec()};
+  check_hyper(op.hyper, num_slots, elementwise, op.nseg, theta);
+  return op;
+}
+
+/// The kernels' view of checked hyperparameter tensors (float64 data pointers).
+inline HyperView hyper_view(const std::vector<at::Tensor>& hyper, int64_t elementwise) {
+  HyperView hv{};
+  for (size_t h = 0; h < hyper.size(); ++h) hv.p[h] = hyper[h].data_ptr<double>();
+  hv.elementwise = elementwise;
+  return hv;
 }
 
 }  // namespace gimli
