@@ -8,16 +8,7 @@ import torch
 from torch import Tensor
 
 from .adam import _sqrt
-from .base import DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, import_step_state, is_learned
-
-
-def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, float]:
-    """The gradient after ``maximize`` and weight decay, and the step number t."""
-    wd = hyper["weight_decay"]
-    g = -G if hyper["maximize"] else G
-    if is_learned(wd) or wd != 0:
-        g = g + wd * theta
-    return g, float(state["step"]) + 1.0
+from .base import DiffOptimizer, Hyper, State, add_bar, coupled_gradient, coupled_gradient_vjp, export_step_state, hyper_writer, import_step_state
 
 
 def adadelta_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -31,7 +22,8 @@ def adadelta_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple
         \\theta' &= \\theta - \\eta \\delta
     """
     lr, rho, eps = hyper["lr"], hyper["rho"], hyper["eps"]
-    g, t = _prepare(theta, G, state, hyper)
+    g = coupled_gradient(theta, G, hyper)
+    t = float(state["step"]) + 1.0
     square_avg = state["square_avg"] * rho + (1 - rho) * (g * g)
     std = _sqrt(square_avg + eps)
     delta = (_sqrt(state["acc_delta"] + eps) / std) * g
@@ -75,8 +67,8 @@ def adadelta_step_vjp(
     infinite slope there). A learned ``eps`` is kept positive by
     ``OptimizerHyperparameters.project``.
     """
-    lr, rho, eps, wd = hyper["lr"], hyper["rho"], hyper["eps"], hyper["weight_decay"]
-    g, t = _prepare(theta, G, state, hyper)
+    lr, rho, eps = hyper["lr"], hyper["rho"], hyper["eps"]
+    g = coupled_gradient(theta, G, hyper)
     v, u = state["square_avg"], state["acc_delta"]
     v_next = v * rho + (1 - rho) * (g * g)
     s = (v_next + eps).sqrt()
@@ -121,11 +113,7 @@ def adadelta_step_vjp(
     add_bar(bars, hyper, "rho", rho_bar)
     g_bar = k * delta_bar + 2 * (1 - rho) * g * v_bar
 
-    theta_bar = tb
-    if is_learned(wd) or wd != 0:
-        theta_bar = tb + wd * g_bar
-        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
-    G_bar = -g_bar if hyper["maximize"] else g_bar
+    theta_bar, G_bar = coupled_gradient_vjp(theta, g_bar, tb, hyper, bars)
     return theta_bar, G_bar, state_bar, bars
 
 

@@ -8,16 +8,7 @@ import torch
 from torch import Tensor
 
 from .adam import _sqrt
-from .base import DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, is_learned
-
-
-def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, float]:
-    """The gradient after ``maximize`` and weight decay, and the step number t."""
-    wd = hyper["weight_decay"]
-    g = -G if hyper["maximize"] else G
-    if is_learned(wd) or wd != 0:
-        g = g + wd * theta
-    return g, float(state["step"]) + 1.0
+from .base import DiffOptimizer, Hyper, State, add_bar, coupled_gradient, coupled_gradient_vjp, export_step_state, hyper_writer
 
 
 def adagrad_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -34,7 +25,8 @@ def adagrad_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[
     accumulator]).
     """
     lr, lr_decay, eps = hyper["lr"], hyper["lr_decay"], hyper["eps"]
-    g, t = _prepare(theta, G, state, hyper)
+    g = coupled_gradient(theta, G, hyper)
+    t = float(state["step"]) + 1.0
     clr = lr / (1 + (t - 1) * lr_decay)
     sum_next = state["sum"] + g * g
     std = _sqrt(sum_next) + eps
@@ -77,8 +69,9 @@ def adagrad_step_vjp(
     the param group for a parameter that has no state yet and is not learnable; its
     derivative, were it wanted, is the sum of the elements of the cotangent of :math:`s_0`.
     """
-    lr, lr_decay, eps, wd = hyper["lr"], hyper["lr_decay"], hyper["eps"], hyper["weight_decay"]
-    g, t = _prepare(theta, G, state, hyper)
+    lr, lr_decay, eps = hyper["lr"], hyper["lr_decay"], hyper["eps"]
+    g = coupled_gradient(theta, G, hyper)
+    t = float(state["step"]) + 1.0
     c = 1 + (t - 1) * lr_decay
     clr = lr / c
     sum_next = state["sum"] + g * g
@@ -102,11 +95,7 @@ def adagrad_step_vjp(
         sum_bar = sum_bar + carried
     g_bar = q_bar / std + 2 * g * sum_bar
 
-    theta_bar = tb
-    if is_learned(wd) or wd != 0:
-        theta_bar = tb + wd * g_bar
-        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
-    G_bar = -g_bar if hyper["maximize"] else g_bar
+    theta_bar, G_bar = coupled_gradient_vjp(theta, g_bar, tb, hyper, bars)
     return theta_bar, G_bar, {"sum": sum_bar}, bars
 
 

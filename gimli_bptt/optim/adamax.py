@@ -7,16 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, import_step_state, is_learned
-
-
-def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, float]:
-    """The gradient after ``maximize`` and weight decay, and the step number t."""
-    wd = hyper["weight_decay"]
-    g = -G if hyper["maximize"] else G
-    if is_learned(wd) or wd != 0:
-        g = g + wd * theta
-    return g, float(state["step"]) + 1.0
+from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, coupled_gradient, coupled_gradient_vjp, export_step_state, hyper_writer, import_step_state, is_learned
 
 
 def adamax_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -29,7 +20,8 @@ def adamax_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[T
         \\theta' &= \\theta - \\frac{\\eta}{1 - \\beta_1^t} \\, m' / u'
     """
     b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
-    g, t = _prepare(theta, G, state, hyper)
+    g = coupled_gradient(theta, G, hyper)
+    t = float(state["step"]) + 1.0
     m_next = torch.lerp(state["exp_avg"], g, 1 - b1)
     u_next = torch.maximum(state["exp_inf"] * b2, g.abs() + eps)
     clr = lr / (1 - b1**t)
@@ -71,8 +63,9 @@ def adamax_step_vjp(
     abs]: :math:`|g|` has derivative :math:`\\operatorname{sign}(g)`, taken as 0 at
     :math:`g = 0` (as autograd's ``abs``).
     """
-    b1, b2, lr, eps, wd = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"], hyper["weight_decay"]
-    g, t = _prepare(theta, G, state, hyper)
+    b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
+    g = coupled_gradient(theta, G, hyper)
+    t = float(state["step"]) + 1.0
     m, u = state["exp_avg"], state["exp_inf"]
     m_next = torch.lerp(m, g, 1 - b1)
     decayed = u * b2
@@ -106,11 +99,7 @@ def adamax_step_vjp(
     state_bar: State = {"exp_avg": b1 * m_bar, "exp_inf": b2 * decayed_bar}
     g_bar = (1 - b1) * m_bar + torch.sign(g) * fresh_bar
 
-    theta_bar = tb
-    if is_learned(wd) or wd != 0:
-        theta_bar = tb + wd * g_bar
-        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
-    G_bar = -g_bar if hyper["maximize"] else g_bar
+    theta_bar, G_bar = coupled_gradient_vjp(theta, g_bar, tb, hyper, bars)
     return theta_bar, G_bar, state_bar, bars
 
 

@@ -105,6 +105,27 @@ def add_bar(bars: dict[str, Tensor], hyper: Hyper, name: str, elementwise: Tenso
     bars[name] = bars[name] + bar if name in bars else bar
 
 
+def coupled_gradient(theta: Tensor, G: Tensor, hyper: Hyper) -> Tensor:
+    """g = ±G + λθ: the gradient a step uses after ``maximize`` and coupled (L2) weight decay,
+    formed as ``torch.optim`` forms it (Algorithm 1, line 6)."""
+    wd = hyper["weight_decay"]
+    g = -G if hyper["maximize"] else G
+    if is_learned(wd) or wd != 0:
+        g = g + wd * theta
+    return g
+
+
+def coupled_gradient_vjp(theta: Tensor, g_bar: Tensor, theta_bar: Tensor, hyper: Hyper,
+                         bars: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The VJP of :func:`coupled_gradient` (Algorithm 1, line 11): ``(θ̄ + λ ḡ, ±ḡ)``, with λ's
+    partial θ·ḡ added into ``bars``; ``theta_bar`` is θ's cotangent from the rest of the step."""
+    wd = hyper["weight_decay"]
+    if is_learned(wd) or wd != 0:
+        theta_bar = theta_bar + wd * g_bar
+        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
+    return theta_bar, (-g_bar if hyper["maximize"] else g_bar)
+
+
 def clone_state(state: Mapping[str, Any]) -> State:
     """A copy of one tensor's state whose tensors are detached clones."""
     return {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in state.items()}

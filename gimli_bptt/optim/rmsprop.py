@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .adam import _sqrt
-from .base import DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, is_learned
+from .base import DiffOptimizer, Hyper, State, add_bar, coupled_gradient, coupled_gradient_vjp, export_step_state, hyper_writer, is_learned
 
 
 def _uses_momentum(hyper: Hyper) -> bool:
@@ -18,15 +18,6 @@ def _uses_momentum(hyper: Hyper) -> bool:
     # update (the buffer is then g / avg). As in Note [Learned momentum] (SGD).
     momentum = hyper["momentum"]
     return is_learned(momentum) or momentum > 0
-
-
-def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, float]:
-    """The gradient after ``maximize`` and weight decay, and the step number t."""
-    wd = hyper["weight_decay"]
-    g = -G if hyper["maximize"] else G
-    if is_learned(wd) or wd != 0:
-        g = g + wd * theta
-    return g, float(state["step"]) + 1.0
 
 
 def rmsprop_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -41,7 +32,8 @@ def rmsprop_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[
         \\theta' = \\theta - \\eta b' \\text{, or } \\theta - \\eta \\, g / a \\text{ without momentum}
     """
     lr, alpha, eps, mom = hyper["lr"], hyper["alpha"], hyper["eps"], hyper["momentum"]
-    g, t = _prepare(theta, G, state, hyper)
+    g = coupled_gradient(theta, G, hyper)
+    t = float(state["step"]) + 1.0
     square_avg = state["square_avg"] * alpha + (1 - alpha) * (g * g)
     new_state: State = {"step": t, "square_avg": square_avg}
     if hyper["centered"]:
@@ -97,8 +89,8 @@ def rmsprop_step_vjp(
     :math:`w = 0` (centered, zero spread, nonzero gradient) the true derivative is infinite
     and 0 is only a convention: keep ``eps`` and ``alpha`` away from such points.
     """
-    lr, alpha, eps, mom, wd = hyper["lr"], hyper["alpha"], hyper["eps"], hyper["momentum"], hyper["weight_decay"]
-    g, t = _prepare(theta, G, state, hyper)
+    lr, alpha, eps, mom = hyper["lr"], hyper["alpha"], hyper["eps"], hyper["momentum"]
+    g = coupled_gradient(theta, G, hyper)
     centered = hyper["centered"]
     sq = state["square_avg"]
     sq_next = sq * alpha + (1 - alpha) * (g * g)
@@ -159,13 +151,9 @@ def rmsprop_step_vjp(
         alpha_terms.append(lambda: (ga - g) * ga_bar)
     add_bar(bars, hyper, "alpha", lambda: sum(f() for f in alpha_terms))
 
-    theta_bar = tb
-    if is_learned(wd) or wd != 0:
-        theta_bar = tb + wd * g_bar
-        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
     if is_learned(mom) and "momentum" not in bars:
         bars["momentum"] = torch.zeros_like(mom)
-    G_bar = -g_bar if hyper["maximize"] else g_bar
+    theta_bar, G_bar = coupled_gradient_vjp(theta, g_bar, tb, hyper, bars)
     return theta_bar, G_bar, state_bar, bars
 
 
