@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, is_learned
+from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, coupled_gradient, coupled_gradient_vjp, export_step_state, hyper_writer, is_learned
 
 
 def _sqrt(v: Tensor) -> Tensor:
@@ -26,14 +26,23 @@ def _sqrt(v: Tensor) -> Tensor:
 def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, Tensor, float]:
     """The gradient after ``maximize`` and coupled weight decay, the decayed parameter, and t."""
     wd = hyper["weight_decay"]
-    g = -G if hyper["maximize"] else G
-    theta1 = theta
-    if is_learned(wd) or wd != 0:
-        if hyper["decoupled_weight_decay"]:
-            theta1 = theta * (1 - hyper["lr"] * wd)
-        else:
-            g = g + wd * theta
-    return g, theta1, float(state["step"]) + 1.0
+    t = float(state["step"]) + 1.0
+    if hyper["decoupled_weight_decay"] and (is_learned(wd) or wd != 0):
+        return (-G if hyper["maximize"] else G), theta * (1 - hyper["lr"] * wd), t
+    return coupled_gradient(theta, G, hyper), theta, t
+
+
+def _prepare_vjp(theta: Tensor, g_bar: Tensor, tb: Tensor, hyper: Hyper,
+                 bars: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The VJP of :func:`_prepare`'s weight decay and ``maximize``: ``(θ̄, Ḡ)`` from the gradient's
+    cotangent ``g_bar`` and the decayed parameter's ``tb``, with the partials of lr and the
+    weight decay added into ``bars``."""
+    lr, wd = hyper["lr"], hyper["weight_decay"]
+    if hyper["decoupled_weight_decay"] and (is_learned(wd) or wd != 0):
+        add_bar(bars, hyper, "lr", lambda: -wd * theta * tb)
+        add_bar(bars, hyper, "weight_decay", lambda: -lr * theta * tb)
+        return tb * (1 - lr * wd), (-g_bar if hyper["maximize"] else g_bar)
+    return coupled_gradient_vjp(theta, g_bar, tb, hyper, bars)
 
 
 def adam_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -91,7 +100,7 @@ def adam_step_vjp(
     what we use (and what :func:`adam_step` gives autograd, through ``_sqrt``). Note [amsgrad]: the maximum routes its cotangent to :math:`v'` where
     :math:`v' \\ge v_{max}` and to :math:`v_{max}` elsewhere (a subgradient at ties).
     """
-    b1, b2, lr, eps, wd = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"], hyper["weight_decay"]
+    b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
     g, _, t = _prepare(theta, G, state, hyper)
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m_next = torch.lerp(m, g, 1 - b1)
@@ -153,16 +162,7 @@ def adam_step_vjp(
     state_bar["exp_avg_sq"] = b2 * v_bar
     g_bar = (1 - b1) * m_bar + 2 * (1 - b2) * g * v_bar
 
-    theta_bar = tb
-    if is_learned(wd) or wd != 0:
-        if hyper["decoupled_weight_decay"]:
-            theta_bar = tb * (1 - lr * wd)
-            add_bar(bars, hyper, "lr", lambda: -wd * theta * tb)
-            add_bar(bars, hyper, "weight_decay", lambda: -lr * theta * tb)
-        else:
-            theta_bar = tb + wd * g_bar
-            add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
-    G_bar = -g_bar if hyper["maximize"] else g_bar
+    theta_bar, G_bar = _prepare_vjp(theta, g_bar, tb, hyper, bars)
     return theta_bar, G_bar, state_bar, bars
 
 

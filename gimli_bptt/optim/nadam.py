@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .adam import _prepare, _sqrt
+from .adam import _prepare, _prepare_vjp, _sqrt
 from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, hyper_writer, is_learned
 from .scalars import export_scalar, round_to_torch_scalar, scalar_state_dtype, sum_to, zero_missing_bars
 
@@ -86,8 +86,7 @@ def nadam_step_vjp(
     and the moments as for Adam. Scalars (``mu_product``, and the momentum coefficients when the
     hyperparameters are per group or per tensor) get the sum of their element-wise cotangents.
     """
-    b1, b2, lr, eps, md, wd = (hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"], hyper["momentum_decay"],
-                               hyper["weight_decay"])
+    b1, b2, lr, eps, md = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"], hyper["momentum_decay"]
     g, _, t = _prepare(theta, G, state, hyper)
     m, v, P = state["exp_avg"], state["exp_avg_sq"], state["mu_product"]
     bc2 = 1 - b2**t
@@ -156,16 +155,7 @@ def nadam_step_vjp(
     state_bar["exp_avg_sq"] = b2 * v_bar
     g_bar = g_bar + (1 - b1) * m_bar + 2 * (1 - b2) * g * v_bar
 
-    theta_bar = tb
-    if is_learned(wd) or wd != 0:
-        if hyper["decoupled_weight_decay"]:
-            theta_bar = tb * (1 - lr * wd)
-            add_bar(bars, hyper, "lr", lambda: -wd * theta * tb)
-            add_bar(bars, hyper, "weight_decay", lambda: -lr * theta * tb)
-        else:
-            theta_bar = tb + wd * g_bar
-            add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
-    G_bar = -g_bar if hyper["maximize"] else g_bar
+    theta_bar, G_bar = _prepare_vjp(theta, g_bar, tb, hyper, bars)
     return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
 
 

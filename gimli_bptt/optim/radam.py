@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .adam import _prepare, _sqrt
+from .adam import _prepare, _prepare_vjp, _sqrt
 from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, import_step_state, is_learned
 from .scalars import zero_missing_bars
 
@@ -106,7 +106,7 @@ def radam_step_vjp(
     is not 1 there), so no derivative in ``beta2`` exists at the switch itself; like torch
     (a strict test) we take the unrectified branch there. The tests stay away from it.
     """
-    b1, b2, lr, eps, wd = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"], hyper["weight_decay"]
+    b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
     g, _, t = _prepare(theta, G, state, hyper)
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m_next = torch.lerp(m, g, 1 - b1)
@@ -168,16 +168,7 @@ def radam_step_vjp(
         state_bar["exp_avg_sq"] = b2 * v_bar
         g_bar = g_bar + 2 * (1 - b2) * g * v_bar
 
-    theta_bar = tb
-    if is_learned(wd) or wd != 0:
-        if hyper["decoupled_weight_decay"]:
-            theta_bar = tb * (1 - lr * wd)
-            add_bar(bars, hyper, "lr", lambda: -wd * theta * tb)
-            add_bar(bars, hyper, "weight_decay", lambda: -lr * theta * tb)
-        else:
-            theta_bar = tb + wd * g_bar
-            add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
-    G_bar = -g_bar if hyper["maximize"] else g_bar
+    theta_bar, G_bar = _prepare_vjp(theta, g_bar, tb, hyper, bars)
     return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
 
 
