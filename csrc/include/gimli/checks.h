@@ -91,6 +91,32 @@ inline CheckedOp check_op(const at::Tensor& theta, const at::Tensor& G, const at
   return op;
 }
 
+/// Adam's state, checked: ``m`` and ``v`` like ``theta``; ``vmax`` present when ``amsgrad``.
+/// Returns whether ``vmax`` is present.
+inline bool check_adam_state(const at::Tensor& theta, const at::Tensor& m, const at::Tensor& v,
+                             const c10::optional<at::Tensor>& vmax, bool amsgrad, const char* op) {
+  check_flat(m, theta, "m");
+  check_flat(v, theta, "v");
+  const bool has_vmax = check_optional(vmax, theta, "vmax");
+  TORCH_CHECK(has_vmax || !amsgrad, op, ": amsgrad needs vmax (max_exp_avg_sq)");
+  return has_vmax;
+}
+
+/// Which carried cotangents of Adam's next state are present (each checked like ``theta``).
+struct AdamCarried {
+  bool m_bar, v_bar, vmax_bar;
+};
+
+inline AdamCarried check_adam_carried(const at::Tensor& theta, const c10::optional<at::Tensor>& m_next_bar,
+                                      const c10::optional<at::Tensor>& v_next_bar,
+                                      const c10::optional<at::Tensor>& vmax_next_bar, bool amsgrad) {
+  AdamCarried c;
+  c.m_bar = check_optional(m_next_bar, theta, "m_next_bar");
+  c.v_bar = check_optional(v_next_bar, theta, "v_next_bar");
+  c.vmax_bar = check_optional(vmax_next_bar, theta, "vmax_next_bar") && amsgrad;
+  return c;
+}
+
 /// The kernels' view of checked hyperparameter tensors (float64 data pointers).
 inline HyperView hyper_view(const std::vector<at::Tensor>& hyper, int64_t elementwise) {
   HyperView hv{};
