@@ -221,6 +221,15 @@ def test_ops_reject_bad_buffers(device: str) -> None:
         torch.ops.gimli.sgd_step(G, theta, None, offsets, hyper, 0, False, False, False, False)
     with pytest.raises(RuntimeError, match="float32 and float64"):
         torch.ops.gimli.sgd_step(G.half(), G.half(), None, offsets, hyper, 0, False, False, False, False)
+    adam_hyper = hyper + hyper[:1]
+    with pytest.raises(RuntimeError, match="adam_step: amsgrad needs vmax"):
+        torch.ops.gimli.adam_step(G, G, G, G.abs(), None, offsets, adam_hyper, 0, 1.0, True, False, False, False)
+    with pytest.raises(RuntimeError, match="adam_step_vjp: amsgrad needs vmax"):
+        torch.ops.gimli.adam_step_vjp(G, G, G, G.abs(), None, G, None, None, None, offsets, adam_hyper, 0, 0, 1.0,
+                                      True, False, False, False)
+    with pytest.raises(RuntimeError, match="m_next_bar"):
+        torch.ops.gimli.adam_step_vjp(G, G, G, G.abs(), None, G, theta, None, None, offsets, adam_hyper, 0, 0, 1.0,
+                                      False, False, False, False)
     if device == "cpu":
         with pytest.raises(RuntimeError, match="offsets"):
             torch.ops.gimli.sgd_step(G, G, None, _offsets([4, 5], device), hyper, 0, False, False, False, False)
