@@ -10,8 +10,11 @@
 // (dispatch_sgd / dispatch_adam over static_bools), so each combination has its own loop with
 // no branch on a flag inside, which GCC -O3 vectorises. The rare cases (element-wise
 // hyperparameters, the first step without a momentum buffer, the last step of the sweep
-// without carried cotangents) run one generic loop that reads the flags and coefficients at
-// run time: the same per-element functions, so the same values, just not vectorised.
+// without carried cotangents) run one generic loop that reads the flags at run time: the same
+// per-element functions, so the same values, just not vectorised. It reads the coefficients
+// per element only when a hyperparameter is element-wise; otherwise it hoists the segment's,
+// as the static loops do (per element, Adam's bias corrections made that loop 35x slower than
+// the static one: the last sweep step dominated a meta step at 1M parameters).
 //
 // Note [Deterministic segment sums]: a VJP's hyperparameter partials of a segment are summed
 // in double over fixed chunks of kChunk elements; inside a chunk in blocks of kBlock elements,
@@ -24,6 +27,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -168,15 +172,21 @@ inline void write_or_sum(int64_t lo, int64_t hi, T* __restrict__ out, double* ac
   }
 }
 
-/// The flags of a loop read at run time: the generic loop (Note [Static flags]).
+/// The flags of a loop read at run time: the generic loop (Note [Static flags]). Its
+/// coefficients are read per element only when a hyperparameter is element-wise
+/// (``PerElement``); otherwise they are the segment's, hoisted out of the loop as in the
+/// static loops (Adam's bias corrections cost two ``pow`` per evaluation).
+template <bool PerElement>
 struct RuntimeFlags {
   static constexpr bool kStatic = false;
+  static constexpr bool kPerElement = PerElement;
 };
 
 /// SGD flags known at compile time; the momentum buffer and its carried cotangent exist.
 template <bool Nesterov, bool Maximize, bool Momentum, bool Wd>
 struct SgdStatic {
   static constexpr bool kStatic = true;
+  static constexpr bool kPerElement = false;
   static constexpr SgdFlags value{Nesterov, Maximize, Momentum, Wd, Momentum, Momentum};
 };
 
@@ -184,6 +194,7 @@ struct SgdStatic {
 template <bool Amsgrad, bool Maximize, bool Decoupled, bool Wd>
 struct AdamStatic {
   static constexpr bool kStatic = true;
+  static constexpr bool kPerElement = false;
   static constexpr AdamFlags value{Amsgrad, Maximize, Decoupled, Wd, true, true, Amsgrad};
 };
 
@@ -197,12 +208,20 @@ inline Flags flags_of(const Flags& flags) {
   }
 }
 
-/// Runs ``body(SgdStatic<...>{})``, or ``body(RuntimeFlags{})`` when ``generic``: the caller's
-/// rare cases (element-wise hyperparameters, the first step without a momentum buffer, the
-/// last step of the sweep without a carried cotangent).
+/// Runs the generic loop, ``body(RuntimeFlags<per_element>{})``.
 template <typename Body>
-void dispatch_sgd(const SgdFlags& f, bool generic, const Body& body) {
-  if (generic) return body(RuntimeFlags{});
+void dispatch_runtime(bool per_element, const Body& body) {
+  if (per_element) return body(RuntimeFlags<true>{});
+  body(RuntimeFlags<false>{});
+}
+
+/// Runs ``body(SgdStatic<...>{})``, or the generic loop when ``generic``: the caller's rare
+/// cases (element-wise hyperparameters, the first step without a momentum buffer, the last
+/// step of the sweep without a carried cotangent); ``per_element``: a hyperparameter is
+/// element-wise.
+template <typename Body>
+void dispatch_sgd(const SgdFlags& f, bool generic, bool per_element, const Body& body) {
+  if (generic) return dispatch_runtime(per_element, body);
   static_bools([&](auto mom, auto nesterov, auto maximize, auto wd) {
     constexpr bool m = decltype(mom)::value;
     body(SgdStatic<m && decltype(nesterov)::value, decltype(maximize)::value, m, decltype(wd)::value>{});
@@ -211,8 +230,8 @@ void dispatch_sgd(const SgdFlags& f, bool generic, const Body& body) {
 
 /// As dispatch_sgd for Adam.
 template <typename Body>
-void dispatch_adam(const AdamFlags& f, bool generic, const Body& body) {
-  if (generic) return body(RuntimeFlags{});
+void dispatch_adam(const AdamFlags& f, bool generic, bool per_element, const Body& body) {
+  if (generic) return dispatch_runtime(per_element, body);
   static_bools([&](auto amsgrad, auto maximize, auto decoupled, auto wd) {
     constexpr bool w = decltype(wd)::value;
     body(AdamStatic<decltype(amsgrad)::value, decltype(maximize)::value, w && decltype(decoupled)::value, w>{});
@@ -234,7 +253,7 @@ void sgd_step_loop(const HyperView& hv, const SgdFlags& flags, int64_t s, int64_
   const SgdCoef<T> c0 = sgd_coef_at<T>(hv, s, lo);
   for (int64_t i = lo; i < hi; ++i) {
     T b_next;
-    sgd_step_elem(F::kStatic ? c0 : sgd_coef_at<T>(hv, s, i), f, th[i], gr[i], bf[i], tn[i], b_next);
+    sgd_step_elem(!F::kPerElement ? c0 : sgd_coef_at<T>(hv, s, i), f, th[i], gr[i], bf[i], tn[i], b_next);
     if (f.use_momentum) bn[i] = b_next;
   }
 }
@@ -249,7 +268,7 @@ void adam_step_loop(const HyperView& hv, const AdamFlags& flags, double step, in
   const AdamCoef<T> c0 = adam_coef_at<T>(hv, s, lo, step);
   for (int64_t i = lo; i < hi; ++i) {
     T x_next;
-    adam_step_elem(F::kStatic ? c0 : adam_coef_at<T>(hv, s, i, step), f, th[i], gr[i], mp[i], vp[i], xp[i], tn[i],
+    adam_step_elem(!F::kPerElement ? c0 : adam_coef_at<T>(hv, s, i, step), f, th[i], gr[i], mp[i], vp[i], xp[i], tn[i],
                    mn[i], vn[i], x_next);
     if (f.amsgrad) xn[i] = x_next;
   }
@@ -265,7 +284,7 @@ void sgd_vjp_outputs(const HyperView& hv, const SgdFlags& flags, int64_t s, int6
   const SgdCoef<T> c0 = sgd_coef_at<T>(hv, s, lo);
   for (int64_t i = lo; i < hi; ++i) {
     const SgdVjpElem<T> r =
-        sgd_vjp_elem(F::kStatic ? c0 : sgd_coef_at<T>(hv, s, i), f, th[i], gr[i], bf[i], tb[i], cb[i]);
+        sgd_vjp_elem(!F::kPerElement ? c0 : sgd_coef_at<T>(hv, s, i), f, th[i], gr[i], bf[i], tb[i], cb[i]);
     o_th[i] = r.theta_bar;
     o_g[i] = r.G_bar;
     if (f.use_momentum && f.has_buf) o_b[i] = r.buf_bar;
@@ -280,7 +299,7 @@ void sgd_vjp_partial(const HyperView& hv, const SgdFlags& flags, int64_t s, int6
   const SgdFlags f = flags_of<F>(flags);
   const SgdCoef<T> c0 = sgd_coef_at<T>(hv, s, lo);
   write_or_sum(lo, hi, out, acc, [&](int64_t i) {
-    return sgd_vjp_elem(F::kStatic ? c0 : sgd_coef_at<T>(hv, s, i), f, th[i], gr[i], bf[i], tb[i], cb[i]).hyper_bar[H];
+    return sgd_vjp_elem(!F::kPerElement ? c0 : sgd_coef_at<T>(hv, s, i), f, th[i], gr[i], bf[i], tb[i], cb[i]).hyper_bar[H];
   });
 }
 
@@ -295,7 +314,7 @@ void adam_vjp_outputs(const HyperView& hv, const AdamFlags& flags, double step, 
   const AdamFlags f = flags_of<F>(flags);
   const AdamCoef<T> c0 = adam_coef_at<T>(hv, s, lo, step);
   for (int64_t i = lo; i < hi; ++i) {
-    const AdamVjpElem<T> r = adam_vjp_elem(F::kStatic ? c0 : adam_coef_at<T>(hv, s, i, step), f, th[i], gr[i], mp[i],
+    const AdamVjpElem<T> r = adam_vjp_elem(!F::kPerElement ? c0 : adam_coef_at<T>(hv, s, i, step), f, th[i], gr[i], mp[i],
                                            vp[i], xp[i], tb[i], cm[i], cv[i], cx[i]);
     o_th[i] = r.theta_bar;
     o_g[i] = r.G_bar;
@@ -315,7 +334,7 @@ void adam_vjp_partial(const HyperView& hv, const AdamFlags& flags, double step, 
   const AdamFlags f = flags_of<F>(flags);
   const AdamCoef<T> c0 = adam_coef_at<T>(hv, s, lo, step);
   write_or_sum(lo, hi, out, acc, [&](int64_t i) {
-    return adam_vjp_elem(F::kStatic ? c0 : adam_coef_at<T>(hv, s, i, step), f, th[i], gr[i], mp[i], vp[i], xp[i],
+    return adam_vjp_elem(!F::kPerElement ? c0 : adam_coef_at<T>(hv, s, i, step), f, th[i], gr[i], mp[i], vp[i], xp[i],
                          tb[i], cm[i], cv[i], cx[i]).hyper_bar[H];
   });
 }
@@ -371,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> sgd_step_cpu(const at::Tensor& theta, const a
     const T* __restrict__ bf = has_buf ? buf->data_ptr<T>() : th;
     T* __restrict__ tn = theta_next.data_ptr<T>();
     T* __restrict__ bn = use_momentum ? buf_next.data_ptr<T>() : nullptr;
-    dispatch_sgd(f, generic, [&](auto flags) {
+    dispatch_sgd(f, generic, elementwise != 0, [&](auto flags) {
       using F = decltype(flags);
       parallel_segments(off, nseg, n, [&](int64_t s, int64_t lo, int64_t hi) {
         sgd_step_loop<T, F>(hv, f, s, lo, hi, th, gr, bf, tn, bn);
@@ -391,7 +410,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> sgd_step
   const std::vector<at::Tensor>& hyper = op.hyper;
   check_flat(theta_next_bar, theta, "theta_next_bar");
   const bool has_buf = check_optional(buf, theta, "buf");
-  const bool has_buf_bar = check_optional(buf_next_bar, theta, "buf_next_bar");
+  // The last sweep step carries no cotangent of the buffer: as in adam_step_vjp_cpu, the static
+  // loop on zeros instead of the generic loop (the same values).
+  const bool carried = check_optional(buf_next_bar, theta, "buf_next_bar");
+  const bool zero_carried = elementwise == 0 && use_momentum && has_buf && !carried;
+  const at::Tensor zeros = zero_carried ? at::zeros_like(theta) : at::Tensor();
+  const at::Tensor& cb_t = zero_carried ? zeros : (carried ? *buf_next_bar : theta);
+  const bool has_buf_bar = carried || zero_carried;
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
@@ -410,13 +435,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> sgd_step
     const T* __restrict__ gr = G.data_ptr<T>();
     const T* __restrict__ bf = has_buf ? buf->data_ptr<T>() : th;
     const T* __restrict__ tb = theta_next_bar.data_ptr<T>();
-    const T* __restrict__ cb = has_buf_bar ? buf_next_bar->data_ptr<T>() : th;
+    const T* __restrict__ cb = cb_t.data_ptr<T>();
     T* __restrict__ o_th = theta_bar.data_ptr<T>();
     T* __restrict__ o_g = G_bar.data_ptr<T>();
     T* __restrict__ o_b = buf_bar_out ? buf_bar.data_ptr<T>() : nullptr;
     T* o_h[kSgdNumHyper];
     for (int h = 0; h < kSgdNumHyper; ++h) o_h[h] = elem_out[h].defined() ? elem_out[h].data_ptr<T>() : nullptr;
-    dispatch_sgd(f, generic, [&](auto flags) {
+    dispatch_sgd(f, generic, elementwise != 0, [&](auto flags) {
       using F = decltype(flags);
       sums = segment_reduce(off, nseg, n, kSgdNumHyper, [&](int64_t s, int64_t lo, int64_t hi, double* acc) {
         sgd_vjp_outputs<T, F>(hv, f, s, lo, hi, th, gr, bf, tb, cb, o_th, o_g, o_b);
@@ -457,7 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
     T* __restrict__ mn = m_next.data_ptr<T>();
     T* __restrict__ vn = v_next.data_ptr<T>();
     T* __restrict__ xn = amsgrad ? vmax_next.data_ptr<T>() : nullptr;
-    dispatch_adam(f, elementwise != 0, [&](auto flags) {
+    dispatch_adam(f, elementwise != 0, elementwise != 0, [&](auto flags) {
       using F = decltype(flags);
       parallel_segments(off, nseg, n, [&](int64_t s, int64_t lo, int64_t hi) {
         adam_step_loop<T, F>(hv, f, step, s, lo, hi, th, gr, mp, vp, xp, tn, mn, vn, xn);
@@ -479,11 +504,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vect
   check_flat(theta_next_bar, theta, "theta_next_bar");
   check_adam_state(theta, m, v, vmax, amsgrad, "gimli::adam_step_vjp");
   const AdamCarried carried = check_adam_carried(theta, m_next_bar, v_next_bar, vmax_next_bar, amsgrad);
-  const bool has_m_bar = carried.m_bar, has_v_bar = carried.v_bar, has_vmax_bar = carried.vmax_bar;
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
   const HyperView hv = hyper_view(hyper, elementwise);
+  // The last sweep step carries no cotangent of m, v (and vmax): with per-segment
+  // hyperparameters it runs the static loop on zeros instead of the generic loop, which does not
+  // vectorise (3-4x slower at 1M elements). Adding a zero cotangent gives the same values (a -0
+  // may become +0).
+  const bool zero_carried = elementwise == 0 && !carried.m_bar && !carried.v_bar && !carried.vmax_bar;
+  const at::Tensor zeros = zero_carried ? at::zeros_like(theta) : at::Tensor();
+  const at::Tensor& cm_t = zero_carried ? zeros : (carried.m_bar ? *m_next_bar : theta);
+  const at::Tensor& cv_t = zero_carried ? zeros : (carried.v_bar ? *v_next_bar : theta);
+  const at::Tensor& cx_t = zero_carried ? zeros : (carried.vmax_bar ? *vmax_next_bar : theta);
+  const bool has_m_bar = carried.m_bar || zero_carried, has_v_bar = carried.v_bar || zero_carried;
+  const bool has_vmax_bar = carried.vmax_bar || (zero_carried && amsgrad);
   at::Tensor theta_bar = at::empty_like(theta), G_bar = at::empty_like(theta);
   at::Tensor m_bar = at::empty_like(theta), v_bar = at::empty_like(theta);
   at::Tensor vmax_bar = amsgrad ? at::empty_like(theta) : at::empty({0}, theta.options());
@@ -500,9 +535,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vect
     const T* __restrict__ vp = v.data_ptr<T>();
     const T* __restrict__ xp = amsgrad ? vmax->data_ptr<T>() : th;
     const T* __restrict__ tb = theta_next_bar.data_ptr<T>();
-    const T* __restrict__ cm = has_m_bar ? m_next_bar->data_ptr<T>() : th;
-    const T* __restrict__ cv = has_v_bar ? v_next_bar->data_ptr<T>() : th;
-    const T* __restrict__ cx = has_vmax_bar ? vmax_next_bar->data_ptr<T>() : th;
+    const T* __restrict__ cm = cm_t.data_ptr<T>();
+    const T* __restrict__ cv = cv_t.data_ptr<T>();
+    const T* __restrict__ cx = cx_t.data_ptr<T>();
     T* __restrict__ o_th = theta_bar.data_ptr<T>();
     T* __restrict__ o_g = G_bar.data_ptr<T>();
     T* __restrict__ o_m = m_bar.data_ptr<T>();
@@ -510,7 +545,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vect
     T* __restrict__ o_x = amsgrad ? vmax_bar.data_ptr<T>() : nullptr;
     T* o_h[kAdamNumHyper];
     for (int h = 0; h < kAdamNumHyper; ++h) o_h[h] = elem_out[h].defined() ? elem_out[h].data_ptr<T>() : nullptr;
-    dispatch_adam(f, generic, [&](auto flags) {
+    dispatch_adam(f, generic, elementwise != 0, [&](auto flags) {
       using F = decltype(flags);
       sums = segment_reduce(off, nseg, n, kAdamNumHyper, [&](int64_t s, int64_t lo, int64_t hi, double* acc) {
         adam_vjp_outputs<T, F>(hv, f, step, s, lo, hi, th, gr, mp, vp, xp, tb, cm, cv, cx, o_th, o_g, o_m, o_v, o_x);
