@@ -3,6 +3,10 @@
 # GPU check in one run (< 5 min): build the CUDA extension, run the GPU kernel tests, and measure
 # kernel bandwidth against a device-to-device copy of the same bytes in the same process.
 # Usage: bash bench/gpu_check.sh   (from the repository root, on a machine with a GPU and nvcc)
+#        GIMLI_GPU_PEERS=1 bash bench/gpu_check.sh   also runs bench/gpu_peers.py (issue 9's problems
+#        side by side on the GPU, ~2 more minutes); its table goes to $OUT/gpu_peers.md when $OUT is
+#        set. higher and TorchOpt are reported as errors unless importable there: on a machine
+#        without internet, carry their wheels (see bench/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -47,4 +51,8 @@ for dtype in (torch.float32, torch.float64):
               f"adam_step {gb(7 * n * es, t_step):7.1f} GB/s ({gb(7 * n * es, t_step) / gb(2 * 7 * n * es, t_copy):.2f} of copy)  "
               f"adam_step_vjp(lr learned) {gb((5 + 4 + 1) * n * es, t_vjp):7.1f} GB/s", flush=True)
 PY
+if [ "${GIMLI_GPU_PEERS:-0}" = "1" ]; then
+  echo "== side by side on the GPU (bench/gpu_peers.py)"
+  timeout 300 python bench/gpu_peers.py --repeats 5 ${OUT:+--out "$OUT/gpu_peers.md"} || echo "gpu_peers.py failed or timed out"
+fi
 echo "== done in $(( $(date +%s) - start )) s"
