@@ -18,6 +18,22 @@ from .optim.base import DiffOptimizer
 LossFn = Callable[[FunctionalModel, Any], Tensor]
 
 
+#: Device types whose inner losses are checked for NaN/Inf once per meta step, after the tape's
+#: first pass, instead of at each inner step: Note [Deferred finiteness check].
+DEFERRED_CHECK_DEVICES: frozenset[str] = frozenset({"cuda", "xpu", "mps"})
+
+# Note [Deferred finiteness check]: reading a loss on the host (``loss.item()``, ``bool(...)``)
+# blocks until the device has run everything queued before it, so checking ℓ_j at every inner
+# step would stop the host from queueing step j+1 while the device computes step j, J times per
+# meta step. On an accelerator the tape therefore checks the ℓ_j it keeps anyway once its first
+# pass reaches s_J (InnerProblem.check_losses, called by Tape.forward): one host sync, the same
+# NonFiniteError naming the first non-finite step, and nothing changed, since the model, the
+# optimizer and φ are written only after the sweep. The steps after a non-finite one run on
+# NaN first (wasted work, no harm). Recomputed losses (checkpointing, the rev HVP) are the first
+# pass's bit for bit and are not checked again there. On the CPU a check costs nothing and runs
+# at each step, so a NaN stops the tape at once.
+
+
 @dataclass
 class RngState:
     """The random number generator states saved before an inner step's loss (CPU, CUDA)."""
@@ -139,9 +155,30 @@ class InnerProblem:
         return mean_loss, out[1:]
 
     def _check_finite(self, loss: Tensor, j: int) -> None:
-        if self.check_finite and not math.isfinite(loss.item()):  # one host sync, like bool(); no op
-            where = " (the mean over the ranks)" if self.reducer is not None else ""
-            raise NonFiniteError(f"train_loss{where} is {loss.item()} at inner step {j}; check the batch of step {j}")
+        """ℓ_j's check at step j, on the CPU; on an accelerator it waits for :meth:`check_losses`."""
+        if not self.check_finite or loss.device.type in DEFERRED_CHECK_DEVICES:
+            return
+        if not math.isfinite(loss.item()):  # no op, unlike torch.isfinite
+            self._raise_nonfinite(loss, j)
+
+    def check_losses(self, losses: Tensor) -> None:
+        """The deferred check of ℓ_0 ... ℓ_{J-1} on an accelerator, when the tape's first pass has
+        reached s_J: one host sync per meta step (Note [Deferred finiteness check]).
+
+        Raises:
+            NonFiniteError: naming the first inner step whose loss is NaN or infinite.
+        """
+        if not self.check_finite or losses.device.type not in DEFERRED_CHECK_DEVICES:
+            return
+        finite = torch.isfinite(losses)
+        if bool(finite.all()):
+            return
+        j = int((~finite).nonzero()[0, 0])
+        self._raise_nonfinite(losses[j], j)
+
+    def _raise_nonfinite(self, loss: Tensor, j: int) -> None:
+        where = " (the mean over the ranks)" if self.reducer is not None else ""
+        raise NonFiniteError(f"train_loss{where} is {loss.item()} at inner step {j}; check the batch of step {j}")
 
     def lr_scale(self, j: int) -> float:
         """The inner learning-rate schedule's factor at inner step j (1 without a schedule)."""

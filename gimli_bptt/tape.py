@@ -265,7 +265,9 @@ class Tape:
         self._run(until_reverse=False)
         assert self._current is not None and self._current[0] == self.J, "schedule never reached s_J"
         s = self._current[1]
-        return TapeResult(s.theta, s.state, s.buffers, torch.stack(self._losses))
+        losses = torch.stack(self._losses)
+        self.problem.check_losses(losses)  # on an accelerator: Note [Deferred finiteness check]
+        return TapeResult(s.theta, s.state, s.buffers, losses)
 
     def entries_reversed(self) -> Iterator[TapeEntry]:
         """The entries for j = J-1 ... 0, recomputing from checkpoints as the schedule says."""

@@ -112,7 +112,10 @@ class GimliUpdater:
             on a non-finite hypergradient; ``"skip"`` returns a result with ``skipped=True``.
             Either way φ is left untouched.
         project: Clamp learned hyperparameters into their valid range after each meta step.
-        check_finite: Check every inner loss for NaN/Inf (one host sync per inner step).
+        check_finite: Check every inner loss for NaN/Inf and raise :class:`NonFiniteError`
+            naming the first bad step. On the CPU at each step; on an accelerator once per meta
+            step, after the tape's first pass (one host sync instead of J; Note [Deferred
+            finiteness check] in ``problem.py``).
         checkpoint: Memory for the tape by hand. ``None`` (default) keeps every inner state;
             an int keeps at most that many and recomputes the rest with the optimal binomial
             schedule; a :class:`~gimli_bptt.checkpoint.Checkpointing` also takes an every-k-th

@@ -238,3 +238,34 @@ def test_nan_in_a_batch_can_skip_the_update() -> None:
     assert result.skipped and "inner step 1" in result.nonfinite[0]
     assert up.skipped_steps == 1 and up.meta_steps == 0
     assert_unchanged(before, snapshot(up))
+
+
+@pytest.mark.parametrize("mode", [{}, {"keep_graphs": True}, {"checkpoint": 2}, {"hvp": "fwd"}])
+@pytest.mark.parametrize("where", [0, 2])
+def test_deferred_finiteness_check_names_the_first_bad_step(monkeypatch: pytest.MonkeyPatch, where: int,
+                                                           mode: dict[str, Any]) -> None:
+    # Note [Deferred finiteness check]: on an accelerator ℓ_j are checked once after the tape's
+    # first pass; here the CPU is made to behave like one.
+    from gimli_bptt import problem as problem_mod
+
+    monkeypatch.setattr(problem_mod, "DEFERRED_CHECK_DEVICES", frozenset({"cpu"}))
+    calls: list[int] = []
+    real = problem_mod.InnerProblem.check_losses
+    monkeypatch.setattr(problem_mod.InnerProblem, "check_losses",
+                        lambda self, losses: (calls.append(len(losses)), real(self, losses))[1])
+    up = _updater(**mode)
+    batches, val = make_batches(3)
+    for k in (where, 1) if where == 0 else (where,):  # with where=0, step 1 is bad too: the first is named
+        x, y = batches[k]
+        x = x.clone()
+        x[0, 0, 0, 0] = float("inf") if k == 1 else float("nan")
+        batches[k] = (x, y)
+    before = snapshot(up)
+    with pytest.raises(NonFiniteError, match=f"is nan at inner step {where}"):
+        up.step(batches, val)
+    assert calls == [3]  # one check of all three losses, not one per step
+    assert_unchanged(before, snapshot(up))
+    # and a finite meta step still goes through, checked once
+    calls.clear()
+    up.step(*make_batches(3))
+    assert calls == [3]
