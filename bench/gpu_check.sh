@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# GPU check in one run (< 5 min): build the CUDA extension, run the GPU kernel tests, and measure
+# GPU check in one run (< 5 min): build the CUDA extension, run the GPU tests (the CUDA kernel cases
+# and tests/test_gpu.py: host syncs per meta step, NaN on the GPU, GPU vs CPU hypergradients), and measure
 # kernel bandwidth against a device-to-device copy of the same bytes in the same process.
 # Usage: bash bench/gpu_check.sh   (from the repository root, on a machine with a GPU and nvcc)
 #        GIMLI_GPU_PEERS=1 bash bench/gpu_check.sh   also runs bench/gpu_peers.py (issue 9's problems
@@ -23,7 +24,7 @@ print(f"cuda kernels available: {ok} ({time.time() - t:.0f} s)", flush=True)
 assert ok, kernels.ops.load_error()
 PY
 echo "== GPU tests"
-timeout 180 python -m pytest -q -x tests/test_kernels.py -k cuda
+timeout 180 python -m pytest -q -x tests/test_kernels.py tests/test_gpu.py -k cuda
 echo "== bandwidth (adam_step / adam_step_vjp vs a device-to-device copy)"
 python - <<'PY'
 import torch
