@@ -24,7 +24,8 @@ print(f"cuda kernels available: {ok} ({time.time() - t:.0f} s)", flush=True)
 assert ok, kernels.ops.load_error()
 PY
 echo "== GPU tests"
-timeout 180 python -m pytest -q -x tests/test_kernels.py tests/test_gpu.py -k cuda
+tests_rc=0
+timeout 180 python -m pytest -q tests/test_kernels.py tests/test_gpu.py -k cuda || tests_rc=$?  # measure anyway
 echo "== bandwidth (adam_step / adam_step_vjp vs a device-to-device copy)"
 python - <<'PY'
 import torch
@@ -56,4 +57,5 @@ if [ "${GIMLI_GPU_PEERS:-0}" = "1" ]; then
   echo "== side by side on the GPU (bench/gpu_peers.py)"
   timeout 300 python bench/gpu_peers.py --repeats 5 ${OUT:+--out "$OUT/gpu_peers.md"} || echo "gpu_peers.py failed or timed out"
 fi
-echo "== done in $(( $(date +%s) - start )) s"
+echo "== done in $(( $(date +%s) - start )) s (GPU tests: $([ $tests_rc = 0 ] && echo passed || echo "FAILED, rc $tests_rc"))"
+exit $tests_rc
