@@ -8,9 +8,10 @@
 // Note [Static flags]: in the common case (hyperparameters per segment, the momentum buffer
 // and every carried cotangent present) an op's boolean options are compile-time constants
 // (dispatch_sgd / dispatch_adam over static_bools), so each combination has its own loop with
-// no branch on a flag inside, which GCC -O3 vectorises. The rare cases (element-wise
-// hyperparameters, the first step without a momentum buffer, the last step of the sweep
-// without carried cotangents) run one generic loop that reads the flags at run time: the same
+// no branch on a flag inside, which GCC -O3 vectorises. The last step of the sweep carries no
+// cotangent of the optimizer state; it runs the static loop on a zero buffer instead (adding
+// zero changes no value). The rare cases (element-wise hyperparameters, SGD's first step
+// without a momentum buffer) run one generic loop that reads the flags at run time: the same
 // per-element functions, so the same values, just not vectorised. It reads the coefficients
 // per element only when a hyperparameter is element-wise; otherwise it hoists the segment's,
 // as the static loops do (per element, Adam's bias corrections made that loop 35x slower than
@@ -216,9 +217,8 @@ void dispatch_runtime(bool per_element, const Body& body) {
 }
 
 /// Runs ``body(SgdStatic<...>{})``, or the generic loop when ``generic``: the caller's rare
-/// cases (element-wise hyperparameters, the first step without a momentum buffer, the last
-/// step of the sweep without a carried cotangent); ``per_element``: a hyperparameter is
-/// element-wise.
+/// cases (element-wise hyperparameters, the first step without a momentum buffer);
+/// ``per_element``: a hyperparameter is element-wise.
 template <typename Body>
 void dispatch_sgd(const SgdFlags& f, bool generic, bool per_element, const Body& body) {
   if (generic) return dispatch_runtime(per_element, body);
