@@ -44,6 +44,8 @@
 namespace gimli {
 namespace {
 
+#define GIMLI_NOINLINE __attribute__((noinline))  // Note [Restrict parameters]
+
 constexpr int64_t kGrain = 16384;  // elements per parallel task (step)
 constexpr int64_t kChunk = 4096;   // elements per reduction chunk (VJP), fixed: see the note above
 constexpr int64_t kBlock = 256;    // elements per block of a reduction inside a chunk
@@ -241,12 +243,16 @@ void dispatch_adam(const AdamFlags& f, bool generic, bool per_element, const Bod
 // The loops of one (chunk, segment) piece [lo, hi) of segment s. Note [Restrict parameters]:
 // every buffer is a __restrict__ parameter of the function that holds the loop and the
 // coefficients are its locals, so GCC knows that no store touches them and vectorises; the
-// same loop over pointers captured by a lambda reloads every coefficient per element. The
-// generic loop (RuntimeFlags) also reads the coefficients per element (element-wise ones).
+// same loop over pointers captured by a lambda reloads every coefficient per element. These
+// functions are GIMLI_NOINLINE: inlined into the caller's lambda, GCC lost what __restrict__
+// promised (the Adam step reloaded each m' it had just stored and stayed scalar, 4x slower at
+// 1e5 elements, though -fopt-info reported other copies of the loop vectorised). One call per
+// segment piece costs nothing. The generic loop (RuntimeFlags) also reads the coefficients per
+// element (element-wise ones).
 
 /// SGD step (Algorithm 1, line 6).
 template <typename T, typename F>
-void sgd_step_loop(const HyperView& hv, const SgdFlags& flags, int64_t s, int64_t lo, int64_t hi,
+GIMLI_NOINLINE void sgd_step_loop(const HyperView& hv, const SgdFlags& flags, int64_t s, int64_t lo, int64_t hi,
                    const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ bf, T* __restrict__ tn,
                    T* __restrict__ bn) {
   const SgdFlags f = flags_of<F>(flags);
@@ -260,7 +266,7 @@ void sgd_step_loop(const HyperView& hv, const SgdFlags& flags, int64_t s, int64_
 
 /// Adam/AdamW step (Algorithm 1, line 6).
 template <typename T, typename F>
-void adam_step_loop(const HyperView& hv, const AdamFlags& flags, double step, int64_t s, int64_t lo, int64_t hi,
+GIMLI_NOINLINE void adam_step_loop(const HyperView& hv, const AdamFlags& flags, double step, int64_t s, int64_t lo, int64_t hi,
                     const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ mp,
                     const T* __restrict__ vp, const T* __restrict__ xp, T* __restrict__ tn, T* __restrict__ mn,
                     T* __restrict__ vn, T* __restrict__ xn) {
@@ -276,7 +282,7 @@ void adam_step_loop(const HyperView& hv, const AdamFlags& flags, double step, in
 
 /// SGD VJP, the element-wise cotangents of θ, G and the momentum buffer.
 template <typename T, typename F>
-void sgd_vjp_outputs(const HyperView& hv, const SgdFlags& flags, int64_t s, int64_t lo, int64_t hi,
+GIMLI_NOINLINE void sgd_vjp_outputs(const HyperView& hv, const SgdFlags& flags, int64_t s, int64_t lo, int64_t hi,
                      const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ bf,
                      const T* __restrict__ tb, const T* __restrict__ cb, T* __restrict__ o_th, T* __restrict__ o_g,
                      T* __restrict__ o_b) {
@@ -293,7 +299,7 @@ void sgd_vjp_outputs(const HyperView& hv, const SgdFlags& flags, int64_t s, int6
 
 /// SGD VJP, the partials of hyperparameter slot H (recomputed: only that slot's arithmetic remains).
 template <typename T, typename F, int H>
-void sgd_vjp_partial(const HyperView& hv, const SgdFlags& flags, int64_t s, int64_t lo, int64_t hi,
+GIMLI_NOINLINE void sgd_vjp_partial(const HyperView& hv, const SgdFlags& flags, int64_t s, int64_t lo, int64_t hi,
                      const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ bf,
                      const T* __restrict__ tb, const T* __restrict__ cb, T* __restrict__ out, double* acc) {
   const SgdFlags f = flags_of<F>(flags);
@@ -305,7 +311,7 @@ void sgd_vjp_partial(const HyperView& hv, const SgdFlags& flags, int64_t s, int6
 
 /// Adam VJP, the element-wise cotangents of θ, G, m, v and vmax.
 template <typename T, typename F>
-void adam_vjp_outputs(const HyperView& hv, const AdamFlags& flags, double step, int64_t s, int64_t lo, int64_t hi,
+GIMLI_NOINLINE void adam_vjp_outputs(const HyperView& hv, const AdamFlags& flags, double step, int64_t s, int64_t lo, int64_t hi,
                       const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ mp,
                       const T* __restrict__ vp, const T* __restrict__ xp, const T* __restrict__ tb,
                       const T* __restrict__ cm, const T* __restrict__ cv, const T* __restrict__ cx,
@@ -326,7 +332,7 @@ void adam_vjp_outputs(const HyperView& hv, const AdamFlags& flags, double step, 
 
 /// Adam VJP, the partials of hyperparameter slot H.
 template <typename T, typename F, int H>
-void adam_vjp_partial(const HyperView& hv, const AdamFlags& flags, double step, int64_t s, int64_t lo, int64_t hi,
+GIMLI_NOINLINE void adam_vjp_partial(const HyperView& hv, const AdamFlags& flags, double step, int64_t s, int64_t lo, int64_t hi,
                       const T* __restrict__ th, const T* __restrict__ gr, const T* __restrict__ mp,
                       const T* __restrict__ vp, const T* __restrict__ xp, const T* __restrict__ tb,
                       const T* __restrict__ cm, const T* __restrict__ cv, const T* __restrict__ cx,
