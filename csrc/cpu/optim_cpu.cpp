@@ -161,8 +161,12 @@ double lane_sum(const T* __restrict__ x, int64_t n) {
 
 /// Writes ``partial(i)`` for i in ``[lo, hi)`` to ``out`` (an element-wise slot), or, with
 /// ``out == nullptr``, adds their sum to ``*acc`` block by block (kBlock elements, lane_sum).
+/// Always inlined into the *_vjp_partial loop functions, where ``partial`` reads their
+/// restrict parameters and constant flags (Note [Restrict parameters]); called out of line,
+/// the lambda reads the flags through a pointer and the loop stays scalar.
 template <typename T, typename Partial>
-inline void write_or_sum(int64_t lo, int64_t hi, T* __restrict__ out, double* acc, const Partial& partial) {
+__attribute__((always_inline)) inline void write_or_sum(int64_t lo, int64_t hi, T* __restrict__ out, double* acc,
+                                                        const Partial& partial) {
   if (out != nullptr) {
     for (int64_t i = lo; i < hi; ++i) out[i] = partial(i);
     return;
