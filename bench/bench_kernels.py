@@ -3,7 +3,8 @@
 
 Run: ``python bench/bench_kernels.py [--quick] [--model-only] [--widths 16 128]``. Times are medians of interleaved repeats in
 one process (``torch.utils.benchmark.Timer.blocked_autorange``); the machine load is printed,
-since shared machines make absolute times noisy. Not collected by pytest.
+since shared machines make absolute times noisy. The op throughput runs in a child process with
+glibc's heap trimming off (see main()); the end-to-end part with the defaults. Not collected by pytest.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import dataclasses
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -123,16 +126,27 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model-only", action="store_true", help="only the end-to-end GimliUpdater.step() part")
+    p.add_argument("--ops-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--widths", type=int, nargs="+", default=[16, 128],
                    help="layer widths of the end-to-end model (60 layers, 122 tensors each)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     assert kernels.is_available("cpu"), "CPU kernels unavailable"
+    if a.ops_child:
+        op_throughput([10**3, 10**4, 10**5, 10**6] + ([] if a.quick else [10**7]), 0.2 if a.quick else 0.5)
+        return
     print(f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {a.threads}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    sizes = [10**3, 10**4, 10**5, 10**6] + ([] if a.quick else [10**7])
     if not a.model_only:
-        op_throughput(sizes, 0.2 if a.quick else 0.5)
+        # The ops' own throughput: in a child process where glibc neither trims its heap nor maps
+        # large blocks afresh, so the fresh outputs of back-to-back calls reuse resident pages
+        # (as torch's caching allocator does on a GPU). With glibc's defaults, 4-40 MB outputs are
+        # handed back to the kernel between calls and every call pays first-touch page faults,
+        # which measures the operating system: the end-to-end part below runs with the defaults.
+        env = dict(os.environ, MALLOC_TRIM_THRESHOLD_=str(2**40), MALLOC_MMAP_THRESHOLD_=str(2**30))
+        print("op throughput (child process, MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ raised):", flush=True)
+        subprocess.run([sys.executable, __file__, "--ops-child", "--threads", str(a.threads)] + (["--quick"] if a.quick else []),
+                       env=env, check=True)
     for width in a.widths:
         model_bench(5 if a.quick else 15, width=width)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
