@@ -182,7 +182,8 @@ void check_adam(int64_t n, int nseg, int shift, int64_t grid, int64_t block, uns
     for (int bits = 0; bits < 32; ++bits) {
       const bool amsgrad = bits & 1, maximize = bits & 2, decoupled = bits & 4, wd = bits & 8, carried = bits & 16;
       const AdamFlags f{amsgrad, maximize, decoupled, wd, carried, carried, carried && amsgrad};
-      const double t = 3.0;
+      volatile double t_runtime = 3.0;  // a run-time step count, as in the kernels (no constant folding of pow)
+      const double t = t_runtime;
       const bool vec_ok = shift == 0;
       Buf<T> tn(n, shift, rng, false, true), mn(n, shift, rng, false, true), vn(n, shift, rng, false, true),
           xn(n, shift, rng, false, true);

@@ -21,6 +21,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define GIMLI_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined into the CPU loops, also into their AVX2 clones (csrc/cpu/optim_cpu.cpp), where
+// GCC's heuristics otherwise leave the larger VJPs as a scalar call per element.
+#define GIMLI_HD inline __attribute__((always_inline))
 #else
 #define GIMLI_HD inline
 #endif
