@@ -62,6 +62,41 @@ __device__ __forceinline__ void store(T* p, int64_t i, bool vec, int64_t n, cons
   }
 }
 
+/// Loads VEC elements of an optional buffer: zeros where it is absent.
+template <typename T, int N>
+__device__ __forceinline__ void load_or_zero(const T* p, bool present, int64_t i, bool vec, int64_t n, T (&out)[N]) {
+  if (present) {
+    load<T, N>(p, i, vec, n, out);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = T(0);
+}
+
+/// The segment of each element of a thread's group, walked forward from the group's first
+/// element, with that segment's coefficients: recomputed only when the segment changes, or per
+/// element when a hyperparameter is element-wise.
+template <typename Coef>
+struct SegmentCursor {
+  const int64_t* off;
+  int64_t s, s_coef = -1;
+  Coef c{};
+
+  __device__ SegmentCursor(const int64_t* off_, int64_t nseg, int64_t i0, int64_t n)
+      : off(off_), s(find_segment(off_, nseg, i0 < n ? i0 : n - 1)) {}
+
+  /// ``coef_at(s, i)`` gives the coefficients of element i of segment s.
+  template <typename CoefAt>
+  __device__ __forceinline__ const Coef& at(int64_t i, bool elementwise, const CoefAt& coef_at) {
+    while (off[s + 1] <= i) ++s;
+    if (elementwise || s != s_coef) {
+      c = coef_at(s, i);
+      s_coef = s;
+    }
+    return c;
+  }
+};
+
 // ------------------------------------------------------------------------------------ SGD
 template <typename T>
 __global__ void sgd_step_kernel(const T* theta, const T* G, const T* buf, T* theta_next, T* buf_next,
@@ -74,15 +109,14 @@ __global__ void sgd_step_kernel(const T* theta, const T* G, const T* buf, T* the
     T th[N], gr[N], bf[N], tn[N], bn[N];
     load<T, N>(theta, i0, vec, n, th);
     load<T, N>(G, i0, vec, n, gr);
-    if (f.has_buf) load<T, N>(buf, i0, vec, n, bf);
-    else for (int j = 0; j < N; ++j) bf[j] = T(0);
-    int64_t s = find_segment(off, nseg, i0 < n ? i0 : n - 1);
+    load_or_zero<T, N>(buf, f.has_buf, i0, vec, n, bf);
+    SegmentCursor<SgdCoef<T>> seg(off, nseg, i0, n);
+    const auto coef_at = [&](int64_t s, int64_t i) { return sgd_coef_at<T>(hv, s, i); };
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const int64_t i = i0 + j;
       if (i >= n) { tn[j] = bn[j] = T(0); continue; }
-      while (off[s + 1] <= i) ++s;
-      sgd_step_elem(sgd_coef_at<T>(hv, s, i), f, th[j], gr[j], bf[j], tn[j], bn[j]);
+      sgd_step_elem(seg.at(i, hv.elementwise != 0, coef_at), f, th[j], gr[j], bf[j], tn[j], bn[j]);
     }
     store<T, N>(theta_next, i0, vec, n, tn);
     if (f.use_momentum) store<T, N>(buf_next, i0, vec, n, bn);
@@ -102,13 +136,10 @@ __global__ void sgd_vjp_kernel(const T* theta, const T* G, const T* buf, const T
     load<T, N>(theta, i0, vec, n, th);
     load<T, N>(G, i0, vec, n, gr);
     load<T, N>(tb, i0, vec, n, tbv);
-    if (f.has_buf) load<T, N>(buf, i0, vec, n, bf);
-    else for (int j = 0; j < N; ++j) bf[j] = T(0);
-    if (f.has_buf_bar) load<T, N>(cb, i0, vec, n, cbv);
-    else for (int j = 0; j < N; ++j) cbv[j] = T(0);
-    int64_t s = find_segment(off, nseg, i0 < n ? i0 : n - 1);
-    int64_t s_coef = -1;
-    SgdCoef<T> c{};
+    load_or_zero<T, N>(buf, f.has_buf, i0, vec, n, bf);
+    load_or_zero<T, N>(cb, f.has_buf_bar, i0, vec, n, cbv);
+    SegmentCursor<SgdCoef<T>> seg(off, nseg, i0, n);
+    const auto coef_at = [&](int64_t s, int64_t i) { return sgd_coef_at<T>(hv, s, i); };
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const int64_t i = i0 + j;
@@ -117,9 +148,8 @@ __global__ void sgd_vjp_kernel(const T* theta, const T* G, const T* buf, const T
         for (int h = 0; h < kSgdNumHyper; ++h) o_h[h][j] = T(0);
         continue;
       }
-      while (off[s + 1] <= i) ++s;
-      if (hv.elementwise != 0 || s != s_coef) { c = sgd_coef_at<T>(hv, s, i); s_coef = s; }
-      const SgdVjpElem<T> r = sgd_vjp_elem(c, f, th[j], gr[j], bf[j], tbv[j], cbv[j]);
+      const SgdVjpElem<T> r =
+          sgd_vjp_elem(seg.at(i, hv.elementwise != 0, coef_at), f, th[j], gr[j], bf[j], tbv[j], cbv[j]);
       o_th[j] = r.theta_bar;
       o_g[j] = r.G_bar;
       o_b[j] = r.buf_bar;
@@ -148,19 +178,16 @@ __global__ void adam_step_kernel(const T* theta, const T* G, const T* m, const T
     load<T, N>(G, i0, vec, n, gr);
     load<T, N>(m, i0, vec, n, mp);
     load<T, N>(v, i0, vec, n, vp);
-    if (f.amsgrad) load<T, N>(vmax, i0, vec, n, xp);
-    else for (int j = 0; j < N; ++j) xp[j] = T(0);
-    int64_t s = find_segment(off, nseg, i0 < n ? i0 : n - 1);
-    int64_t s_coef = -1;
-    AdamCoef<T> c{};
+    load_or_zero<T, N>(vmax, f.amsgrad, i0, vec, n, xp);
+    SegmentCursor<AdamCoef<T>> seg(off, nseg, i0, n);
+    const auto coef_at = [&](int64_t s, int64_t i) { return adam_coef_at<T>(hv, s, i, t); };
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const int64_t i = i0 + j;
       xn[j] = T(0);
       if (i >= n) { tn[j] = mn[j] = vn[j] = T(0); continue; }
-      while (off[s + 1] <= i) ++s;
-      if (hv.elementwise != 0 || s != s_coef) { c = adam_coef_at<T>(hv, s, i, t); s_coef = s; }
-      adam_step_elem(c, f, th[j], gr[j], mp[j], vp[j], xp[j], tn[j], mn[j], vn[j], xn[j]);
+      adam_step_elem(seg.at(i, hv.elementwise != 0, coef_at), f, th[j], gr[j], mp[j], vp[j], xp[j], tn[j], mn[j],
+                     vn[j], xn[j]);
     }
     store<T, N>(theta_next, i0, vec, n, tn);
     store<T, N>(m_next, i0, vec, n, mn);
@@ -186,17 +213,12 @@ __global__ void adam_vjp_kernel(const T* theta, const T* G, const T* m, const T*
     load<T, N>(m, i0, vec, n, mp);
     load<T, N>(v, i0, vec, n, vp);
     load<T, N>(tb, i0, vec, n, tbv);
-    if (f.amsgrad) load<T, N>(vmax, i0, vec, n, xp);
-    else for (int j = 0; j < N; ++j) xp[j] = T(0);
-    if (f.has_m_bar) load<T, N>(cm, i0, vec, n, cmv);
-    else for (int j = 0; j < N; ++j) cmv[j] = T(0);
-    if (f.has_v_bar) load<T, N>(cv, i0, vec, n, cvv);
-    else for (int j = 0; j < N; ++j) cvv[j] = T(0);
-    if (f.has_vmax_bar) load<T, N>(cx, i0, vec, n, cxv);
-    else for (int j = 0; j < N; ++j) cxv[j] = T(0);
-    int64_t s = find_segment(off, nseg, i0 < n ? i0 : n - 1);
-    int64_t s_coef = -1;
-    AdamCoef<T> c{};
+    load_or_zero<T, N>(vmax, f.amsgrad, i0, vec, n, xp);
+    load_or_zero<T, N>(cm, f.has_m_bar, i0, vec, n, cmv);
+    load_or_zero<T, N>(cv, f.has_v_bar, i0, vec, n, cvv);
+    load_or_zero<T, N>(cx, f.has_vmax_bar, i0, vec, n, cxv);
+    SegmentCursor<AdamCoef<T>> seg(off, nseg, i0, n);
+    const auto coef_at = [&](int64_t s, int64_t i) { return adam_coef_at<T>(hv, s, i, t); };
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const int64_t i = i0 + j;
@@ -205,10 +227,8 @@ __global__ void adam_vjp_kernel(const T* theta, const T* G, const T* m, const T*
         for (int h = 0; h < kAdamNumHyper; ++h) o_h[h][j] = T(0);
         continue;
       }
-      while (off[s + 1] <= i) ++s;
-      if (hv.elementwise != 0 || s != s_coef) { c = adam_coef_at<T>(hv, s, i, t); s_coef = s; }
-      const AdamVjpElem<T> r =
-          adam_vjp_elem(c, f, th[j], gr[j], mp[j], vp[j], xp[j], tbv[j], cmv[j], cvv[j], cxv[j]);
+      const AdamVjpElem<T> r = adam_vjp_elem(seg.at(i, hv.elementwise != 0, coef_at), f, th[j], gr[j], mp[j], vp[j],
+                                             xp[j], tbv[j], cmv[j], cvv[j], cxv[j]);
       o_th[j] = r.theta_bar;
       o_g[j] = r.G_bar;
       o_m[j] = r.m_bar;
