@@ -74,11 +74,11 @@ def test_cuda_nan_names_the_step_and_changes_nothing(where: int) -> None:
 def test_cuda_hypergradients_match_the_cpu() -> None:
     results = []
     for device in ("cpu", "cuda"):
-        model = build_model("mlp", seed=0).double().to(device)
+        model = build_model("mlp", seed=0).to(device)  # float64, as every test model
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=4, learn={"lr": "group"}, progress=False)
         batches, val = make_batches(4)
-        batches = [(x.double().to(device), y.to(device)) for x, y in batches]
-        res = up.hypergradient(batches, (val[0].double().to(device), val[1].to(device)))
+        batches = [(x.to(device), y.to(device)) for x, y in batches]
+        res = up.hypergradient(batches, (val[0].to(device), val[1].to(device)))
         results.append(res.hypergrads["lr"].detach().cpu())
     torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
