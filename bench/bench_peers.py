@@ -658,7 +658,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
     p.add_argument("--unrolls", type=int, nargs="+", default=[10, 50, 200], help="values of J (c-maml: always 5)")
     p.add_argument("--big-J", type=int, default=1000, help="the extra long unroll, run on --big-J-problems only (0: none)")
-    p.add_argument("--big-J-problems", nargs="*", default=["a-sgd"], choices=PROBLEMS)
+    p.add_argument("--big-J-problems", nargs="*", default=["a-sgd", "a-adam", "b-wd"], choices=PROBLEMS)
     p.add_argument("--big-J-impls", nargs="+", choices=IMPLS,
                    default=[i for i in IMPLS if i not in ("gimli fwd", "gimli rev no-kernels")],
                    help="implementations run at --big-J (default: all but gimli fwd, the slowest in every row, and "
