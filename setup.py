@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Build script: package metadata lives in pyproject.toml; this file adds the compiled kernels when it can.
 
-Note [Building the kernels]: the extension ``gimli_bptt._C`` (csrc/) needs torch at build
+Note [Building the kernels]: the extension ``gimli_bptt._C`` (gimli_bptt/csrc/) needs torch at build
 time. Under pip's default build isolation torch is not importable here, so a plain
 ``pip install -e .`` installs the pure-Python package only, and the kernels are JIT-built and
 cached on first use (gimli_bptt/kernels/ops.py). To build them at install time instead, install
@@ -27,10 +27,10 @@ def _ext_modules():
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-    sources = ["csrc/gimli.cpp", "csrc/cpu/optim_cpu.cpp"]
-    kwargs = dict(include_dirs=[os.path.join(here, "csrc", "include")], extra_link_args=["-fopenmp"])
+    sources = ["gimli_bptt/csrc/gimli.cpp", "gimli_bptt/csrc/cpu/optim_cpu.cpp"]
+    kwargs = dict(include_dirs=[os.path.join(here, "gimli_bptt", "csrc", "include")], extra_link_args=["-fopenmp"])
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
-        sources += ["csrc/cuda/optim_cuda.cu", "csrc/cuda/optim_cuda_binding.cpp"]
+        sources += ["gimli_bptt/csrc/cuda/optim_cuda.cu", "gimli_bptt/csrc/cuda/optim_cuda_binding.cpp"]
         ext = cpp_extension.CUDAExtension(
             "gimli_bptt._C", sources,
             extra_compile_args={"cxx": cxx + ["-DGIMLI_WITH_CUDA"], "nvcc": ["-O3", "--fmad=false", "-std=c++17"]},

@@ -31,7 +31,7 @@ OP_NAMES = ("sgd_step", "sgd_step_vjp", "adam_step", "adam_step_vjp")
 JIT_NAME = "gimli_bptt_kernels_v1"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
-CSRC = _PACKAGE_DIR.parent / "csrc"
+CSRC = _PACKAGE_DIR / "csrc"
 #: Compile flags: Note [One source of truth] in csrc/include/gimli/optim_math.h.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17"]

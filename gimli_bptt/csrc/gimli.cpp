@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Op schemas of the fused optimizer kernels: declared once here, bound per device in csrc/cpu and csrc/cuda.
+// Op schemas of the fused optimizer kernels: declared once here, bound per device in cpu/ and cuda/.
 //
 // Every op takes flat buffers (1-D, contiguous, one dtype and device), the segment offsets of
 // the parameter tensors laid end to end, and one float64 tensor per hyperparameter slot (see
