@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gimli_bptt.__main__ import main
-from gimli_bptt.experiments.progress import Progress
+from gimli_bptt.progress import Progress
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -182,7 +182,7 @@ def test_lr_resumes_bit_identically_after_an_interrupt(tmp_path: Path, extras: N
     monkeypatch.setattr(lr_mod, "evaluate", interrupting_evaluate)
     with pytest.raises(KeyboardInterrupt):
         main(args + ["--out", str(tmp_path / "resumed")])
-    saved = torch.load(tmp_path / "resumed" / "state" / "meta-0.pt", weights_only=False)
+    saved = torch.load(tmp_path / "resumed" / "state" / "meta-0.pt", weights_only=True)
     assert saved["epoch"] == 2
     assert not list((tmp_path / "resumed" / "state").glob(".*.tmp"))  # no temporary left behind
     monkeypatch.setattr(lr_mod, "evaluate", real_evaluate)
