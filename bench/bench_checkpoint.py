@@ -40,7 +40,7 @@ def _rss_mib() -> float:
 
 def worker(J: int, slots: int, hidden: int, batch: int, threads: int) -> dict[str, Any]:
     """One configuration: build, warm up on a short unroll, then time one meta step of length J."""
-    from gimli_bptt import GimliUpdater
+    from gimli_bptt import GimliUpdater, Memory
     from gimli_bptt.checkpoint import min_forward_steps
 
     torch.set_num_threads(threads)
@@ -52,10 +52,10 @@ def worker(J: int, slots: int, hidden: int, batch: int, threads: int) -> dict[st
     data = [(torch.randn(batch, 32), torch.randint(0, 10, (batch,))) for _ in range(64)]
     batches = [data[j % 64] for j in range(J)]  # referenced, not copied: memory is the tape's
     val = (torch.randn(256, 32), torch.randint(0, 10, (256,)))
-    checkpoint = None if slots == 0 else slots
-    warm = GimliUpdater(model, opt, loss, loss, unroll=8, learn={"lr": "group"}, checkpoint=checkpoint, progress=False)
+    memory = None if slots == 0 else Memory(slots=slots)
+    warm = GimliUpdater(model, opt, loss, loss, unroll=8, learn={"lr": "group"}, memory=memory, progress=False)
     warm.hypergradient(batches[:8], val)
-    up = GimliUpdater(model, opt, loss, loss, unroll=J, learn={"lr": "group"}, checkpoint=checkpoint, progress=False)
+    up = GimliUpdater(model, opt, loss, loss, unroll=J, learn={"lr": "group"}, memory=memory, progress=False)
     before = _rss_mib()
     start = time.perf_counter()
     result = up.hypergradient(batches, val)

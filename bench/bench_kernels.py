@@ -9,7 +9,6 @@ glibc's heap trimming off (see main()); the end-to-end part with the defaults. N
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import statistics
@@ -21,10 +20,10 @@ import torch
 from torch import nn
 from torch.utils.benchmark import Timer
 
-from gimli_bptt import GimliUpdater, kernels
+from gimli_bptt import GimliUpdater, Memory, kernels
 from gimli_bptt.kernels import _reference as ref
 from gimli_bptt.optim import ADAM
-from gimli_bptt.optim.base import step_all, step_vjp_all
+from gimli_bptt.stepping import step_all, step_vjp_all
 
 
 def _t(fn, min_run_time: float) -> float:
@@ -79,7 +78,7 @@ def model_bench(repeats: int, layers: int = 60, width: int = 16, unroll: int = 5
         for mode in ("loop", "reference", "fused"):
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             ups[mode + (" keep_graphs" if keep else "")] = GimliUpdater(
-                model, opt, loss, loss, unroll=unroll, learn={"lr": "group"}, kernels=mode, keep_graphs=keep,
+                model, opt, loss, loss, unroll=unroll, learn={"lr": "group"}, kernels=mode, memory=Memory(keep_graphs=keep),
                 meta_opt=lambda p: torch.optim.SGD(p, lr=0.0))
     print(f"model: {layers} x Linear({width},{width}) + tanh, {n_tensors} parameter tensors, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, batch {batch}; Adam, learn lr per group, "
@@ -93,14 +92,13 @@ def model_bench(repeats: int, layers: int = 60, width: int = 16, unroll: int = 5
     times.update({f"optimizer {k}": [] for k in ("loop", "reference", "fused")})
 
     def opt_only(mode: str) -> None:
-        impl = dataclasses.replace(ADAM, kernels=mode)
         with torch.no_grad():
-            th, st = step_all(impl, params, G, state, hyper)
-            step_vjp_all(impl, th, G, st, hyper, G, st)  # carried cotangents present, as in the sweep
+            th, st = step_all(ADAM, params, G, state, hyper, mode)
+            step_vjp_all(ADAM, th, G, st, hyper, G, st, mode)  # carried cotangents present, as in the sweep
 
     for name, up in ups.items():  # warm-up
         up.step(batches[:unroll], batches[unroll])
-        opt_only(up.impl.kernels)
+        opt_only(up.options.kernels)
     for _ in range(repeats):
         for name, up in ups.items():
             t0 = time.perf_counter()

@@ -12,7 +12,7 @@ sklearn-digits data):
   upsampled to 14x14, inner SGD, J=5 only.
 
 Implementations: gimli (``hvp="rev"`` with the fused kernels and without them (``kernels="reference"``,
-their pure-PyTorch twin), ``hvp="fwd"``, ``keep_graphs=True``, ``checkpoint=ceil(sqrt(J))``),
+their pure-PyTorch twin), ``hvp="fwd"``, ``memory=Memory(keep_graphs=True)``, ``memory=Memory(slots=ceil(sqrt(J)))``),
 higher 0.2.1 (``innerloop_ctx`` with ``override``), TorchOpt 0.7.3 (functional API, with and
 without ``use_accelerated_op``; the op exists for Adam only), a plain torch.func unroll
 (``functional_call`` + ``autograd.grad(create_graph=True)`` + the optimizer written in torch
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gimli_bptt
-from gimli_bptt import GimliUpdater
+from gimli_bptt import GimliUpdater, Memory
 from gimli_bptt.testing import reference_hypergradients, relative_error
 
 try:  # benchmark-only dependencies: pip install -e ".[bench]"
@@ -78,7 +78,7 @@ IMPLS = ("gimli rev", "gimli rev no-kernels", "gimli fwd", "gimli keep_graphs", 
          "torchopt accel", "torch.func unroll", "plain training")
 GIMLI = {"gimli rev": dict(hvp="rev"), "gimli rev no-kernels": dict(hvp="rev", kernels="reference"),
          "gimli fwd": dict(hvp="fwd"),
-         "gimli keep_graphs": dict(hvp="rev", keep_graphs=True), "gimli ckpt": dict(hvp="rev")}
+         "gimli keep_graphs": dict(hvp="rev", memory=Memory(keep_graphs=True)), "gimli ckpt": dict(hvp="rev")}
 SLUG = {i: re.sub(r"[^a-z0-9]+", "_", i) for i in IMPLS}
 UNSLUG = {v: k for k, v in SLUG.items()}
 IN_DIM, CLASSES = 32, 10
@@ -183,7 +183,7 @@ def maml_task(g: torch.Generator, dtype: torch.dtype):
 def run_gimli(P: Problem, impl: str) -> Callable[[], Any]:
     opts = dict(GIMLI[impl])
     if impl == "gimli ckpt":
-        opts["checkpoint"] = max(1, math.ceil(math.sqrt(P.J)))
+        opts["memory"] = Memory(slots=max(1, math.ceil(math.sqrt(P.J))))
     upd = GimliUpdater(P.model, P.make_opt(P.model), P.gimli_train_loss, P.val_loss, unroll=P.J,
                        learn={"lr": "group"} if P.meta == "lr" else None,
                        loss_params={"wd": P.wd} if P.meta == "wd" else None,
@@ -797,8 +797,8 @@ def render(rows, args, command, started, elapsed, loads, skipped, prof, steal: f
                f"(`learn_init=True`). Only J={MAML_J} is reported (one task; no J axis).")
     out.append("")
     out.append("Implementations: `gimli rev`/`fwd` (`hvp=`), `gimli rev no-kernels` (`hvp=\"rev\"`, "
-               "`kernels=\"reference\"`: the fused kernels' pure-PyTorch twin), `gimli keep_graphs` (`keep_graphs=True`), `gimli ckpt` "
-               "(`checkpoint=ceil(sqrt(J))` slots, binomial schedule); `higher` (`innerloop_ctx(..., override={'lr': "
+               "`kernels=\"reference\"`: the fused kernels' pure-PyTorch twin), `gimli keep_graphs` (`memory=Memory(keep_graphs=True)`), `gimli ckpt` "
+               "(`memory=Memory(slots=ceil(sqrt(J)))`, binomial schedule); `higher` (`innerloop_ctx(..., override={'lr': "
                "[...]})`, its differentiable optimizers); `torchopt` (functional `torchopt.sgd/adam(lr=<tensor>, "
                "moment_requires_grad=True)`, one per param group, `update(..., inplace=False)` + `apply_updates`); "
                "`torchopt accel` (the same with `use_accelerated_op=True`; Adam only); `torch.func unroll` "

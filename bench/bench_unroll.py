@@ -8,7 +8,7 @@ inner steps. Implementations, side by side:
 - ``gimli rev``: ``GimliUpdater(..., hvp="rev").hypergradient()``: forward tape, hand-written
   reverse sweep, reverse-over-reverse Hessian-vector products.
 - ``gimli fwd``: the same with forward-over-reverse Hessian-vector products.
-- ``gimli keep_graphs``: ``hvp="rev", keep_graphs=True``: each step's gradient graph is kept from the
+- ``gimli keep_graphs``: ``hvp="rev", memory=Memory(keep_graphs=True)``: each step's gradient graph is kept from the
   forward tape, so the reverse sweep runs only the Hessian-vector products.
 - ``autograd unroll``: ``gimli_bptt.testing.reference_hypergradients``: the plain full unroll on
   autograd's graph (``create_graph=True`` at every step), the baseline.
@@ -73,7 +73,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gimli_bptt  # noqa: E402
-from gimli_bptt import GimliUpdater  # noqa: E402
+from gimli_bptt import GimliUpdater, Memory  # noqa: E402
 from gimli_bptt.testing import check_hypergradients, reference_hypergradients, relative_error  # noqa: E402
 
 IMPLS = ("gimli rev", "gimli fwd", "gimli keep_graphs", "autograd unroll", "plain training")
@@ -117,7 +117,8 @@ def build_problem(hidden: int, batch: int, J: int, seed: int = 0):
 
 
 def make_updater(model: nn.Module, opt: torch.optim.Optimizer, J: int, hvp: str, keep_graphs: bool = False) -> GimliUpdater:
-    return GimliUpdater(model, opt, loss_fn, loss_fn, unroll=J, learn={"lr": "group"}, hvp=hvp, keep_graphs=keep_graphs)
+    return GimliUpdater(model, opt, loss_fn, loss_fn, unroll=J, learn={"lr": "group"}, hvp=hvp,
+                        memory=Memory(keep_graphs=keep_graphs))
 
 
 def plain_training(model: nn.Module, opt: torch.optim.Optimizer, batches) -> nn.Module:

@@ -68,7 +68,7 @@ def instrument() -> None:
     tape_mod.step_all = _timed("tape: optimizer", tape_mod.step_all)
     sweep_mod.step_vjp_all = _timed("sweep: optimizer", sweep_mod.step_vjp_all)
     cls = problem_mod.InnerProblem
-    cls.gradient_with_graph = _timed("tape: loss + G_j", cls.gradient_with_graph)
+    cls.step_gradient = _timed("tape: loss + G_j", cls.step_gradient)
     step = hvp_mod.StepSecondOrder
     step._recompute_with_graph = _timed("sweep: recompute", step._recompute_with_graph)
     step.apply = _timed("sweep: HVP", step.apply)

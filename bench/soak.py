@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gimli_bptt import GimliUpdater
+from gimli_bptt import GimliUpdater, Memory
 
 
 def rss_mib() -> float:
@@ -46,7 +46,7 @@ def main() -> int:
 
     val_loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
     up = GimliUpdater(model, opt, train_loss, val_loss, unroll=args.unroll, learn={"lr": "tensor", "beta1": "group"},
-                      loss_params={"w": w}, commit=True, checkpoint=2,
+                      loss_params={"w": w}, commit=True, memory=Memory(slots=2),
                       meta_opt=functools.partial(torch.optim.Adam, lr=1e-4), progress=False)
     data = [(torch.randn(32, 16), torch.randint(0, 4, (32,))) for _ in range(16)]
     start = time.perf_counter()
