@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Checkpoint schedules (store-all, every-k, optimal binomial "revolve") for the reverse sweep, and a validator.
+"""Checkpoint schedules (store-all, every-k, optimal binomial "revolve") for the reverse sweep, and their simulator.
 
 The reverse sweep of a hypergradient walks inner steps ``j = J-1, ..., 0`` and at each ``j``
 needs the inner state ``s_j`` (parameters + optimizer state).  This module only *plans*: every
@@ -500,59 +500,7 @@ def slots_for_budget(budget_bytes: int, state_bytes: int) -> int:
     return slots
 
 
-class Checkpointing(NamedTuple):
-    """How the tape trades memory for recomputation: the ``checkpoint`` option of ``GimliUpdater``.
-
-    Give exactly one of ``slots``, ``budget_bytes`` or ``every``:
-
-    - ``slots``: keep at most this many inner states (parameters, optimizer state, buffers) and
-      recompute the others with the optimal binomial schedule (revolve); ``slots >= J`` stores
-      everything.
-    - ``budget_bytes``: a memory budget, the same as ``GimliUpdater(memory_budget=...)``
-      (:mod:`gimli_bptt.budget`): ``slots = budget_bytes // (bytes of one inner state)`` when
-      they are fewer than J; when all J states fit, the updater keeps the gradient graphs of
-      as many of the last steps as the rest of the budget holds (``hvp="rev"``).
-      :meth:`schedule` plans the states only.
-    - ``every``: keep every k-th state and recompute each segment from its start
-      (:func:`every_k_slots` states at most, :func:`every_k_forward_steps` forward steps).
-
-    ``verify=True`` checks that every recomputed state is bit-identical to the first forward
-    pass's (a debug option: it hashes every state).
-    """
-
-    slots: int | None = None
-    budget_bytes: int | None = None
-    every: int | None = None
-    verify: bool = False
-
-    def validate(self) -> "Checkpointing":
-        """Checks the fields; returns ``self``."""
-        given = [name for name in ("slots", "budget_bytes", "every") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "Checkpointing takes exactly one of slots=, budget_bytes= or every=, got "
-                + (", ".join(given) if given else "none")
-            )
-        if self.slots is not None:
-            _check_int("slots", self.slots, 1)
-        if self.budget_bytes is not None:
-            _check_int("budget_bytes", self.budget_bytes, 1)
-        if self.every is not None:
-            _check_int("every", self.every, 1)
-        return self
-
-    def schedule(self, num_steps: int, state_bytes: int) -> list[Op]:
-        """The operations for ``num_steps`` inner steps whose states take ``state_bytes`` each."""
-        if self.every is not None:
-            return every_k_schedule(num_steps, self.every)
-        slots = self.slots if self.slots is not None else slots_for_budget(int(self.budget_bytes or 0), max(state_bytes, 1))
-        if slots >= num_steps:
-            return store_all_schedule(num_steps)
-        return binomial_schedule(num_steps, slots)
-
-
 __all__ = [
-    "Checkpointing",
     "OP_KINDS",
     "Op",
     "ScheduleStats",

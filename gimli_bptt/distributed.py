@@ -169,4 +169,42 @@ def all_equal_across_ranks(tensors: Sequence[Tensor], group: Any) -> list[bool]:
     return out
 
 
-__all__ = ["Reducer", "all_equal_across_ranks", "resolve_process_group"]
+def agree(reducer: Reducer, ok: bool, like: Tensor) -> None:
+    """Distributed [Alg.1 L16]: every rank commits its meta update only if every rank succeeded.
+
+    One collective of a success flag (in ``like``'s dtype and device). Call it with ``ok=True``
+    as the last act of a successful update, inside its transaction, or with ``ok=False`` from a
+    rank that failed (its peers wait for it).
+
+    Raises:
+        DistributedError: ``ok`` and some other rank failed (so this rank rolls back too).
+    """
+    flag = torch.tensor(1.0 if ok else 0.0, dtype=like.dtype, device=like.device)
+    (mean,) = reducer.mean([flag], [flag], "the success flags of the meta update (line 16)")
+    assert mean is not None
+    if ok and float(mean) != 1.0:
+        raise DistributedError(
+            f"another rank failed while applying the meta update (rank {reducer.rank} of "
+            f"{reducer.world_size} succeeded); every rank rolled back: φ, the meta optimizer, the model "
+            "and the optimizer are as before this step"
+        )
+
+
+def check_replicas(named: Sequence[tuple[str, Tensor]], group: Any) -> None:
+    """Every rank must start from the same θ_0 and φ (as DDP makes sure at construction).
+
+    Raises:
+        ValueError: naming the tensors that differ, and how to make them agree.
+    """
+    same = all_equal_across_ranks([t for _, t in named], group)
+    differ = [what for (what, _), ok in zip(named, same) if not ok]
+    if differ:
+        raise ValueError(
+            f"the ranks hold different values of {', '.join(differ[:3])}{' and others' if len(differ) > 3 else ''}: "
+            "every rank must start from the same model and meta-parameters; seed every rank alike or load "
+            "rank 0's state_dict on every rank (e.g. torch.distributed.broadcast each tensor from rank 0) "
+            "before building GimliUpdater"
+        )
+
+
+__all__ = ["Reducer", "agree", "all_equal_across_ranks", "check_replicas", "resolve_process_group"]

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Second-order terms of one inner step: H_j·Ḡ_j and (∂G_j/∂φ_loss)ᵀ·Ḡ_j (lines 13, 14).
+"""Second-order terms of one inner step: H_j·Ḡ_j and (∂G_j/∂φ_loss)ᵀ·Ḡ_j ([Alg.1 L13], [Alg.1 L14]).
 
 Both modes are exact and give the same numbers up to rounding:
 
@@ -19,7 +19,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .problem import InnerProblem, replay_rng
+from .problem import InnerProblem, StepGradient, replay_rng
 from .tape import TapeEntry
 
 HVP_MODES = ("rev", "fwd")
@@ -34,17 +34,15 @@ class StepSecondOrder:
         self.problem = problem
         self.entry = entry
         self.mode = mode
-        if entry.graph is not None:  # kept from the forward pass: nothing to recompute
-            self._theta, self._G_graph = entry.graph
+        self._graph: Optional[StepGradient] = None
+        if entry.kept is not None:  # kept from the forward pass: nothing to recompute
+            self._graph = entry.kept
             self.mode = "rev"
-            assert entry.G is not None, "the tape hands G_j with a kept graph"
-            self.G: Grads = entry.G
+            self.G: Grads = entry.kept.G
         elif mode == "rev":
             self._recompute_with_graph()
-            # [Alg.1 L5] across ranks: step_vjp needs the G_j of the tape, the mean over the ranks;
-            # the graph of this rank's G_j stays local for the HVP.
-            self.G = problem.all_reduce_mean([None if g is None else g.detach() for g in self._G_graph],
-                                             self._theta, f"G_{entry.j} (recomputed, inner step {entry.j})")
+            assert self._graph is not None
+            self.G = self._graph.G
         else:
             if entry.G is None:
                 raise RuntimeError("the forward-over-reverse HVP needs G_j on the tape")
@@ -70,14 +68,16 @@ class StepSecondOrder:
         return out[:n], out[n:]
 
     def _apply_rev(self, G_bar: Sequence[Optional[Tensor]]) -> tuple[Grads, Grads]:
-        n = len(self._theta)
-        outs = [(g, gb) for g, gb in zip(self._G_graph, G_bar) if g is not None and gb is not None and g.requires_grad]
+        graph = self._graph
+        assert graph is not None and graph.leaves is not None and graph.graph is not None
+        n = len(graph.leaves)
+        outs = [(g, gb) for g, gb in zip(graph.graph, G_bar) if g is not None and gb is not None and g.requires_grad]
         leaves = self.problem.loss_leaves
+        self._graph = None  # free the graph once it has been used
         if not outs:
             return [None] * n, [None] * len(leaves)
-        inputs = self._theta + leaves
-        res = torch.autograd.grad([g for g, _ in outs], inputs, [gb for _, gb in outs], allow_unused=True)
-        self._G_graph = []  # free the graph now
+        res = torch.autograd.grad([g for g, _ in outs], graph.leaves + leaves, [gb for _, gb in outs],
+                                  allow_unused=True)
         return list(res[:n]), list(res[n:])
 
     def _apply_fwd(self, G_bar: Sequence[Optional[Tensor]]) -> tuple[Grads, Grads]:
@@ -99,11 +99,10 @@ class StepSecondOrder:
         return self._apply_rev(G_bar)
 
     def _recompute_with_graph(self) -> None:
+        """[Alg.1 L5] again at θ_j, with the graph of G_j (same generator state and buffers as the tape)."""
         problem, entry = self.problem, self.entry
-        self._theta = [t.detach().requires_grad_(True) for t in entry.theta]
-        with replay_rng(entry.rng, problem.cuda_devices), torch.enable_grad():
-            loss = problem.loss(self._theta, problem.fresh_buffers(entry.buffers), entry.batch, entry.j)
-            self._G_graph = list(torch.autograd.grad(loss, self._theta, create_graph=True, allow_unused=True))
+        self._graph = problem.step_gradient(entry.theta, problem.fresh_buffers(entry.buffers), entry.batch, entry.j,
+                                            rng=entry.rng, keep_graph=True)
 
     def _apply_dual(self, G_bar: Sequence[Optional[Tensor]]) -> tuple[Grads, Grads]:
         problem, entry = self.problem, self.entry

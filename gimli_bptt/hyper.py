@@ -12,37 +12,6 @@ from .optim.base import DiffOptimizer
 
 GRANULARITIES = ("group", "tensor", "element")
 
-#: Where each learnable hyperparameter may move: (lowest, highest) value, ``None`` for no bound.
-#: Betas stay below 1 and eps above 0 (see :meth:`OptimizerHyperparameters.project`).
-_DOMAIN: dict[str, tuple[float | None, float | None]] = {
-    "lr": (0.0, None),
-    "momentum": (0.0, 1.0),
-    "dampening": (0.0, 1.0),
-    "weight_decay": (0.0, None),
-    "eps": (0.0, None),
-    "beta1": (0.0, 1.0),
-    "beta2": (0.0, 1.0),
-    # Adagrad, RMSprop, Adadelta (issue 3, part a)
-    "lr_decay": (0.0, None),
-    "alpha": (0.0, 1.0),
-    "rho": (0.0, 1.0),
-}
-# --- issue 3, part B: NAdam, RAdam, ASGD, Rprop ---
-_DOMAIN.update({
-    "momentum_decay": (0.0, None),
-    "lambd": (0.0, None),
-    "etaminus": (0.0, 1.0),
-    "etaplus": (1.0, None),
-    "step_size_min": (0.0, None),
-    "step_size_max": (0.0, None),
-})
-# --- end part B ---
-#: Ranges that differ by optimizer: ASGD's alpha is an exponent (RMSprop's a decay in [0, 1]).
-_DOMAIN_BY_OPTIMIZER: dict[tuple[str, str], tuple[float | None, float | None]] = {
-    ("ASGD", "alpha"): (0.0, None),
-}
-
-
 def parse_learn(impl: DiffOptimizer, learn: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
     """Validates the ``learn`` option and returns ``{hyperparameter: granularity}``.
 
@@ -63,8 +32,12 @@ def parse_learn(impl: DiffOptimizer, learn: Mapping[str, str] | Sequence[str] | 
     for name, gran in learn.items():
         if name not in impl.hyper_names:
             learnable = ", ".join(impl.hyper_names)
-            if name in impl.flag_names:
+            flag = impl.flag(name)
+            if flag is not None and flag.kind is bool:
                 why = f"'{name}' is a boolean option of {impl.name}, not a float hyperparameter"
+                why += f" ({flag.why})" if flag.why else ""
+            elif flag is not None:
+                why = f"'{name}' is a fixed option of {impl.name}" + (f": {flag.why}" if flag.why else "")
             elif name == "betas" and "beta1" in impl.hyper_names:
                 why = f"{impl.name}'s betas are learned one at a time: use 'beta1' and/or 'beta2'"
             else:
@@ -206,23 +179,15 @@ class OptimizerHyperparameters:
 
     @torch.no_grad()
     def project(self) -> None:
-        """Clamps learned values into their valid domain (lr ≥ 0, 0 ≤ beta < 1, eps > 0, ...).
+        """Clamps learned values into their declared range (lr ≥ 0, 0 ≤ beta < 1, eps > 0, ...).
 
         This is projected gradient descent on φ_opt: a meta step that would take a value out
         of range (a negative learning rate, a beta of 1) lands on the boundary instead.
         """
         for name, value in self.values.items():
-            lo, hi = _DOMAIN_BY_OPTIMIZER.get((self.impl.name, name), _DOMAIN.get(name, (None, None)))
+            declared = self.impl.hyperparameter(name)
             for t in value if isinstance(value, list) else [value]:
-                finfo = torch.finfo(t.dtype)
-                if name == "eps":
-                    t.clamp_(min=finfo.tiny)
-                elif lo is not None:
-                    t.clamp_(min=lo)
-                if name in ("beta1", "beta2"):
-                    t.clamp_(max=1.0 - finfo.eps)
-                elif hi is not None:
-                    t.clamp_(max=hi)
+                declared.project_(t)
 
     def write_back(self, groups: Sequence[dict[str, Any]]) -> None:
         """Writes group-granularity values into ``param_groups`` (so ``opt.step()`` uses them)."""

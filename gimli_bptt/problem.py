@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The inner problem of one meta step: what stays fixed while Algorithm 1 runs lines 3-15."""
+"""The inner problem of one meta step: what stays fixed while Algorithm 1 runs [Alg.1 L3]-[Alg.1 L15]."""
 from __future__ import annotations
 
 import math
@@ -85,6 +85,23 @@ def check_scalar_loss(loss: Any, what: str) -> Tensor:
 
 
 @dataclass
+class StepGradient:
+    """ℓ_j and G_j of one inner step ([Alg.1 L5]).
+
+    Attributes:
+        loss: ℓ_j, detached (distributed: the mean over the ranks).
+        G: G_j per inner parameter, detached (the mean over the ranks); None where ℓ_j ignores θ_k.
+        leaves: With a kept graph, the θ leaves it was taken at, else None.
+        graph: With a kept graph, this rank's G_j with its autograd graph, else None.
+    """
+
+    loss: Tensor
+    G: list[Optional[Tensor]]
+    leaves: Optional[list[Tensor]] = None
+    graph: Optional[list[Optional[Tensor]]] = None
+
+
+@dataclass
 class InnerProblem:
     """Everything one meta step holds fixed: the module, the losses, the optimizer and φ.
 
@@ -104,6 +121,7 @@ class InnerProblem:
             parameters, then the frozen parameters when learned.
         cuda_devices: CUDA device indices whose generators are saved with each step.
         check_finite: Raise :class:`NonFiniteError` on a non-finite inner loss.
+        kernels: How the optimizer runs over the tensors (:mod:`gimli_bptt.stepping`).
         lr_schedule: ``j -> factor`` applied to the learning rate at inner step j (a warm-up or
             decay inside the unroll); the learned lr is the base value it scales.
         hvp_fallback: Set once the forward-over-reverse HVP failed on an op of ``train_loss``
@@ -121,6 +139,7 @@ class InnerProblem:
     loss_leaves: list[Tensor]
     cuda_devices: list[int]
     check_finite: bool = True
+    kernels: str = "auto"
     hvp_fallback: bool = False
     lr_schedule: Optional[Callable[[int], float]] = None
     _order: Optional[list[str]] = field(default=None, repr=False)
@@ -200,6 +219,16 @@ class InnerProblem:
             return self.hyper
         return [{**h, "lr": h["lr"] * scale} for h in self.hyper]
 
+    def hyper_bar_at(self, j: int, hyper_bar: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """The chain rule through :meth:`hyper_at`: the cotangents of step j's hyperparameters as
+        cotangents of φ_opt (d lr_j / d lr is the schedule's factor)."""
+        scale = self.lr_scale(j)
+        if scale != 1.0:
+            for bars in hyper_bar:
+                if "lr" in bars:
+                    bars["lr"] = bars["lr"] * scale
+        return hyper_bar
+
     def view(self, theta: Sequence[Tensor], buffers: dict[str, Tensor]) -> FunctionalModel:
         """The module bound to inner parameters ``theta``, the frozen parameters and ``buffers``."""
         params = dict(zip(self.names, theta))
@@ -216,40 +245,41 @@ class InnerProblem:
             self._check_finite(loss, j)
         return loss
 
-    def gradient(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
-                 j: int) -> tuple[Tensor, list[Optional[Tensor]]]:
-        """Line 5 without a kept graph: ``(ℓ_j, G_j)``; ``G_j[k]`` is None if ℓ_j ignores θ_k.
+    def step_gradient(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int, *,
+                      rng: Optional[RngState] = None, keep_graph: bool = False) -> "StepGradient":
+        """[Alg.1 L5]: ℓ_j and G_j at ``theta`` (``buffers`` updated in place), the one place they are computed.
 
-        Distributed, both are the means over the ranks (:meth:`reduce_gradient`).
-        """
-        loss, leaves, G = self.gradient_with_graph(theta, buffers, batch, j, create_graph=False)
-        return self.reduce_gradient(loss, G, leaves, j)
+        The tape's first pass, its recomputations from checkpoints and the sweep's recomputation
+        before a Hessian-vector product all call this. ``rng`` replays the generator state of
+        the first pass (Note [Bit-identical recomputation] in ``tape.py``). With
+        ``keep_graph`` the result keeps this rank's G_j with its autograd graph (for the HVP);
+        the ``G`` it hands the optimizer is detached and, distributed, the mean over the ranks.
 
-    def gradient_with_graph(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int,
-                            create_graph: bool = True) -> tuple[Tensor, list[Tensor], list[Optional[Tensor]]]:
-        """Line 5 on this rank: ``(ℓ_j detached, θ leaves, G_j)``, G_j differentiable when ``create_graph``.
-
-        Nothing is averaged here: the graph stays local (pass the detached G_j through
-        :meth:`reduce_gradient` before stepping).
+        Raises:
+            ValueError: the loss does not depend on the inner parameters.
+            NonFiniteError: ℓ_j is NaN or infinite (on the CPU; Note [Deferred finiteness check]).
         """
         leaves = [t.detach().requires_grad_(True) for t in theta]
-        with torch.enable_grad():
+        with replay_rng(rng, self.cuda_devices), torch.enable_grad():
             loss = self.loss(leaves, buffers, batch, j)
             if not loss.requires_grad:
                 raise ValueError(
                     f"train_loss does not depend on the model's parameters at inner step {j}: "
                     "compute it from model(...) or model.parameters() of the model it is given"
                 )
-            G = list(torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True))
+            G = list(torch.autograd.grad(loss, leaves, create_graph=keep_graph, allow_unused=True))
         if all(g is None for g in G):
             raise ValueError(
                 f"train_loss does not depend on any parameter the optimizer updates at inner step {j}"
             )
-        return loss.detach(), leaves, G
+        mean_loss, G_mean = self.reduce_gradient(loss, G, leaves, j)
+        if not keep_graph:
+            return StepGradient(mean_loss, G_mean)
+        return StepGradient(mean_loss, G_mean, leaves, G)
 
     def fresh_buffers(self, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         """Copies of buffers for one forward call (empty when the module has none)."""
         return clone_buffers(buffers) if buffers else {}
 
 
-__all__ = ["InnerProblem", "RngState", "capture_rng", "check_scalar_loss", "replay_rng", "same_rng"]
+__all__ = ["InnerProblem", "RngState", "StepGradient", "capture_rng", "check_scalar_loss", "replay_rng", "same_rng"]

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A minimal progress bar on stderr for long unrolls (no dependency)."""
+"""A one-line progress bar on stderr (no dependency), for long unrolls and the experiments."""
 from __future__ import annotations
 
 import sys
@@ -8,51 +8,59 @@ from typing import Optional, TextIO
 
 
 class Progress:
-    """Counts the forward and reverse steps of one meta step and redraws one line.
+    """A one-line progress bar: ``label [#####.....] 12/40 3.1s eta 7.2s  info``.
 
-    Drawn only when ``enabled`` and the stream is a terminal; at most ten redraws a second.
+    Args:
+        total: The number of steps.
+        label: Text in front of the bar.
+        enabled: Draw at all; ``None`` draws only when ``stream`` is a terminal.
+        stream: Where to draw (default ``sys.stderr``).
     """
 
-    def __init__(self, total_forward: int, total_reverse: int, enabled: bool, stream: Optional[TextIO] = None):
-        self.stream = stream or sys.stderr
-        self.enabled = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.total_forward = total_forward
-        self.total_reverse = total_reverse
-        self.forward = 0
-        self.reverse = 0
+    def __init__(self, total: int, label: str = "", enabled: Optional[bool] = None,
+                 stream: Optional[TextIO] = None):
+        self.total = max(int(total), 1)
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.enabled = bool(isatty and isatty()) if enabled is None else bool(enabled)
+        self.count = 0
+        self.start = time.perf_counter()
         self._last = 0.0
-        self._start = time.perf_counter()
+        self._info = ""
 
-    def advance(self, n: int = 1) -> None:
-        self.forward += n
-        self._draw()
-
-    def reversed(self, n: int = 1) -> None:
-        self.reverse += n
-        self._draw()
-
-    def _draw(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
+    def update(self, n: int = 1, info: str = "") -> None:
+        """Advances by ``n`` steps and redraws (at most 10 times a second, always at the end)."""
+        self.count = min(self.count + n, self.total)
+        self._info = info
         now = time.perf_counter()
-        if not force and now - self._last < 0.1:
+        if not self.enabled or (now - self._last < 0.1 and self.count < self.total):
             return
+        self._draw(now)
+
+    def _draw(self, now: float) -> None:
         self._last = now
+        elapsed = now - self.start
         width = 24
-        done = self.forward + self.reverse
-        total = max(self.total_forward + self.total_reverse, 1)
-        filled = min(width, int(width * done / total))
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] forward {self.forward}/{self.total_forward} "
-            f"reverse {self.reverse}/{self.total_reverse} {now - self._start:6.1f}s"
-        )
+        filled = int(width * self.count / self.total)
+        eta = elapsed / self.count * (self.total - self.count) if self.count else 0.0
+        line = (f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.count}/{self.total} "
+                f"{elapsed:.1f}s eta {eta:.1f}s  {self._info}")
+        self.stream.write(line[:160].ljust(100))
         self.stream.flush()
 
     def close(self) -> None:
+        """Draws the last state and ends the bar's line."""
         if self.enabled:
-            self._draw(force=True)
+            self._draw(time.perf_counter())
             self.stream.write("\n")
             self.stream.flush()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 __all__ = ["Progress"]

@@ -1,91 +1,117 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The reverse sweep of Algorithm 1 (lines 8-15): second-order BPTT by hand.
+"""The reverse sweep of Algorithm 1, [Alg.1 L8]-[Alg.1 L15]: second-order BPTT by hand.
 
-Algorithm 1 of Grefenstette et al. (2019), generalised to stateful optimizers, with the
-line numbers that the tags ``[Alg.1 L<n>]`` in this package refer to::
+Generalised to stateful optimizers (σ_j, the optimizer state, travels with θ'_j; the
+transcription of all 18 lines is in the package docstring, :mod:`gimli_bptt`)::
 
-     8: A_opt <- 0; A_loss <- 0
-     9: B_J <- ∇_θ L_val(θ'_J)                      (θ̄_J; σ̄_J <- 0)
+     8: A_opt <- 0; A_loss <- ∂L_val/∂φ_loss (the direct term; 0 in the paper)
+     9: B_J <- ∇_θ L_val(θ'_J);  σ̄_J <- 0
     10: for j = J-1 ... 0:
-    11:     (θ̄', σ̄_j, Ḡ_j, φ̄_opt) <- step_vjp(θ_j, σ_j, G_j; φ_opt; θ̄_{j+1}, σ̄_{j+1})
+    11:     (θ̄', σ̄_j, Ḡ_j, φ̄_opt) <- step_vjp(θ'_j, σ_j, G_j; φ_opt; B_{j+1}, σ̄_{j+1})    (Ḡ_j = B_{j+1}·O_j)
     12:     A_opt  += φ̄_opt
-    13:     A_loss += (∂G_j/∂φ_loss)ᵀ Ḡ_j            (the mixed second derivative)
-    14:     θ̄_j   <- θ̄' + H_j Ḡ_j                   (B_j; H_j the Hessian of ℓ_j)
+    13:     A_loss += (∂G_j/∂φ_loss)ᵀ Ḡ_j
+    14:     B_j    <- θ̄' + H_j Ḡ_j                                  (H_j the Hessian of ℓ_j)
     15: end
-    16: φ <- metaopt(φ, (A_opt, A_loss))            (in updater.py)
 
-At the end θ̄_0 is the hypergradient of the initial parameters θ_0 (MAML). The sweep knows no
-optimizer: ``step_vjp`` is the optimizer's, and the second-order terms come from
-:mod:`gimli_bptt.hvp`.
+At the end B_0 is the hypergradient of the initial parameters θ_0 (MAML). The sweep knows no
+optimizer and no kernel: ``step_vjp`` runs through :mod:`gimli_bptt.stepping`, and the
+second-order terms come from :mod:`gimli_bptt.hvp`.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteError
 from .hvp import StepSecondOrder
 from .hyper import OptimizerHyperparameters
-from .kernels.flat import owned_indices
-from .optim.base import State, step_vjp_all
-from .problem import InnerProblem
-from .tape import TapeEntry
+from .optim.base import State
+from .problem import InnerProblem, check_scalar_loss
+from .stepping import add_second_order, step_vjp_all
+from .tape import TapeEntry, TapeResult
 
 
-def reverse_sweep(
-    problem: InnerProblem,
-    hyper: OptimizerHyperparameters,
-    entries_reversed: Iterable[TapeEntry],
-    theta_bar: list[Tensor],
-    loss_bar: list[Optional[Tensor]],
-    hvp: str,
-) -> tuple[list[Tensor], dict[str, Tensor | list[Tensor]], list[Tensor]]:
-    """Runs lines 10-15 over the tape, newest entry first.
+@dataclass
+class SweepResult:
+    """What lines 9-15 computed: L_val, B_0 and the accumulators.
+
+    Attributes:
+        val_loss: L_val(θ'_J), detached (distributed: the mean over the ranks).
+        theta0_bar: B_0, the gradient with respect to θ_0, per inner parameter.
+        A_opt: The cotangents of φ_opt at its learned granularity.
+        A_loss: The cotangents of each loss leaf (the user's loss parameters, then the frozen
+            parameters with ``learn_init``).
+    """
+
+    val_loss: Tensor
+    theta0_bar: list[Tensor]
+    A_opt: dict[str, Tensor | list[Tensor]]
+    A_loss: list[Tensor]
+
+
+def validation_gradient(problem: InnerProblem, end: TapeResult, val_loss: Callable[[Any, Any], Tensor],
+                        val_batch: Any, unroll: int) -> tuple[Tensor, list[Tensor], list[Optional[Tensor]]]:
+    """[Alg.1 L9]: ``(L_val(θ'_J), B_J, ∂L_val/∂φ_loss)``; distributed, all three the means over the ranks.
+
+    Raises:
+        NonFiniteError: L_val is NaN or infinite (when the problem checks finiteness).
+        ValueError: ``val_loss`` does not depend on the model's parameters.
+    """
+    theta_J = [t.detach().requires_grad_(True) for t in end.theta]
+    with torch.enable_grad():
+        view = problem.view(theta_J, problem.fresh_buffers(end.buffers))
+        L = check_scalar_loss(val_loss(view, val_batch), "val_loss")
+        if problem.reducer is None and problem.check_finite and not math.isfinite(L.item()):
+            raise NonFiniteError(f"val_loss is {L.item()} after {unroll} inner steps")
+        if not L.requires_grad:
+            raise ValueError("val_loss does not depend on the model's parameters")
+        grads = list(torch.autograd.grad(L, theta_J + problem.loss_leaves, allow_unused=True))
+    if problem.reducer is not None:  # one collective: L_val, B_J and ∂L_val/∂φ_loss
+        out = problem.all_reduce_mean([L.detach()] + grads, [L] + theta_J + problem.loss_leaves,
+                                      "L_val, B_J and the direct term ∂L_val/∂φ_loss (validation)")
+        L, grads = out[0], out[1:]  # type: ignore[assignment]
+        if problem.check_finite and not math.isfinite(L.item()):
+            raise NonFiniteError(f"val_loss (the mean over the ranks) is {L.item()} after {unroll} inner steps")
+    n = len(theta_J)
+    B_J = [torch.zeros_like(t) if g is None else g for t, g in zip(theta_J, grads[:n])]
+    return L.detach(), B_J, grads[n:]
+
+
+def reverse_sweep(problem: InnerProblem, phi_opt: OptimizerHyperparameters, end: TapeResult,
+                  entries_reversed: Iterable[TapeEntry], val_loss: Callable[[Any, Any], Tensor], val_batch: Any,
+                  hvp: str) -> SweepResult:
+    """Runs [Alg.1 L8]-[Alg.1 L15] over the tape, newest entry first.
 
     Args:
         problem: The inner problem (losses, optimizer, hyperparameters per parameter).
-        hyper: φ_opt, whose :meth:`~OptimizerHyperparameters.accumulate` maps per-tensor
+        phi_opt: φ_opt, whose :meth:`~OptimizerHyperparameters.accumulate_all` maps per-tensor
             cotangents to the learned granularity.
+        end: s_J, the end of the tape's first pass.
         entries_reversed: Tape entries for j = J-1 ... 0.
-        theta_bar: B_J = ∇_θ L_val(θ'_J) per inner parameter (line 9).
-        loss_bar: ∂L_val/∂φ_loss per loss leaf (its direct term; None for zero).
+        val_loss: ``val_loss(model, batch)``.
+        val_batch: Its batch.
         hvp: ``"rev"`` or ``"fwd"`` (see :mod:`gimli_bptt.hvp`).
-
-    Returns:
-        ``(θ̄_0, A_opt, A_loss)``.
     """
-    theta_bar = list(theta_bar)
-    state_bar: list[State] = [{} for _ in theta_bar]
-    A_opt = hyper.zeros()  # [Alg.1 L8]
-    A_loss = [torch.zeros_like(leaf) if b is None else b.detach().clone()
-              for leaf, b in zip(problem.loss_leaves, loss_bar)]  # [Alg.1 L8] + direct term of L_val
+    L, B, direct = validation_gradient(problem, end, val_loss, val_batch, len(end.losses))  # [Alg.1 L9]
+    A_opt = phi_opt.zeros()  # [Alg.1 L8]
+    A_loss = [torch.zeros_like(leaf) if d is None else d.detach().clone() for leaf, d in zip(problem.loss_leaves, direct)]
+    state_bar: list[State] = [{} for _ in B]  # σ̄_J = 0
     for entry in entries_reversed:  # [Alg.1 L10]
         step = StepSecondOrder(problem, entry, hvp)
-        with torch.no_grad():  # a hand-written VJP: nothing to record (and no per-tensor requires_grad scan)
-            theta_bar, G_bar, state_bar, hyper_bar = step_vjp_all(  # [Alg.1 L11]
-                problem.impl, entry.theta, step.G, entry.state, problem.hyper_at(entry.j), theta_bar, state_bar
-            )
-        scale = problem.lr_scale(entry.j)  # d lr_j / d lr = the schedule's factor
-        if scale != 1.0:
-            for bars in hyper_bar:
-                if "lr" in bars:
-                    bars["lr"] = bars["lr"] * scale
-        hyper.accumulate_all(A_opt, hyper_bar)  # [Alg.1 L12]
+        with torch.no_grad():  # a hand-written VJP: nothing to record
+            theta_bar, G_bar, state_bar, phi_bar = step_vjp_all(  # [Alg.1 L11]
+                problem.impl, entry.theta, step.G, entry.state, problem.hyper_at(entry.j), B, state_bar, problem.kernels)
+        phi_opt.accumulate_all(A_opt, problem.hyper_bar_at(entry.j, phi_bar))  # [Alg.1 L12]
         h_theta, h_loss = step.apply(G_bar)
-        for i, h in enumerate(h_loss):  # [Alg.1 L13]
+        for a, h in zip(A_loss, h_loss):  # [Alg.1 L13]
             if h is not None:
-                A_loss[i] += h
-        # [Alg.1 L14]: in place where θ̄' is a view of the buffer the flat op just allocated for it
-        # (Note [Flat outputs] in kernels/flat.py: θ̄_j then stays one flat buffer for step j-1's op)
-        own = owned_indices(theta_bar)
-        mine = [k for k, h in enumerate(h_theta) if h is not None and k in own]
-        if mine:
-            torch._foreach_add_([theta_bar[k] for k in mine], [h_theta[k] for k in mine])
-        for k, h in enumerate(h_theta):
-            if h is not None and k not in own:
-                theta_bar[k] = theta_bar[k] + h
-    return theta_bar, A_opt, A_loss
+                a += h
+        B = add_second_order(theta_bar, h_theta)  # [Alg.1 L14]
+    return SweepResult(L, B, A_opt, A_loss)
 
 
-__all__ = ["reverse_sweep"]
+__all__ = ["SweepResult", "reverse_sweep", "validation_gradient"]

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The forward tape (Algorithm 1, lines 3-7) and the checkpoint-schedule executor that feeds the sweep.
+"""The forward tape ([Alg.1 L4]-[Alg.1 L7]) and the checkpoint-schedule executor that feeds the sweep.
 
 A :class:`Tape` carries out a schedule of :mod:`gimli_bptt.checkpoint` operations literally:
 the full tape is the schedule that stores every state, a checkpointed tape one that stores
@@ -20,11 +20,12 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .budget import SavedGraphMeter, graphs_that_fit, tensors_in
 from .checkpoint import Op
-from .optim.base import State, step_all
-from .problem import InnerProblem, RngState, capture_rng, replay_rng, same_rng
+from .memory import SavedGraphMeter, TapePlan, graphs_that_fit, tensors_in
+from .optim.base import State
+from .problem import InnerProblem, RngState, StepGradient, capture_rng, same_rng
 from .progress import Progress
+from .stepping import step_all
 
 Grads = list[Optional[Tensor]]
 
@@ -36,13 +37,6 @@ class InnerState:
     theta: list[Tensor]
     state: list[State]
     buffers: dict[str, Tensor]
-
-    def nbytes(self) -> int:
-        """Memory held by this state's tensors."""
-        total = sum(t.numel() * t.element_size() for t in self.theta)
-        total += sum(v.numel() * v.element_size() for s in self.state for v in s.values() if isinstance(v, Tensor))
-        total += sum(b.numel() * b.element_size() for b in self.buffers.values())
-        return total
 
 
 @dataclass
@@ -58,9 +52,9 @@ class TapeEntry:
         rng: The generator states before ℓ_j, or None if ℓ_j drew no random numbers.
         G: G_j (the mean over ranks when distributed) when the forward-over-reverse HVP
             needs it or a graph is kept, else None.
-        graph: ``(θ leaves, this rank's G_j with its autograd graph)`` kept from the forward
-            pass (step j is at or after the tape's ``keep_graphs_from``), so the sweep need
-            not recompute step j; else None.
+        kept: ℓ_j and G_j with this rank's autograd graph, kept from the forward pass (step j
+            is at or after the tape's ``keep_graphs_from``), so the sweep need not recompute
+            step j; else None.
     """
 
     j: int
@@ -70,7 +64,7 @@ class TapeEntry:
     batch: Any
     rng: Optional[RngState]
     G: Optional[Grads]
-    graph: Optional[tuple[list[Tensor], Grads]] = None
+    kept: Optional[StepGradient] = None
 
 
 @dataclass
@@ -94,28 +88,26 @@ def _fingerprint(s: InnerState) -> bytes:
 
 
 class Tape:
-    """Runs the inner loop under a checkpoint schedule and hands the sweep its entries.
+    """Runs the inner loop under a memory plan and hands the sweep its entries.
 
     Args:
         problem: The inner problem.
-        start: s_0 (copies: line 3).
+        start: s_0 (copies: [Alg.1 L3]).
         batches: The J inner batches (referenced, never copied).
-        schedule: Operations from :mod:`gimli_bptt.checkpoint` for J steps.
+        plan: The memory plan (:func:`gimli_bptt.memory.plan_tape`): the checkpoint schedule of
+            the states, and which steps' gradient graphs to keep from the first forward pass so
+            that the sweep need not recompute them: from ``keep_graphs_from`` on (0: every
+            step's, the memory of all J steps' activations, as an autograd unroll), or, with
+            ``graph_bytes_left``, the last :func:`~gimli_bptt.memory.graphs_that_fit` steps'
+            once step 0's graph has been measured under
+            :class:`~gimli_bptt.memory.SavedGraphMeter` (step 0's own is dropped when it is not
+            among them). The last steps' graphs are the ones kept since the sweep reaches them
+            first and frees each after its HVP. Kept graphs need the store-all schedule.
+            ``verify`` checks that every recomputed state equals, bit for bit, the state of the
+            first forward pass (a digest of each is kept); ``RuntimeError`` if not.
         keep_G: Hand G_j to the sweep (the forward-over-reverse HVP). G_j is kept beside each
             stored state and recomputed for the others.
-        verify: Check that every recomputed state equals, bit for bit, the state of the first
-            forward pass (a digest of each is kept); raises ``RuntimeError`` if not.
-        progress: Draws a progress bar.
-        keep_graphs_from: The first step whose gradient graph is kept from the first forward
-            pass and handed to the sweep, which then need not recompute it: 0 keeps every
-            step's (the memory of all J steps' activations, as an autograd unroll), J or None
-            none. The last steps' graphs are the ones kept since the sweep reaches them first
-            and frees each after its HVP. Needs the store-all schedule.
-        graph_bytes_left: Plan the kept graphs from a memory budget instead of
-            ``keep_graphs_from``: the bytes left once the states are counted. Step 0 runs with
-            its graph under :class:`~gimli_bptt.budget.SavedGraphMeter`; the graphs of the last
-            :func:`~gimli_bptt.budget.graphs_that_fit` steps are kept (step 0's own is dropped
-            when it is not among them). Needs the store-all schedule.
+        progress: A progress bar of the forward and reverse steps (its total: 2J plus the recomputed steps).
 
     Attributes:
         graph_bytes: The measured bytes of one step's graph (with ``graph_bytes_left``, after
@@ -123,22 +115,19 @@ class Tape:
         keep_graphs_from: The first step whose graph is kept (J: none), once planned.
     """
 
-    def __init__(self, problem: InnerProblem, start: InnerState, batches: Sequence[Any], schedule: Sequence[Op],
-                 keep_G: bool = False, verify: bool = False, progress: Optional[Progress] = None,
-                 keep_graphs_from: int | None = None, graph_bytes_left: int | None = None):
-        assert keep_graphs_from is None or graph_bytes_left is None, "a fixed plan or a budget, not both"
+    def __init__(self, problem: InnerProblem, start: InnerState, batches: Sequence[Any], plan: TapePlan,
+                 keep_G: bool = False, progress: Optional[Progress] = None):
         self.problem = problem
         self.batches = batches
         self.J = len(batches)
-        self.ops = list(schedule)
+        self.ops = list(plan.schedule)
         self.keep_G = keep_G
-        self.verify = verify
+        self.verify = plan.verify
         self.progress = progress
-        self.keep_graphs_from = self.J if keep_graphs_from is None else keep_graphs_from
-        self.graph_bytes_left = graph_bytes_left
+        self.keep_graphs_from = self.J if plan.keep_graphs_from is None else plan.keep_graphs_from
+        self.graph_bytes_left = plan.graph_bytes_left
         self.graph_bytes: int | None = None
-        self._graphs: dict[int, tuple[list[Tensor], Grads]] = {}
-        self._graph_G: dict[int, Grads] = {}
+        self._graphs: dict[int, StepGradient] = {}
         self._pc = 0
         self._current: Optional[tuple[int, InnerState]] = (0, start)
         self._slots: dict[int, InnerState] = {}
@@ -148,28 +137,29 @@ class Tape:
         self._losses: list[Tensor] = []
         self.forward_steps = 0
         self.max_slots_used = 0
+        self._reversed = 0
 
     # ------------------------------------------------------------------ one step
     def _step(self, j: int, s: InnerState) -> InnerState:
-        """Lines 5-6 for step j from s_j; the first time, records ℓ_j and the generator state."""
+        """[Alg.1 L5]-[Alg.1 L6] for step j from s_j; the first time, records ℓ_j and the generator state."""
         problem = self.problem
         first = j == len(self._rng)
         buffers_next = problem.fresh_buffers(s.buffers)
         if first:
             before = capture_rng(problem.cuda_devices)
             if j == 0 and self.graph_bytes_left is not None:
-                loss, G = self._measured_gradient(s, buffers_next)
-            elif j >= self.keep_graphs_from:
-                loss, G = self._kept_gradient(j, s.theta, buffers_next)
+                grad = self._measured_gradient(s, buffers_next)
             else:
-                loss, G = problem.gradient(s.theta, buffers_next, self.batches[j], j)
+                grad = problem.step_gradient(s.theta, buffers_next, self.batches[j], j,
+                                             keep_graph=j >= self.keep_graphs_from)
+                if grad.graph is not None:
+                    self._graphs[j] = grad
             self._rng.append(None if same_rng(before, capture_rng(problem.cuda_devices)) else before)
-            self._losses.append(loss)
+            self._losses.append(grad.loss)
             if self.verify:
                 self._digests.append(_fingerprint(s))
         else:
-            with replay_rng(self._rng[j], problem.cuda_devices):
-                _, G = problem.gradient(s.theta, buffers_next, self.batches[j], j)
+            grad = problem.step_gradient(s.theta, buffers_next, self.batches[j], j, rng=self._rng[j])
             if self.verify and _fingerprint(s) != self._digests[j]:
                 raise RuntimeError(
                     f"checkpoint verify: the recomputed state before inner step {j} differs from the one of the "
@@ -177,40 +167,36 @@ class Tape:
                     "or a nondeterministic kernel), so a checkpointed tape cannot reproduce it"
                 )
         if self.keep_G and j in self._slots and j not in self._slot_G:
-            self._slot_G[j] = G  # kept beside the stored s_j, freed with it
+            self._slot_G[j] = grad.G  # kept beside the stored s_j, freed with it
         with torch.no_grad():
-            theta, state = step_all(problem.impl, s.theta, G, s.state, problem.hyper_at(j))
+            theta, state = step_all(problem.impl, s.theta, grad.G, s.state, problem.hyper_at(j), problem.kernels)
         self.forward_steps += 1
-        if self.progress is not None:
-            self.progress.advance()
+        self._tick()
         return InnerState(theta, state, buffers_next)
 
-    def _kept_gradient(self, j: int, theta: list[Tensor], buffers: dict[str, Tensor]) -> tuple[Tensor, Grads]:
-        """[Alg.1 L5] keeping G_j's graph for the sweep: ``(ℓ_j, G_j)`` as :meth:`InnerProblem.gradient` gives them."""
-        loss, leaves, G_graph = self.problem.gradient_with_graph(theta, buffers, self.batches[j], j)
-        loss, G = self.problem.reduce_gradient(loss, G_graph, leaves, j)  # Ḡ over ranks; graph stays local
-        self._graphs[j] = (leaves, G_graph)
-        self._graph_G[j] = G
-        return loss, G
-
-    def _measured_gradient(self, s: InnerState, buffers: dict[str, Tensor]) -> tuple[Tensor, Grads]:
+    def _measured_gradient(self, s: InnerState, buffers: dict[str, Tensor]) -> StepGradient:
         """[Alg.1 L5] of step 0 with its graph measured; plans ``keep_graphs_from`` from the bytes left."""
         problem = self.problem
         held = list(s.theta) + list(buffers.values()) + list(tensors_in(self.batches[0]))
         held += list(problem.loss_leaves) + list(problem.frozen.values())
         meter = SavedGraphMeter(held)
         with meter.hooks():
-            loss, G = self._kept_gradient(0, s.theta, buffers)
-        meter.count(self._graphs[0][1] + G)  # G_0 itself, and its mean over the ranks when distributed
+            grad = problem.step_gradient(s.theta, buffers, self.batches[0], 0, keep_graph=True)
+        assert grad.graph is not None
+        meter.count(grad.graph + grad.G)  # G_0 itself, and its mean over the ranks when distributed
         measured = torch.tensor(float(meter.nbytes), dtype=torch.float64, device=s.theta[0].device)
         # Every rank must keep the same steps' graphs (a kept step skips a collective in the sweep).
         (agreed,) = problem.all_reduce_mean([measured], [measured], "the bytes of one step's graph (memory budget)")
         assert agreed is not None and self.graph_bytes_left is not None
         self.graph_bytes = max(1, round(float(agreed)))
         self.keep_graphs_from = self.J - graphs_that_fit(self.graph_bytes_left, self.J, self.graph_bytes)
-        if self.keep_graphs_from > 0:  # step 0 is not among the kept steps
-            del self._graphs[0], self._graph_G[0]
-        return loss, G
+        if self.keep_graphs_from == 0:  # step 0 is among the kept steps
+            self._graphs[0] = grad
+        return grad
+
+    def _tick(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1, f"forward {self.forward_steps}/{self.J} reverse {self._reversed}/{self.J}")
 
     @property
     def graphs_kept(self) -> int:
@@ -244,9 +230,9 @@ class Tape:
                 assert self._current is not None and self._current[0] == op.step, op
                 j, s = op.step, self._current[1]
                 self._current = None
-                graph = self._graphs.pop(j, None)
-                G = self._graph_G.pop(j) if graph is not None else self._G_for(j, s)
-                return TapeEntry(j, s.theta, s.state, s.buffers, self.batches[j], self._rng[j], G, graph)
+                kept = self._graphs.pop(j, None)
+                G = kept.G if kept is not None else self._G_for(j, s)
+                return TapeEntry(j, s.theta, s.state, s.buffers, self.batches[j], self._rng[j], G, kept)
             else:  # pragma: no cover - schedules are validated by construction
                 raise ValueError(f"unknown schedule operation {op!r}")
         return None
@@ -256,12 +242,11 @@ class Tape:
             return None
         if j in self._slot_G:
             return self._slot_G[j]
-        with replay_rng(self._rng[j], self.problem.cuda_devices):
-            _, G = self.problem.gradient(s.theta, self.problem.fresh_buffers(s.buffers), self.batches[j], j)
-        return G
+        return self.problem.step_gradient(s.theta, self.problem.fresh_buffers(s.buffers), self.batches[j], j,
+                                          rng=self._rng[j]).G
 
     def forward(self) -> TapeResult:
-        """The first forward sweep, lines 4-7: runs the schedule until it reaches s_J."""
+        """The first forward sweep, [Alg.1 L4]-[Alg.1 L7]: runs the schedule until it reaches s_J."""
         self._run(until_reverse=False)
         assert self._current is not None and self._current[0] == self.J, "schedule never reached s_J"
         s = self._current[1]
@@ -275,8 +260,8 @@ class Tape:
             entry = self._run(until_reverse=True)
             if entry is None:
                 return
-            if self.progress is not None:
-                self.progress.reversed()
+            self._reversed += 1
+            self._tick()
             yield entry
 
 

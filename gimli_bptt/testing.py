@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Public checks of hypergradients against a plain full autograd unroll."""
+"""Public checks of hypergradients against a plain full autograd unroll (built from the public API only)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,54 +9,89 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .optim.base import step_all
-from .updater import GimliUpdater, Hypergrad, _flat
+from .functional import FunctionalModel
+from .metaparams import Hypergrad, flat_list
+from .optim import get_optimizer
+from .updater import GimliUpdater
+
+
+def _cuda_devices(updater: GimliUpdater) -> list[int]:
+    return sorted({p.device.index or 0 for p in updater.model.parameters() if p.device.type == "cuda"})
 
 
 def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any], val_batch: Any
                              ) -> tuple[Tensor, dict[str, Hypergrad]]:
     """The hypergradients by brute force: the whole unroll on autograd's graph.
 
-    Runs the same J inner steps as :meth:`GimliUpdater.hypergradient`, but with every
-    gradient taken with ``create_graph=True`` and the optimizer step differentiated by
-    autograd, then one ``torch.autograd.grad`` of L_val with respect to φ. Memory grows with
-    J times the activations: use it to check, not to train. Adam's step takes its square
-    root through ``_sqrt``, so autograd stays finite where a gradient element is exactly zero
-    (see Note [Adam at a zero second moment]).
+    Runs the same J inner steps as :meth:`GimliUpdater.hypergradient` with the optimizer's
+    per-tensor ``step`` (one tensor at a time), but with every gradient taken with
+    ``create_graph=True`` and the steps differentiated by autograd, then one
+    ``torch.autograd.grad`` of L_val with respect to φ. Memory grows with J times the
+    activations: use it to check, not to train. Adam's step takes its square root through
+    ``_sqrt``, so autograd stays finite where a gradient element is exactly zero (see Note
+    [Adam at a zero second moment]).
 
     Returns:
         ``(val_loss, hypergrads)`` with the keys and shapes of ``MetaStepResult.hypergrads``.
     """
-    batches = updater._check_batches(train_batches)
-    problem = updater._problem()
-    values = {name: ([t.detach().clone().requires_grad_(True) for t in v] if isinstance(v, list)
-                     else v.detach().clone().requires_grad_(True))
-              for name, v in updater.hyper.values.items()}
-    problem.hyper = updater.hyper.per_param(values, detach=False)
-    theta0, state, buffers = updater._initial_state()
-    theta = [t.requires_grad_(True) for t in theta0]
+    batches = list(train_batches)
+    if len(batches) != updater.unroll:
+        raise ValueError(f"got {len(batches)} train batches but unroll={updater.unroll}")
+    model, opt, impl = updater.model, updater.opt, get_optimizer(updater.opt)
+    group_of = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
+    named = list(model.named_parameters())
+    inner = [(n, p) for n, p in named if id(p) in group_of]
+    phi = {name: t.detach().clone().requires_grad_(True) for name, t in updater.named_meta_parameters()
+           if not name.startswith(("loss.", "init."))}
+    hyper = []
+    for k, (pname, p) in enumerate(inner):
+        g = group_of[id(p)]
+        h = impl.read_hyper(opt.param_groups[g])
+        for name, gran in updater.learn.items():
+            h[name] = phi[f"{name}.{pname}"] if gran == "element" else phi[name][g if gran == "group" else k]
+        hyper.append(h)
+    fixed = [impl.read_hyper(opt.param_groups[group_of[id(p)]]) for _, p in inner]
+    state = [impl.import_state(opt.state.get(p, {}), p, h) for (_, p), h in zip(inner, fixed)]
+    theta = [p.detach().clone().requires_grad_(True) for _, p in inner]
+    theta0 = list(theta)
+    inner_ids = {id(p) for _, p in inner}
+    frozen = {n: (p if updater.learn_init else p.detach()) for n, p in named if id(p) not in inner_ids}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b is not None}
+    schedule = updater.options.lr_schedule
+
+    def view(theta: Sequence[Tensor], buffers: dict[str, Tensor]) -> FunctionalModel:
+        params = dict(zip([n for n, _ in inner], theta))
+        params.update(frozen)
+        return FunctionalModel(model, {n: params[n] for n, _ in named}, buffers)
+
     with torch.enable_grad():
         for j, batch in enumerate(batches):
-            buffers = problem.fresh_buffers(buffers)
-            loss = problem.loss(theta, buffers, batch, j)
+            buffers = {n: b.clone() for n, b in buffers.items()}
+            loss = updater.train_loss(view(theta, buffers), batch)
             G = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
-            theta, state = step_all(problem.impl, theta, list(G), state, problem.hyper_at(j))
-        view = problem.view(theta, problem.fresh_buffers(buffers))
-        L = updater.val_loss(view, val_batch)
-        wrt: list[tuple[str, Tensor]] = []
-        for name, v in values.items():
-            wrt += [(name, t) for t in _flat(v)]
+            scale = 1.0 if schedule is None else float(schedule(j))
+            nxt = []
+            for k, (t, g, s, h) in enumerate(zip(theta, G, state, hyper)):
+                if g is None:
+                    nxt.append(t)
+                    continue
+                t, state[k] = impl.step(t, g, s, h if scale == 1.0 else {**h, "lr": h["lr"] * scale})
+                nxt.append(t)
+            theta = nxt
+        L = updater.val_loss(view(theta, {n: b.clone() for n, b in buffers.items()}), val_batch)
+        wrt: list[tuple[str, Tensor]] = [(name, t) for name, t in phi.items()]
         wrt += [(f"loss.{n}", t) for n, t in updater.loss_params.items()]
         if updater.learn_init:
-            named = dict(zip(updater._names, theta0))
-            named.update({n: t for n, t in problem.frozen.items()})
-            wrt += [(f"init.{n}", named[n]) for n, _ in updater.model.named_parameters()]
+            init = dict(zip([n for n, _ in inner], theta0))
+            init.update(frozen)
+            wrt += [(f"init.{n}", init[n]) for n, _ in named]
         grads = torch.autograd.grad(L, [t for _, t in wrt], allow_unused=True)
     out: dict[str, Hypergrad] = {}
     for (name, t), g in zip(wrt, grads):
         g = torch.zeros_like(t) if g is None else g
-        if name in values and isinstance(values[name], list):
-            out.setdefault(name, []).append(g)  # type: ignore[union-attr]
+        base, _, pname = name.partition(".")
+        if updater.learn.get(base) == "element" and not name.startswith(("loss.", "init.")):
+            out.setdefault(base, []).append(g)  # type: ignore[union-attr]
         else:
             out[name] = g
     return L.detach(), out
@@ -67,9 +102,15 @@ def relative_error(actual: Hypergrad, expected: Hypergrad, floor: float = 0.0) -
 
     ``floor`` keeps a hypergradient that is mathematically zero (round-off on both sides,
     e.g. the bias of a layer followed by BatchNorm) from reading as a large relative error.
+    The two must have the same number of tensors and of elements.
     """
-    a = torch.cat([t.detach().reshape(-1).double() for t in _flat(actual)])
-    e = torch.cat([t.detach().reshape(-1).double() for t in _flat(expected)])
+    a_list, e_list = flat_list(actual), flat_list(expected)
+    if len(a_list) != len(e_list):
+        raise ValueError(f"{len(a_list)} tensors against {len(e_list)} expected")
+    a = torch.cat([t.detach().reshape(-1).double() for t in a_list])
+    e = torch.cat([t.detach().reshape(-1).double() for t in e_list])
+    if a.numel() != e.numel():
+        raise ValueError(f"{a.numel()} elements against {e.numel()} expected")
     if e.numel() == 0:
         return 0.0
     scale = max(e.abs().max().item(), floor)
@@ -103,7 +144,7 @@ def _loss_params_as(tensors: Sequence[Tensor], dtype: torch.dtype) -> Iterator[N
 
 
 def converted_copy(updater: GimliUpdater, dtype: torch.dtype) -> GimliUpdater:
-    """An updater over a copy of the model and optimizer in ``dtype``, with the same φ.
+    """An updater over a copy of the model and optimizer in ``dtype``, with the same φ and options.
 
     The user's loss parameters are not copied (the losses capture them): convert them for
     the duration of the computation with :func:`_loss_params_as`.
@@ -121,16 +162,18 @@ def converted_copy(updater: GimliUpdater, dtype: torch.dtype) -> GimliUpdater:
         p_new = new_params[index[id(p_old)]]
         opt.state[p_new] = {k: (v.detach().clone().to(dtype) if isinstance(v, Tensor) and k != "step" else copy.deepcopy(v))
                             for k, v in state.items()}
+    o = updater.options
     with _loss_params_as(list(updater.loss_params.values()), dtype):
         twin = GimliUpdater(
-            model, opt, updater.train_loss, updater.val_loss, unroll=updater.unroll, learn=updater.learn,
-            loss_params=updater.loss_params, learn_init=updater.learn_init, hvp=updater.hvp,
-            check_finite=updater.check_finite, meta_opt=torch.optim.SGD, lr_schedule=updater.lr_schedule,
-            checkpoint=updater.checkpoint, keep_graphs=updater.keep_graphs, memory_budget=updater.memory_budget,
+            model, opt, updater.train_loss, updater.val_loss, unroll=o.unroll, learn=updater.learn,
+            loss_params=updater.loss_params, learn_init=o.learn_init, hvp=o.hvp, on_nonfinite=o.on_nonfinite,
+            meta_opt=torch.optim.SGD, lr_schedule=o.lr_schedule, memory=o.memory, kernels=o.kernels,
         )
+    theirs = dict(updater.named_meta_parameters())
     with torch.no_grad():
-        for t_new, t_old in zip(twin.hyper.leaves(), updater.hyper.leaves()):
-            t_new.copy_(t_old)
+        for name, t_new in twin.named_meta_parameters():
+            if not name.startswith(("loss.", "init.")):
+                t_new.copy_(theirs[name])
     return twin
 
 
@@ -152,7 +195,8 @@ def check_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any], va
         terms that cancel there can be a thousand times larger than the result (Adam's beta2
         terms scale with 1 / (1 - beta2)), so the floor sits well above round-off.
     """
-    if dtype is None or dtype == updater._ref.dtype:
+    model_dtype = next(iter(updater.model.parameters())).dtype
+    if dtype is None or dtype == model_dtype:
         twin = updater
         cast = lambda x: x  # noqa: E731
         ctx: Any = contextlib.nullcontext()
@@ -161,7 +205,7 @@ def check_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any], va
         cast = lambda x: _cast_tree(x, dtype)  # noqa: E731
         ctx = _loss_params_as(list(updater.loss_params.values()), dtype)
     batches, val = cast(list(train_batches)), cast(val_batch)
-    devices = twin._cuda_devices
+    devices = _cuda_devices(twin)
     with ctx, torch.random.fork_rng(devices=devices):
         start_cpu = torch.get_rng_state()
         start_cuda = [torch.cuda.get_rng_state(d) for d in devices]
@@ -170,7 +214,9 @@ def check_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any], va
         for d, s in zip(devices, start_cuda):
             torch.cuda.set_rng_state(s, d)
         L, ref = reference_hypergradients(twin, batches, val)
-    overall = max((t.detach().abs().max().item() for v in ref.values() for t in _flat(v) if t.numel()), default=0.0)
+    if set(ours.hypergrads) != set(ref):
+        raise AssertionError(f"hypergradient names differ: {sorted(ours.hypergrads)} against {sorted(ref)}")
+    overall = max((t.detach().abs().max().item() for v in ref.values() for t in flat_list(v) if t.numel()), default=0.0)
     floor = 1e-4 * max(overall, abs(float(L)))
     return {name: relative_error(ours.hypergrads[name], ref[name], floor) for name in ref}
 

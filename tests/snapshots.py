@@ -32,6 +32,16 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+def bit_identical(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two hypergradient dicts with the same keys, the same number of tensors under each and every
+    tensor equal bit for bit (same shape and dtype, ``torch.equal``)."""
+    tensors = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+    return a.keys() == b.keys() and all(
+        len(tensors(a[k])) == len(tensors(b[k])) and all(
+            x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(tensors(a[k]), tensors(b[k])))
+        for k in a)
+
+
 def assert_unchanged(before: dict[str, Any], after: dict[str, Any]) -> None:
     for key in before:
         assert _equal(before[key], after[key]), f"{key} changed"

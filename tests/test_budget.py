@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from gimli_bptt.budget import SavedGraphMeter, graphs_that_fit, plan_states, tensors_in
+from gimli_bptt.memory import Memory, SavedGraphMeter, graphs_that_fit, plan_tape, tensors_in
 from gimli_bptt.checkpoint import binomial_schedule, store_all_schedule
 
 N = 10  # elements of the test tensors (float64: 80 bytes each)
@@ -99,24 +99,41 @@ def test_graphs_that_fit(left: int, J: int, graph_bytes: int, k: int) -> None:
     assert graphs_that_fit(left, J, graph_bytes) == k
 
 
+def plan_states(budget: int, J: int, state: int, hvp: str = "rev") -> Any:
+    return plan_tape(Memory(budget=budget), J, hvp, state)
+
+
 def test_plan_states_in_each_regime() -> None:
     J, state = 6, 100
     full = plan_states(J * state + 250, J, state)
-    assert full.schedule == store_all_schedule(J) and full.graph_bytes_left == 250
+    assert full.schedule == store_all_schedule(J) and full.graph_bytes_left == 250 and full.state_bytes == state
+    assert full.keep_graphs_from is None and full.recomputed_steps == 0
     exact = plan_states(J * state, J, state)
     assert exact.schedule == store_all_schedule(J) and exact.graph_bytes_left == 0
     short = plan_states(J * state - 1, J, state)
     assert short.schedule == binomial_schedule(J, J - 1) and short.graph_bytes_left is None
+    assert short.recomputed_steps > 0
     assert plan_states(2 * state + 99, J, state).schedule == binomial_schedule(J, 2)
+    assert plan_states(J * state + 250, J, state, hvp="fwd").graph_bytes_left is None  # graphs: rev only
     with pytest.raises(ValueError, match="budget_bytes=99 allows no checkpoint slot for state_bytes=100"):
         plan_states(99, J, state)
+
+
+def test_plans_by_hand() -> None:
+    J = 6
+    assert plan_tape(Memory(), J, "rev", None).schedule == store_all_schedule(J)
+    kept = plan_tape(Memory(keep_graphs=True), J, "rev", None)
+    assert kept.keep_graphs_from == 0 and kept.schedule == store_all_schedule(J)
+    assert plan_tape(Memory(slots=2), J, "rev", 100).schedule == binomial_schedule(J, 2)
+    assert plan_tape(Memory(slots=J), J, "rev", 100).schedule == store_all_schedule(J)
+    assert plan_tape(Memory(slots=2, verify=True), J, "rev", 100).verify
 
 
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: graphs_that_fit(-1, 3, 10), ValueError, "bytes_left must be >= 0"),
     (lambda: graphs_that_fit(10, 3, 0), ValueError, "graph_bytes must be >= 1"),
     (lambda: graphs_that_fit(10.0, 3, 1), TypeError, "bytes_left must be an int"),
-    (lambda: plan_states(0, 3, 10), ValueError, "budget_bytes must be >= 1"),
+    (lambda: plan_states(0, 3, 10), ValueError, "budget must be >= 1"),
     (lambda: plan_states(100, 0, 10), ValueError, "num_steps must be >= 1"),
     (lambda: plan_states(100, 3, 0), ValueError, "state_bytes must be >= 1"),
 ])

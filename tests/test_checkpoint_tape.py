@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch import Tensor
 
-from gimli_bptt import Checkpointing, GimliUpdater
+from gimli_bptt import GimliUpdater, Memory, TapeStats
 from gimli_bptt.checkpoint import every_k_forward_steps, min_forward_steps
 
 from problems import build_model, ce_loss, make_batches
+from snapshots import bit_identical
 
 
-def _hypergrads(arch: str, opt_name: str, J: int, checkpoint: Any, hvp: str = "rev",
+def _hypergrads(arch: str, opt_name: str, J: int, memory: Any, hvp: str = "rev",
                 dtype: torch.dtype = torch.float64) -> tuple[dict[str, Any], GimliUpdater]:
     model = build_model(arch, seed=4).to(dtype)
     if opt_name == "adam":
@@ -26,19 +27,12 @@ def _hypergrads(arch: str, opt_name: str, J: int, checkpoint: Any, hvp: str = "r
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
         learn = {"lr": "element", "momentum": "group"}
     up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=J, learn=learn, learn_init=True, hvp=hvp,
-                      checkpoint=checkpoint)
+                      memory=memory)
     batches, val = make_batches(J, seed=4)
     batches = [(x.to(dtype), y) for x, y in batches]
     val = (val[0].to(dtype), val[1])
     torch.manual_seed(123)  # dropout draws the same masks in each run
     return up.hypergradient(batches, val).hypergrads, up
-
-
-def _bit_identical(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    flat = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
-    return a.keys() == b.keys() and all(
-        all(torch.equal(x, y) for x, y in zip(flat(a[k]), flat(b[k]))) for k in a
-    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -48,38 +42,39 @@ def test_checkpointed_tape_is_bit_identical_to_the_full_tape(arch: str, opt_name
                                                              dtype: torch.dtype) -> None:
     J = 7
     full, _ = _hypergrads(arch, opt_name, J, None, hvp, dtype)
-    for checkpoint in (1, 3, Checkpointing(every=3), Checkpointing(slots=2, verify=True)):
-        ours, up = _hypergrads(arch, opt_name, J, checkpoint, hvp, dtype)
-        assert _bit_identical(full, ours), checkpoint
+    for memory in (Memory(slots=1), Memory(slots=3), Memory(every=3), Memory(slots=2, verify=True)):
+        ours, up = _hypergrads(arch, opt_name, J, memory, hvp, dtype)
+        assert bit_identical(full, ours), memory
 
 
 @pytest.mark.parametrize("J, slots", [(1, 1), (7, 1), (20, 2), (33, 3), (50, 5), (12, 12), (12, 40)])
 def test_recomputation_is_optimal_and_slots_are_bounded(J: int, slots: int) -> None:
-    _, up = _hypergrads("mlp", "sgd", J, slots)
+    _, up = _hypergrads("mlp", "sgd", J, Memory(slots=slots))
     stats = up.last_tape_stats
-    assert stats["max_slots_used"] <= slots
-    assert stats["forward_steps"] == (min_forward_steps(J, slots) if slots < J else J)
+    assert stats is not None and stats.max_slots_used <= slots
+    assert stats.forward_steps == (min_forward_steps(J, slots) if slots < J else J)
 
 
 def test_every_k_counts() -> None:
-    _, up = _hypergrads("mlp", "sgd", 10, Checkpointing(every=3))
-    assert up.last_tape_stats["forward_steps"] == every_k_forward_steps(10, 3)
+    _, up = _hypergrads("mlp", "sgd", 10, Memory(every=3))
+    assert up.last_tape_stats is not None and up.last_tape_stats.forward_steps == every_k_forward_steps(10, 3)
 
 
 def test_full_tape_keeps_every_state_and_recomputes_nothing() -> None:
     _, up = _hypergrads("mlp", "sgd", 6, None)
-    assert up.last_tape_stats == {"forward_steps": 6, "max_slots_used": 6, "schedule": "full", "graphs_kept": 0,
-                                  "graph_bytes": None, "state_bytes": None}
+    assert up.last_tape_stats == TapeStats(forward_steps=6, max_slots_used=6, schedule="full", graphs_kept=0,
+                                           graph_bytes=None, state_bytes=None, budget=None)
 
 
 def test_budget_in_bytes_derives_the_slots() -> None:
     model = build_model("mlp")
     state_bytes = sum(p.numel() * 8 for p in model.parameters()) * 2  # θ and the momentum buffer
-    _, up = _hypergrads("mlp", "sgd", 20, Checkpointing(budget_bytes=3 * state_bytes + 5))
-    assert up.last_tape_stats["max_slots_used"] == 3
-    assert up.last_tape_stats["forward_steps"] == min_forward_steps(20, 3)
+    _, up = _hypergrads("mlp", "sgd", 20, 3 * state_bytes + 5)
+    assert up.last_tape_stats is not None
+    assert up.last_tape_stats.max_slots_used == 3
+    assert up.last_tape_stats.forward_steps == min_forward_steps(20, 3)
     with pytest.raises(ValueError, match="allows no checkpoint slot"):
-        _hypergrads("mlp", "sgd", 20, Checkpointing(budget_bytes=state_bytes // 2))
+        _hypergrads("mlp", "sgd", 20, state_bytes // 2)
 
 
 def test_verify_catches_a_nondeterministic_loss() -> None:
@@ -90,35 +85,39 @@ def test_verify_catches_a_nondeterministic_loss() -> None:
         return ce_loss(m, b) * (1 + 1e-3 * noise.random())
 
     up = GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), flaky, ce_loss, unroll=8,
-                      learn=["lr"], checkpoint=Checkpointing(slots=2, verify=True))
+                      learn=["lr"], memory=Memory(slots=2, verify=True))
     with pytest.raises(RuntimeError, match="recomputed state before inner step .* differs"):
         up.hypergradient(*make_batches(8))
 
 
 @pytest.mark.parametrize(
-    "checkpoint, exc, match",
+    "memory, exc, match",
     [
-        (Checkpointing(), ValueError, "exactly one of"),
-        (Checkpointing(slots=2, every=3), ValueError, "exactly one of"),
-        (Checkpointing(slots=0), ValueError, "slots"),
-        (0, ValueError, "slots"),
-        ("1GB", TypeError, "checkpoint must be"),
-        (True, TypeError, "checkpoint must be"),
+        (Memory(slots=2, every=3), ValueError, "at most one of"),
+        (Memory(budget=2**20, slots=2), ValueError, "at most one of"),
+        (Memory(slots=0), ValueError, "slots"),
+        (Memory(every=0), ValueError, "every"),
+        (Memory(slots=2.5), TypeError, "slots must be an int"),  # type: ignore[arg-type]
+        (Memory(verify=1), TypeError, "verify"),  # type: ignore[arg-type]
+        (0, ValueError, "at least 1 byte"),
+        ("1GB", TypeError, "memory must be"),
+        (True, TypeError, "memory must be"),
+        (1.5e6, TypeError, "memory must be"),
     ],
 )
-def test_bad_checkpoint_options(checkpoint: Any, exc: type, match: str) -> None:
+def test_bad_memory_options(memory: Any, exc: type, match: str) -> None:
     model = build_model("mlp")
     with pytest.raises(exc, match=match):
         GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, ce_loss, unroll=3,
-                     learn=["lr"], checkpoint=checkpoint)
+                     learn=["lr"], memory=memory)
 
 
 def test_commit_with_a_checkpointed_tape() -> None:
     results = []
-    for checkpoint in (None, 2):
+    for memory in (None, Memory(slots=2)):
         model = build_model("mlp_bn", seed=2)
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
-        up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=7, learn=["lr"], commit=True, checkpoint=checkpoint)
+        up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=7, learn=["lr"], commit=True, memory=memory)
         up.step(*make_batches(7, seed=2))
         results.append((copy.deepcopy(model.state_dict()), float(opt.param_groups[0]["lr"])))
     assert results[0][1] == results[1][1]
@@ -126,8 +125,9 @@ def test_commit_with_a_checkpointed_tape() -> None:
         assert torch.equal(results[0][0][k], results[1][0][k]), k
 
 
-def test_progress_bar_draws_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_bar_of_the_unroll(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
+    import sys
 
     from gimli_bptt.progress import Progress
 
@@ -135,17 +135,22 @@ def test_progress_bar_draws_on_a_terminal(capsys: pytest.CaptureFixture[str]) ->
         def isatty(self) -> bool:
             return True
 
-    stream = Tty()
-    bar = Progress(3, 3, enabled=True, stream=stream)
-    for _ in range(3):
-        bar.advance()
-    for _ in range(3):
-        bar.reversed()
-    bar.close()
-    assert "forward 3/3 reverse 3/3" in stream.getvalue()
-    quiet = io.StringIO()  # not a terminal: nothing is drawn
-    bar = Progress(3, 3, enabled=True, stream=quiet)
-    bar.advance()
+    def run(progress: Any, stream: io.StringIO) -> str:
+        monkeypatch.setattr(sys, "stderr", stream)
+        model = build_model("mlp")
+        up = GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, ce_loss, unroll=3,
+                          learn=["lr"], progress=progress)
+        up.hypergradient(*make_batches(3))
+        monkeypatch.undo()
+        return stream.getvalue()
+
+    drawn = run(True, Tty())
+    assert "unroll [" in drawn and "6/6" in drawn and "forward 3/3 reverse 3/3" in drawn
+    assert run(None, Tty()) == ""  # J < 100: no bar by default
+    assert run(False, Tty()) == ""
+    quiet = io.StringIO()  # not a terminal: nothing is drawn unless asked
+    bar = Progress(3, "x", stream=quiet)
+    bar.update()
     bar.close()
     assert quiet.getvalue() == ""
 
@@ -156,15 +161,18 @@ def test_keep_graphs_gives_the_same_hypergradients(arch: str) -> None:
     for keep in (False, True):
         model = build_model(arch, seed=6)
         up = GimliUpdater(model, torch.optim.Adam(model.parameters(), lr=0.01), ce_loss, ce_loss, unroll=5,
-                          learn={"lr": "tensor", "beta1": "element"}, learn_init=True, keep_graphs=keep)
+                          learn={"lr": "tensor", "beta1": "element"}, learn_init=True,
+                          memory=Memory(keep_graphs=keep))
         torch.manual_seed(3)
         results.append(up.hypergradient(*make_batches(5, seed=6)).hypergrads)
-    assert _bit_identical(results[0], results[1])
+    assert bit_identical(results[0], results[1])
 
 
 def test_keep_graphs_option_errors() -> None:
     model = build_model("mlp")
-    for kw, match in ((dict(checkpoint=2), "cannot be combined"), (dict(hvp="fwd"), "use hvp='rev'")):
+    for memory, kw, match in ((Memory(keep_graphs=True, slots=2), {}, "cannot be combined"),
+                              (Memory(keep_graphs=True, budget=2**20), {}, "cannot be combined"),
+                              (Memory(keep_graphs=True), dict(hvp="fwd"), "use hvp='rev'")):
         with pytest.raises(ValueError, match=match):
             GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, ce_loss, unroll=3,
-                         learn=["lr"], keep_graphs=True, **kw)
+                         learn=["lr"], memory=memory, **kw)

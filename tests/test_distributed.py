@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gimli_bptt import DistributedError, GimliUpdater
+from gimli_bptt import DistributedError, GimliUpdater, Memory
 from gimli_bptt.testing import relative_error
 
 from problems import build_model, make_batch
@@ -91,10 +91,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sgd rev": dict(opt=(torch.optim.SGD, dict(lr=0.1, momentum=0.9)), learn={"lr": "tensor", "momentum": "group"},
                     hvp="rev"),
     "adam fwd": dict(opt=(torch.optim.Adam, dict(lr=0.01)), learn={"lr": "group", "beta1": "group"}, hvp="fwd"),
-    "sgd checkpoint=2": dict(opt=(torch.optim.SGD, dict(lr=0.1, momentum=0.5)), learn={"lr": "element"},
-                             hvp="rev", checkpoint=2),
+    "sgd 2 slots": dict(opt=(torch.optim.SGD, dict(lr=0.1, momentum=0.5)), learn={"lr": "element"},
+                        hvp="rev", memory=Memory(slots=2)),
     "adam keep_graphs + learn_init": dict(opt=(torch.optim.Adam, dict(lr=0.01)), learn={"lr": "group"},
-                                          keep_graphs=True, learn_init=True),
+                                          memory=Memory(keep_graphs=True), learn_init=True),
 }
 
 
@@ -172,14 +172,16 @@ def _check_memory_budget(rank: int, world: int, out: str) -> None:
     batches, val = _data()
     shards, val_shard = [_shard(b, rank, world) for b in batches], _shard(val, rank, world)
     config = CONFIGS["sgd rev"]
-    probe = _updater(config, loss=_lopsided_loss, memory_budget=2**40)
+    probe = _updater(config, loss=_lopsided_loss, memory=2**40)
     probe.hypergradient(shards, val_shard)
-    state, graph = probe.last_tape_stats["state_bytes"], probe.last_tape_stats["graph_bytes"]
+    assert probe.last_tape_stats is not None
+    state, graph = probe.last_tape_stats.state_bytes, probe.last_tape_stats.graph_bytes
+    assert state is not None and graph is not None
     # planned on the mean of the ranks' graph bytes: alone, rank 0 (the larger graph) would keep fewer than rank 1
-    u = _updater(config, loss=_lopsided_loss, memory_budget=J * state + 2 * graph)
+    u = _updater(config, loss=_lopsided_loss, memory=J * state + 2 * graph)
     got = u.hypergradient(shards, val_shard)
-    assert u.last_tape_stats["graphs_kept"] == 2
-    assert _gathered_equal([torch.tensor([float(graph), float(u.last_tape_stats["graphs_kept"])])])
+    assert u.last_tape_stats is not None and u.last_tape_stats.graphs_kept == 2
+    assert _gathered_equal([torch.tensor([float(graph), float(u.last_tape_stats.graphs_kept)])])
     ref = _updater(config, process_group=False, loss=_lopsided_loss).hypergradient(batches, val)
     for key in ref.hypergrads:
         err = relative_error(got.hypergrads[key], ref.hypergrads[key], floor=1e-12)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gimli_bptt import GimliUpdater, NonFiniteError, supported_optimizers
+from gimli_bptt import GimliUpdater, Memory, NonFiniteError, supported_optimizers
 
 from problems import build_model, ce_loss, make_batches
 from snapshots import assert_unchanged, snapshot
@@ -62,7 +62,7 @@ def test_betas_hint_for_adam() -> None:
         (dict(hvp="mixed"), ValueError, "hvp must be one of"),
         (dict(learn=None), ValueError, "nothing to meta-learn"),
         (dict(learn="lr"), TypeError, "learn must be a dict"),
-        (dict(on_nonfinite="ignore"), ValueError, "on_nonfinite"),
+        (dict(on_nonfinite="warn"), ValueError, "on_nonfinite"),
         (dict(commit=True, learn_init=True), ValueError, "contradict"),
         (dict(loss_params={"w": torch.tensor(1.0, dtype=torch.float64)}), ValueError, "requires grad"),
         (dict(loss_params={"w": torch.tensor(1.0, dtype=torch.float32, requires_grad=True)}), ValueError,
@@ -174,9 +174,12 @@ def _failing_loss(fail_at: int, exc: type[BaseException]) -> Any:
 
 @pytest.mark.parametrize("exc", [Injected, KeyboardInterrupt])
 @pytest.mark.parametrize("hvp", ["rev", "fwd"])
-@pytest.mark.parametrize("commit, checkpoint", [(False, None), (True, None), (True, 1)])
+@pytest.mark.parametrize("commit, memory", [(False, None), (True, None), (True, Memory(slots=1)),
+                                            (False, Memory(keep_graphs=True)), (True, 2**30)])
 def test_exception_in_tape_recomputation_or_reverse_sweep_changes_nothing(
-        exc: type[BaseException], hvp: str, commit: bool, checkpoint: Any) -> None:
+        exc: type[BaseException], hvp: str, commit: bool, memory: Any) -> None:
+    if hvp == "fwd" and isinstance(memory, Memory) and memory.keep_graphs:
+        pytest.skip("kept graphs are a reverse-over-reverse plan")
     J = 4
     counted = {"n": 0}
 
@@ -184,17 +187,18 @@ def test_exception_in_tape_recomputation_or_reverse_sweep_changes_nothing(
         counted["n"] += 1
         return ce_loss(m, b)
 
-    probe = _updater(unroll=J, train_loss=counting, hvp=hvp, checkpoint=checkpoint)
+    probe = _updater(unroll=J, train_loss=counting, hvp=hvp, memory=memory)
     probe.hypergradient(*make_batches(J, seed=4))
     total = counted["n"]  # the tape's J calls, then recomputations (checkpointing) and the sweep's
-    rng = random.Random(hash((exc.__name__, hvp, commit, checkpoint)) % 1000)
-    for fail_at in (rng.randrange(0, J), rng.randrange(J, total)):
+    rng = random.Random(hash((exc.__name__, hvp, commit, repr(memory))) % 1000)
+    # a plan that keeps every graph recomputes nothing: the sweep then calls no loss to fail in
+    for fail_at in [rng.randrange(0, J)] + ([rng.randrange(J, total)] if total > J else []):
         model = build_model("mlp_bn", seed=1)
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
         warm = _updater(model=model, opt=opt, unroll=J, learn={"lr": "tensor"}, commit=True)
         warm.step(*make_batches(J, seed=2))  # the optimizer now has state, the meta optimizer too
         up = _updater(model=model, opt=opt, unroll=J, learn={"lr": "tensor", "beta1": "element"},
-                      train_loss=_failing_loss(fail_at, exc), hvp=hvp, commit=commit, checkpoint=checkpoint)
+                      train_loss=_failing_loss(fail_at, exc), hvp=hvp, commit=commit, memory=memory)
         before = snapshot(up)
         with pytest.raises(exc, match="injected"):
             up.step(*make_batches(J, seed=4))
@@ -240,7 +244,29 @@ def test_nan_in_a_batch_can_skip_the_update() -> None:
     assert_unchanged(before, snapshot(up))
 
 
-@pytest.mark.parametrize("mode", [{}, {"keep_graphs": True}, {"checkpoint": 2}, {"hvp": "fwd"}])
+def test_ignore_checks_nothing() -> None:
+    """on_nonfinite="ignore": no NaN check (no host sync) and no error, as its docstring says."""
+    up = _updater(on_nonfinite="ignore")
+    batches, val = make_batches(3)
+    x, y = batches[1]
+    batches[1] = (torch.full_like(x, float("nan")), y)
+    result = up.hypergradient(batches, val)
+    assert not result.nonfinite and not result.skipped
+    assert torch.isnan(result.train_losses[1]) and torch.isnan(result.val_loss)
+
+
+def test_check_finite_is_a_deprecated_spelling() -> None:
+    with pytest.warns(DeprecationWarning, match="on_nonfinite='ignore'"):
+        up = _updater(check_finite=False)
+    assert up.options.on_nonfinite == "ignore" and not up.options.check_finite
+    with pytest.warns(DeprecationWarning):
+        assert _updater(check_finite=True).options.on_nonfinite == "raise"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="contradict"):
+        _updater(check_finite=False, on_nonfinite="skip")
+
+
+@pytest.mark.parametrize("mode", [{}, {"memory": Memory(keep_graphs=True)}, {"memory": Memory(slots=2)},
+                                  {"hvp": "fwd"}], ids=["full", "keep_graphs", "slots", "fwd"])
 @pytest.mark.parametrize("where", [0, 2])
 def test_deferred_finiteness_check_names_the_first_bad_step(monkeypatch: pytest.MonkeyPatch, where: int,
                                                            mode: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gimli_bptt import Checkpointing, GimliUpdater, NonFiniteError
+from gimli_bptt import GimliUpdater, Memory, NonFiniteError
 
 from problems import build_model, ce_loss, make_batches
 from snapshots import assert_unchanged, snapshot
@@ -28,12 +28,13 @@ anything = st.one_of(
 
 @settings(max_examples=40)
 @given(
-    unroll=anything, learn=anything, hvp=anything, checkpoint=st.one_of(anything, st.builds(
-        Checkpointing, slots=st.one_of(st.none(), st.integers(-1, 4)), every=st.one_of(st.none(), st.integers(-1, 4)))),
+    unroll=anything, learn=anything, hvp=anything, memory=st.one_of(anything, st.builds(
+        Memory, slots=st.one_of(st.none(), st.integers(-1, 4)), every=st.one_of(st.none(), st.integers(-1, 4)),
+        budget=st.one_of(st.none(), st.integers(-1, 2**24)), keep_graphs=st.booleans(), verify=anything)),
     on_nonfinite=anything, learn_init=st.booleans(), commit=st.booleans(),
     opt_kind=st.sampled_from(["sgd", "adam", "rprop"]),
 )
-def test_constructor_raises_only_documented_errors(unroll: Any, learn: Any, hvp: Any, checkpoint: Any,
+def test_constructor_raises_only_documented_errors(unroll: Any, learn: Any, hvp: Any, memory: Any,
                                                    on_nonfinite: Any, learn_init: bool, commit: bool,
                                                    opt_kind: str) -> None:
     model = build_model("mlp")
@@ -41,7 +42,7 @@ def test_constructor_raises_only_documented_errors(unroll: Any, learn: Any, hvp:
            "adam": lambda: torch.optim.Adam(model.parameters()),
            "rprop": lambda: torch.optim.Rprop(model.parameters())}[opt_kind]()
     try:
-        up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=unroll, learn=learn, hvp=hvp, checkpoint=checkpoint,
+        up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=unroll, learn=learn, hvp=hvp, memory=memory,
                           on_nonfinite=on_nonfinite, learn_init=learn_init, commit=commit)
     except DOCUMENTED as exc:
         assert str(exc), "an error must say what is wrong"
@@ -88,7 +89,7 @@ def test_short_soak_does_not_leak() -> None:
     """200 meta steps (bench/soak.py runs 2,000 with a tighter bound): no graph survives a step."""
     model = build_model("mlp_bn")
     up = GimliUpdater(model, torch.optim.Adam(model.parameters(), lr=0.01), ce_loss, ce_loss, unroll=3,
-                      learn={"lr": "group", "beta1": "tensor"}, commit=True, checkpoint=2)
+                      learn={"lr": "group", "beta1": "tensor"}, commit=True, memory=Memory(slots=2))
     rng = random.Random(0)
     data = [make_batches(3, seed=s) for s in range(8)]
     for _ in range(20):

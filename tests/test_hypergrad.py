@@ -21,7 +21,7 @@ TOL = 1e-9
 
 
 def _build(arch: str, opt_name: str, learn: dict[str, str], with_loss_params: bool, learn_init: bool,
-           hvp: str, grouped: bool, seed: int) -> GimliUpdater:
+           hvp: str, grouped: bool, seed: int, unroll: int) -> GimliUpdater:
     model = build_model(arch, seed)
     _, cls, kwargs, _ = optimizer_row(opt_name)
     if grouped:
@@ -45,7 +45,7 @@ def _build(arch: str, opt_name: str, learn: dict[str, str], with_loss_params: bo
         train_loss = ce_loss
     if not learn and not with_loss_params and not learn_init:
         learn = {"lr": "group"}
-    return GimliUpdater(model, opt, train_loss, ce_loss, unroll=1, learn=learn, loss_params=loss_params,
+    return GimliUpdater(model, opt, train_loss, ce_loss, unroll=unroll, learn=learn, loss_params=loss_params,
                         learn_init=learn_init, hvp=hvp)
 
 
@@ -71,8 +71,7 @@ def configurations(draw: st.DrawFn) -> dict[str, Any]:
 @given(cfg=configurations())
 def test_hypergradients_match_autograd_unroll(hvp: str, cfg: dict[str, Any]) -> None:
     J = cfg.pop("J")
-    updater = _build(hvp=hvp, **cfg)
-    updater.unroll = J
+    updater = _build(hvp=hvp, unroll=J, **cfg)
     batches, val = make_batches(J, seed=cfg["seed"])
     errors = check_hypergradients(updater, batches, val)
     assert errors, "no meta-parameter was checked"
@@ -85,8 +84,7 @@ def test_every_optimizer_every_granularity(opt_name: str) -> None:
     """Every learnable hyperparameter of every optimizer, at each granularity, on a BatchNorm conv net."""
     learnable = optimizer_row(opt_name)[3]
     for gran in ("group", "tensor", "element"):
-        updater = _build("conv_bn", opt_name, {n: gran for n in learnable}, True, True, "rev", True, seed=1)
-        updater.unroll = 4
+        updater = _build("conv_bn", opt_name, {n: gran for n in learnable}, True, True, "rev", True, seed=1, unroll=4)
         batches, val = make_batches(4, seed=1)
         errors = check_hypergradients(updater, batches, val)
         assert set(errors) >= set(learnable)
@@ -96,8 +94,7 @@ def test_every_optimizer_every_granularity(opt_name: str) -> None:
 def test_rev_and_fwd_agree() -> None:
     results = []
     for hvp in ("rev", "fwd"):
-        updater = _build("mlp_bn", "adam", {"lr": "tensor", "beta1": "group"}, True, True, hvp, True, seed=3)
-        updater.unroll = 5
+        updater = _build("mlp_bn", "adam", {"lr": "tensor", "beta1": "group"}, True, True, hvp, True, seed=3, unroll=5)
         batches, val = make_batches(5, seed=3)
         results.append(updater.hypergradient(batches, val))
     floor = 1e-4 * float(results[0].val_loss)  # init.1.bias is round-off: a bias followed by BatchNorm

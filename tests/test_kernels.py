@@ -8,7 +8,6 @@ summation order differs, which is all a sum's condition number allows).
 """
 from __future__ import annotations
 
-import dataclasses
 import zlib
 import itertools
 import os
@@ -22,7 +21,7 @@ from gimli_bptt import GimliUpdater, kernels
 from gimli_bptt.kernels import _reference as ref
 from gimli_bptt.kernels import ops
 from gimli_bptt.optim import ADAM, ADAMW, SGD
-from gimli_bptt.optim.base import step_all, step_vjp_all
+from gimli_bptt.stepping import step_all, step_vjp_all
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float64, torch.float32]
@@ -307,18 +306,17 @@ def test_step_all_fused_twin_and_loop_agree(device: str, case: int, dtype: torch
     theta0, G, state0, hyper, rnd = _list_problem(impl, fixed, granularity, dtype, device, seed=case)
     results = {}
     for mode in ("loop", "reference", "fused"):
-        opt = dataclasses.replace(impl, kernels=mode)
         theta, state, tape = theta0, state0, []
         with torch.no_grad():
             for _ in range(3):
                 tape.append((theta, state))
-                theta, state = step_all(opt, theta, G, state, hyper)
+                theta, state = step_all(impl, theta, G, state, hyper, mode)
             gen_bar = torch.Generator().manual_seed(7)
             tb = [torch.randn(t.shape, generator=gen_bar, dtype=torch.float64).to(dtype).to(device) for t in theta]
             sb: list[dict[str, Tensor]] = [{} for _ in theta]
             bars = []
             for th, st in reversed(tape):
-                tb, Gb, sb, hb = step_vjp_all(opt, th, G, st, hyper, tb, sb)
+                tb, Gb, sb, hb = step_vjp_all(impl, th, G, st, hyper, tb, sb, mode)
                 bars.append(hb)
         results[mode] = (theta, state, tb, Gb, sb, bars)
     for mode in ("reference", "fused"):
@@ -335,9 +333,8 @@ def test_flat_outputs_are_views_of_one_buffer(device: str) -> None:
     impl, fixed = LIST_CASES[3]
     theta, G, state, hyper, _ = _list_problem(impl, fixed, "fixed", torch.float64, device, seed=0)
     G = [torch.zeros_like(t) for t in theta]
-    opt = dataclasses.replace(impl, kernels="fused")
     with torch.no_grad():
-        theta1, state1 = step_all(opt, theta, G, state, hyper)
+        theta1, state1 = step_all(impl, theta, G, state, hyper, "fused")
     stepped = [t for t in theta1 if t.numel()]
     assert len({t._base.data_ptr() for t in stepped}) == 1
     assert flat(stepped).data_ptr() == stepped[0]._base.data_ptr()
@@ -350,9 +347,8 @@ def test_flat_outputs_follow_replaced_items(device: str, case: int) -> None:
 
     impl, fixed = LIST_CASES[case]
     theta, G, state, hyper, _ = _list_problem(impl, fixed, "fixed", torch.float64, device, seed=1)
-    opt = dataclasses.replace(impl, kernels="fused")
     with torch.no_grad():
-        theta1, state1 = step_all(opt, theta, G, state, hyper)
+        theta1, state1 = step_all(impl, theta, G, state, hyper, "fused")
         stepped = {k for k, (t, g) in enumerate(zip(theta1, G)) if t.numel() and g is not None}
         assert type(theta1) is FlatOutputs and owned_indices(theta1) == stepped
         k = min(stepped)
@@ -360,9 +356,10 @@ def test_flat_outputs_follow_replaced_items(device: str, case: int) -> None:
         key = next(name for name, v in state1[k].items() if isinstance(v, Tensor))
         state1[k] = {**state1[k], key: state1[k][key] * 0.5}  # a replaced state entry
         assert k not in owned_indices(theta1)
-        got = step_all(opt, theta1, G, state1, hyper)
-        want = step_all(opt, [t.clone() for t in theta1],  G,
-                        [{n: (v.clone() if isinstance(v, Tensor) else v) for n, v in s.items()} for s in state1], hyper)
+        got = step_all(impl, theta1, G, state1, hyper, "fused")
+        want = step_all(impl, [t.clone() for t in theta1], G,
+                        [{n: (v.clone() if isinstance(v, Tensor) else v) for n, v in s.items()} for s in state1], hyper,
+                        "fused")
     for a, b in zip(got[0], want[0]):
         assert torch.equal(a, b)
     for sa, sb in zip(got[1], want[1]):
@@ -377,13 +374,11 @@ def test_plan_cache_follows_changed_inputs(device: str, case: int) -> None:
     from gimli_bptt.kernels import flat as flat_mod
 
     impl, fixed = LIST_CASES[case]
-    opt = dataclasses.replace(impl, kernels="auto")
-
     def run(theta, G, state, hyper, fresh: bool):
         if fresh:
-            flat_mod._PLANS.clear()
+            flat_mod.clear_plans()
         with torch.no_grad():
-            return step_all(opt, theta, G, state, hyper)
+            return step_all(impl, theta, G, state, hyper, "auto")
 
     def same(a, b) -> None:
         for x, y in zip(a[0], b[0]):

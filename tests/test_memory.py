@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""GimliUpdater(memory_budget=): the plan it picks in each regime, and hypergradients that never depend on it."""
+"""GimliUpdater(memory=): the plan a budget picks in each regime, and hypergradients that never depend on it."""
 from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from typing import Any
 
 import pytest
@@ -12,11 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 
-from gimli_bptt import Checkpointing, GimliUpdater
+from gimli_bptt import Checkpointing, GimliUpdater, Memory, TapeStats
 from gimli_bptt.checkpoint import min_forward_steps
 from gimli_bptt.testing import check_hypergradients
 
 from problems import build_model, ce_loss, make_batches
+from snapshots import bit_identical
 
 HUGE = 2**40  # holds everything
 
@@ -49,21 +51,15 @@ def _hypergrads(up: GimliUpdater, J: int, dtype: torch.dtype = torch.float64) ->
     return up.hypergradient(*_data(J, dtype)).hypergrads
 
 
-def _flat(value: Any) -> list[Tensor]:
-    return value if isinstance(value, list) else [value]
-
-
-def _bit_identical(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return a.keys() == b.keys() and all(all(torch.equal(x, y) for x, y in zip(_flat(a[k]), _flat(b[k]))) for k in a)
-
-
 @functools.cache
 def _baseline(opt_name: str, J: int, dtype: torch.dtype) -> tuple[dict[str, Any], int, int]:
     """The full tape's hypergradients without a budget, and the bytes of one state and one graph."""
     full = _hypergrads(_updater(opt_name, J, dtype), J, dtype)
-    probe = _updater(opt_name, J, dtype, memory_budget=HUGE)
+    probe = _updater(opt_name, J, dtype, memory=HUGE)
     _hypergrads(probe, J, dtype)
-    return full, probe.last_tape_stats["state_bytes"], probe.last_tape_stats["graph_bytes"]
+    stats = probe.last_tape_stats
+    assert stats is not None and stats.state_bytes is not None and stats.graph_bytes is not None
+    return full, stats.state_bytes, stats.graph_bytes
 
 
 @st.composite
@@ -89,17 +85,18 @@ def _budget_cases(draw: st.DrawFn) -> tuple[str, int, torch.dtype, str, int, int
 def test_hypergradients_are_bit_identical_whatever_the_budget(case: tuple[str, int, torch.dtype, str, int, int]) -> None:
     opt_name, J, dtype, regime, budget, n = case
     full, state, graph = _baseline(opt_name, J, dtype)
-    up = _updater(opt_name, J, dtype, memory_budget=budget)
-    assert _bit_identical(full, _hypergrads(up, J, dtype)), (regime, budget)
+    up = _updater(opt_name, J, dtype, memory=budget)
+    assert bit_identical(full, _hypergrads(up, J, dtype)), (regime, budget)
     stats = up.last_tape_stats
+    assert stats is not None
     if regime == "checkpointed":
-        assert stats["schedule"] == "checkpointed" and stats["graphs_kept"] == 0 and stats["graph_bytes"] is None
-        assert stats["max_slots_used"] <= n and stats["forward_steps"] == min_forward_steps(J, n)
+        assert stats.schedule == "checkpointed" and stats.graphs_kept == 0 and stats.graph_bytes is None
+        assert stats.max_slots_used <= n and stats.forward_steps == min_forward_steps(J, n)
     else:
-        assert stats["schedule"] == ("full" if n == 0 else "graphs") and stats["graphs_kept"] == n
-        assert stats["graph_bytes"] == graph and stats["forward_steps"] == J and stats["max_slots_used"] == J
+        assert stats.schedule == ("full" if n == 0 else "graphs") and stats.graphs_kept == n
+        assert stats.graph_bytes == graph and stats.forward_steps == J and stats.max_slots_used == J
         assert J * state + n * graph <= budget
-    assert stats["state_bytes"] == state
+    assert stats.state_bytes == state and stats.budget == budget
     torch.manual_seed(7)
     errors = check_hypergradients(up, *_data(J, dtype), dtype=None)  # against the full autograd unroll
     assert max(errors.values()) <= (1e-9 if dtype == torch.float64 else 2e-3), errors
@@ -107,25 +104,26 @@ def test_hypergradients_are_bit_identical_whatever_the_budget(case: tuple[str, i
 
 # --------------------------------------------------------------------------- the plan
 def test_a_large_budget_keeps_every_graph() -> None:
-    up = _updater("sgd", 4, memory_budget=HUGE)
+    up = _updater("sgd", 4, memory=HUGE)
+    assert up.last_tape_stats is None  # before the first meta step
     _hypergrads(up, 4)
     stats = up.last_tape_stats
-    assert (stats["schedule"], stats["graphs_kept"], stats["forward_steps"]) == ("graphs", 4, 4)
-    assert stats["graph_bytes"] > 0
+    assert stats is not None and (stats.schedule, stats.graphs_kept, stats.forward_steps) == ("graphs", 4, 4)
+    assert stats.graph_bytes is not None and stats.graph_bytes > 0
 
 
 def test_a_budget_of_exactly_the_states_keeps_no_graph_and_one_byte_less_checkpoints() -> None:
     J = 5
     _, state, graph = _baseline("sgd", J, torch.float64)
-    up = _updater("sgd", J, memory_budget=J * state)
+    up = _updater("sgd", J, memory=J * state)
     _hypergrads(up, J)
-    assert up.last_tape_stats == {"forward_steps": J, "max_slots_used": J, "schedule": "full", "graphs_kept": 0,
-                                  "graph_bytes": graph, "state_bytes": state}
-    up = _updater("sgd", J, memory_budget=J * state - 1)
+    assert up.last_tape_stats == TapeStats(forward_steps=J, max_slots_used=J, schedule="full", graphs_kept=0,
+                                           graph_bytes=graph, state_bytes=state, budget=J * state)
+    up = _updater("sgd", J, memory=J * state - 1)
     _hypergrads(up, J)
-    assert up.last_tape_stats == {"forward_steps": min_forward_steps(J, J - 1), "max_slots_used": J - 1,
-                                  "schedule": "checkpointed", "graphs_kept": 0, "graph_bytes": None,
-                                  "state_bytes": state}
+    assert up.last_tape_stats == TapeStats(forward_steps=min_forward_steps(J, J - 1), max_slots_used=J - 1,
+                                           schedule="checkpointed", graphs_kept=0, graph_bytes=None,
+                                           state_bytes=state, budget=J * state - 1)
 
 
 def test_the_last_steps_graphs_are_kept_and_the_others_recomputed_newest_first() -> None:
@@ -138,58 +136,86 @@ def test_the_last_steps_graphs_are_kept_and_the_others_recomputed_newest_first()
         calls.append(next(j for j, b in enumerate(batches) if b is batch))
         return ce_loss(model, batch)
 
-    up = _updater("sgd", J, train_loss=recording_loss, memory_budget=J * state + k * graph)
+    up = _updater("sgd", J, train_loss=recording_loss, memory=J * state + k * graph)
     torch.manual_seed(123)
     up.hypergradient(batches, val)
-    assert up.last_tape_stats["graphs_kept"] == k
+    assert up.last_tape_stats is not None and up.last_tape_stats.graphs_kept == k
     # the tape pass, then the sweep recomputes only the steps whose graphs were not kept
     assert calls == list(range(J)) + list(range(J - k - 1, -1, -1))
 
 
 def test_forward_over_reverse_spends_the_budget_on_states_only() -> None:
     full = _hypergrads(_updater("adam", 4, hvp="fwd"), 4)
-    up = _updater("adam", 4, hvp="fwd", memory_budget=HUGE)
-    assert _bit_identical(full, _hypergrads(up, 4))
+    up = _updater("adam", 4, hvp="fwd", memory=HUGE)
+    assert bit_identical(full, _hypergrads(up, 4))
     stats = up.last_tape_stats
-    assert (stats["schedule"], stats["graphs_kept"], stats["graph_bytes"]) == ("full", 0, None)
+    assert stats is not None and (stats.schedule, stats.graphs_kept, stats.graph_bytes) == ("full", 0, None)
 
 
-def test_keep_graphs_is_the_every_graph_shorthand() -> None:
-    up = _updater("sgd", 3, keep_graphs=True)
+def test_keep_graphs_keeps_every_graph() -> None:
+    up = _updater("sgd", 3, memory=Memory(keep_graphs=True))
     _hypergrads(up, 3)
     stats = up.last_tape_stats
-    assert (stats["schedule"], stats["graphs_kept"], stats["graph_bytes"]) == ("graphs", 3, None)
+    assert stats is not None and (stats.schedule, stats.graphs_kept, stats.graph_bytes) == ("graphs", 3, None)
 
 
-def test_checkpointing_budget_bytes_is_memory_budget() -> None:
+@pytest.mark.parametrize("old, new", [
+    (lambda b: {"memory_budget": b}, lambda b: {"memory": b}),
+    (lambda b: {"checkpoint": Checkpointing(budget_bytes=b, verify=True)},
+     lambda b: {"memory": Memory(budget=b, verify=True)}),
+    (lambda b: {"checkpoint": 2}, lambda b: {"memory": Memory(slots=2)}),
+    (lambda b: {"keep_graphs": True}, lambda b: {"memory": Memory(keep_graphs=True)}),
+], ids=["memory_budget", "Checkpointing(budget_bytes)", "checkpoint=k", "keep_graphs"])
+def test_the_deprecated_memory_options_warn_and_plan_as_memory(old: Any, new: Any) -> None:
     J = 4
     _, state, graph = _baseline("adam", J, torch.float64)
     for budget in (HUGE, J * state + 2 * graph, J * state, 2 * state + 1):
-        by_option = _updater("adam", J, memory_budget=budget)
-        by_checkpointing = _updater("adam", J, checkpoint=Checkpointing(budget_bytes=budget, verify=True))
-        assert _bit_identical(_hypergrads(by_option, J), _hypergrads(by_checkpointing, J))
-        assert by_option.last_tape_stats == by_checkpointing.last_tape_stats, budget
+        with pytest.warns(DeprecationWarning, match="deprecated"):
+            by_old = _updater("adam", J, **old(budget))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            by_new = _updater("adam", J, **new(budget))
+        assert bit_identical(_hypergrads(by_new, J), _hypergrads(by_old, J))
+        assert by_new.last_tape_stats == by_old.last_tape_stats, budget
+        assert by_new.memory == by_old.memory
 
 
 # --------------------------------------------------------------------------- errors
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("options, exc, match", [
-    ({"memory_budget": 2**20, "checkpoint": 2}, ValueError, "memory_budget= and checkpoint="),
-    ({"memory_budget": 2**20, "checkpoint": Checkpointing(budget_bytes=2**20)}, ValueError,
-     "memory_budget= and checkpoint="),
-    ({"memory_budget": 2**20, "keep_graphs": True}, ValueError, "memory_budget= and keep_graphs=True"),
+    ({"memory": 2**20, "checkpoint": 2}, ValueError, "memory= and checkpoint= both say"),
+    ({"memory_budget": 2**20, "checkpoint": 2}, ValueError, "checkpoint= and memory_budget= both say"),
+    ({"memory_budget": 2**20, "checkpoint": Memory(budget=2**20)}, ValueError, "checkpoint= and memory_budget="),
+    ({"memory_budget": 2**20, "keep_graphs": True}, ValueError, "memory_budget= and keep_graphs= both say"),
+    ({"memory": Memory(slots=2), "keep_graphs": True}, ValueError, "memory= and keep_graphs= both say"),
     ({"memory_budget": 1.5e6}, TypeError, "memory_budget must be a number of bytes"),
     ({"memory_budget": True}, TypeError, "memory_budget must be a number of bytes"),
     ({"memory_budget": "1GB"}, TypeError, "memory_budget must be a number of bytes"),
-    ({"memory_budget": 0}, ValueError, "memory_budget must be at least 1 byte"),
+    ({"memory_budget": 0}, ValueError, "memory must be at least 1 byte"),
+    ({"memory": 0}, ValueError, "memory must be at least 1 byte"),
+    ({"memory": 1.5e6}, TypeError, "memory must be a number of bytes"),
+    ({"memory": True}, TypeError, "memory must be a number of bytes"),
+    ({"checkpoint": "1GB"}, TypeError, "checkpoint must be"),
+    ({"checkpoint": True}, TypeError, "checkpoint must be"),
+    ({"checkpoint": 0}, ValueError, "slots"),
 ])
 def test_bad_memory_budgets(options: dict[str, Any], exc: type, match: str) -> None:
     with pytest.raises(exc, match=match):
         _updater("sgd", 3, **options)
 
 
+def test_checkpointing_spellings_are_validated() -> None:
+    with pytest.warns(DeprecationWarning):
+        with pytest.raises(ValueError, match="exactly one of"):
+            Checkpointing()
+    with pytest.warns(DeprecationWarning):
+        with pytest.raises(ValueError, match="exactly one of"):
+            Checkpointing(slots=2, every=3)
+
+
 def test_a_budget_below_one_state_says_so() -> None:
     _, state, _ = _baseline("sgd", 3, torch.float64)
-    up = _updater("sgd", 3, memory_budget=state - 1)
+    up = _updater("sgd", 3, memory=state - 1)
     with pytest.raises(ValueError, match=f"budget_bytes={state - 1} allows no checkpoint slot for state_bytes={state}"):
         _hypergrads(up, 3)
 
@@ -204,16 +230,16 @@ def test_state_dict_round_trip_and_resume_under_another_budget() -> None:
             torch.manual_seed(seed)
             up.step(*make_batches(J, seed=seed))
 
-    straight = _updater("adam", J, memory_budget=HUGE)
+    straight = _updater("adam", J, memory=HUGE)
     run(straight, range(2))
-    first = _updater("adam", J, memory_budget=HUGE)
+    first = _updater("adam", J, memory=HUGE)
     run(first, range(1))
     saved = first.state_dict()
-    assert saved["options"]["memory_budget"] == HUGE
-    same = _updater("adam", J, memory_budget=HUGE)
+    assert saved["options"]["memory"]["budget"] == HUGE
+    same = _updater("adam", J, memory=HUGE)
     same.load_state_dict(saved)
     assert same.state_dict()["options"] == saved["options"]
-    for options in ({"memory_budget": 2 * state}, {"checkpoint": 1}, {"keep_graphs": True}, {}):
+    for options in ({"memory": 2 * state}, {"memory": Memory(slots=1)}, {"memory": Memory(keep_graphs=True)}, {}):
         resumed = _updater("adam", J, **options)  # memory options do not change the results: free to differ
         resumed.load_state_dict(copy.deepcopy(saved))  # the meta optimizer's state would alias saved's tensors
         run(resumed, range(1, 2))

@@ -16,7 +16,7 @@ from torch import nn
 from ..updater import GimliUpdater
 from .data import Batch, Splits, load_digits_tensors, minibatches, sample_batches, split_digits
 from .models import cross_entropy, make_convnet, per_tensor_groups
-from .progress import Progress
+from ..progress import Progress
 from .report import check_finite, mean_std
 from .runstate import load, save_atomic
 

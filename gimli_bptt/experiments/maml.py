@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..updater import GimliUpdater
 from .data import Task, TaskSampler, load_digits_tensors, split_digits
 from .models import cross_entropy, make_convnet, per_tensor_groups
-from .progress import Progress
+from ..progress import Progress
 from .report import check_finite, mean_std
 
 OPTIMIZERS = ("sgd", "adam")

@@ -2,13 +2,13 @@
 """Differentiable ``torch.optim.Adadelta``: weight decay, maximize."""
 from __future__ import annotations
 
-from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from .adam import _sqrt
-from .base import DiffOptimizer, Hyper, State, add_bar, coupled_gradient, coupled_gradient_vjp, export_step_state, hyper_writer, import_step_state
+from .base import (MAXIMIZE, DiffOptimizer, Hyper, State, StateEntry, add_bar, coupled_gradient, coupled_gradient_vjp,
+                   eps, lr, unit_interval, weight_decay)
 
 
 def adadelta_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -117,39 +117,15 @@ def adadelta_step_vjp(
     return theta_bar, G_bar, state_bar, bars
 
 
-def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "lr": float(group["lr"]),
-        "rho": float(group["rho"]),
-        "eps": float(group["eps"]),
-        "weight_decay": float(group["weight_decay"]),
-        "maximize": bool(group.get("maximize", False)),
-    }
-
-
-_write_hyper = hyper_writer()
-
-
-def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    return import_step_state(torch_state, param, ("square_avg", "acc_delta"))
-
-
-def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return export_step_state(state, ("square_avg", "acc_delta"))
-
-
 ADADELTA = DiffOptimizer(
     name="Adadelta",
     torch_cls=torch.optim.Adadelta,
-    hyper_names=("lr", "rho", "eps", "weight_decay"),
-    flag_names=("maximize",),
-    state_keys=("square_avg", "acc_delta"),
     step=adadelta_step,
     step_vjp=adadelta_step_vjp,
-    read_hyper=_read_hyper,
-    write_hyper=_write_hyper,
-    import_state=_import_state,
-    export_state=_export_state,
+    hyper=(lr(), unit_interval("rho", doc="decay of the running averages"), eps(), weight_decay()),
+    flags=(MAXIMIZE,),
+    state=(StateEntry("square_avg"), StateEntry("acc_delta")),
+    counts_steps=True,
     notes="Needs eps > 0 for a finite derivative (Note [Adadelta at eps = 0]).",
 )
 

@@ -2,13 +2,13 @@
 """Differentiable ``torch.optim.Adagrad``: learning-rate decay, weight decay, maximize."""
 from __future__ import annotations
 
-from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from .adam import _sqrt
-from .base import DiffOptimizer, Hyper, State, add_bar, coupled_gradient, coupled_gradient_vjp, export_step_state, hyper_writer
+from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, coupled_gradient,
+                   coupled_gradient_vjp, eps, lr, weight_decay)
 
 
 def adagrad_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -99,44 +99,21 @@ def adagrad_step_vjp(
     return theta_bar, G_bar, {"sum": sum_bar}, bars
 
 
-def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "lr": float(group["lr"]),
-        "lr_decay": float(group["lr_decay"]),
-        "weight_decay": float(group["weight_decay"]),
-        "eps": float(group["eps"]),
-        "initial_accumulator_value": float(group.get("initial_accumulator_value", 0.0)),
-        "maximize": bool(group.get("maximize", False)),
-    }
-
-
-_write_hyper = hyper_writer()
-
-
-def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    if len(torch_state) == 0:
-        # Note [Adagrad's initial accumulator]
-        init = float(hyper.get("initial_accumulator_value", 0.0))
-        return {"step": 0.0, "sum": torch.full_like(param, init, memory_format=torch.preserve_format).detach()}
-    return {"step": float(torch_state["step"]), "sum": torch_state["sum"].detach().clone()}
-
-
-def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return export_step_state(state, ("sum",))
+def _initial_sum(param: Tensor, hyper: Hyper) -> Tensor:
+    # Note [Adagrad's initial accumulator]
+    return torch.full_like(param, float(hyper["initial_accumulator_value"]), memory_format=torch.preserve_format)
 
 
 ADAGRAD = DiffOptimizer(
     name="Adagrad",
     torch_cls=torch.optim.Adagrad,
-    hyper_names=("lr", "lr_decay", "weight_decay", "eps"),
-    flag_names=("maximize",),
-    state_keys=("sum",),
     step=adagrad_step,
     step_vjp=adagrad_step_vjp,
-    read_hyper=_read_hyper,
-    write_hyper=_write_hyper,
-    import_state=_import_state,
-    export_state=_export_state,
+    hyper=(lr(), Hyperparameter("lr_decay", doc="learning-rate decay"), weight_decay(), eps()),
+    flags=(MAXIMIZE, Flag("initial_accumulator_value", default=0.0, kind=float,
+                          why="it only fills the initial state (Note [Adagrad's initial accumulator])")),
+    state=(StateEntry("sum", init=_initial_sum),),
+    counts_steps=True,
     notes="Finite derivative at a zero accumulator; initial_accumulator_value is state initialisation only.",
 )
 

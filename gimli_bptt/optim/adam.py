@@ -2,12 +2,13 @@
 """Differentiable ``torch.optim.Adam`` and ``torch.optim.AdamW`` (amsgrad, maximize)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, coupled_gradient, coupled_gradient_vjp, export_step_state, hyper_writer, is_learned
+from .base import (MAXIMIZE, DiffOptimizer, Flag, FlatLayout, Hyper, State, StateEntry, add_bar, betas, coupled_gradient,
+                   coupled_gradient_vjp, eps, is_active, is_learned, lr, weight_decay)
 
 
 def _sqrt(v: Tensor) -> Tensor:
@@ -27,7 +28,7 @@ def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tens
     """The gradient after ``maximize`` and coupled weight decay, the decayed parameter, and t."""
     wd = hyper["weight_decay"]
     t = float(state["step"]) + 1.0
-    if hyper["decoupled_weight_decay"] and (is_learned(wd) or wd != 0):
+    if hyper["decoupled_weight_decay"] and is_active(wd):
         return (-G if hyper["maximize"] else G), theta * (1 - hyper["lr"] * wd), t
     return coupled_gradient(theta, G, hyper), theta, t
 
@@ -38,7 +39,7 @@ def _prepare_vjp(theta: Tensor, g_bar: Tensor, tb: Tensor, hyper: Hyper,
     cotangent ``g_bar`` and the decayed parameter's ``tb``, with the partials of lr and the
     weight decay added into ``bars``."""
     lr, wd = hyper["lr"], hyper["weight_decay"]
-    if hyper["decoupled_weight_decay"] and (is_learned(wd) or wd != 0):
+    if hyper["decoupled_weight_decay"] and is_active(wd):
         add_bar(bars, hyper, "lr", lambda: -wd * theta * tb)
         add_bar(bars, hyper, "weight_decay", lambda: -lr * theta * tb)
         return tb * (1 - lr * wd), (-g_bar if hyper["maximize"] else g_bar)
@@ -166,67 +167,49 @@ def adam_step_vjp(
     return theta_bar, G_bar, state_bar, bars
 
 
-def _read_hyper(group: Mapping[str, Any], decoupled_default: bool) -> dict[str, Any]:
-    beta1, beta2 = group["betas"]
-    return {
-        "lr": float(group["lr"]),
-        "beta1": float(beta1),
-        "beta2": float(beta2),
-        "eps": float(group["eps"]),
-        "weight_decay": float(group["weight_decay"]),
-        "amsgrad": bool(group.get("amsgrad", False)),
-        "maximize": bool(group.get("maximize", False)),
-        "decoupled_weight_decay": bool(group.get("decoupled_weight_decay", decoupled_default)),
-    }
+def _adam_options(hyper: Hyper, state: State) -> tuple:
+    """The flat ops' static options: (amsgrad, maximize, decoupled weight decay, weight decay)."""
+    return (bool(hyper["amsgrad"]), bool(hyper["maximize"]), bool(hyper["decoupled_weight_decay"]),
+            is_active(hyper["weight_decay"]))
 
 
-_write_hyper = hyper_writer(BETAS)
+def _moments(options: tuple) -> tuple[Optional[str], ...]:
+    return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if options[0] else None)
 
 
-def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    if len(torch_state) == 0:
-        state: State = {
-            "step": 0.0,
-            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-        }
-    else:
-        state = {
-            "step": float(torch_state["step"]),
-            "exp_avg": torch_state["exp_avg"].detach().clone(),
-            "exp_avg_sq": torch_state["exp_avg_sq"].detach().clone(),
-        }
-    if hyper["amsgrad"]:
-        existing = torch_state.get("max_exp_avg_sq")
-        state["max_exp_avg_sq"] = (
-            torch.zeros_like(param).detach() if existing is None else existing.detach().clone()
-        )
-    return state
+#: ``adam_step(θ, G, m, v, vmax, offsets, hyper, elementwise, t, amsgrad, maximize, decoupled, has_wd)``
+#: and its VJP (csrc/include/gimli/optim_math.h).
+ADAM_FLAT = FlatLayout(
+    op="adam",
+    hyper=("lr", "beta1", "beta2", "eps", "weight_decay"),
+    options=_adam_options,
+    state_in=_moments,
+    state_out=_moments,
+    bar_in=_moments,
+    bar_out=_moments,
+    args=lambda options, t: (t, *options),
+    counter="step",
+)
 
 
-def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return export_step_state(state, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
-
-
-def _make(name: str, cls: type, decoupled: bool) -> DiffOptimizer:
+def _declare(name: str, cls: type, decoupled: bool) -> DiffOptimizer:
     return DiffOptimizer(
         name=name,
         torch_cls=cls,
-        hyper_names=("lr", "beta1", "beta2", "eps", "weight_decay"),
-        flag_names=("amsgrad", "maximize", "decoupled_weight_decay"),
-        state_keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
         step=adam_step,
         step_vjp=adam_step_vjp,
-        read_hyper=lambda group: _read_hyper(group, decoupled),
-        write_hyper=_write_hyper,
-        import_state=_import_state,
-        export_state=_export_state,
+        hyper=(lr(), *betas(), eps(), weight_decay()),
+        flags=(Flag("amsgrad", why="it switches the second moment to its running maximum"), MAXIMIZE,
+               Flag("decoupled_weight_decay", default=decoupled, why="it switches between AdamW and Adam")),
+        state=(StateEntry("exp_avg"), StateEntry("exp_avg_sq"),
+               StateEntry("max_exp_avg_sq", when=lambda hyper: bool(hyper["amsgrad"]))),
+        counts_steps=True,
+        flat=ADAM_FLAT,
         notes="Finite derivative at a zero second moment; amsgrad's max takes a subgradient at ties.",
-        flat="adam",
     )
 
 
-ADAM = _make("Adam", torch.optim.Adam, decoupled=False)
-ADAMW = _make("AdamW", torch.optim.AdamW, decoupled=True)
+ADAM = _declare("Adam", torch.optim.Adam, decoupled=False)
+ADAMW = _declare("AdamW", torch.optim.AdamW, decoupled=True)
 
-__all__ = ["ADAM", "ADAMW", "adam_step", "adam_step_vjp"]
+__all__ = ["ADAM", "ADAMW", "ADAM_FLAT", "adam_step", "adam_step_vjp"]

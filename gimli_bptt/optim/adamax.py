@@ -2,12 +2,12 @@
 """Differentiable ``torch.optim.Adamax``: weight decay, maximize."""
 from __future__ import annotations
 
-from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, coupled_gradient, coupled_gradient_vjp, export_step_state, hyper_writer, import_step_state, is_learned
+from .base import (MAXIMIZE, DiffOptimizer, Hyper, State, StateEntry, add_bar, betas, coupled_gradient,
+                   coupled_gradient_vjp, eps, is_learned, lr, weight_decay)
 
 
 def adamax_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -103,41 +103,15 @@ def adamax_step_vjp(
     return theta_bar, G_bar, state_bar, bars
 
 
-def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
-    beta1, beta2 = group["betas"]
-    return {
-        "lr": float(group["lr"]),
-        "beta1": float(beta1),
-        "beta2": float(beta2),
-        "eps": float(group["eps"]),
-        "weight_decay": float(group["weight_decay"]),
-        "maximize": bool(group.get("maximize", False)),
-    }
-
-
-_write_hyper = hyper_writer(BETAS)
-
-
-def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    return import_step_state(torch_state, param, ("exp_avg", "exp_inf"))
-
-
-def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return export_step_state(state, ("exp_avg", "exp_inf"))
-
-
 ADAMAX = DiffOptimizer(
     name="Adamax",
     torch_cls=torch.optim.Adamax,
-    hyper_names=("lr", "beta1", "beta2", "eps", "weight_decay"),
-    flag_names=("maximize",),
-    state_keys=("exp_avg", "exp_inf"),
     step=adamax_step,
     step_vjp=adamax_step_vjp,
-    read_hyper=_read_hyper,
-    write_hyper=_write_hyper,
-    import_state=_import_state,
-    export_state=_export_state,
+    hyper=(lr(), *betas(), eps(), weight_decay()),
+    flags=(MAXIMIZE,),
+    state=(StateEntry("exp_avg"), StateEntry("exp_inf")),
+    counts_steps=True,
     notes="The maximum gives its cotangent to |g| + eps at ties (Note [Adamax maximum]).",
 )
 

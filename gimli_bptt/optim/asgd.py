@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import DiffOptimizer, Hyper, State, add_bar, hyper_writer, is_learned
-from .scalars import export_scalar, round_to_torch_scalar, scalar_state_dtype, sum_to, zero_missing_bars
+from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, is_active, is_learned, lr,
+                   reduce_like, weight_decay, zero_missing_bars)
+from .scalars import round_to_torch_scalar, scalar_state_dtype
 
-_HYPER_NAMES = ("lr", "lambd", "alpha", "weight_decay")
+HYPER = (lr(), Hyperparameter("lambd", doc="decay term"),
+         Hyperparameter("alpha", doc="the power of the eta update (an exponent, not a decay in [0, 1])"), weight_decay())
+_HYPER_NAMES = tuple(h.name for h in HYPER)
 
 
 def _eta_used(state: State, hyper: Hyper) -> Any:
@@ -62,7 +65,7 @@ def asgd_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Ten
     lambd, wd = hyper["lambd"], hyper["weight_decay"]
     t = float(state["step"]) + 1.0
     g = -G if hyper["maximize"] else G
-    if is_learned(wd) or wd != 0:
+    if is_active(wd):
         g = g + wd * theta
     eta = _eta_used(state, hyper)
     theta_next = theta * (1 - lambd * eta) - eta * g
@@ -106,7 +109,7 @@ def asgd_step_vjp(
     lr, lambd, alpha, wd = hyper["lr"], hyper["lambd"], hyper["alpha"], hyper["weight_decay"]
     t = float(state["step"]) + 1.0
     g = -G if hyper["maximize"] else G
-    has_wd = is_learned(wd) or wd != 0
+    has_wd = is_active(wd)
     if has_wd:
         g = g + wd * theta
     eta = _eta_used(state, hyper)
@@ -120,7 +123,7 @@ def asgd_step_vjp(
         theta_next = theta * (1 - lambd * eta) - eta * g
         theta_next_bar_tot = theta_next_bar + mu * ax_next_bar
         state_bar["ax"] = (1 - mu) * ax_next_bar
-        state_bar["mu"] = sum_to((theta_next - ax) * ax_next_bar, mu)
+        state_bar["mu"] = reduce_like((theta_next - ax) * ax_next_bar, mu)
     tb = theta_next_bar_tot
     eta_bar = -(lambd * theta + g) * tb
     add_bar(bars, hyper, "lambd", lambda: -eta * theta * tb)
@@ -128,7 +131,7 @@ def asgd_step_vjp(
     if float(state["step"]) == 0.0:
         add_bar(bars, hyper, "lr", eta_bar)
     else:
-        state_bar["eta"] = sum_to(eta_bar, state["eta"])
+        state_bar["eta"] = reduce_like(eta_bar, state["eta"])
 
     eta_next_bar = state_next_bar.get("eta")
     if eta_next_bar is not None and any(is_learned(hyper[n]) for n in ("lr", "lambd", "alpha")):
@@ -149,58 +152,20 @@ def asgd_step_vjp(
     return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
 
 
-def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "lr": float(group["lr"]),
-        "lambd": float(group["lambd"]),
-        "alpha": float(group["alpha"]),
-        "weight_decay": float(group["weight_decay"]),
-        "t0": float(group["t0"]),
-        "maximize": bool(group.get("maximize", False)),
-    }
-
-
-_write_hyper = hyper_writer()
-
-
-def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    dtype = scalar_state_dtype(param)
-    if len(torch_state) == 0:
-        return {
-            "step": 0.0,
-            "eta": torch.tensor(round_to_torch_scalar(float(hyper["lr"])), dtype=dtype, device=param.device),
-            "mu": torch.ones((), dtype=dtype, device=param.device),
-            "ax": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-        }
-    return {
-        "step": float(torch_state["step"]),
-        "eta": torch.as_tensor(torch_state["eta"]).detach().to(dtype=dtype, device=param.device).clone(),
-        "mu": torch.as_tensor(torch_state["mu"]).detach().to(dtype=dtype, device=param.device).clone(),
-        "ax": torch_state["ax"].detach().clone(),
-    }
-
-
-def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return {
-        "step": export_scalar(float(state["step"])),
-        "eta": export_scalar(state["eta"]),
-        "mu": export_scalar(state["mu"]),
-        "ax": state["ax"].detach().clone(),
-    }
+def _initial_eta(param: Tensor, hyper: Hyper) -> Tensor:
+    return torch.tensor(round_to_torch_scalar(float(hyper["lr"])), dtype=scalar_state_dtype(param), device=param.device)
 
 
 ASGD = DiffOptimizer(
     name="ASGD",
     torch_cls=torch.optim.ASGD,
-    hyper_names=_HYPER_NAMES,
-    flag_names=("t0", "maximize"),
-    state_keys=("eta", "mu", "ax"),
     step=asgd_step,
     step_vjp=asgd_step_vjp,
-    read_hyper=_read_hyper,
-    write_hyper=_write_hyper,
-    import_state=_import_state,
-    export_state=_export_state,
+    hyper=HYPER,
+    flags=(Flag("t0", kind=float, why="it only reaches the average ax, which never feeds back into θ "
+                                     "(Note [ASGD's average])"), MAXIMIZE),
+    state=(StateEntry("eta", init=_initial_eta, scalar=True), StateEntry("mu", init=1.0, scalar=True), StateEntry("ax")),
+    counts_steps=True,
     notes="t0 is a fixed option (Note [ASGD's average]); eta and mu rounded as torch keeps them; "
           "the first step uses lr itself (Note [Lazy first step size]).",
 )

@@ -1,18 +1,40 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The differentiable-optimizer contract: a pure ``step`` and its hand-written ``step_vjp``."""
+"""The differentiable-optimizer contract: a pure ``step``, its hand-written ``step_vjp``, and one declaration.
+
+An optimizer is math plus a declaration (Note [One declaration per optimizer]):
+
+- ``step(theta, G, state, hyper) -> (theta_next, state_next)`` for one parameter tensor, out
+  of place, exactly as ``torch.optim`` updates it ([Alg.1 L6]);
+- ``step_vjp(theta, G, state, hyper, theta_next_bar, state_next_bar)
+  -> (theta_bar, G_bar, state_bar, hyper_bar)``, its vector-Jacobian product by hand
+  ([Alg.1 L11], [Alg.1 L12] and the first term of [Alg.1 L14]);
+- a :class:`DiffOptimizer` row that declares its hyperparameters (:class:`Hyperparameter`:
+  name, ``torch.optim`` option, valid range), its other options (:class:`Flag`) and its state
+  (:class:`StateEntry`). Reading and writing param groups, importing and exporting
+  ``opt.state[p]`` and projecting learned values into range are generated from it.
+
+Note [One declaration per optimizer]: everything the engine needs to know about an optimizer
+beyond its math lives in its ``DiffOptimizer`` row, in the optimizer's own file, and the
+registry (``optim/__init__.py``) is one tuple of rows. How a fused flat-buffer op implements
+it (:class:`FlatLayout`) is declared beside it too, but *which* implementation runs (the
+per-tensor loop, the pure-PyTorch twin or the compiled kernels) is decided by
+:mod:`gimli_bptt.stepping`, never by the row.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
+
+from .scalars import export_scalar, scalar_state_dtype, torch_scalar_dtype
 
 #: A hyperparameter value for one parameter tensor: a Python float (fixed), a 0-d tensor
 #: (learned per group or per tensor) or a tensor shaped like the parameter (learned per element).
 HyperValue = Any
-#: The hyperparameters of one parameter tensor: float values and boolean flags by name.
+#: The hyperparameters of one parameter tensor: float values and flags by name.
 Hyper = Mapping[str, Any]
 #: The optimizer state of one parameter tensor, as a plain dict (``torch.optim`` naming).
 State = dict[str, Any]
@@ -24,71 +46,322 @@ StepVjpFn = Callable[
 ]
 
 
+# ---------------------------------------------------------------------------- the declaration
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A float option of a param group that can be meta-learned.
+
+    Attributes:
+        name: Our name, the key of ``hyper`` in ``step`` (Adam's ``betas`` are ``beta1``, ``beta2``).
+        option: The param-group key that holds it (default: ``name``).
+        index: Its position when the option is a tuple (``betas[0]``), else None.
+        low: The lowest valid value (None: unbounded).
+        high: The highest valid value (None: unbounded).
+        open_low: ``low`` itself is invalid (eps > 0): projection stops just above it.
+        open_high: ``high`` itself is invalid (beta < 1): projection stops just below it.
+        default: The value when a param group lacks the option (None: the option is required).
+        doc: What it is, for error messages and the README's table.
+    """
+
+    name: str
+    option: Optional[str] = None
+    index: Optional[int] = None
+    low: Optional[float] = 0.0
+    high: Optional[float] = None
+    open_low: bool = False
+    open_high: bool = False
+    default: Optional[float] = None
+    doc: str = ""
+
+    @property
+    def key(self) -> str:
+        """The param-group key."""
+        return self.option or self.name
+
+    def read(self, group: Mapping[str, Any]) -> float:
+        """The value in a ``torch.optim`` param group, as a float."""
+        if self.key not in group:
+            if self.default is None:
+                raise KeyError(f"the param group has no option {self.key!r}")
+            return float(self.default)
+        value = group[self.key]
+        if self.index is not None:
+            value = value[self.index]
+        return float(value)
+
+    def write(self, group: dict[str, Any], value: float) -> None:
+        """Stores ``value`` into a param group (inside its tuple option when ``index`` is set)."""
+        if self.index is None:
+            group[self.key] = value
+            return
+        values = list(group[self.key])
+        values[self.index] = value
+        group[self.key] = tuple(values)
+
+    @torch.no_grad()
+    def project_(self, t: Tensor) -> None:
+        """Clamps ``t`` in place into the valid range (projected gradient descent on φ_opt)."""
+        finfo = torch.finfo(t.dtype)
+        if self.low is not None:
+            low = max(self.low + abs(self.low) * finfo.eps, self.low + finfo.tiny) if self.open_low else self.low
+            t.clamp_(min=low)
+        if self.high is not None:
+            high = self.high - max(abs(self.high), 1.0) * finfo.eps if self.open_high else self.high
+            t.clamp_(max=high)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """An option of a param group that the step reads but that is not meta-learned.
+
+    Attributes:
+        name: The param-group key (and the key in ``hyper``).
+        default: The value when a param group lacks the option.
+        kind: How it is read (``bool``, or ``float``/``int`` for a fixed number such as ASGD's ``t0``).
+        why: Why it cannot be learned, for the error message of ``learn={name: ...}``.
+    """
+
+    name: str
+    default: Any = False
+    kind: type = bool
+    why: str = ""
+
+    def read(self, group: Mapping[str, Any]) -> Any:
+        return self.kind(group.get(self.name, self.default))
+
+
+#: Makes the fresh value of one state entry from the parameter and its hyperparameters.
+StateInit = Callable[[Tensor, Hyper], Tensor]
+
+
+@dataclass(frozen=True)
+class StateEntry:
+    """One tensor entry of ``opt.state[p]``.
+
+    Attributes:
+        name: Its key, in ``torch.optim``'s naming (``exp_avg``).
+        init: Its value in a fresh state: a fill value (0.0: zeros like the parameter), or a
+            function ``init(param, hyper)``.
+        scalar: A 0-d entry that ``torch.optim`` keeps in its scalar dtype (NAdam's
+            ``mu_product``); a fill value then makes a 0-d tensor.
+        lazy: Absent until the first step creates it (SGD's momentum buffer): a fresh state
+            holds None.
+        when: The entry exists only for these options (amsgrad's ``max_exp_avg_sq``).
+    """
+
+    name: str
+    init: Union[float, StateInit] = 0.0
+    scalar: bool = False
+    lazy: bool = False
+    when: Optional[Callable[[Hyper], bool]] = None
+
+    def fresh(self, param: Tensor, hyper: Hyper) -> Optional[Tensor]:
+        if self.lazy:
+            return None
+        if callable(self.init):
+            return self.init(param, hyper).detach()
+        if self.scalar:
+            return torch.full((), float(self.init), dtype=scalar_state_dtype(param), device=param.device)
+        return torch.full_like(param, float(self.init), memory_format=torch.preserve_format).detach()
+
+    def copy(self, value: Any, param: Tensor) -> Tensor:
+        if self.scalar:
+            return torch.as_tensor(value).detach().to(dtype=scalar_state_dtype(param), device=param.device).clone()
+        return value.detach().clone()
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """How one optimizer's per-tensor contract maps onto a pair of fused flat-buffer ops.
+
+    The ops ``<op>_step`` and ``<op>_step_vjp`` (``torch.ops.gimli`` and their pure-PyTorch twin
+    in :mod:`gimli_bptt.kernels._reference`) take many tensors laid end to end; a *bucket* of
+    tensors shares the op's static options (Note [Flat buffers] in ``kernels/flat.py``).
+    The step op is called as ``step(θ, G, *state_in, offsets, hyper, elementwise, *args)`` and
+    returns ``(θ', *state_out)``; the VJP op as ``vjp(θ, G, *state_in, θ̄', *bar_in, offsets,
+    hyper, elementwise, learned, *args)`` and returns ``(θ̄, Ḡ, *bar_out, hyper_bars)``. A
+    name of None in those lists is an absent buffer (passed as None, ignored on return).
+
+    Attributes:
+        op: The op pair's name stem (``"adam"``).
+        hyper: The hyperparameter slots, in the op's order.
+        options: ``options(hyper, state)`` of one tensor: the op's static options (a tuple);
+            tensors with different options go to different buckets.
+        state_in: ``state_in(options)``: the state entries the ops read.
+        state_out: ``state_out(options)``: the state entries the step op returns.
+        bar_in: ``bar_in(options)``: the carried state cotangents the VJP op reads.
+        bar_out: ``bar_out(options)``: the state cotangents it returns.
+        args: ``args(options, t)``: the trailing scalar arguments (``t`` is the step count of
+            the step being taken when ``counter`` is set, else None).
+        counter: The state's step count (``"step"``), read per call and advanced by one, or None.
+    """
+
+    op: str
+    hyper: tuple[str, ...]
+    options: Callable[[Hyper, State], tuple]
+    state_in: Callable[[tuple], tuple[Optional[str], ...]]
+    state_out: Callable[[tuple], tuple[Optional[str], ...]]
+    bar_in: Callable[[tuple], tuple[Optional[str], ...]]
+    bar_out: Callable[[tuple], tuple[Optional[str], ...]]
+    args: Callable[[tuple, Optional[float]], tuple]
+    counter: Optional[str] = None
+
+
 @dataclass(frozen=True)
 class DiffOptimizer:
-    """A ``torch.optim`` optimizer as a pair of pure per-tensor functions.
+    """A ``torch.optim`` optimizer as pure per-tensor math and one declaration.
 
     ``step(theta, G, state, hyper) -> (theta_next, state_next)`` reproduces the update that
-    ``torch.optim`` makes to one parameter tensor, out of place (Algorithm 1, line 6).
+    ``torch.optim`` makes to one parameter tensor, out of place ([Alg.1 L6]).
 
     ``step_vjp(theta, G, state, hyper, theta_next_bar, state_next_bar)
     -> (theta_bar, G_bar, state_bar, hyper_bar)`` is its vector-Jacobian product, written by
-    hand (the direct partials of lines 11, 12 and the first term of line 14). ``hyper_bar``
-    holds one entry for every hyperparameter given as a tensor, shaped like that tensor; plain
-    floats get no cotangent. Entries of ``state_next_bar`` may be missing (taken as zero).
+    hand ([Alg.1 L11], [Alg.1 L12] and the first term of [Alg.1 L14]). ``hyper_bar`` holds one
+    entry for every hyperparameter given as a tensor, reduced to that tensor's shape with
+    :func:`reduce_like`; plain floats get no cotangent. Entries of ``state_next_bar`` may be
+    missing (taken as zero).
+
+    ``hyper`` maps the name of every :class:`Hyperparameter` (a float, or a tensor when learned)
+    and of every :class:`Flag` to its value; ``state`` holds the step count ``"step"`` (a float)
+    when ``counts_steps``, and the :class:`StateEntry` tensors.
 
     Attributes:
         name: Display name, e.g. ``"Adam"``.
         torch_cls: The ``torch.optim`` class this implements.
-        hyper_names: The float hyperparameters that can be meta-learned, in our naming
-            (Adam's ``betas`` appear as ``beta1`` and ``beta2``).
-        flag_names: The boolean options the step honours (``nesterov``, ``amsgrad``, ...).
-        state_keys: The differentiable tensor entries of the state (e.g. ``exp_avg``).
         step: The pure per-tensor step.
         step_vjp: Its vector-Jacobian product.
-        read_hyper: Reads ``{name: float or bool}`` from a ``torch.optim`` param group.
-        write_hyper: Writes one float hyperparameter back into a param group.
-        import_state: Builds our state of one tensor from ``opt.state[p]`` (a copy).
-        export_state: Builds ``opt.state[p]`` from our state.
-        flat: The kind of flat-buffer op that implements this optimizer (``"sgd"``, ``"adam"``),
-            or None: ``step_all``/``step_vjp_all`` then loop over the tensors.
-        kernels: How ``step_all``/``step_vjp_all`` run: ``"auto"`` (fused kernels where they are
-            available and suit the tensors, else their pure-PyTorch flat twin), ``"fused"`` (raise
-            if the kernels cannot run), ``"reference"`` (the flat twin) or ``"loop"`` (the
-            per-tensor functions, one tensor at a time). See ``gimli_bptt.kernels``.
+        hyper: The float options that can be meta-learned.
+        flags: The other options the step reads (booleans, fixed numbers).
+        state: The tensor entries of ``opt.state[p]``; None when ``init_state`` builds the state.
+        counts_steps: The state holds ``torch.optim``'s step count ``"step"``.
+        init_state: ``init_state(param, hyper) -> state`` for optimizers that declare no
+            ``state`` entries (registered ones): a fresh state; an existing ``opt.state[p]`` is
+            copied as it is.
+        elementwise: The step acts on each element alone (so it applies unchanged to tensors
+            with a leading task dimension); False for Adafactor's factored moments and Muon's
+            orthogonalisation.
+        check_param: ``check_param(name, param)`` raises ``ValueError`` for a parameter the
+            optimizer cannot take (Muon: not a matrix), or None.
+        flat: How the fused flat-buffer ops implement it, or None (per-tensor only).
+        notes: What needs care in its derivative, in a sentence.
     """
 
     name: str
     torch_cls: type
-    hyper_names: tuple[str, ...]
-    flag_names: tuple[str, ...]
-    state_keys: tuple[str, ...]
     step: StepFn
     step_vjp: StepVjpFn
-    read_hyper: Callable[[Mapping[str, Any]], dict[str, Any]]
-    write_hyper: Callable[[dict[str, Any], str, float], None]
-    import_state: Callable[[Mapping[str, Any], Tensor, Hyper], State]
-    export_state: Callable[[State, Tensor], dict[str, Any]]
+    hyper: tuple[Hyperparameter, ...]
+    flags: tuple[Flag, ...] = ()
+    state: Optional[tuple[StateEntry, ...]] = ()
+    counts_steps: bool = False
+    init_state: Optional[Callable[[Tensor, Hyper], State]] = None
+    elementwise: bool = True
+    check_param: Optional[Callable[[str, Tensor], None]] = None
+    flat: Optional[FlatLayout] = None
     notes: str = field(default="")
-    flat: Optional[str] = None
-    kernels: str = "auto"
+
+    # --------------------------------------------------------------- what the declaration implies
+    @property
+    def hyper_names(self) -> tuple[str, ...]:
+        """The names of the learnable hyperparameters."""
+        return tuple(h.name for h in self.hyper)
+
+    @property
+    def flag_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.flags)
+
+    def hyperparameter(self, name: str) -> Hyperparameter:
+        """The declaration of one learnable hyperparameter."""
+        for h in self.hyper:
+            if h.name == name:
+                return h
+        raise KeyError(f"{self.name} has no hyperparameter {name!r}")
+
+    def flag(self, name: str) -> Optional[Flag]:
+        return next((f for f in self.flags if f.name == name), None)
+
+    def read_hyper(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """``{name: float or flag}`` from a ``torch.optim`` param group."""
+        missing = [h.key for h in self.hyper if h.default is None and h.key not in group]
+        if missing:
+            raise KeyError(f"{self.name} param groups lack {sorted(set(missing))}; declare a default for them")
+        out: dict[str, Any] = {h.name: h.read(group) for h in self.hyper}
+        out.update({f.name: f.read(group) for f in self.flags})
+        return out
+
+    def write_hyper(self, group: dict[str, Any], name: str, value: float) -> None:
+        """Writes one learned value back into a param group."""
+        self.hyperparameter(name).write(group, value)
+
+    def import_state(self, torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
+        """Our state of one tensor from ``opt.state[p]``: copies, or a fresh state where it is empty.
+
+        An entry the options need but ``opt.state[p]`` lacks (amsgrad switched on later) starts fresh.
+        """
+        if self.state is None:
+            if len(torch_state) == 0:
+                return dict(self.init_state(param, hyper)) if self.init_state is not None else {}
+            return clone_state(torch_state)
+        state: State = {}
+        if self.counts_steps:
+            state["step"] = float(torch_state["step"]) if "step" in torch_state else 0.0
+        for entry in self.state:
+            value = torch_state.get(entry.name)
+            if value is not None:
+                state[entry.name] = entry.copy(value, param)
+            elif entry.lazy:
+                state[entry.name] = None
+            elif entry.when is None or entry.when(hyper):
+                state[entry.name] = entry.fresh(param, hyper)
+        return state
+
+    def export_state(self, state: State, param: Tensor) -> dict[str, Any]:
+        """``opt.state[p]`` as ``torch.optim`` keeps it (copies): the step count as a scalar
+        tensor of torch's scalar dtype, and the entries that exist."""
+        if self.state is None:
+            return clone_state(state)
+        out: dict[str, Any] = {}
+        if self.counts_steps:
+            out["step"] = torch.tensor(float(state["step"]), dtype=torch_scalar_dtype())
+        for entry in self.state:
+            value = state.get(entry.name)
+            if value is not None:
+                out[entry.name] = export_scalar(value) if entry.scalar else value.detach().clone()
+        return out
+
+    def validate(self) -> "DiffOptimizer":
+        """Checks that the declaration is coherent; returns ``self``."""
+        names = self.hyper_names + self.flag_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.name}: a name is declared twice among {names}")
+        if not callable(self.step) or not callable(self.step_vjp):
+            raise TypeError(f"{self.name}: step and step_vjp must be callables")
+        if self.flat is not None and any(n not in self.hyper_names for n in self.flat.hyper):
+            raise ValueError(f"{self.name}: the flat layout names hyperparameters it does not declare")
+        return self
 
 
+# ---------------------------------------------------------------------------- helpers for the math
 def reduce_like(x: Tensor, like: HyperValue) -> Tensor:
     """Sums an element-wise cotangent ``x`` down to the shape of the hyperparameter ``like``.
 
     A hyperparameter learned per group or per tensor is a 0-d tensor broadcast over the whole
     parameter, so its cotangent is the sum of the element-wise one; one learned per element
-    keeps the element-wise cotangent.
+    keeps the element-wise cotangent, summed over any leading dimension it was broadcast over.
     """
-    if isinstance(like, Tensor) and like.dim() == x.dim():
-        return x
+    if isinstance(like, Tensor) and like.dim() > 0:
+        return x if x.shape == like.shape else x.sum_to_size(like.shape)
     return x.sum()
 
 
 def is_learned(value: HyperValue) -> bool:
     """Whether a hyperparameter value is a tensor (and therefore gets a cotangent)."""
     return isinstance(value, Tensor)
+
+
+def is_active(value: HyperValue) -> bool:
+    """Whether a term scaled by this hyperparameter takes part: learned, or a nonzero float."""
+    return is_learned(value) or value != 0
 
 
 def add_bar(bars: dict[str, Tensor], hyper: Hyper, name: str, elementwise: Tensor | Callable[[], Tensor]) -> None:
@@ -105,22 +378,31 @@ def add_bar(bars: dict[str, Tensor], hyper: Hyper, name: str, elementwise: Tenso
     bars[name] = bars[name] + bar if name in bars else bar
 
 
+def zero_missing_bars(bars: dict[str, Tensor], hyper: Hyper, names: Sequence[str]) -> dict[str, Tensor]:
+    """Zero cotangents for learned hyperparameters that had no path at this step (the contract:
+    one entry per tensor hyperparameter)."""
+    for name in names:
+        if is_learned(hyper[name]) and name not in bars:
+            bars[name] = torch.zeros_like(hyper[name])
+    return bars
+
+
 def coupled_gradient(theta: Tensor, G: Tensor, hyper: Hyper) -> Tensor:
     """g = ±G + λθ: the gradient a step uses after ``maximize`` and coupled (L2) weight decay,
-    formed as ``torch.optim`` forms it (Algorithm 1, line 6)."""
+    formed as ``torch.optim`` forms it ([Alg.1 L6])."""
     wd = hyper["weight_decay"]
     g = -G if hyper["maximize"] else G
-    if is_learned(wd) or wd != 0:
+    if is_active(wd):
         g = g + wd * theta
     return g
 
 
 def coupled_gradient_vjp(theta: Tensor, g_bar: Tensor, theta_bar: Tensor, hyper: Hyper,
                          bars: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """The VJP of :func:`coupled_gradient` (Algorithm 1, line 11): ``(θ̄ + λ ḡ, ±ḡ)``, with λ's
-    partial θ·ḡ added into ``bars``; ``theta_bar`` is θ's cotangent from the rest of the step."""
+    """The VJP of :func:`coupled_gradient` ([Alg.1 L11]): ``(θ̄ + λ ḡ, ±ḡ)``, with λ's partial
+    θ·ḡ added into ``bars``; ``theta_bar`` is θ's cotangent from the rest of the step."""
     wd = hyper["weight_decay"]
-    if is_learned(wd) or wd != 0:
+    if is_active(wd):
         theta_bar = theta_bar + wd * g_bar
         add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
     return theta_bar, (-g_bar if hyper["maximize"] else g_bar)
@@ -131,171 +413,78 @@ def clone_state(state: Mapping[str, Any]) -> State:
     return {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
 
 
-KERNEL_MODES = ("auto", "fused", "reference", "loop")
+# ---------------------------------------------------------------------------- common declarations
+def lr(**kw: Any) -> Hyperparameter:
+    return Hyperparameter("lr", doc="learning rate", **kw)
 
 
-def _differentiable(*lists: Sequence[Any]) -> bool:
-    """Whether autograd records the step: grad mode on and some input requires grad."""
-    if not torch.is_grad_enabled():
-        return False
-    for items in lists:
-        for x in items:
-            if isinstance(x, Tensor) and x.requires_grad:
-                return True
-            if isinstance(x, Mapping) and any(isinstance(v, Tensor) and v.requires_grad for v in x.values()):
-                return True
-    return False
+def weight_decay(**kw: Any) -> Hyperparameter:
+    return Hyperparameter("weight_decay", doc="weight decay", **kw)
 
 
-def _use_flat(opt: DiffOptimizer, *inputs: Sequence[Any]) -> bool:
-    """Whether ``step_all``/``step_vjp_all`` take the flat-buffer path.
-
-    Note [Flat ops under autograd]: the flat ops (compiled or their twin) have no autograd
-    formula, and the engine never differentiates through a step (the tape runs under
-    ``no_grad``; the sweep's VJP is hand-written). A caller that does, such as the reference
-    unroll of :mod:`gimli_bptt.testing`, gets the per-tensor functions, whatever ``kernels`` says.
-    """
-    if opt.kernels not in KERNEL_MODES:
-        raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {opt.kernels!r}")
-    if opt.flat is None:
-        if opt.kernels in ("fused", "reference"):
-            raise ValueError(f"{opt.name} has no flat-buffer implementation; use kernels='auto' or 'loop'")
-        return False
-    return opt.kernels != "loop" and not _differentiable(*inputs)
+def eps(**kw: Any) -> Hyperparameter:
+    return Hyperparameter("eps", open_low=True, doc="the term that keeps a denominator away from 0", **kw)
 
 
-def step_all(
-    opt: DiffOptimizer,
-    theta: Sequence[Tensor],
-    G: Sequence[Optional[Tensor]],
-    state: Sequence[State],
-    hyper: Sequence[Hyper],
-) -> tuple[list[Tensor], list[State]]:
-    """Applies ``opt.step`` to every parameter tensor (Algorithm 1, line 6).
+def betas(first: str = "beta1", second: str = "beta2") -> tuple[Hyperparameter, Hyperparameter]:
+    """Adam-style ``betas=(beta1, beta2)``, each in [0, 1)."""
+    return (Hyperparameter(first, option="betas", index=0, high=1.0, open_high=True, doc="first-moment decay"),
+            Hyperparameter(second, option="betas", index=1, high=1.0, open_high=True, doc="second-moment decay"))
 
-    A tensor whose gradient is ``None`` (it did not take part in the loss) is left as it is,
-    with its state, exactly as ``torch.optim`` skips parameters whose ``.grad`` is ``None``.
-    With ``opt.flat`` set and ``opt.kernels != "loop"``, the tensors go through one fused op
-    per bucket of flat buffers instead (:mod:`gimli_bptt.kernels.flat`), with the same result.
-    """
-    if _use_flat(opt, theta, G, hyper):
-        from ..kernels import flat
 
-        return flat.step_all(opt, theta, G, state, hyper, impl=opt.kernels)
-    theta_next: list[Tensor] = []
-    state_next: list[State] = []
-    for t, g, s, h in zip(theta, G, state, hyper):
-        if g is None:
-            theta_next.append(t)
-            state_next.append(s)
+MAXIMIZE = Flag("maximize")
+
+#: The domain a hyperparameter registered by name alone gets (register_optimizer), by convention.
+CONVENTIONAL: dict[str, Hyperparameter] = {
+    h.name: h for h in (lr(), weight_decay(), eps(), *betas(),
+                        Hyperparameter("momentum", high=1.0), Hyperparameter("dampening", high=1.0))
+}
+
+
+def unit_interval(name: str, **kw: Any) -> Hyperparameter:
+    """A decay rate in [0, 1] (momentum, rho, alpha)."""
+    return Hyperparameter(name, high=1.0, **kw)
+
+
+def declared(names: Sequence[Union[str, Hyperparameter]]) -> tuple[Hyperparameter, ...]:
+    """Hyperparameters from declarations or bare names: a bare name is read as ``group[name]``
+    and gets :data:`CONVENTIONAL`'s range when it has one (``beta1`` in [0, 1)), else no bound."""
+    out = []
+    for n in names:
+        if isinstance(n, Hyperparameter):
+            out.append(n)
+        elif n in CONVENTIONAL:
+            out.append(dataclasses.replace(CONVENTIONAL[n], option=None, index=None))
         else:
-            tn, sn = opt.step(t, g, s, h)
-            theta_next.append(tn)
-            state_next.append(sn)
-    return theta_next, state_next
-
-
-def step_vjp_all(
-    opt: DiffOptimizer,
-    theta: Sequence[Tensor],
-    G: Sequence[Optional[Tensor]],
-    state: Sequence[State],
-    hyper: Sequence[Hyper],
-    theta_next_bar: Sequence[Tensor],
-    state_next_bar: Sequence[State],
-) -> tuple[list[Tensor], list[Optional[Tensor]], list[State], list[dict[str, Tensor]]]:
-    """Applies ``opt.step_vjp`` to every parameter tensor (Algorithm 1, lines 11-12).
-
-    Returns ``(θ̄_j, Ḡ_j, σ̄_j, φ̄_opt per tensor)``. A tensor whose gradient was ``None`` was left
-    as it was by the step, so its cotangents pass through unchanged and ``Ḡ`` is ``None``.
-    Dispatches to the flat-buffer ops as :func:`step_all` does.
-    """
-    if _use_flat(opt, theta, G, hyper, theta_next_bar):
-        from ..kernels import flat
-
-        return flat.step_vjp_all(opt, theta, G, state, hyper, theta_next_bar, state_next_bar, impl=opt.kernels)
-    theta_bar: list[Tensor] = []
-    G_bar: list[Optional[Tensor]] = []
-    state_bar: list[State] = []
-    hyper_bar: list[dict[str, Tensor]] = []
-    for t, g, s, h, tb, sb in zip(theta, G, state, hyper, theta_next_bar, state_next_bar):
-        if g is None:
-            theta_bar.append(tb)
-            G_bar.append(None)
-            state_bar.append(sb)
-            hyper_bar.append({})
-        else:
-            a, b, c, d = opt.step_vjp(t, g, s, h, tb, sb)
-            theta_bar.append(a)
-            G_bar.append(b)
-            state_bar.append(c)
-            hyper_bar.append(d)
-    return theta_bar, G_bar, state_bar, hyper_bar
-
-
-#: Adam-style optimizers keep beta1 and beta2 in the tuple option ``betas``.
-BETAS: dict[str, tuple[str, int]] = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
-
-
-def hyper_writer(in_tuples: Mapping[str, tuple[str, int]] | None = None) -> Callable[[dict[str, Any], str, float], None]:
-    """A ``write_hyper`` for ``DiffOptimizer``: ``group[name] = value``, except for the names that
-    live inside a tuple option (``in_tuples[name] = (option, index)``, e.g. :data:`BETAS`)."""
-    in_tuples = dict(in_tuples or {})
-
-    def write_hyper(group: dict[str, Any], name: str, value: float) -> None:
-        if name in in_tuples:
-            option, index = in_tuples[name]
-            values = list(group[option])
-            values[index] = value
-            group[option] = tuple(values)
-        else:
-            group[name] = value
-
-    return write_hyper
-
-
-def import_step_state(torch_state: Mapping[str, Any], param: Tensor, keys: Sequence[str]) -> State:
-    """``opt.state[p]`` of an optimizer whose state is a step count and tensors shaped like ``p``
-    that start at zero: copies of the tensors and the count as a float, or a fresh state."""
-    if len(torch_state) == 0:
-        fresh: State = {"step": 0.0}
-        fresh.update({k: torch.zeros_like(param, memory_format=torch.preserve_format).detach() for k in keys})
-        return fresh
-    state: State = {"step": float(torch_state["step"])}
-    state.update({k: torch_state[k].detach().clone() for k in keys})
-    return state
-
-
-def export_step_state(state: State, keys: Sequence[str]) -> dict[str, Any]:
-    """``opt.state[p]`` as ``torch.optim`` keeps it: the step as a scalar tensor of torch's scalar
-    dtype, and copies of the tensors among ``keys`` that the state holds (missing or None: left out)."""
-    out: dict[str, Any] = {"step": torch.tensor(float(state["step"]), dtype=_get_scalar_dtype())}
-    for key in keys:
-        if state.get(key) is not None:
-            out[key] = state[key].detach().clone()
-    return out
-
-
-def zeros_state_bar(state: State, keys: Sequence[str]) -> State:
-    """Zero cotangents for the differentiable entries of one tensor's state."""
-    return {k: torch.zeros_like(state[k]) for k in keys if isinstance(state.get(k), Tensor)}
+            out.append(Hyperparameter(n, low=None))
+    return tuple(out)
 
 
 __all__ = [
-    "BETAS",
+    "CONVENTIONAL",
     "DiffOptimizer",
+    "Flag",
+    "FlatLayout",
     "Hyper",
-    "KERNEL_MODES",
     "HyperValue",
+    "Hyperparameter",
+    "MAXIMIZE",
     "State",
+    "StateEntry",
+    "StepFn",
+    "StepVjpFn",
     "add_bar",
+    "betas",
     "clone_state",
-    "export_step_state",
-    "hyper_writer",
-    "import_step_state",
+    "coupled_gradient",
+    "coupled_gradient_vjp",
+    "declared",
+    "eps",
+    "is_active",
     "is_learned",
+    "lr",
     "reduce_like",
-    "step_all",
-    "step_vjp_all",
-    "zeros_state_bar",
+    "unit_interval",
+    "weight_decay",
+    "zero_missing_bars",
 ]

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .adam import _prepare, _prepare_vjp, _sqrt
-from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, hyper_writer, is_learned
-from .scalars import export_scalar, round_to_torch_scalar, scalar_state_dtype, sum_to, zero_missing_bars
+from .base import MAXIMIZE, DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, betas, eps, is_learned, lr, reduce_like, weight_decay, zero_missing_bars
+from .scalars import round_to_torch_scalar
 
-_HYPER_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay")
+HYPER = (lr(), *betas(), eps(), weight_decay(), Hyperparameter("momentum_decay", doc="momentum decay"))
+_HYPER_NAMES = tuple(h.name for h in HYPER)
 _LN_096 = math.log(0.96)
 
 
@@ -129,16 +130,16 @@ def nadam_step_vjp(
     # c_g = -lr (1 - mu) / (1 - P1) ; c_m = -lr mu_n / (1 - P2) ; P2 = P1 mu_n
     add_bar(bars, hyper, "lr", lambda: -(1.0 - mu) / one_m_P1 * cg_bar - mu_n / one_m_P2 * cm_bar)
     P2_bar_e = cm_bar * coef_m / one_m_P2
-    P1_bar = sum_to(cg_bar * coef_g / one_m_P1 + P2_bar_e * mu_n, P1)
+    P1_bar = reduce_like(cg_bar * coef_g / one_m_P1 + P2_bar_e * mu_n, P1)
     carried = state_next_bar.get("mu_product")
     if carried is not None:
         P1_bar = P1_bar + carried
     # P1 = round(P * round(mu)), the rounding with derivative 1
-    state_bar["mu_product"] = sum_to(P1_bar * mu_r, P)
+    state_bar["mu_product"] = reduce_like(P1_bar * mu_r, P)
     learns_momentum = is_learned(b1) or is_learned(md)
     if learns_momentum:
-        mu_bar = sum_to(cg_bar * lr / one_m_P1, mu) + sum_to(P1_bar * P, mu)
-        mu_n_bar = sum_to(-lr / one_m_P2 * cm_bar + P2_bar_e * P1, mu_n)
+        mu_bar = reduce_like(cg_bar * lr / one_m_P1, mu) + reduce_like(P1_bar * P, mu)
+        mu_n_bar = reduce_like(-lr / one_m_P2 * cm_bar + P2_bar_e * P1, mu_n)
         add_bar(bars, hyper, "beta1", lambda: mu_bar * (1.0 - 0.5 * pow_t) + mu_n_bar * (1.0 - 0.5 * pow_n))
         add_bar(bars, hyper, "momentum_decay", lambda: -0.5 * _LN_096 * b1 * (
             mu_bar * pow_t * t + mu_n_bar * pow_n * (t + 1)))
@@ -159,62 +160,15 @@ def nadam_step_vjp(
     return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
 
 
-def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
-    beta1, beta2 = group["betas"]
-    return {
-        "lr": float(group["lr"]),
-        "beta1": float(beta1),
-        "beta2": float(beta2),
-        "eps": float(group["eps"]),
-        "weight_decay": float(group["weight_decay"]),
-        "momentum_decay": float(group["momentum_decay"]),
-        "maximize": bool(group.get("maximize", False)),
-        "decoupled_weight_decay": bool(group.get("decoupled_weight_decay", False)),
-    }
-
-
-_write_hyper = hyper_writer(BETAS)
-
-
-def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    dtype = scalar_state_dtype(param)
-    if len(torch_state) == 0:
-        return {
-            "step": 0.0,
-            "mu_product": torch.ones((), dtype=dtype, device=param.device),
-            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-        }
-    mu_product = torch_state["mu_product"]
-    return {
-        "step": float(torch_state["step"]),
-        "mu_product": torch.as_tensor(mu_product).detach().to(dtype=dtype, device=param.device).clone(),
-        "exp_avg": torch_state["exp_avg"].detach().clone(),
-        "exp_avg_sq": torch_state["exp_avg_sq"].detach().clone(),
-    }
-
-
-def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return {
-        "step": export_scalar(float(state["step"])),
-        "mu_product": export_scalar(state["mu_product"]),
-        "exp_avg": state["exp_avg"].detach().clone(),
-        "exp_avg_sq": state["exp_avg_sq"].detach().clone(),
-    }
-
-
 NADAM = DiffOptimizer(
     name="NAdam",
     torch_cls=torch.optim.NAdam,
-    hyper_names=_HYPER_NAMES,
-    flag_names=("maximize", "decoupled_weight_decay"),
-    state_keys=("mu_product", "exp_avg", "exp_avg_sq"),
     step=nadam_step,
     step_vjp=nadam_step_vjp,
-    read_hyper=_read_hyper,
-    write_hyper=_write_hyper,
-    import_state=_import_state,
-    export_state=_export_state,
+    hyper=HYPER,
+    flags=(MAXIMIZE, Flag("decoupled_weight_decay", why="it switches between two update rules")),
+    state=(StateEntry("mu_product", init=1.0, scalar=True), StateEntry("exp_avg"), StateEntry("exp_avg_sq")),
+    counts_steps=True,
     notes="mu_product rounded as torch keeps it (Note [Scalar state precision]); finite derivative at a "
           "zero second moment (Note [Adam at a zero second moment]).",
 )

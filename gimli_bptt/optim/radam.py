@@ -2,16 +2,16 @@
 """Differentiable ``torch.optim.RAdam``: the variance rectification, decoupled weight decay, maximize."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .adam import _prepare, _prepare_vjp, _sqrt
-from .base import BETAS, DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer, import_step_state, is_learned
-from .scalars import zero_missing_bars
+from .base import MAXIMIZE, DiffOptimizer, Flag, Hyper, State, StateEntry, add_bar, betas, eps, is_learned, lr, weight_decay, zero_missing_bars
 
-_HYPER_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay")
+HYPER = (lr(), *betas(), eps(), weight_decay())
+_HYPER_NAMES = tuple(h.name for h in HYPER)
 #: The switch of torch.optim.RAdam: the update is rectified where rho_t > 5.
 RHO_SWITCH = 5.0
 
@@ -172,42 +172,15 @@ def radam_step_vjp(
     return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
 
 
-def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
-    beta1, beta2 = group["betas"]
-    return {
-        "lr": float(group["lr"]),
-        "beta1": float(beta1),
-        "beta2": float(beta2),
-        "eps": float(group["eps"]),
-        "weight_decay": float(group["weight_decay"]),
-        "maximize": bool(group.get("maximize", False)),
-        "decoupled_weight_decay": bool(group.get("decoupled_weight_decay", False)),
-    }
-
-
-_write_hyper = hyper_writer(BETAS)
-
-
-def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    return import_step_state(torch_state, param, ("exp_avg", "exp_avg_sq"))
-
-
-def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return export_step_state(state, ("exp_avg", "exp_avg_sq"))
-
-
 RADAM = DiffOptimizer(
     name="RAdam",
     torch_cls=torch.optim.RAdam,
-    hyper_names=_HYPER_NAMES,
-    flag_names=("maximize", "decoupled_weight_decay"),
-    state_keys=("exp_avg", "exp_avg_sq"),
     step=radam_step,
     step_vjp=radam_step_vjp,
-    read_hyper=_read_hyper,
-    write_hyper=_write_hyper,
-    import_state=_import_state,
-    export_state=_export_state,
+    hyper=HYPER,
+    flags=(MAXIMIZE, Flag("decoupled_weight_decay", why="it switches between two update rules")),
+    state=(StateEntry("exp_avg"), StateEntry("exp_avg_sq")),
+    counts_steps=True,
     notes="The branch taken at the rectification switch rho_t > 5 is differentiated "
           "(Note [RAdam's rectification switch]); finite derivative at a zero second moment.",
 )

@@ -2,13 +2,13 @@
 """Differentiable ``torch.optim.RMSprop``: centered, momentum, weight decay, maximize."""
 from __future__ import annotations
 
-from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from .adam import _sqrt
-from .base import DiffOptimizer, Hyper, State, add_bar, coupled_gradient, coupled_gradient_vjp, export_step_state, hyper_writer, is_learned
+from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, State, StateEntry, add_bar, coupled_gradient, coupled_gradient_vjp,
+                   eps, is_learned, lr, unit_interval, weight_decay)
 
 
 def _uses_momentum(hyper: Hyper) -> bool:
@@ -157,53 +157,17 @@ def rmsprop_step_vjp(
     return theta_bar, G_bar, state_bar, bars
 
 
-def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "lr": float(group["lr"]),
-        "alpha": float(group["alpha"]),
-        "eps": float(group["eps"]),
-        "weight_decay": float(group["weight_decay"]),
-        "momentum": float(group.get("momentum", 0.0)),
-        "centered": bool(group.get("centered", False)),
-        "maximize": bool(group.get("maximize", False)),
-    }
-
-
-_write_hyper = hyper_writer()
-
-
-def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    if len(torch_state) == 0:
-        zeros = lambda: torch.zeros_like(param, memory_format=torch.preserve_format).detach()  # noqa: E731
-        state: State = {"step": 0.0, "square_avg": zeros()}
-        if _uses_momentum(hyper):
-            state["momentum_buffer"] = zeros()
-        if hyper["centered"]:
-            state["grad_avg"] = zeros()
-        return state
-    state = {"step": float(torch_state["step"])}
-    for key in ("square_avg", "momentum_buffer", "grad_avg"):
-        if key in torch_state:
-            state[key] = torch_state[key].detach().clone()
-    return state
-
-
-def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return export_step_state(state, ("square_avg", "momentum_buffer", "grad_avg"))
-
-
 RMSPROP = DiffOptimizer(
     name="RMSprop",
     torch_cls=torch.optim.RMSprop,
-    hyper_names=("lr", "alpha", "eps", "weight_decay", "momentum"),
-    flag_names=("centered", "maximize"),
-    state_keys=("square_avg", "momentum_buffer", "grad_avg"),
     step=rmsprop_step,
     step_vjp=rmsprop_step_vjp,
-    read_hyper=_read_hyper,
-    write_hyper=_write_hyper,
-    import_state=_import_state,
-    export_state=_export_state,
+    hyper=(lr(), unit_interval("alpha", doc="decay of the squared-gradient average"), eps(), weight_decay(),
+           unit_interval("momentum", default=0.0)),
+    flags=(Flag("centered", why="it switches between two update rules"), MAXIMIZE),
+    state=(StateEntry("square_avg"), StateEntry("momentum_buffer", when=_uses_momentum),
+           StateEntry("grad_avg", when=lambda hyper: bool(hyper["centered"]))),
+    counts_steps=True,
     notes="A learned momentum always uses the momentum buffer; finite derivative at a zero second moment.",
 )
 

@@ -2,15 +2,19 @@
 """Differentiable ``torch.optim.Rprop``: sign-based steps with adaptive, clamped step sizes; maximize."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import DiffOptimizer, Hyper, State, add_bar, export_step_state, hyper_writer
-from .scalars import zero_missing_bars
+from .base import MAXIMIZE, DiffOptimizer, Hyper, Hyperparameter, State, StateEntry, add_bar, lr, zero_missing_bars
 
-_HYPER_NAMES = ("lr", "etaminus", "etaplus", "step_size_min", "step_size_max")
+HYPER = (lr(),
+         Hyperparameter("etaminus", option="etas", index=0, high=1.0, doc="step-size factor after a sign change"),
+         Hyperparameter("etaplus", option="etas", index=1, low=1.0, doc="step-size factor without a sign change"),
+         Hyperparameter("step_size_min", option="step_sizes", index=0, doc="smallest step size"),
+         Hyperparameter("step_size_max", option="step_sizes", index=1, doc="largest step size"))
+_HYPER_NAMES = tuple(h.name for h in HYPER)
 
 
 def _step_size_used(theta: Tensor, state: State, hyper: Hyper) -> Tensor:
@@ -111,52 +115,19 @@ def rprop_step_vjp(
     return theta_next_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
 
 
-def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
-    etaminus, etaplus = group["etas"]
-    step_size_min, step_size_max = group["step_sizes"]
-    return {
-        "lr": float(group["lr"]),
-        "etaminus": float(etaminus),
-        "etaplus": float(etaplus),
-        "step_size_min": float(step_size_min),
-        "step_size_max": float(step_size_max),
-        "maximize": bool(group.get("maximize", False)),
-    }
-
-
-_write_hyper = hyper_writer({"etaminus": ("etas", 0), "etaplus": ("etas", 1), "step_size_min": ("step_sizes", 0), "step_size_max": ("step_sizes", 1)})
-
-
-def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    if len(torch_state) == 0:
-        return {
-            "step": 0.0,
-            "prev": torch.zeros_like(param, memory_format=torch.preserve_format).detach(),
-            "step_size": torch.full_like(param, float(hyper["lr"])).detach(),
-        }
-    return {
-        "step": float(torch_state["step"]),
-        "prev": torch_state["prev"].detach().clone(),
-        "step_size": torch_state["step_size"].detach().clone(),
-    }
-
-
-def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    return export_step_state(state, ("prev", "step_size"))
+def _initial_step_size(param: Tensor, hyper: Hyper) -> Tensor:
+    return torch.full_like(param, float(hyper["lr"]))
 
 
 RPROP = DiffOptimizer(
     name="Rprop",
     torch_cls=torch.optim.Rprop,
-    hyper_names=_HYPER_NAMES,
-    flag_names=("maximize",),
-    state_keys=("prev", "step_size"),
     step=rprop_step,
     step_vjp=rprop_step_vjp,
-    read_hyper=_read_hyper,
-    write_hyper=_write_hyper,
-    import_state=_import_state,
-    export_state=_export_state,
+    hyper=HYPER,
+    flags=(MAXIMIZE,),
+    state=(StateEntry("prev"), StateEntry("step_size", init=_initial_step_size)),
+    counts_steps=True,
     notes="Piecewise constant in the gradients; lr, etas and the step-size bounds are differentiated "
           "through the step sizes (Note [Rprop's derivatives]).",
 )

@@ -1,16 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Helpers shared by the optimizers whose state holds scalars (NAdam, RAdam, ASGD, Rprop)."""
+"""Scalar state entries as ``torch.optim`` keeps them (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``)."""
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Union
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .base import Hyper, is_learned
-
 Scalar = Union[float, Tensor]
+
+
+def torch_scalar_dtype() -> torch.dtype:
+    """The dtype ``torch.optim`` keeps scalar state in (float32 unless the default dtype is float64)."""
+    return _get_scalar_dtype()
 
 
 def round_to_torch_scalar(x: Scalar) -> Scalar:
@@ -39,22 +42,6 @@ def scalar_state_dtype(param: Tensor) -> torch.dtype:
     return torch.promote_types(param.dtype, _get_scalar_dtype())
 
 
-def sum_to(x: Tensor, like: Any) -> Tensor:
-    """Sums a cotangent down to ``like``'s shape (a 0-d ``like`` takes the sum of all elements)."""
-    if isinstance(like, Tensor) and like.dim() == x.dim():
-        return x
-    return x.sum()
-
-
-def zero_missing_bars(bars: dict[str, Tensor], hyper: Hyper, names: tuple[str, ...]) -> dict[str, Tensor]:
-    """Zero cotangents for learned hyperparameters that had no path at this step (the contract:
-    one entry per tensor hyperparameter)."""
-    for name in names:
-        if is_learned(hyper[name]) and name not in bars:
-            bars[name] = torch.zeros_like(hyper[name])
-    return bars
-
-
 def export_scalar(value: Scalar) -> Tensor:
     """A scalar state entry as ``torch.optim`` keeps it: a tensor of ``_get_scalar_dtype()``."""
     if isinstance(value, Tensor):
@@ -62,4 +49,4 @@ def export_scalar(value: Scalar) -> Tensor:
     return torch.tensor(float(value), dtype=_get_scalar_dtype())
 
 
-__all__ = ["export_scalar", "round_to_torch_scalar", "scalar_state_dtype", "sum_to", "zero_missing_bars"]
+__all__ = ["export_scalar", "round_to_torch_scalar", "scalar_state_dtype", "torch_scalar_dtype"]

@@ -2,12 +2,13 @@
 """Differentiable ``torch.optim.SGD``: momentum, dampening, Nesterov, weight decay, maximize."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .base import DiffOptimizer, Hyper, State, add_bar, hyper_writer, is_learned
+from .base import (MAXIMIZE, DiffOptimizer, Flag, FlatLayout, Hyper, State, StateEntry, add_bar, is_active, is_learned, lr,
+                   unit_interval, weight_decay)
 
 
 def _uses_momentum(hyper: Hyper) -> bool:
@@ -29,7 +30,7 @@ def sgd_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tens
     """
     lr, wd, mom, damp = hyper["lr"], hyper["weight_decay"], hyper["momentum"], hyper["dampening"]
     g = -G if hyper["maximize"] else G
-    if is_learned(wd) or wd != 0:
+    if is_active(wd):
         g = g + wd * theta
     new_state: State = dict(state)
     if _uses_momentum(hyper):
@@ -63,7 +64,7 @@ def sgd_step_vjp(
     """
     lr, wd, mom, damp = hyper["lr"], hyper["weight_decay"], hyper["momentum"], hyper["dampening"]
     g = -G if hyper["maximize"] else G
-    has_wd = is_learned(wd) or wd != 0
+    has_wd = is_active(wd)
     if has_wd:
         g = g + wd * theta
     bars: dict[str, Tensor] = {}
@@ -109,44 +110,40 @@ def sgd_step_vjp(
     return theta_bar, G_bar, state_bar, bars
 
 
-def _read_hyper(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "lr": float(group["lr"]),
-        "momentum": float(group["momentum"]),
-        "dampening": float(group["dampening"]),
-        "weight_decay": float(group["weight_decay"]),
-        "nesterov": bool(group["nesterov"]),
-        "maximize": bool(group.get("maximize", False)),
-    }
+def _sgd_options(hyper: Hyper, state: State) -> tuple:
+    """The flat ops' static options: (nesterov, maximize, momentum buffer in use, weight decay, buffer exists)."""
+    use_momentum = _uses_momentum(hyper)
+    return (bool(hyper["nesterov"]), bool(hyper["maximize"]), use_momentum, is_active(hyper["weight_decay"]),
+            use_momentum and state.get("momentum_buffer") is not None)
 
 
-_write_hyper = hyper_writer()
+def _buffer_if(flag: int) -> Callable[[tuple], tuple[Optional[str], ...]]:
+    return lambda options: ("momentum_buffer" if options[flag] else None,)
 
 
-def _import_state(torch_state: Mapping[str, Any], param: Tensor, hyper: Hyper) -> State:
-    buf = torch_state.get("momentum_buffer")
-    return {"momentum_buffer": None if buf is None else buf.detach().clone()}
-
-
-def _export_state(state: State, param: Tensor) -> dict[str, Any]:
-    buf = state.get("momentum_buffer")
-    return {} if buf is None else {"momentum_buffer": buf.detach().clone()}
-
+#: ``sgd_step(θ, G, buf, offsets, hyper, elementwise, nesterov, maximize, use_momentum, has_wd)``
+#: and its VJP (csrc/include/gimli/optim_math.h).
+SGD_FLAT = FlatLayout(
+    op="sgd",
+    hyper=("lr", "momentum", "dampening", "weight_decay"),
+    options=_sgd_options,
+    state_in=_buffer_if(4),
+    state_out=_buffer_if(2),
+    bar_in=_buffer_if(2),
+    bar_out=_buffer_if(4),
+    args=lambda options, t: options[:4],
+)
 
 SGD = DiffOptimizer(
     name="SGD",
     torch_cls=torch.optim.SGD,
-    hyper_names=("lr", "momentum", "dampening", "weight_decay"),
-    flag_names=("nesterov", "maximize"),
-    state_keys=("momentum_buffer",),
     step=sgd_step,
     step_vjp=sgd_step_vjp,
-    read_hyper=_read_hyper,
-    write_hyper=_write_hyper,
-    import_state=_import_state,
-    export_state=_export_state,
+    hyper=(lr(), unit_interval("momentum"), unit_interval("dampening"), weight_decay()),
+    flags=(Flag("nesterov", why="it switches between two update rules"), MAXIMIZE),
+    state=(StateEntry("momentum_buffer", lazy=True),),
+    flat=SGD_FLAT,
     notes="A learned momentum always uses the momentum buffer (see Note [Learned momentum]).",
-    flat="sgd",
 )
 
-__all__ = ["SGD", "sgd_step", "sgd_step_vjp"]
+__all__ = ["SGD", "SGD_FLAT", "sgd_step", "sgd_step_vjp"]

@@ -1,0 +1,410 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The one memory option: from ``memory=`` to the tape's schedule and the graphs it keeps ([Alg.1 L4]-[Alg.1 L7]).
+
+For each inner step j the reverse sweep needs the state s_j (parameters, optimizer state,
+buffers) and the gradient graph of G_j ([Alg.1 L5]) for its Hessian-vector product. How much
+of that the tape keeps is one decision, ``GimliUpdater(memory=...)``:
+
+- ``None`` (or ``Memory()``): every state, no graph (the full tape): each step's ℓ_j and G_j
+  are recomputed once, before its HVP;
+- a number of bytes (or ``Memory(budget=B)``): the fastest plan that fits, per meta step:
+
+  - ``"graphs"``: all J states, and the graphs of the last k ≥ 1 steps kept from the tape
+    pass (as many as fit); the sweep reaches those first and frees each after its HVP, then
+    recomputes ℓ_j and G_j of the others;
+  - ``"full"``: all J states and no graph;
+  - ``"checkpointed"``: ``B // state_bytes`` states and the optimal binomial schedule;
+
+- ``Memory(...)`` by hand: ``slots=`` (binomial checkpointing), ``every=`` (every k-th state),
+  ``keep_graphs=True`` (every graph: the fastest, the memory of an autograd unroll's
+  activations), and ``verify=True`` (check that recomputation reproduces the tape bit for bit).
+
+The hypergradient is bit-identical whatever the plan (Note [Bit-identical recomputation] in
+``tape.py``). The bytes of one state are known before the tape runs (:func:`state_bytes`);
+those of one step's graph are not: the tape measures step 0's with :class:`SavedGraphMeter`
+and asks :func:`graphs_that_fit` how many steps' graphs to keep.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .checkpoint import Op, _check_int, binomial_schedule, every_k_schedule, slots_for_budget, store_all_schedule
+
+
+@dataclass(frozen=True)
+class Memory:
+    """How much memory a hypergradient may use: the ``memory`` option of ``GimliUpdater``.
+
+    Give at most one of ``budget``, ``slots`` and ``every``; none keeps every state.
+
+    Attributes:
+        budget: Bytes the tape may hold: the J states (and, with ``hvp="fwd"``, G_j) and the
+            gradient graphs kept from the forward pass (see the module docstring for the plans).
+            It does not count the model, the optimizer, the batches, s_J, the working memory of
+            the step being computed or the allocator's overhead: leave some room.
+        slots: Keep at most this many inner states; recompute the others with the optimal
+            binomial schedule (Griewank & Walther's revolve). ``slots >= J`` stores everything.
+        every: Keep every k-th state and recompute each segment from its start.
+        keep_graphs: Keep every step's gradient graph from the forward pass, so the sweep runs
+            only the HVPs (needs ``hvp="rev"``; not with a budget, slots or every).
+        verify: Check that every recomputed state equals, bit for bit, the first forward pass's
+            (a debug option: it hashes every state).
+    """
+
+    budget: Optional[int] = None
+    slots: Optional[int] = None
+    every: Optional[int] = None
+    keep_graphs: bool = False
+    verify: bool = False
+
+    def validate(self) -> "Memory":
+        """Checks the fields; returns ``self``.
+
+        Raises:
+            TypeError: a field of the wrong type.
+            ValueError: more than one of ``budget``, ``slots``, ``every``; ``keep_graphs`` with one
+                of them; a value below 1.
+        """
+        given = [name for name in ("budget", "slots", "every") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"Memory takes at most one of budget=, slots= or every=, got {', '.join(given)}")
+        if self.keep_graphs and given:
+            raise ValueError(
+                f"Memory(keep_graphs=True) keeps every step's graph and every state: it cannot be combined "
+                f"with {given[0]}= (a budget keeps as many graphs as fit)"
+            )
+        for name in given:
+            _check_int(name, getattr(self, name), 1)
+        for name in ("keep_graphs", "verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Memory({name}=...) must be True or False, got {type(getattr(self, name)).__name__}")
+        return self
+
+    def schedule(self, num_steps: int, state_bytes: int) -> list[Op]:
+        """The checkpoint schedule of the states for ``num_steps`` inner steps of ``state_bytes`` each."""
+        if self.every is not None:
+            return every_k_schedule(num_steps, self.every)
+        if self.budget is not None:
+            slots = slots_for_budget(self.budget, max(state_bytes, 1))
+        elif self.slots is not None:
+            slots = self.slots
+        else:
+            return store_all_schedule(num_steps)
+        return store_all_schedule(num_steps) if slots >= num_steps else binomial_schedule(num_steps, slots)
+
+    @property
+    def needs_state_bytes(self) -> bool:
+        """Whether planning needs the bytes of one state (a budget, or a recomputing schedule to report)."""
+        return self.budget is not None or self.slots is not None or self.every is not None
+
+
+def as_memory(memory: Union[int, Memory, None]) -> Memory:
+    """The :class:`Memory` policy of a ``memory=`` value (bytes, a policy, or None for the full tape).
+
+    Raises:
+        TypeError: ``memory`` is not an int, a :class:`Memory` or None.
+        ValueError: a value out of range.
+    """
+    if memory is None:
+        return Memory()
+    if isinstance(memory, Memory):
+        return memory.validate()
+    if isinstance(memory, bool) or not isinstance(memory, int):
+        raise TypeError(
+            "memory must be a number of bytes (an int), gimli_bptt.Memory(...) or None, "
+            f"got {type(memory).__name__}"
+        )
+    if memory < 1:
+        raise ValueError(f"memory must be at least 1 byte, got {memory}")
+    return Memory(budget=memory)
+
+
+def memory_from_deprecated(memory: Union[int, Memory, None], checkpoint: Any, memory_budget: Any,
+                           keep_graphs: Any) -> Memory:
+    """``memory=`` from it or from one of its deprecated spellings (each warns once per call).
+
+    ``checkpoint=k`` is ``Memory(slots=k)``, ``checkpoint=Memory(...)`` is that policy,
+    ``memory_budget=B`` is ``memory=B`` and ``keep_graphs=True`` is ``Memory(keep_graphs=True)``.
+
+    Raises:
+        TypeError, ValueError: as :func:`as_memory`; or more than one of them given.
+    """
+    given = [name for name, v in (("memory", memory), ("checkpoint", checkpoint),
+                                   ("memory_budget", memory_budget), ("keep_graphs", keep_graphs or None))
+             if v is not None]
+    if len(given) > 1:
+        names = [f"{n}=" for n in given]
+        listed = " and ".join(names) if len(names) == 2 else ", ".join(names[:-1]) + " and " + names[-1]
+        raise ValueError(
+            f"{listed} {'both' if len(names) == 2 else 'all'} say how much memory the tape keeps: give one, as "
+            "memory= (bytes, or gimli_bptt.Memory(slots=..., every=..., keep_graphs=..., verify=...))"
+        )
+    for name, replacement in (("checkpoint", "memory=Memory(slots=k)"), ("memory_budget", "memory=B"),
+                              ("keep_graphs", "memory=Memory(keep_graphs=True)")):
+        if name in given:
+            warnings.warn(f"GimliUpdater({name}=...) is deprecated and will be removed in the next release: "
+                          f"use {replacement}", DeprecationWarning, stacklevel=3)
+    if checkpoint is not None:
+        if isinstance(checkpoint, bool) or not isinstance(checkpoint, (int, Memory)):
+            raise TypeError(
+                "checkpoint must be None, a number of slots, or gimli_bptt.Memory(...), "
+                f"got {type(checkpoint).__name__}"
+            )
+        return as_memory(checkpoint if isinstance(checkpoint, Memory) else Memory(slots=checkpoint))
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
+            raise TypeError(f"memory_budget must be a number of bytes (an int), got {type(memory_budget).__name__}")
+        return as_memory(memory_budget)
+    if keep_graphs:
+        return Memory(keep_graphs=True)
+    return as_memory(memory)
+
+
+def Checkpointing(slots: Optional[int] = None, budget_bytes: Optional[int] = None, every: Optional[int] = None,
+                  verify: bool = False) -> Memory:
+    """Deprecated: ``Memory(slots=..., budget=..., every=..., verify=...)`` under its former name."""
+    warnings.warn("Checkpointing(...) is deprecated and will be removed in the next release: use "
+                  "gimli_bptt.Memory(slots=..., budget=..., every=..., verify=...)", DeprecationWarning, stacklevel=2)
+    given = [n for n, v in (("slots", slots), ("budget_bytes", budget_bytes), ("every", every)) if v is not None]
+    if len(given) != 1:
+        raise ValueError("Checkpointing takes exactly one of slots=, budget_bytes= or every=, got "
+                         + (", ".join(given) if given else "none"))
+    return Memory(budget=budget_bytes, slots=slots, every=every, verify=verify).validate()
+
+
+# ---------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class TapePlan:
+    """What the tape of one meta step is told before it runs.
+
+    Attributes:
+        schedule: The checkpoint schedule of the states.
+        keep_graphs_from: The first step whose graph is kept (0: every one), or None: none, or
+            decided by ``graph_bytes_left``.
+        graph_bytes_left: The budget left for graphs once the J states are counted: the tape
+            measures step 0's graph and keeps the last steps' graphs that fit; None: no budget
+            for graphs.
+        state_bytes: The bytes of one inner state as the plan counts them (None when not needed).
+        verify: Check recomputed states bit for bit.
+    """
+
+    schedule: list[Op]
+    keep_graphs_from: Optional[int]
+    graph_bytes_left: Optional[int]
+    state_bytes: Optional[int]
+    verify: bool
+
+    @property
+    def recomputed_steps(self) -> int:
+        """The forward steps the schedule runs beyond the first pass's J."""
+        advanced = sum(op.to - op.step for op in self.schedule if op.kind == "advance")
+        return advanced - max((op.to for op in self.schedule if op.kind == "advance"), default=0)
+
+
+def plan_tape(memory: Memory, num_steps: int, hvp: str, state_bytes: Optional[int]) -> TapePlan:
+    """Plans the tape of ``num_steps`` inner steps under ``memory`` ([Alg.1 L4]-[Alg.1 L7]).
+
+    Args:
+        memory: The policy.
+        num_steps: J.
+        hvp: ``"rev"`` or ``"fwd"``: graphs are kept only for the reverse-over-reverse HVP.
+        state_bytes: The bytes of one inner state (:func:`state_bytes`), needed when
+            ``memory.needs_state_bytes``.
+
+    Raises:
+        ValueError: a budget below one state.
+    """
+    memory.validate()
+    _check_int("num_steps", num_steps, 1)
+    if memory.keep_graphs:
+        return TapePlan(store_all_schedule(num_steps), 0, None, None, memory.verify)
+    if not memory.needs_state_bytes:
+        return TapePlan(store_all_schedule(num_steps), None, None, None, memory.verify)
+    assert state_bytes is not None, "a budget or a recomputing schedule needs the bytes of one state"
+    _check_int("state_bytes", state_bytes, 1)
+    schedule = memory.schedule(num_steps, state_bytes)
+    left = None
+    if memory.budget is not None and hvp == "rev":
+        left = memory.budget - num_steps * state_bytes
+        left = left if left >= 0 else None
+    return TapePlan(schedule, None, left, state_bytes, memory.verify)
+
+
+def state_bytes(impl: Any, theta: Sequence[Tensor], buffers: Mapping[str, Tensor], hyper: Sequence[Mapping[str, Any]],
+                keep_G: bool) -> int:
+    """Bytes of one inner state once the optimizer state exists (after the first step).
+
+    s_0 may lack state (a fresh SGD has no momentum buffer yet), so each parameter counts as
+    many copies as a trial step of ``impl`` on a one-element tensor leaves state tensors (an
+    upper bound for state that is smaller than the parameter, such as Adafactor's factored
+    moments), plus one for θ and one for G_j when it is kept (``keep_G``, the
+    forward-over-reverse HVP). The trial runs once per distinct set of options.
+
+    Args:
+        impl: The inner optimizer's :class:`~gimli_bptt.optim.base.DiffOptimizer`.
+        theta: The inner parameters.
+        buffers: The module's buffers (stored with every state).
+        hyper: Per inner parameter, its hyperparameters.
+        keep_G: G_j is stored with each state.
+    """
+    total = sum(b.numel() * b.element_size() for b in buffers.values())
+    trials: dict[tuple, int] = {}
+    for p, h in zip(theta, hyper):
+        key = (p.dtype, p.device, p.dim() >= 2, tuple(sorted((k, repr(v)) for k, v in h.items() if not isinstance(v, Tensor))))
+        if key not in trials:
+            probe = torch.zeros((1, 1) if p.dim() >= 2 else (1,), dtype=p.dtype, device=p.device)
+            trial = {k: (v.reshape(-1)[:1].reshape(()) if isinstance(v, Tensor) and v.dim() else v) for k, v in h.items()}
+            _, st = impl.step(probe, probe, impl.import_state({}, probe, trial), trial)
+            trials[key] = sum(isinstance(v, Tensor) for v in st.values())
+        total += (1 + trials[key] + (1 if keep_G else 0)) * p.numel() * p.element_size()
+    return total
+
+
+def graphs_that_fit(bytes_left: int, num_steps: int, graph_bytes: int) -> int:
+    """Returns k, the number of steps whose graphs of G_j [Alg.1 L5] fit: ``min(J, bytes_left // graph_bytes)``.
+
+    Args:
+        bytes_left: The budget left once the J states are counted (``>= 0``).
+        num_steps: Number of inner steps ``J`` (``>= 1``).
+        graph_bytes: Bytes of one step's graph, as :class:`SavedGraphMeter` measured them (``>= 1``).
+
+    Returns:
+        ``k`` with ``0 <= k <= J``; the tape keeps the graphs of steps ``J - k .. J - 1``.
+
+    Raises:
+        TypeError: If an argument is not an ``int``.
+        ValueError: If an argument is out of range.
+    """
+    _check_int("bytes_left", bytes_left, 0)
+    _check_int("num_steps", num_steps, 1)
+    _check_int("graph_bytes", graph_bytes, 1)
+    return min(num_steps, bytes_left // graph_bytes)
+
+
+@dataclass(frozen=True)
+class TapeStats:
+    """What the tape of the last meta step did: ``GimliUpdater.last_tape_stats``.
+
+    Attributes:
+        schedule: ``"graphs"`` (the graphs of ``graphs_kept`` ≥ 1 steps were kept), ``"full"``
+            (every state, no graph) or ``"checkpointed"`` (states were recomputed).
+        forward_steps: Forward steps run: the first sweep's J plus the recomputed ones.
+        max_slots_used: The most states held at once.
+        graphs_kept: k, the last steps' graphs kept from the forward pass.
+        graph_bytes: The measured bytes of one step's graph (with a budget and ``hvp="rev"``
+            when the states fit), else None.
+        state_bytes: The bytes of one inner state as the plan counts them, else None.
+        budget: The budget planned in, else None. The plan keeps
+            ``J * state_bytes + graphs_kept * graph_bytes`` within it.
+    """
+
+    schedule: str
+    forward_steps: int
+    max_slots_used: int
+    graphs_kept: int
+    graph_bytes: Optional[int]
+    state_bytes: Optional[int]
+    budget: Optional[int]
+
+
+# ---------------------------------------------------------------------------- measuring a graph
+def tensors_in(obj: Any) -> Iterator[Tensor]:
+    """The tensors inside nested lists, tuples and mappings (a batch), in order."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
+
+
+def _storage(t: Tensor) -> Optional[tuple[int, int]]:
+    """``(data_ptr, nbytes)`` of the storage under ``t``, or None if it has none (sparse, nested)."""
+    if t.layout != torch.strided:
+        return None
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+class SavedGraphMeter:
+    """Measures the memory an autograd graph holds: the bytes of one step's graph of G_j [Alg.1 L5].
+
+    Run the forward pass of ℓ_j and the ``create_graph`` backward pass that forms G_j under
+    :meth:`hooks`, then :meth:`count` G_j itself::
+
+        meter = SavedGraphMeter(held=theta + list(tensors_in(batch)))
+        with meter.hooks():
+            G = torch.autograd.grad(loss_fn(theta, batch), theta, create_graph=True)
+        meter.count(G)
+        meter.nbytes
+
+    Counted: each distinct storage that autograd saves for backward under :meth:`hooks` (seen
+    through ``torch.autograd.graph.saved_tensors_hooks``, keyed by
+    ``untyped_storage().data_ptr()``), once, with its whole ``nbytes()`` (a saved view keeps
+    its base alive), and the storages given to :meth:`count`.
+
+    Not counted: storages of ``held`` (memory that is held anyway: the step's parameters, the
+    buffers of the state, the batch, the user's loss parameters); temporaries freed during the
+    step (intermediates that no backward function saves); autograd's node objects and tensor
+    metadata; tensors without a strided storage (sparse); the allocator's rounding, caching
+    and fragmentation. So ``nbytes`` is what keeping the graph costs beyond the states, up to
+    that overhead.
+
+    The hooks hand autograd a detached alias of each saved tensor (the same storage and bits,
+    without a reference cycle through its ``grad_fn``), so the graph computes exactly what it
+    would without the meter.
+
+    Args:
+        held: Tensors whose storages are held anyway and not counted.
+    """
+
+    def __init__(self, held: Iterable[Tensor] = ()):
+        self._held = {s[0] for s in map(_storage, held) if s is not None}
+        self._counted: dict[int, int] = {}
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """The context in which every tensor autograd saves for backward is counted."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        self.count([t])
+        return t.detach()
+
+    def count(self, tensors: Iterable[Optional[Tensor]]) -> None:
+        """Counts the storages of ``tensors`` (None entries are skipped), each at most once."""
+        for t in tensors:
+            s = None if t is None else _storage(t)
+            if s is not None and s[0] not in self._held:
+                self._counted[s[0]] = s[1]
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes counted so far."""
+        return sum(self._counted.values())
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
+
+
+__all__ = [
+    "Checkpointing",
+    "Memory",
+    "SavedGraphMeter",
+    "TapePlan",
+    "TapeStats",
+    "as_memory",
+    "graphs_that_fit",
+    "memory_from_deprecated",
+    "plan_tape",
+    "state_bytes",
+    "tensors_in",
+]

@@ -1,0 +1,92 @@
+# SPDX-License-Identifier: Apache-2.0
+"""φ, the meta-parameters, by name: φ_opt (learned hyperparameters), φ_loss (loss parameters) and θ_0 with ``learn_init``.
+
+[Alg.1 L2] splits φ into φ_opt and φ_loss; this module is that split and its inverse: it
+names every leaf the meta optimizer holds, and turns the sweep's accumulators A_opt, A_loss
+and B_0 into one ``{name: hypergradient}`` dict ([Alg.1 L16] joins them back).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .hyper import OptimizerHyperparameters
+
+Hypergrad = Union[Tensor, list[Tensor]]
+
+
+def flat_list(value: Hypergrad) -> list[Tensor]:
+    """A hypergradient's tensors: itself, or the per-parameter list of an element-wise one."""
+    return value if isinstance(value, list) else [value]
+
+
+class MetaParameters:
+    """Every meta-parameter by name, in the order the meta optimizer holds them.
+
+    Names: the learned hyperparameters (``"lr"``, or ``"lr.<parameter name>"`` per element),
+    then ``"loss.<name>"`` for each loss parameter, then ``"init.<parameter name>"`` for every
+    parameter of the model with ``learn_init``.
+
+    Args:
+        phi_opt: The learned hyperparameters.
+        loss_params: The user's loss parameters.
+        model: The user's module (its parameters are θ_0 with ``learn_init``).
+        inner_names: The names of the parameters the inner optimizer updates.
+        frozen_names: The names of the module's other parameters.
+        learn_init: Whether θ_0 is learned.
+    """
+
+    def __init__(self, phi_opt: OptimizerHyperparameters, loss_params: dict[str, Tensor], model: nn.Module,
+                 inner_names: Sequence[str], frozen_names: Sequence[str], learn_init: bool):
+        self.phi_opt = phi_opt
+        self.loss_params = loss_params
+        self.model = model
+        self.inner_names = list(inner_names)
+        self.frozen_names = list(frozen_names)
+        self.learn_init = learn_init
+
+    def named(self) -> list[tuple[str, Tensor]]:
+        """``(name, leaf)`` for every meta-parameter."""
+        out = list(self.phi_opt.named_leaves(self.inner_names))
+        out += [(f"loss.{n}", t) for n, t in self.loss_params.items()]
+        if self.learn_init:
+            out += [(f"init.{n}", p) for n, p in self.model.named_parameters()]
+        return out
+
+    def leaves(self) -> list[Tensor]:
+        return [t for _, t in self.named()]
+
+    def hypergradients(self, A_opt: dict[str, Hypergrad], A_loss: Sequence[Tensor],
+                       theta0_bar: Sequence[Tensor]) -> dict[str, Hypergrad]:
+        """[Alg.1 L16]'s join: ``{name: hypergradient}`` from A_opt, A_loss (loss parameters, then
+        the frozen parameters with ``learn_init``) and B_0 (the inner parameters' θ_0)."""
+        out: dict[str, Hypergrad] = dict(A_opt)
+        n_loss = len(self.loss_params)
+        for name, a in zip(self.loss_params, A_loss[:n_loss]):
+            out[f"loss.{name}"] = a
+        if self.learn_init:
+            init = dict(zip(self.inner_names, theta0_bar))
+            init.update(zip(self.frozen_names, A_loss[n_loss:]))
+            for name, _ in self.model.named_parameters():
+                out[f"init.{name}"] = init[name]
+        return out
+
+    def grads_in_order(self, hypergrads: dict[str, Hypergrad]) -> list[Tensor]:
+        """The hypergradients in the order of :meth:`named`."""
+        out: list[Tensor] = []
+        for name in self.phi_opt.values:
+            out.extend(flat_list(hypergrads[name]))
+        out += [hypergrads[f"loss.{n}"] for n in self.loss_params]  # type: ignore[misc]
+        if self.learn_init:
+            out += [hypergrads[f"init.{n}"] for n, _ in self.model.named_parameters()]  # type: ignore[misc]
+        return out
+
+    @staticmethod
+    def nonfinite(hypergrads: dict[str, Hypergrad]) -> list[str]:
+        """The names whose hypergradient holds a NaN or an infinity."""
+        return [name for name, v in hypergrads.items() if not all(bool(torch.isfinite(t).all()) for t in flat_list(v))]
+
+
+__all__ = ["Hypergrad", "MetaParameters", "flat_list"]

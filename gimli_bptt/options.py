@@ -1,0 +1,227 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The options of ``GimliUpdater`` and the checks of what a user hands it: clear errors, before anything runs."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .hvp import HVP_MODES
+from .memory import Memory, memory_from_deprecated
+from .optim.base import DiffOptimizer
+from .stepping import check_kernel_mode
+
+#: What a non-finite loss or hypergradient does (Note [Non-finite values] below).
+ON_NONFINITE = ("raise", "skip", "ignore")
+
+# Note [Non-finite values]: with "raise" (default) and "skip", every inner loss ℓ_j is checked
+# for NaN/Inf (at each step on the CPU, once per meta step on an accelerator: Note [Deferred
+# finiteness check] in problem.py), and so are L_val and the hypergradient; "raise" raises
+# NonFiniteError naming the first bad one, "skip" returns a result with skipped=True. Either
+# way nothing changes. "ignore" checks nothing (no host sync at all) and applies whatever the
+# hypergradient is.
+
+
+@dataclass(frozen=True)
+class Options:
+    """The validated options of one ``GimliUpdater`` (see its docstring for each)."""
+
+    unroll: int
+    hvp: str
+    commit: bool
+    on_nonfinite: str
+    project: bool
+    memory: Memory
+    progress: Optional[bool]
+    lr_schedule: Optional[Callable[[int], float]]
+    kernels: str
+    learn_init: bool
+
+    @property
+    def check_finite(self) -> bool:
+        """Whether losses and hypergradients are checked for NaN/Inf."""
+        return self.on_nonfinite != "ignore"
+
+    def saved(self) -> dict[str, Any]:
+        """The options a saved state must agree with to be loaded (memory and speed options may differ)."""
+        return {"unroll": self.unroll, "learn_init": self.learn_init, "hvp": self.hvp, "commit": self.commit,
+                "on_nonfinite": self.on_nonfinite, "project": self.project}
+
+
+def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any, on_nonfinite: Any, project: Any,
+                     memory: Any, progress: Any, lr_schedule: Any, kernels: Any, learn_init: Any,
+                     check_finite: Any = None, checkpoint: Any = None, memory_budget: Any = None,
+                     keep_graphs: Any = None) -> Options:
+    """Checks every option and folds the deprecated ones into their replacements.
+
+    Raises:
+        TypeError: an option of the wrong type.
+        ValueError: an option out of range, or options that contradict each other.
+    """
+    if isinstance(unroll, bool) or not isinstance(unroll, int):
+        raise TypeError(f"unroll must be an int, got {type(unroll).__name__}")
+    if unroll < 1:
+        raise ValueError(f"unroll must be at least 1 (the number of inner steps J), got {unroll}")
+    if hvp not in HVP_MODES:
+        raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+    if check_finite is not None:
+        warnings.warn("GimliUpdater(check_finite=...) is deprecated and will be removed in the next release: "
+                      "use on_nonfinite='ignore' to check nothing", DeprecationWarning, stacklevel=3)
+        if not check_finite:
+            if on_nonfinite == "skip":
+                raise ValueError("check_finite=False and on_nonfinite='skip' contradict each other: "
+                                 "a step can only be skipped when it is checked")
+            on_nonfinite = "ignore"
+    if commit and learn_init:
+        raise ValueError(
+            "commit=True and learn_init=True contradict each other: with learn_init the model's "
+            "parameters are θ_0, updated by the meta optimizer; drop one of them"
+        )
+    check_kernel_mode(impl, kernels)
+    plan = memory_from_deprecated(memory, checkpoint, memory_budget, keep_graphs)
+    if plan.keep_graphs and hvp == "fwd":
+        raise ValueError("Memory(keep_graphs=True) reuses the forward pass's graph, a reverse-over-reverse HVP: "
+                         "use hvp='rev'")
+    if lr_schedule is not None and not callable(lr_schedule):
+        raise TypeError(f"lr_schedule must be a function of the inner step, got {type(lr_schedule).__name__}")
+    if lr_schedule is not None and "lr" not in impl.hyper_names:
+        raise ValueError(f"lr_schedule needs an optimizer with a learning rate; {impl.name} has none")
+    return Options(unroll=unroll, hvp=hvp, commit=bool(commit), on_nonfinite=on_nonfinite, project=bool(project),
+                   memory=plan, progress=progress, lr_schedule=lr_schedule, kernels=kernels,
+                   learn_init=bool(learn_init))
+
+
+def check_callables(train_loss: Any, val_loss: Any) -> None:
+    for what, fn in (("train_loss", train_loss), ("val_loss", val_loss)):
+        if not callable(fn):
+            raise TypeError(f"{what} must be callable as {what}(model, batch), got {type(fn).__name__}")
+
+
+@dataclass(frozen=True)
+class InnerParameters:
+    """Which of the model's parameters the inner optimizer updates.
+
+    Attributes:
+        names: The inner parameters' names, in the module's order.
+        params: The inner parameters.
+        frozen_names: The module's other parameters (used, never changed by the inner loop).
+    """
+
+    names: list[str]
+    params: list[Tensor]
+    frozen_names: list[str]
+
+
+def inner_parameters(model: nn.Module, opt: torch.optim.Optimizer, impl: DiffOptimizer) -> InnerParameters:
+    """Checks the model and the optimizer and returns the parameters the optimizer updates.
+
+    Raises:
+        TypeError: a parameter that is not real floating point, or sparse.
+        ValueError: an optimizer over tensors that are not the model's, or over none of them;
+            a parameter the optimizer cannot take (Muon: not a matrix).
+    """
+    named = list(model.named_parameters())
+    in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
+    model_ids = {id(p) for _, p in named}
+    stray = [i for i, group in enumerate(opt.param_groups) for p in group["params"] if id(p) not in model_ids]
+    if stray:
+        raise ValueError(
+            f"the optimizer holds tensors that are not parameters of the model (param groups {sorted(set(stray))}); "
+            "build it over model.parameters()"
+        )
+    out = InnerParameters([n for n, p in named if id(p) in in_opt], [p for _, p in named if id(p) in in_opt],
+                          [n for n, p in named if id(p) not in in_opt])
+    if not out.params:
+        raise ValueError("the optimizer holds no parameters of the model")
+    for name, p in zip(out.names, out.params):
+        if not p.is_floating_point() or p.is_complex():
+            raise TypeError(f"parameter {name!r} is {p.dtype}; only real floating-point parameters are supported")
+        if p.is_sparse:
+            raise TypeError(f"parameter {name!r} is sparse; sparse parameters are not supported")
+        if impl.check_param is not None:
+            impl.check_param(name, p)
+    return out
+
+
+def check_loss_params(loss_params: Any, ref: Tensor) -> dict[str, Tensor]:
+    """Checks ``loss_params`` (φ_loss): leaves that require grad, floating point, on the model's device and dtype.
+
+    Raises:
+        TypeError: not a dict of tensors, or an integer tensor.
+        ValueError: a tensor that is not a leaf requiring grad, or on another device or dtype.
+    """
+    loss_params = {} if loss_params is None else loss_params
+    if not isinstance(loss_params, Mapping):
+        raise TypeError("loss_params must be a dict from name to leaf tensor")
+    out: dict[str, Tensor] = {}
+    for name, t in loss_params.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"loss_params[{name!r}] must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"loss_params[{name!r}] is {t.dtype}; meta-parameters must be floating point")
+        if not t.is_leaf or not t.requires_grad:
+            raise ValueError(
+                f"loss_params[{name!r}] must be a leaf tensor that requires grad "
+                "(create it with torch.tensor(..., requires_grad=True) or nn.Parameter)"
+            )
+        if t.device != ref.device:
+            raise ValueError(f"loss_params[{name!r}] is on {t.device} but the model is on {ref.device}; move it with .to()")
+        if t.dtype != ref.dtype:
+            raise ValueError(f"loss_params[{name!r}] is {t.dtype} but the model is {ref.dtype}; convert it with .to()")
+        out[name] = t
+    return out
+
+
+def check_batches(train_batches: Any, unroll: int) -> list[Any]:
+    """The J training batches as a list.
+
+    Raises:
+        TypeError: not a sequence of batches.
+        ValueError: not exactly J of them.
+    """
+    if isinstance(train_batches, (Tensor, str, bytes)) or not isinstance(train_batches, Iterable):
+        raise TypeError(
+            "train_batches must be a sequence of the J inner batches (a list or tuple), "
+            f"got {type(train_batches).__name__}"
+        )
+    batches = list(train_batches)
+    if len(batches) != unroll:
+        raise ValueError(
+            f"got {len(batches)} train batches but unroll={unroll}: give exactly one batch per inner step"
+        )
+    return batches
+
+
+MetaOptFactory = Union[type, Callable[[list[Tensor]], torch.optim.Optimizer]]
+
+
+def build_meta_optimizer(meta_opt: Optional[MetaOptFactory], leaves: Sequence[Tensor]) -> torch.optim.Optimizer:
+    """The meta optimizer over φ ([Alg.1 L16]): a ``torch.optim`` class or a factory (default ``Adam``)."""
+    if meta_opt is None:
+        meta_opt = torch.optim.Adam
+    if not callable(meta_opt):
+        raise TypeError("meta_opt must be a torch.optim class or a factory taking the list of meta-parameters")
+    built = meta_opt(list(leaves))
+    if not isinstance(built, torch.optim.Optimizer):
+        raise TypeError(f"meta_opt must build a torch.optim.Optimizer, got {type(built).__name__}")
+    return built
+
+
+__all__ = [
+    "InnerParameters",
+    "MetaOptFactory",
+    "ON_NONFINITE",
+    "Options",
+    "build_meta_optimizer",
+    "check_batches",
+    "check_callables",
+    "check_loss_params",
+    "inner_parameters",
+    "validate_options",
+]

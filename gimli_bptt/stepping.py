@@ -1,0 +1,231 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Dispatch of the inner optimizer over all parameter tensors: one tensor at a time, the pure twin, or the fused kernels.
+
+The tape calls :func:`step_all` ([Alg.1 L6]) and the sweep :func:`step_vjp_all`
+([Alg.1 L11]-[Alg.1 L12]) and :func:`add_second_order` ([Alg.1 L14]); none of them knows how
+the optimizer runs. This is the one module that sees both the optimizers (``optim/``) and the
+flat-buffer ops (``kernels/``), so neither imports the other:
+
+- ``"loop"``: the optimizer's per-tensor ``step``/``step_vjp``, one call per tensor (the
+  reference; also whenever autograd records the step, see Note [Flat ops under autograd]);
+- ``"reference"``: its :class:`~gimli_bptt.optim.base.FlatLayout`'s ops from the pure-PyTorch
+  twin (:mod:`gimli_bptt.kernels._reference`), one call per bucket of flat buffers;
+- ``"fused"``: the same ops compiled (``torch.ops.gimli``), raising if they cannot run;
+- ``"auto"`` (default): fused where the kernels are available and suit the tensors, else the
+  twin; the loop for optimizers without a flat layout.
+
+All four give the same numbers (``tests/test_kernels.py``). Tensors the flat ops do not take
+(empty ones) come back from :mod:`gimli_bptt.kernels.flat` untouched and run the per-tensor loop here.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .kernels import get_op
+from .kernels.flat import Bucket, FlatOutputs, Plan, cached_plan, owned_indices, slot_kind
+from .optim.base import DiffOptimizer, FlatLayout, Hyper, State
+
+KERNEL_MODES = ("auto", "fused", "reference", "loop")
+
+Grads = Sequence[Optional[Tensor]]
+
+
+def check_kernel_mode(opt: DiffOptimizer, kernels: str) -> None:
+    """Raises ``ValueError`` for an unknown mode, or a flat mode the optimizer has no layout for."""
+    if kernels not in KERNEL_MODES:
+        raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
+    if opt.flat is None and kernels in ("fused", "reference"):
+        raise ValueError(f"{opt.name} has no flat-buffer implementation; use kernels='auto' or 'loop'")
+
+
+def _differentiable(*lists: Sequence[Any]) -> bool:
+    """Whether autograd records the step: grad mode on and some input requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    for items in lists:
+        for x in items:
+            if isinstance(x, Tensor) and x.requires_grad:
+                return True
+            if isinstance(x, dict) and any(isinstance(v, Tensor) and v.requires_grad for v in x.values()):
+                return True
+    return False
+
+
+def _use_flat(opt: DiffOptimizer, kernels: str, *inputs: Sequence[Any]) -> bool:
+    """Whether the flat-buffer path runs.
+
+    Note [Flat ops under autograd]: the flat ops (compiled or their twin) have no autograd
+    formula, and the engine never differentiates through a step (the tape runs under
+    ``no_grad``; the sweep's VJP is hand-written). A caller that does, such as the reference
+    unroll of :mod:`gimli_bptt.testing`, gets the per-tensor functions, whatever ``kernels`` says.
+    """
+    check_kernel_mode(opt, kernels)
+    return opt.flat is not None and kernels != "loop" and not _differentiable(*inputs)
+
+
+# ---------------------------------------------------------------------------- the flat path
+def _plan(layout: FlatLayout, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
+          hyper: Sequence[Hyper]) -> Plan:
+    """The buckets of this call (cached: Note [Plan cache] in ``kernels/flat.py``)."""
+    counter = layout.counter
+    c0 = float(state[0][counter]) if counter is not None and state else 0.0
+    per = tuple((t.shape, t.dtype, t.device, g is None, tuple(v is None for v in s.values()),
+                 float(s[counter]) - c0 if counter is not None else None)
+                for t, g, s in zip(theta, G, state))
+    refs = [v for h in hyper for v in h.values()]
+
+    def build() -> Plan:
+        keys = []
+        for t, g, s, h in zip(theta, G, state, hyper):
+            if g is None:
+                keys.append(None)
+                continue
+            kinds = tuple(slot_kind(h[name]) for name in layout.hyper)
+            count = float(s[counter]) if counter is not None else None
+            keys.append((t.device, t.dtype, layout.options(h, s), kinds, count))
+        return Plan(keys, theta, hyper, layout.hyper, refs)
+
+    return cached_plan((layout.op, per), refs, build)
+
+
+def _count(layout: FlatLayout, b: Bucket, state: Sequence[State]) -> Optional[float]:
+    """The step count of the step being taken (read now: cached plans outlive it)."""
+    return None if layout.counter is None else float(state[b.idx[0]][layout.counter]) + 1.0
+
+
+def _flat_step(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
+               hyper: Sequence[Hyper], kernels: str) -> tuple[list[Tensor], list[State]]:
+    layout = opt.flat
+    assert layout is not None
+    theta_next: FlatOutputs = FlatOutputs(theta)
+    state_next: FlatOutputs = FlatOutputs(state)
+    plan = _plan(layout, theta, G, state, hyper)
+    for k in plan.rest:
+        theta_next[k], state_next[k] = opt.step(theta[k], G[k], state[k], hyper[k])  # type: ignore[arg-type]
+    for b in plan.buckets:
+        t = _count(layout, b, state)
+        op = get_op(f"{layout.op}_step", b.impl(kernels, theta[b.idx[0]]))
+        ins = [b.gather_optional(state, key) for key in layout.state_in(b.options)]
+        outs = op(b.gather(theta), b.gather(G), *ins, b.offsets, b.hyper(hyper), b.elementwise,  # type: ignore[arg-type]
+                  *layout.args(b.options, t))
+        thetas = b.views(outs[0])
+        entries = [(key, b.views(buf), buf) for key, buf in zip(layout.state_out(b.options), outs[1:]) if key is not None]
+        for j, (k, tk) in enumerate(zip(b.idx, thetas)):
+            theta_next[k] = tk
+            s = dict(state[k])
+            if t is not None:
+                s[layout.counter] = t  # type: ignore[index]
+            for key, views, _ in entries:
+                s[key] = views[j]
+            state_next[k] = s
+        theta_next.record(None, b.idx_key, thetas, outs[0])
+        for key, views, buf in entries:
+            state_next.record(key, b.idx_key, views, buf)
+    return theta_next, state_next
+
+
+def _flat_step_vjp(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
+                   hyper: Sequence[Hyper], theta_next_bar: Sequence[Tensor], state_next_bar: Sequence[State],
+                   kernels: str) -> tuple[list[Tensor], list[Optional[Tensor]], list[State], list[dict[str, Tensor]]]:
+    layout = opt.flat
+    assert layout is not None
+    n = len(theta)
+    theta_bar: FlatOutputs = FlatOutputs(theta_next_bar)
+    G_bar: list[Optional[Tensor]] = [None] * n
+    state_bar: FlatOutputs = FlatOutputs(state_next_bar)
+    hyper_bar: list[dict[str, Tensor]] = [{} for _ in range(n)]
+    plan = _plan(layout, theta, G, state, hyper)
+    for k in plan.rest:
+        theta_bar[k], G_bar[k], state_bar[k], hyper_bar[k] = opt.step_vjp(
+            theta[k], G[k], state[k], hyper[k], theta_next_bar[k], state_next_bar[k])  # type: ignore[arg-type]
+    for b in plan.buckets:
+        t = _count(layout, b, state)
+        op = get_op(f"{layout.op}_step_vjp", b.impl(kernels, theta[b.idx[0]]))
+        ins = [b.gather_optional(state, key) for key in layout.state_in(b.options)]
+        bars_in = [b.gather_optional(state_next_bar, key) for key in layout.bar_in(b.options)]
+        outs = op(b.gather(theta), b.gather(G), *ins, b.gather(theta_next_bar), *bars_in,  # type: ignore[arg-type]
+                  b.offsets, b.hyper(hyper), b.elementwise, b.learned, *layout.args(b.options, t))
+        entries = [(key, b.views(buf), buf) for key, buf in zip(layout.bar_out(b.options), outs[2:-1])
+                   if key is not None]
+        thetas = b.views(outs[0])
+        for j, (k, tk, gk, hk) in enumerate(zip(b.idx, thetas, b.views(outs[1]), b.hyper_bars(outs[-1]))):
+            theta_bar[k], G_bar[k], hyper_bar[k] = tk, gk, hk
+            state_bar[k] = {key: views[j] for key, views, _ in entries}
+        theta_bar.record(None, b.idx_key, thetas, outs[0])
+        for key, views, buf in entries:
+            state_bar.record(key, b.idx_key, views, buf)
+    return theta_bar, G_bar, state_bar, hyper_bar
+
+
+# ---------------------------------------------------------------------------- the entry points
+def step_all(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State], hyper: Sequence[Hyper],
+             kernels: str = "auto") -> tuple[list[Tensor], list[State]]:
+    """[Alg.1 L6] for every inner parameter: ``(θ_{j+1}, σ_{j+1})``.
+
+    A tensor whose gradient is ``None`` (it did not take part in the loss) is left as it is,
+    with its state, exactly as ``torch.optim`` skips parameters whose ``.grad`` is ``None``.
+    """
+    if _use_flat(opt, kernels, theta, G, hyper):
+        return _flat_step(opt, theta, G, state, hyper, kernels)
+    theta_next: list[Tensor] = []
+    state_next: list[State] = []
+    for t, g, s, h in zip(theta, G, state, hyper):
+        if g is None:
+            theta_next.append(t)
+            state_next.append(s)
+        else:
+            tn, sn = opt.step(t, g, s, h)
+            theta_next.append(tn)
+            state_next.append(sn)
+    return theta_next, state_next
+
+
+def step_vjp_all(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
+                 hyper: Sequence[Hyper], theta_next_bar: Sequence[Tensor], state_next_bar: Sequence[State],
+                 kernels: str = "auto") -> tuple[list[Tensor], list[Optional[Tensor]], list[State], list[dict[str, Tensor]]]:
+    """[Alg.1 L11]-[Alg.1 L12] for every inner parameter: ``(θ̄', Ḡ_j, σ̄_j, φ̄_opt per tensor)``.
+
+    A tensor whose gradient was ``None`` was left as it was by the step, so its cotangents pass
+    through unchanged and ``Ḡ`` is ``None``.
+    """
+    if _use_flat(opt, kernels, theta, G, hyper, theta_next_bar):
+        return _flat_step_vjp(opt, theta, G, state, hyper, theta_next_bar, state_next_bar, kernels)
+    theta_bar: list[Tensor] = []
+    G_bar: list[Optional[Tensor]] = []
+    state_bar: list[State] = []
+    hyper_bar: list[dict[str, Tensor]] = []
+    for t, g, s, h, tb, sb in zip(theta, G, state, hyper, theta_next_bar, state_next_bar):
+        if g is None:
+            theta_bar.append(tb)
+            G_bar.append(None)
+            state_bar.append(sb)
+            hyper_bar.append({})
+        else:
+            a, b, c, d = opt.step_vjp(t, g, s, h, tb, sb)
+            theta_bar.append(a)
+            G_bar.append(b)
+            state_bar.append(c)
+            hyper_bar.append(d)
+    return theta_bar, G_bar, state_bar, hyper_bar
+
+
+def add_second_order(theta_bar: list[Tensor], h_theta: Grads) -> list[Tensor]:
+    """[Alg.1 L14]: θ̄_j = θ̄' + H_j·Ḡ_j, per tensor (None: no second-order term).
+
+    In place where θ̄' is a view of a buffer the flat op has just allocated for it (Note [Flat
+    outputs] in ``kernels/flat.py``): θ̄_j then stays one flat buffer for step j-1's op.
+    """
+    own = owned_indices(theta_bar)
+    mine = [k for k, h in enumerate(h_theta) if h is not None and k in own]
+    if mine:
+        torch._foreach_add_([theta_bar[k] for k in mine], [h_theta[k] for k in mine])  # type: ignore[misc]
+    for k, h in enumerate(h_theta):
+        if h is not None and k not in own:
+            theta_bar[k] = theta_bar[k] + h
+    return theta_bar
+
+
+__all__ = ["KERNEL_MODES", "add_second_order", "check_kernel_mode", "step_all", "step_vjp_all"]
