@@ -1,19 +1,35 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Build script: package metadata lives in pyproject.toml; this file adds the compiled kernels when it can.
+"""Build script: package metadata lives in pyproject.toml; this file adds the compiled kernels when torch is importable.
 
-Note [Building the kernels]: the extension ``gimli_bptt._C`` (gimli_bptt/csrc/) needs torch at build
-time. Under pip's default build isolation torch is not importable here, so a plain
-``pip install -e .`` installs the pure-Python package only, and the kernels are JIT-built and
-cached on first use (gimli_bptt/kernels/ops.py). To build them at install time instead, install
-torch first and run ``pip install --no-build-isolation -e .``. The CUDA sources are added when
-torch has CUDA and nvcc is found. ``GIMLI_BUILD_KERNELS=0`` skips the extension. A failed
-compile never fails the install: the package then falls back to the JIT build, then to the
-pure-PyTorch path with one warning.
+Note [Building the kernels]: the kernel sources ship inside the package (``gimli_bptt/csrc/``,
+package data), so every install can compile them. Where torch is importable at build time
+(``pip install --no-build-isolation .`` or ``-e .`` with torch installed first), the extension
+is compiled here, at install, into ``gimli_bptt/_C_torch_<version>.so`` (the torch version is in
+the name: a C++ extension runs only with the torch it was compiled against). Under pip's
+default build isolation torch is not importable here, so the package installs without it and
+the kernels are JIT-compiled from site-packages on first use, once, and cached
+(``gimli_bptt/kernels/ops.py``, Note [Loading the kernels]). Both builds take their sources and
+flags from ``ops.py``, loaded here by path. The CUDA sources are added when torch has CUDA and
+nvcc is found. ``GIMLI_BUILD_KERNELS=0`` skips the extension. A failed compile never fails
+the install: the package then JIT-builds on first use, or warns once and runs the
+pure-PyTorch path.
 """
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _kernel_ops():
+    """``gimli_bptt/kernels/ops.py`` as a module of its own (it needs torch, not the package)."""
+    path = os.path.join(HERE, "gimli_bptt", "kernels", "ops.py")
+    spec = importlib.util.spec_from_file_location("_gimli_bptt_kernel_ops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _ext_modules():
@@ -23,27 +39,34 @@ def _ext_modules():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("gimli_bptt: torch not importable at build time; kernels will be JIT-built on first use", file=sys.stderr)
+        print("gimli_bptt: torch is not importable at build time; the kernels will be compiled on first use",
+              file=sys.stderr)
         return [], {}
-    here = os.path.dirname(os.path.abspath(__file__))
-    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-    sources = ["gimli_bptt/csrc/gimli.cpp", "gimli_bptt/csrc/cpu/optim_cpu.cpp"]
-    kwargs = dict(include_dirs=[os.path.join(here, "gimli_bptt", "csrc", "include")], extra_link_args=["-fopenmp"])
-    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
-        sources += ["gimli_bptt/csrc/cuda/optim_cuda.cu", "gimli_bptt/csrc/cuda/optim_cuda_binding.cpp"]
+    ops = _kernel_ops()
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    sources = [os.path.relpath(s, HERE) for s in ops.sources(with_cuda)]
+    kwargs = dict(include_dirs=ops.include_dirs(), extra_link_args=list(ops.LD_FLAGS))
+    if with_cuda:
         ext = cpp_extension.CUDAExtension(
-            "gimli_bptt._C", sources,
-            extra_compile_args={"cxx": cxx + ["-DGIMLI_WITH_CUDA"], "nvcc": ["-O3", "--fmad=false", "-std=c++17"]},
+            "gimli_bptt._C", sources, extra_compile_args={"cxx": ops.cxx_flags(True), "nvcc": list(ops.NVCC_FLAGS)},
             **kwargs)
     else:
-        ext = cpp_extension.CppExtension("gimli_bptt._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        ext = cpp_extension.CppExtension("gimli_bptt._C", sources, extra_compile_args={"cxx": ops.cxx_flags(False)},
+                                         **kwargs)
+    filename = ops.prebuilt_filename(torch.__version__)
 
     class BuildExt(cpp_extension.BuildExtension):
+        def get_ext_filename(self, ext_name):
+            default = super().get_ext_filename(ext_name)
+            return os.path.join(os.path.dirname(default), filename) if ext_name == "gimli_bptt._C" else default
+
         def run(self):
+            print(f"gimli_bptt: compiling the fused optimizer kernels for torch {torch.__version__} at install "
+                  f"(about {ops.estimated_build_seconds(with_cuda)} s)", file=sys.stderr)
             try:
                 super().run()
             except Exception as e:  # noqa: BLE001 - never fail the install (Note [Building the kernels])
-                print(f"gimli_bptt: building the kernels failed ({e}); they will be JIT-built on first use",
+                print(f"gimli_bptt: compiling the kernels at install failed ({e}); they will be compiled on first use",
                       file=sys.stderr)
 
     return [ext], {"build_ext": BuildExt.with_options(no_python_abi_suffix=True)}

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``gimli-bptt`` command line (also ``python -m gimli_bptt``): ``demo``, ``lr`` and ``maml``."""
+"""The ``gimli-bptt`` command line (also ``python -m gimli_bptt``): ``demo``, ``lr``, ``maml`` and ``build-kernels``."""
 from __future__ import annotations
 
 import argparse
@@ -177,7 +177,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"meta-test tasks per run (default {mc.test_tasks})")
     _common(m, mc.out, len(mc.seeds))
     m.set_defaults(width=mc.width, subparser=m)
+
+    bk = sub.add_parser(
+        "build-kernels", help="compile the fused optimizer kernels now (once per torch version) and say where they went",
+        description="Compiles the fused optimizer kernels for this torch, unless a build is already there (from "
+                    "the install or the cache), loads them, and reports what is loaded, from where and for which "
+                    "devices. Exits 1 when they cannot be built, saying why.")
+    bk.add_argument("--info", action="store_true",
+                    help="only report what is loaded, from where, for which devices, and why not (compiles nothing)")
+    bk.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
     return parser
+
+
+def _run_build_kernels(args: argparse.Namespace) -> int:
+    """``build-kernels``: compiles and loads the kernels (or, with ``--info``, only reports); 0 when they are loaded."""
+    from .kernels import ops
+
+    if args.info:
+        print(ops.info())
+        return 0
+    try:
+        report = ops.build(verbose=args.verbose)
+    except ops.KernelsUnavailable as exc:
+        print(f"gimli-bptt build-kernels: error: {exc}", file=sys.stderr)
+        return 1
+    print(report)
+    cause = getattr(ops.load_error(), "__cause__", None)
+    if not report.loaded and cause is not None:  # the compiler's own words
+        print(str(cause)[-8000:], file=sys.stderr)
+    return 0 if report.loaded else 1
 
 
 def _run_lr(args: argparse.Namespace) -> None:
@@ -257,6 +285,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          hidden=args.hidden, optimizer=args.optimizer, hvp=args.hvp, seed=args.seed)
         run_demo(cfg)
         return 0
+    if args.command == "build-kernels":
+        return _run_build_kernels(args)
     from .experiments import MissingExtraError, require_extras
 
     try:

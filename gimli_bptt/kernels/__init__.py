@@ -5,7 +5,8 @@ Dispatch (STYLE.md §6, as ``torch.optim``'s ``adam()`` front end with torchopt'
 ``select_impl(tensors, "auto")`` picks ``"fused"`` when the compiled ops are loaded for the
 tensors' device and the tensors suit them (dense, float32/float64, one dtype and device), and
 ``"reference"`` otherwise; ``GIMLI_DISABLE_KERNELS=1`` forces ``"reference"``. An explicit
-``impl="fused"`` that cannot run raises instead of falling back.
+``impl="fused"`` that cannot run raises instead of falling back. :func:`info` says what is
+loaded, from where, for which devices, and why not (Note [Loading the kernels] in ``ops.py``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _reference, ops
+from .ops import KernelInfo, info
 
 IMPLS = ("auto", "fused", "reference")
 FUSED_DTYPES = (torch.float32, torch.float64)
@@ -87,4 +89,4 @@ def get_op(name: str, impl: str):  # noqa: ANN201 - a torch op or its twin
     return ops.op(name) if impl == "fused" else getattr(_reference, name)
 
 
-__all__ = ["FUSED_DTYPES", "IMPLS", "get_op", "is_available", "select_impl", "unsuitable"]
+__all__ = ["FUSED_DTYPES", "IMPLS", "KernelInfo", "get_op", "info", "is_available", "select_impl", "unsuitable"]
