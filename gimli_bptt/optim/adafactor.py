@@ -42,7 +42,7 @@ and column statistic with its own decay. For a decay shared by the tensor it is 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
