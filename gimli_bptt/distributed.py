@@ -80,10 +80,10 @@ class Reducer:
         """Starts a new meta step: every rank's sequence tag restarts at 0."""
         self.calls = 0
 
-    def _all_reduce(self, buf: Tensor, what: str) -> None:
+    def _all_reduce(self, buf: Tensor, what: str, op: Any = None) -> None:
         dist = torch.distributed
         try:
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
         except (RuntimeError, getattr(dist, "DistError", RuntimeError)) as exc:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise DistributedError(
@@ -92,6 +92,17 @@ class Reducer:
                 "(init_process_group(timeout=...)); see the other ranks' errors for the cause. Nothing was "
                 f"updated on this rank. ({type(exc).__name__}: {first})"
             ) from exc
+
+    def minimum(self, value: int, what: str) -> int:
+        """The smallest of the ranks' ``value`` (one MIN all-reduce), e.g. the memory every rank can spend.
+
+        Raises:
+            DistributedError: the collective failed or timed out.
+        """
+        self.calls += 1
+        buf = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        self._all_reduce(buf, what, torch.distributed.ReduceOp.MIN)
+        return int(buf.item())
 
     def mean(self, tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor], what: str) -> list[Optional[Tensor]]:
         """The mean over ranks of each tensor; ``None`` counts as zeros shaped like ``like[i]``.

@@ -5,8 +5,8 @@ For each inner step j the reverse sweep needs the state s_j (parameters, optimiz
 buffers) and the gradient graph of G_j ([Alg.1 L5]) for its Hessian-vector product. How much
 of that the tape keeps is one decision, ``GimliUpdater(memory=...)``:
 
-- ``None`` (or ``Memory()``): every state, no graph (the full tape): each step's ℓ_j and G_j
-  are recomputed once, before its HVP;
+- ``"auto"`` (the default, ``Memory(fraction=AUTO_FRACTION)``): a budget of a fraction of the
+  memory available when each meta step starts (Note [The automatic budget]), planned as below;
 - a number of bytes (or ``Memory(budget=B)``): the fastest plan that fits, per meta step:
 
   - ``"graphs"``: all J states, and the graphs of the last k ≥ 1 steps kept from the tape
@@ -15,6 +15,8 @@ of that the tape keeps is one decision, ``GimliUpdater(memory=...)``:
   - ``"full"``: all J states and no graph;
   - ``"checkpointed"``: ``B // state_bytes`` states and the optimal binomial schedule;
 
+- ``None`` (or ``Memory()``): every state, no graph (the full tape): each step's ℓ_j and G_j
+  are recomputed once, before its HVP;
 - ``Memory(...)`` by hand: ``slots=`` (binomial checkpointing), ``every=`` (every k-th state),
   ``keep_graphs=True`` (every graph: the fastest, the memory of an autograd unroll's
   activations), and ``verify=True`` (check that recomputation reproduces the tape bit for bit).
@@ -23,9 +25,23 @@ The hypergradient is bit-identical whatever the plan (Note [Bit-identical recomp
 ``tape.py``). The bytes of one state are known before the tape runs (:func:`state_bytes`);
 those of one step's graph are not: the tape measures step 0's with :class:`SavedGraphMeter`
 and asks :func:`graphs_that_fit` how many steps' graphs to keep.
+
+Note [The automatic budget]: at the start of each meta step, ``memory="auto"`` asks how much
+memory is available now (:func:`available_memory`): on CUDA the driver's free memory plus what
+PyTorch's caching allocator holds but does not use, for the parameters' device; on the CPU the
+kernel's ``MemAvailable``, or less when a cgroup (a container's limit) leaves less. It plans in
+``AUTO_FRACTION`` of that (half: the rest is left for the batches, the activations of the step
+being computed, the allocator's slack and everything else the process does); ``GIMLI_MEMORY_FRACTION``
+or ``Memory(fraction=f)`` change the fraction. The plan then keeps the graphs of as many steps
+as fit (the fastest), else every state, else binomial checkpointing, and never more than the
+budget; a machine short of memory gets a checkpointed plan where an autograd unroll would run
+out of memory. Distributed, every rank plans in the smallest budget of all ranks, agreed once
+when the updater is built (Note [Agreeing on a budget] in :func:`resolve_budget`), so that every
+rank keeps the same steps' graphs. ``last_tape_stats`` reports the budget and where it came from.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -36,18 +52,23 @@ from torch import Tensor
 
 from .checkpoint import Op, _check_int, binomial_schedule, every_k_schedule, slots_for_budget, store_all_schedule
 
+#: The fraction of the available memory that ``memory="auto"`` plans in (Note [The automatic budget]).
+AUTO_FRACTION = 0.5
+
 
 @dataclass(frozen=True)
 class Memory:
     """How much memory a hypergradient may use: the ``memory`` option of ``GimliUpdater``.
 
-    Give at most one of ``budget``, ``slots`` and ``every``; none keeps every state.
+    Give at most one of ``budget``, ``fraction``, ``slots`` and ``every``; none keeps every state.
 
     Attributes:
         budget: Bytes the tape may hold: the J states (and, with ``hvp="fwd"``, G_j) and the
             gradient graphs kept from the forward pass (see the module docstring for the plans).
             It does not count the model, the optimizer, the batches, s_J, the working memory of
             the step being computed or the allocator's overhead: leave some room.
+        fraction: A budget of this fraction (0 < f ≤ 1) of the memory available when each meta
+            step starts (Note [The automatic budget]); ``memory="auto"`` is ``fraction=AUTO_FRACTION``.
         slots: Keep at most this many inner states; recompute the others with the optimal
             binomial schedule (Griewank & Walther's revolve). ``slots >= J`` stores everything.
         every: Keep every k-th state and recompute each segment from its start.
@@ -62,6 +83,19 @@ class Memory:
     every: Optional[int] = None
     keep_graphs: bool = False
     verify: bool = False
+    fraction: Optional[float] = None
+
+    @classmethod
+    def auto(cls, fraction: Optional[float] = None) -> "Memory":
+        """``memory="auto"``: a budget of ``fraction`` (default: ``GIMLI_MEMORY_FRACTION`` or
+        :data:`AUTO_FRACTION`) of the memory available at each meta step."""
+        if fraction is None:
+            env = os.environ.get("GIMLI_MEMORY_FRACTION", "").strip()
+            try:
+                fraction = float(env) if env else AUTO_FRACTION
+            except ValueError:
+                raise ValueError(f"GIMLI_MEMORY_FRACTION must be a number in (0, 1], got {env!r}") from None
+        return cls(fraction=fraction).validate()
 
     def validate(self) -> "Memory":
         """Checks the fields; returns ``self``.
@@ -71,27 +105,34 @@ class Memory:
             ValueError: more than one of ``budget``, ``slots``, ``every``; ``keep_graphs`` with one
                 of them; a value below 1.
         """
-        given = [name for name in ("budget", "slots", "every") if getattr(self, name) is not None]
+        given = [name for name in ("budget", "fraction", "slots", "every") if getattr(self, name) is not None]
         if len(given) > 1:
-            raise ValueError(f"Memory takes at most one of budget=, slots= or every=, got {', '.join(given)}")
+            raise ValueError(f"Memory takes at most one of budget=, fraction=, slots= or every=, got {', '.join(given)}")
         if self.keep_graphs and given:
             raise ValueError(
                 f"Memory(keep_graphs=True) keeps every step's graph and every state: it cannot be combined "
                 f"with {given[0]}= (a budget keeps as many graphs as fit)"
             )
         for name in given:
-            _check_int(name, getattr(self, name), 1)
+            if name == "fraction":
+                f = self.fraction
+                if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < float(f) <= 1.0:
+                    raise ValueError(f"Memory(fraction=...) must be a number in (0, 1], got {f!r}")
+            else:
+                _check_int(name, getattr(self, name), 1)
         for name in ("keep_graphs", "verify"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Memory({name}=...) must be True or False, got {type(getattr(self, name)).__name__}")
         return self
 
-    def schedule(self, num_steps: int, state_bytes: int) -> list[Op]:
-        """The checkpoint schedule of the states for ``num_steps`` inner steps of ``state_bytes`` each."""
+    def schedule(self, num_steps: int, state_bytes: int, budget: Optional[int] = None) -> list[Op]:
+        """The checkpoint schedule of the states for ``num_steps`` inner steps of ``state_bytes`` each
+        (``budget``: the resolved budget of a ``fraction``; default ``self.budget``)."""
+        budget = self.budget if budget is None else budget
         if self.every is not None:
             return every_k_schedule(num_steps, self.every)
-        if self.budget is not None:
-            slots = slots_for_budget(self.budget, max(state_bytes, 1))
+        if budget is not None:
+            slots = slots_for_budget(budget, max(state_bytes, 1))
         elif self.slots is not None:
             slots = self.slots
         else:
@@ -101,23 +142,33 @@ class Memory:
     @property
     def needs_state_bytes(self) -> bool:
         """Whether planning needs the bytes of one state (a budget, or a recomputing schedule to report)."""
-        return self.budget is not None or self.slots is not None or self.every is not None
+        return (self.budget is not None or self.fraction is not None or self.slots is not None
+                or self.every is not None)
+
+    @property
+    def planned(self) -> bool:
+        """Whether the plan is made from a budget (given, or a fraction of what is available)."""
+        return self.budget is not None or self.fraction is not None
 
 
-def as_memory(memory: Union[int, Memory, None]) -> Memory:
-    """The :class:`Memory` policy of a ``memory=`` value (bytes, a policy, or None for the full tape).
+def as_memory(memory: Union[int, str, Memory, None]) -> Memory:
+    """The :class:`Memory` policy of a ``memory=`` value (``"auto"``, bytes, a policy, or None for the full tape).
 
     Raises:
-        TypeError: ``memory`` is not an int, a :class:`Memory` or None.
+        TypeError: ``memory`` is not an int, ``"auto"``, a :class:`Memory` or None.
         ValueError: a value out of range.
     """
     if memory is None:
         return Memory()
+    if isinstance(memory, str):
+        if memory == "auto":
+            return Memory.auto()
+        raise ValueError(f"memory must be 'auto', a number of bytes, gimli_bptt.Memory(...) or None, got {memory!r}")
     if isinstance(memory, Memory):
         return memory.validate()
     if isinstance(memory, bool) or not isinstance(memory, int):
         raise TypeError(
-            "memory must be a number of bytes (an int), gimli_bptt.Memory(...) or None, "
+            "memory must be 'auto', a number of bytes (an int), gimli_bptt.Memory(...) or None, "
             f"got {type(memory).__name__}"
         )
     if memory < 1:
@@ -125,7 +176,7 @@ def as_memory(memory: Union[int, Memory, None]) -> Memory:
     return Memory(budget=memory)
 
 
-def memory_from_deprecated(memory: Union[int, Memory, None], checkpoint: Any, memory_budget: Any,
+def memory_from_deprecated(memory: Union[int, str, Memory, None], checkpoint: Any, memory_budget: Any,
                            keep_graphs: Any) -> Memory:
     """``memory=`` from it or from one of its deprecated spellings (each warns once per call).
 
@@ -135,7 +186,7 @@ def memory_from_deprecated(memory: Union[int, Memory, None], checkpoint: Any, me
     Raises:
         TypeError, ValueError: as :func:`as_memory`; or more than one of them given.
     """
-    given = [name for name, v in (("memory", memory), ("checkpoint", checkpoint),
+    given = [name for name, v in (("memory", None if memory == "auto" else memory), ("checkpoint", checkpoint),
                                    ("memory_budget", memory_budget), ("keep_graphs", keep_graphs or None))
              if v is not None]
     if len(given) > 1:
@@ -192,6 +243,7 @@ class TapePlan:
             for graphs.
         state_bytes: The bytes of one inner state as the plan counts them (None when not needed).
         verify: Check recomputed states bit for bit.
+        budget: The budget planned in, or None.
     """
 
     schedule: list[Op]
@@ -199,6 +251,7 @@ class TapePlan:
     graph_bytes_left: Optional[int]
     state_bytes: Optional[int]
     verify: bool
+    budget: Optional[int] = None
 
     @property
     def recomputed_steps(self) -> int:
@@ -207,7 +260,8 @@ class TapePlan:
         return advanced - max((op.to for op in self.schedule if op.kind == "advance"), default=0)
 
 
-def plan_tape(memory: Memory, num_steps: int, hvp: str, state_bytes: Optional[int]) -> TapePlan:
+def plan_tape(memory: Memory, num_steps: int, hvp: str, state_bytes: Optional[int],
+              budget: Optional[int] = None) -> TapePlan:
     """Plans the tape of ``num_steps`` inner steps under ``memory`` ([Alg.1 L4]-[Alg.1 L7]).
 
     Args:
@@ -216,24 +270,102 @@ def plan_tape(memory: Memory, num_steps: int, hvp: str, state_bytes: Optional[in
         hvp: ``"rev"`` or ``"fwd"``: graphs are kept only for the reverse-over-reverse HVP.
         state_bytes: The bytes of one inner state (:func:`state_bytes`), needed when
             ``memory.needs_state_bytes``.
+        budget: The budget of a ``Memory(fraction=...)`` policy, resolved for this meta step
+            (:func:`resolve_budget`); default ``memory.budget``.
 
     Raises:
         ValueError: a budget below one state.
     """
     memory.validate()
     _check_int("num_steps", num_steps, 1)
+    budget = memory.budget if budget is None else budget
+    if memory.fraction is not None and budget is None:
+        raise ValueError("Memory(fraction=...) plans in a budget resolved per meta step: pass budget=")
     if memory.keep_graphs:
         return TapePlan(store_all_schedule(num_steps), 0, None, None, memory.verify)
     if not memory.needs_state_bytes:
         return TapePlan(store_all_schedule(num_steps), None, None, None, memory.verify)
     assert state_bytes is not None, "a budget or a recomputing schedule needs the bytes of one state"
     _check_int("state_bytes", state_bytes, 1)
-    schedule = memory.schedule(num_steps, state_bytes)
+    schedule = memory.schedule(num_steps, state_bytes, budget)
     left = None
-    if memory.budget is not None and hvp == "rev":
-        left = memory.budget - num_steps * state_bytes
+    if budget is not None and hvp == "rev":
+        left = budget - num_steps * state_bytes
         left = left if left >= 0 else None
-    return TapePlan(schedule, None, left, state_bytes, memory.verify)
+    return TapePlan(schedule, None, left, state_bytes, memory.verify, budget)
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+#: Where the CPU's available memory is read: the kernel's estimate, then cgroup v2 and v1 limits.
+MEMINFO = "/proc/meminfo"
+CGROUP_LIMITS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _cpu_available(meminfo: str = MEMINFO, cgroups: Sequence[tuple[str, str]] = CGROUP_LIMITS) -> tuple[int, str]:
+    """The bytes this process may still allocate on the CPU, and where the number comes from."""
+    available, source = None, ""
+    try:
+        with open(meminfo) as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    available, source = int(line.split()[1]) * 1024, "MemAvailable"
+                    break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            source = "free pages"
+        except (ValueError, OSError, AttributeError):
+            available, source = 0, "unknown"
+    for limit_path, usage_path in cgroups:
+        limit, usage = _read_int(limit_path), _read_int(usage_path)
+        if limit is not None and usage is not None and limit - usage < available:
+            available, source = max(limit - usage, 0), "the cgroup's memory limit"
+    return available, source
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """``(bytes available now on device, what was read)`` (Note [The automatic budget])."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0)), f"cuda:{device.index or 0} free + cached"
+    if device.type == "mps" and hasattr(torch, "mps"):
+        total = int(torch.mps.recommended_max_memory())
+        return max(total - int(torch.mps.driver_allocated_memory()), 0), "mps recommended maximum"
+    return _cpu_available()
+
+
+def resolve_budget(memory: Memory, device: torch.device, reducer: Any = None) -> tuple[Optional[int], Optional[str]]:
+    """The budget and where it came from: ``memory.budget``, or ``memory.fraction`` of
+    :func:`available_memory` (with a ``reducer``: the smallest over the ranks, one collective).
+
+    Note [Agreeing on a budget]: every rank must plan the same tape (a kept graph skips a
+    collective, a checkpointed schedule adds some), so distributed the budget is the smallest of
+    the ranks'. That agreement is one collective, and it is made once, when the updater is built
+    (as the replica check): a collective of another size at the start of every meta step would
+    meet a peer's pending gradient collective when a rank fails mid-step and its caller goes on,
+    which the process group cannot survive (gloo aborts on mismatched sizes), whereas the
+    gradient collectives' own tags detect that case.
+    """
+    if memory.fraction is None:
+        return memory.budget, None if memory.budget is None else "given"
+    available, source = available_memory(device)
+    budget = max(int(memory.fraction * available), 1)
+    if reducer is not None:
+        budget = reducer.minimum(budget, "the memory budget (memory='auto')")
+        source += ", the smallest over the ranks, when the updater was built"
+    return budget, f"{memory.fraction:g} of {available / 2**20:,.0f} MiB available ({source})"
 
 
 def state_bytes(impl: Any, theta: Sequence[Tensor], buffers: Mapping[str, Tensor], hyper: Sequence[Mapping[str, Any]],
@@ -302,6 +434,8 @@ class TapeStats:
         state_bytes: The bytes of one inner state as the plan counts them, else None.
         budget: The budget planned in, else None. The plan keeps
             ``J * state_bytes + graphs_kept * graph_bytes`` within it.
+        budget_source: Where the budget came from (``"given"``, or the fraction of the memory
+            available and what was read, with ``memory="auto"``), else None.
     """
 
     schedule: str
@@ -311,6 +445,7 @@ class TapeStats:
     graph_bytes: Optional[int]
     state_bytes: Optional[int]
     budget: Optional[int]
+    budget_source: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------- measuring a graph
@@ -400,11 +535,14 @@ __all__ = [
     "Memory",
     "SavedGraphMeter",
     "TapePlan",
+    "AUTO_FRACTION",
     "TapeStats",
     "as_memory",
+    "available_memory",
     "graphs_that_fit",
     "memory_from_deprecated",
     "plan_tape",
+    "resolve_budget",
     "state_bytes",
     "tensors_in",
 ]

@@ -14,7 +14,7 @@ from .distributed import Reducer, agree, check_replicas, resolve_process_group
 from .errors import DistributedError, NonFiniteError
 from .functional import clone_buffers
 from .hyper import OptimizerHyperparameters, parse_learn
-from .memory import Memory, TapeStats, plan_tape, state_bytes
+from .memory import Memory, TapeStats, plan_tape, resolve_budget, state_bytes
 from .metaparams import Hypergrad, MetaParameters
 from .optim import get_optimizer
 from .options import (MetaOptFactory, build_meta_optimizer, check_batches, check_callables, check_loss_params,
@@ -96,13 +96,15 @@ class GimliUpdater:
             meta-parameters (default ``torch.optim.Adam`` with its default settings).
         hvp: ``"rev"`` (reverse-over-reverse, default) or ``"fwd"`` (forward-over-reverse;
             needs forward-mode AD support of every op in ``train_loss``).
-        memory: How much memory the hypergradient may use (:mod:`gimli_bptt.memory`): ``None``
-            (default) keeps every inner state and recomputes each step's gradient graph before
-            its Hessian-vector product; a number of bytes plans, per meta step, the fastest way
-            that fits (kept graphs, else every state, else binomial checkpointing;
-            ``last_tape_stats`` reports it); :class:`~gimli_bptt.memory.Memory` chooses by hand
-            (``slots=``, ``every=``, ``keep_graphs=True``, ``verify=True``). The hypergradients
-            are bit-identical whatever the plan (on the CPU).
+        memory: How much memory the hypergradient may use (:mod:`gimli_bptt.memory`).
+            ``"auto"`` (default): a budget of half the memory available when each meta step
+            starts (Note [The automatic budget]). A number of bytes: that budget. Either way each
+            meta step runs the fastest plan that fits: the gradient graphs of as many steps as
+            fit kept from the forward pass, else every inner state, else binomial checkpointing
+            (``last_tape_stats`` reports it). ``None``: every state, no graph (each step's graph
+            is recomputed before its Hessian-vector product). :class:`~gimli_bptt.memory.Memory`
+            chooses by hand (``fraction=``, ``slots=``, ``every=``, ``keep_graphs=True``,
+            ``verify=True``). The hypergradients are bit-identical whatever the plan (on the CPU).
         commit: After a meta step, write θ'_J, the buffers and the inner optimizer state into
             the model and ``opt`` (continue training from the unrolled state). By default
             ``step()`` leaves them as they were.
@@ -143,7 +145,7 @@ class GimliUpdater:
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, train_loss: LossFn, val_loss: LossFn, *,
                  unroll: int = 1, learn: Mapping[str, str] | Sequence[str] | None = None,
                  loss_params: Mapping[str, Tensor] | None = None, learn_init: bool = False,
-                 meta_opt: Optional[MetaOptFactory] = None, hvp: str = "rev", memory: int | Memory | None = None,
+                 meta_opt: Optional[MetaOptFactory] = None, hvp: str = "rev", memory: int | str | Memory | None = "auto",
                  commit: bool = False, on_nonfinite: str = "raise", project: bool = True,
                  progress: Optional[bool] = None, lr_schedule: Optional[Callable[[int], float]] = None,
                  kernels: str = "auto", process_group: Any = None, checkpoint: Any = None,
@@ -176,12 +178,14 @@ class GimliUpdater:
         self.skipped_steps = 0
         self.last_tape_stats: Optional[TapeStats] = None
         self._hvp_fallback = False
+        self._sizes: dict[tuple, int] = {}
         self.process_group = resolve_process_group(process_group)
         self._reducer = Reducer(self.process_group, self._ref.device) if self.process_group is not None else None
         if self._reducer is not None:
             named = [(f"parameter {n!r}", p) for n, p in model.named_parameters()]
             named += [(f"meta-parameter {n!r}", t) for n, t in self.phi.named() if not n.startswith("init.")]
             check_replicas(named, self.process_group)
+            self._budget = resolve_budget(self.memory, self._ref.device, self._reducer)  # Note [Agreeing on a budget]
 
     # ----------------------------------------------------------------- what the updater holds
     @property
@@ -248,9 +252,9 @@ class GimliUpdater:
         problem = self._problem()  # [Alg.1 L2]
         start = InnerState(*self._initial_state())  # [Alg.1 L3]
         keep_G = self.hvp == "fwd"
-        size = (state_bytes(self.impl, start.theta, start.buffers, problem.hyper, keep_G)
-                if self.memory.needs_state_bytes else None)
-        plan = plan_tape(self.memory, self.unroll, self.hvp, size)
+        size = self._state_bytes(start, problem, keep_G) if self.memory.needs_state_bytes else None
+        budget, source = self._budget if self._reducer is not None else resolve_budget(self.memory, self._ref.device)
+        plan = plan_tape(self.memory, self.unroll, self.hvp, size, budget)
         show = self.options.progress if self.options.progress is not None else (None if self.unroll >= 100 else False)
         bar = Progress(2 * self.unroll + plan.recomputed_steps, "unroll", enabled=show)
         tape = Tape(problem, start, batches, plan, keep_G=keep_G, progress=bar)
@@ -265,10 +269,19 @@ class GimliUpdater:
         self.last_tape_stats = TapeStats(
             schedule="checkpointed" if recomputed else "graphs" if tape.graphs_kept else "full",
             forward_steps=tape.forward_steps, max_slots_used=tape.max_slots_used, graphs_kept=tape.graphs_kept,
-            graph_bytes=tape.graph_bytes, state_bytes=size, budget=self.memory.budget)
+            graph_bytes=tape.graph_bytes, state_bytes=size, budget=budget, budget_source=source)
         hypergrads = self.phi.hypergradients(swept.A_opt, swept.A_loss, swept.theta0_bar)
         nonfinite = MetaParameters.nonfinite(hypergrads) if self.options.check_finite else []
         return MetaStepResult(swept.val_loss, hypergrads, end.losses, nonfinite=nonfinite), end
+
+    def _state_bytes(self, start: InnerState, problem: InnerProblem, keep_G: bool) -> int:
+        """:func:`~gimli_bptt.memory.state_bytes`, computed once for the shapes, dtypes and buffers it sees
+        (the fixed hyperparameters, which decide which state entries exist, do not change)."""
+        key = (keep_G, tuple((t.shape, t.dtype, t.device) for t in start.theta),
+               tuple((n, b.shape, b.dtype) for n, b in start.buffers.items()))
+        if key not in self._sizes:
+            self._sizes[key] = state_bytes(self.impl, start.theta, start.buffers, problem.hyper, keep_G)
+        return self._sizes[key]
 
     def step(self, train_batches: Sequence[Any], val_batch: Any) -> MetaStepResult:
         """One meta update ([Alg.1 L2]-[Alg.1 L16]).

@@ -100,7 +100,7 @@ def test_verify_catches_a_nondeterministic_loss() -> None:
         (Memory(slots=2.5), TypeError, "slots must be an int"),  # type: ignore[arg-type]
         (Memory(verify=1), TypeError, "verify"),  # type: ignore[arg-type]
         (0, ValueError, "at least 1 byte"),
-        ("1GB", TypeError, "memory must be"),
+        ("1GB", ValueError, "memory must be .auto."),
         (True, TypeError, "memory must be"),
         (1.5e6, TypeError, "memory must be"),
     ],

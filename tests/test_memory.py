@@ -118,12 +118,12 @@ def test_a_budget_of_exactly_the_states_keeps_no_graph_and_one_byte_less_checkpo
     up = _updater("sgd", J, memory=J * state)
     _hypergrads(up, J)
     assert up.last_tape_stats == TapeStats(forward_steps=J, max_slots_used=J, schedule="full", graphs_kept=0,
-                                           graph_bytes=graph, state_bytes=state, budget=J * state)
+                                           graph_bytes=graph, state_bytes=state, budget=J * state, budget_source="given")
     up = _updater("sgd", J, memory=J * state - 1)
     _hypergrads(up, J)
     assert up.last_tape_stats == TapeStats(forward_steps=min_forward_steps(J, J - 1), max_slots_used=J - 1,
                                            schedule="checkpointed", graphs_kept=0, graph_bytes=None,
-                                           state_bytes=state, budget=J * state - 1)
+                                           state_bytes=state, budget=J * state - 1, budget_source="given")
 
 
 def test_the_last_steps_graphs_are_kept_and_the_others_recomputed_newest_first() -> None:
@@ -193,8 +193,8 @@ def test_the_deprecated_memory_options_warn_and_plan_as_memory(old: Any, new: An
     ({"memory_budget": "1GB"}, TypeError, "memory_budget must be a number of bytes"),
     ({"memory_budget": 0}, ValueError, "memory must be at least 1 byte"),
     ({"memory": 0}, ValueError, "memory must be at least 1 byte"),
-    ({"memory": 1.5e6}, TypeError, "memory must be a number of bytes"),
-    ({"memory": True}, TypeError, "memory must be a number of bytes"),
+    ({"memory": 1.5e6}, TypeError, "memory must be 'auto', a number of bytes"),
+    ({"memory": True}, TypeError, "memory must be 'auto', a number of bytes"),
     ({"checkpoint": "1GB"}, TypeError, "checkpoint must be"),
     ({"checkpoint": True}, TypeError, "checkpoint must be"),
     ({"checkpoint": 0}, ValueError, "slots"),
@@ -245,3 +245,75 @@ def test_state_dict_round_trip_and_resume_under_another_budget() -> None:
         run(resumed, range(1, 2))
         for (name, a), (_, b) in zip(straight.named_meta_parameters(), resumed.named_meta_parameters()):
             assert torch.equal(a, b), (options, name)
+
+
+# --------------------------------------------------------------------------- memory="auto"
+def _with_available(monkeypatch: pytest.MonkeyPatch, nbytes: int) -> None:
+    from gimli_bptt import memory as memory_mod
+
+    monkeypatch.setattr(memory_mod, "available_memory", lambda device: (nbytes, "test"))
+
+
+def test_auto_is_the_default_and_plans_in_half_the_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    J = 4
+    full, state, graph = _baseline("adam", J, torch.float64)
+    _with_available(monkeypatch, 2 * (J * state + J * graph))
+    up = _updater("adam", J)
+    assert up.memory == Memory(fraction=0.5)
+    assert bit_identical(full, _hypergrads(up, J))
+    stats = up.last_tape_stats
+    assert stats is not None and stats.budget == J * state + J * graph and stats.schedule == "graphs"
+    assert stats.graphs_kept == J and "0.5 of" in (stats.budget_source or "")
+
+
+@pytest.mark.parametrize("available, schedule", [
+    (lambda J, s, g: 2 * (J * s + J * g + 10), "graphs"),       # everything fits: every graph
+    (lambda J, s, g: 2 * (J * s + 2 * g), "graphs"),            # two graphs
+    (lambda J, s, g: 2 * (J * s + g // 2), "full"),             # the states but no graph
+    (lambda J, s, g: 2 * (2 * s + s // 2), "checkpointed"),     # two states: binomial checkpointing
+], ids=["all graphs", "some graphs", "full", "checkpointed"])
+def test_auto_plans_in_what_is_available(monkeypatch: pytest.MonkeyPatch, available: Any, schedule: str) -> None:
+    J = 5
+    full, state, graph = _baseline("sgd", J, torch.float64)
+    _with_available(monkeypatch, available(J, state, graph))
+    up = _updater("sgd", J, memory="auto")
+    assert bit_identical(full, _hypergrads(up, J))
+    stats = up.last_tape_stats
+    assert stats is not None and stats.schedule == schedule and stats.budget is not None
+    held = (J if schedule != "checkpointed" else stats.max_slots_used) * state + stats.graphs_kept * graph
+    assert held <= stats.budget, "the plan exceeds the budget"
+
+
+def test_auto_fraction_is_overridable(monkeypatch: pytest.MonkeyPatch) -> None:
+    J = 3
+    _, state, graph = _baseline("sgd", J, torch.float64)
+    _with_available(monkeypatch, 10 * (J * state + J * graph))
+    up = _updater("sgd", J, memory=Memory(fraction=0.2))
+    _hypergrads(up, J)
+    assert up.last_tape_stats is not None and up.last_tape_stats.budget == int(0.2 * 10 * (J * state + J * graph))
+    monkeypatch.setenv("GIMLI_MEMORY_FRACTION", "0.25")
+    assert _updater("sgd", J).memory == Memory(fraction=0.25)
+    monkeypatch.setenv("GIMLI_MEMORY_FRACTION", "lots")
+    with pytest.raises(ValueError, match="GIMLI_MEMORY_FRACTION"):
+        _updater("sgd", J)
+    for bad in (0, 1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match=r"fraction=\.\.\.\) must be a number in \(0, 1\]"):
+            _updater("sgd", J, memory=Memory(fraction=bad))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at most one of"):
+        _updater("sgd", J, memory=Memory(fraction=0.5, slots=2))
+    with pytest.raises(ValueError, match="memory must be 'auto'"):
+        _updater("sgd", J, memory="fast")
+
+
+def test_cpu_available_memory_respects_a_cgroup_limit(tmp_path: Any) -> None:
+    from gimli_bptt.memory import _cpu_available
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    assert _cpu_available(str(meminfo), ()) == (20000000 * 1024, "MemAvailable")
+    limit.write_text(f"{8 * 2**30}\n")
+    usage.write_text(f"{3 * 2**30}\n")
+    assert _cpu_available(str(meminfo), ((str(limit), str(usage)),)) == (5 * 2**30, "the cgroup's memory limit")
+    limit.write_text("max\n")  # no limit
+    assert _cpu_available(str(meminfo), ((str(limit), str(usage)),))[1] == "MemAvailable"
