@@ -80,13 +80,14 @@ class FunctionalModel:
         slots: The module's :class:`ModuleSlots` (built once per meta step by the caller); with
             them, and when they cover ``params`` and ``buffers``, calls bind the tensors by
             dict stores (Note [Binding by slots]) instead of ``functional_call``.
+        owned: ``params`` and ``buffers`` are dicts made for this view alone: keep them instead of copying.
     """
 
     def __init__(self, module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                 slots: Optional[ModuleSlots] = None):
+                 slots: Optional[ModuleSlots] = None, owned: bool = False):
         self.module = module
-        self._params = dict(params)
-        self._buffers = dict(buffers)
+        self._params = params if owned and type(params) is dict else dict(params)
+        self._buffers = buffers if owned and type(buffers) is dict else dict(buffers)
         self._slots = slots if slots is not None and slots.covers(self._params, self._buffers) else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -144,6 +144,7 @@ class InnerProblem:
     lr_schedule: Optional[Callable[[int], float]] = None
     _order: Optional[list[str]] = field(default=None, repr=False)
     _slots: Optional[ModuleSlots] = field(default=None, repr=False)
+    _inner_only: bool = field(default=False, repr=False)
     reducer: Optional[Reducer] = None
 
     def all_reduce_mean(self, tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor],
@@ -231,12 +232,17 @@ class InnerProblem:
 
     def view(self, theta: Sequence[Tensor], buffers: dict[str, Tensor]) -> FunctionalModel:
         """The module bound to inner parameters ``theta``, the frozen parameters and ``buffers``."""
-        params = dict(zip(self.names, theta))
-        params.update(self.frozen)
         if self._order is None:  # the module's parameter order and slots, once per meta step
             self._order = [name for name, _ in self.module.named_parameters()]
             self._slots = ModuleSlots(self.module)
-        return FunctionalModel(self.module, {name: params[name] for name in self._order}, buffers, self._slots)
+            self._inner_only = not self.frozen and self._order == list(self.names)
+        if self._inner_only:  # every parameter is an inner one, in the module's order
+            params = dict(zip(self.names, theta))
+        else:
+            named = dict(zip(self.names, theta))
+            named.update(self.frozen)
+            params = {name: named[name] for name in self._order}
+        return FunctionalModel(self.module, params, buffers, self._slots, owned=True)
 
     def loss(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int) -> Tensor:
         """ℓ_j(θ, φ_loss) with ``buffers`` updated in place, checked (line 5's loss)."""

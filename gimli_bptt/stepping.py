@@ -19,6 +19,7 @@ All four give the same numbers (``tests/test_kernels.py``). Tensors the flat ops
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional, Sequence
 
 import torch
@@ -67,14 +68,68 @@ def _use_flat(opt: DiffOptimizer, kernels: str, *inputs: Sequence[Any]) -> bool:
 
 
 # ---------------------------------------------------------------------------- the flat path
+# Note [Plan hints]: within one meta step the tape steps from s_j to s_{j+1} with the same plan at
+# every j (after the first step or two: SGD's momentum buffer appears at step 0), and the sweep
+# reverses each step with the plan the tape used. Working out the plan's signature costs ~25 µs
+# per call, a third of the Python work of a call, so the lists the flat path hands back carry a
+# hint: the outputs of a step remember the plan they came from (and, once known, the plan the
+# next step used on such outputs), and the inputs of a step remember the plan they were stepped
+# with. A hint is used only when the lists are still exactly the ones it was made for (the same
+# item objects), G has the same None pattern and every hyperparameter value is the same object
+# (what the plan cache itself checks), so a call runs exactly the ops a fresh plan would.
+
+
+class _Hint:
+    """How a list of inputs was (or will likely be) stepped: its plan, and the items it was made for."""
+
+    __slots__ = ("plan", "theta", "state", "g_none")
+
+    def __init__(self, plan: Plan, theta: Sequence[Tensor], state: Sequence[State], g_none: tuple[bool, ...]):
+        self.plan, self.theta, self.state, self.g_none = plan, tuple(theta), tuple(state), g_none
+
+
+def _hinted(theta: Sequence[Tensor], G: Grads, state: Sequence[State], hyper: Sequence[Hyper]) -> Optional[Plan]:
+    hint = getattr(theta, "hint", None)
+    if hint is None or getattr(state, "hint", None) is not hint:
+        return None
+    plan = hint.plan if isinstance(hint, _Hint) else getattr(hint, "successor", None)
+    if plan is None:
+        return None
+    if isinstance(hint, _Hint):
+        if (len(theta) != len(hint.theta) or not all(map(operator.is_, theta, hint.theta))
+                or not all(map(operator.is_, state, hint.state)) or hint.g_none != tuple(g is None for g in G)):
+            return None
+    elif plan.g_none != tuple(g is None for g in G) or not _same_items(theta, state):  # type: ignore[attr-defined]
+        return None
+    refs = plan.refs
+    k = 0
+    for h in hyper:
+        for v in h.values():
+            if k >= len(refs) or refs[k] is not v:
+                return None
+            k += 1
+    return plan if k == len(refs) else None
+
+
+def _same_items(theta: Sequence[Tensor], state: Sequence[State]) -> bool:
+    """Whether the outputs ``theta``/``state`` of a flat step are still as it made them."""
+    made = getattr(theta, "made", None)
+    return made is not None and len(theta) == len(made[0]) and all(map(operator.is_, theta, made[0])) and all(
+        map(operator.is_, state, made[1]))
+
+
 def _plan(layout: FlatLayout, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
           hyper: Sequence[Hyper]) -> Plan:
-    """The buckets of this call (cached: Note [Plan cache] in ``kernels/flat.py``)."""
+    """The buckets of this call: from a hint (Note [Plan hints]) or the plan cache (Note [Plan cache])."""
+    plan = _hinted(theta, G, state, hyper)
+    if plan is not None:
+        return plan
     counter = layout.counter
     c0 = float(state[0][counter]) if counter is not None and state else 0.0
-    per = tuple((t.shape, t.dtype, t.device, g is None, tuple(v is None for v in s.values()),
+    g_none = tuple(g is None for g in G)
+    per = tuple((t.shape, t.dtype, t.device, tuple(v is None for v in s.values()),
                  float(s[counter]) - c0 if counter is not None else None)
-                for t, g, s in zip(theta, G, state))
+                for t, s in zip(theta, state))
     refs = [v for h in hyper for v in h.values()]
 
     def build() -> Plan:
@@ -86,9 +141,38 @@ def _plan(layout: FlatLayout, theta: Sequence[Tensor], G: Grads, state: Sequence
             kinds = tuple(slot_kind(h[name]) for name in layout.hyper)
             count = float(s[counter]) if counter is not None else None
             keys.append((t.device, t.dtype, layout.options(h, s), kinds, count))
-        return Plan(keys, theta, hyper, layout.hyper, refs)
+        built = Plan(keys, theta, hyper, layout.hyper, refs)
+        built.g_none = g_none  # type: ignore[attr-defined]
+        return built
 
-    return cached_plan((layout.op, per), refs, build)
+    plan = cached_plan((layout.op, per, g_none), refs, build)
+    producer = getattr(theta, "hint", None)
+    if isinstance(producer, Plan) and getattr(state, "hint", None) is producer:
+        producer.successor = plan  # the outputs of ``producer`` are stepped with ``plan``
+    return plan
+
+
+class _Calls:
+    """One bucket's constants for its two ops: the ops themselves (per implementation) and the
+    state entries each reads and returns (they depend only on the bucket's static options)."""
+
+    __slots__ = ("step_op", "vjp_op", "state_in", "state_out", "bar_in", "bar_out")
+
+    def __init__(self, layout: FlatLayout, b: Bucket, which: str):
+        self.step_op = get_op(f"{layout.op}_step", which)
+        self.vjp_op = get_op(f"{layout.op}_step_vjp", which)
+        self.state_in = layout.state_in(b.options)
+        self.state_out = [(j, key) for j, key in enumerate(layout.state_out(b.options)) if key is not None]
+        self.bar_in = layout.bar_in(b.options)
+        self.bar_out = [(j, key) for j, key in enumerate(layout.bar_out(b.options)) if key is not None]
+
+
+def _calls(layout: FlatLayout, b: Bucket, kernels: str, sample: Tensor) -> _Calls:
+    which = b.impl(kernels, sample)
+    calls = b.memo.get(which)
+    if calls is None:
+        calls = b.memo[which] = _Calls(layout, b, which)
+    return calls
 
 
 def _count(layout: FlatLayout, b: Bucket, state: Sequence[State]) -> Optional[float]:
@@ -100,30 +184,37 @@ def _flat_step(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Seq
                hyper: Sequence[Hyper], kernels: str) -> tuple[list[Tensor], list[State]]:
     layout = opt.flat
     assert layout is not None
+    plan = _plan(layout, theta, G, state, hyper)
     theta_next: FlatOutputs = FlatOutputs(theta)
     state_next: FlatOutputs = FlatOutputs(state)
-    plan = _plan(layout, theta, G, state, hyper)
     for k in plan.rest:
         theta_next[k], state_next[k] = opt.step(theta[k], G[k], state[k], hyper[k])  # type: ignore[arg-type]
+    counter = layout.counter
     for b in plan.buckets:
         t = _count(layout, b, state)
-        op = get_op(f"{layout.op}_step", b.impl(kernels, theta[b.idx[0]]))
-        ins = [b.gather_optional(state, key) for key in layout.state_in(b.options)]
-        outs = op(b.gather(theta), b.gather(G), *ins, b.offsets, b.hyper(hyper), b.elementwise,  # type: ignore[arg-type]
-                  *layout.args(b.options, t))
+        calls = _calls(layout, b, kernels, theta[b.idx[0]])
+        ins = [b.gather_optional(state, key) for key in calls.state_in]
+        outs = calls.step_op(b.gather(theta), b.gather(G), *ins, b.offsets, b.hyper(hyper), b.elementwise,  # type: ignore[arg-type]
+                             *layout.args(b.options, t))
         thetas = b.views(outs[0])
-        entries = [(key, b.views(buf), buf) for key, buf in zip(layout.state_out(b.options), outs[1:]) if key is not None]
+        entries = [(key, b.views(outs[1 + j]), outs[1 + j]) for j, key in calls.state_out]
         for j, (k, tk) in enumerate(zip(b.idx, thetas)):
             theta_next[k] = tk
             s = dict(state[k])
             if t is not None:
-                s[layout.counter] = t  # type: ignore[index]
+                s[counter] = t  # type: ignore[index]
             for key, views, _ in entries:
                 s[key] = views[j]
             state_next[k] = s
         theta_next.record(None, b.idx_key, thetas, outs[0])
         for key, views, buf in entries:
             state_next.record(key, b.idx_key, views, buf)
+    hint = _Hint(plan, theta, state, plan.g_none)  # type: ignore[attr-defined]
+    for inputs in (theta, state):
+        if type(inputs) is FlatOutputs:
+            inputs.hint = hint  # the sweep reverses this step with this plan
+    theta_next.hint = state_next.hint = plan
+    theta_next.made = state_next.made = (tuple(theta_next), tuple(state_next))  # type: ignore[attr-defined]
     return theta_next, state_next
 
 
@@ -133,23 +224,22 @@ def _flat_step_vjp(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state:
     layout = opt.flat
     assert layout is not None
     n = len(theta)
+    plan = _plan(layout, theta, G, state, hyper)
     theta_bar: FlatOutputs = FlatOutputs(theta_next_bar)
     G_bar: list[Optional[Tensor]] = [None] * n
     state_bar: FlatOutputs = FlatOutputs(state_next_bar)
     hyper_bar: list[dict[str, Tensor]] = [{} for _ in range(n)]
-    plan = _plan(layout, theta, G, state, hyper)
     for k in plan.rest:
         theta_bar[k], G_bar[k], state_bar[k], hyper_bar[k] = opt.step_vjp(
             theta[k], G[k], state[k], hyper[k], theta_next_bar[k], state_next_bar[k])  # type: ignore[arg-type]
     for b in plan.buckets:
         t = _count(layout, b, state)
-        op = get_op(f"{layout.op}_step_vjp", b.impl(kernels, theta[b.idx[0]]))
-        ins = [b.gather_optional(state, key) for key in layout.state_in(b.options)]
-        bars_in = [b.gather_optional(state_next_bar, key) for key in layout.bar_in(b.options)]
-        outs = op(b.gather(theta), b.gather(G), *ins, b.gather(theta_next_bar), *bars_in,  # type: ignore[arg-type]
-                  b.offsets, b.hyper(hyper), b.elementwise, b.learned, *layout.args(b.options, t))
-        entries = [(key, b.views(buf), buf) for key, buf in zip(layout.bar_out(b.options), outs[2:-1])
-                   if key is not None]
+        calls = _calls(layout, b, kernels, theta[b.idx[0]])
+        ins = [b.gather_optional(state, key) for key in calls.state_in]
+        bars_in = [b.gather_optional(state_next_bar, key) for key in calls.bar_in]
+        outs = calls.vjp_op(b.gather(theta), b.gather(G), *ins, b.gather(theta_next_bar), *bars_in,  # type: ignore[arg-type]
+                            b.offsets, b.hyper(hyper), b.elementwise, b.learned, *layout.args(b.options, t))
+        entries = [(key, b.views(outs[2 + j]), outs[2 + j]) for j, key in calls.bar_out]
         thetas = b.views(outs[0])
         for j, (k, tk, gk, hk) in enumerate(zip(b.idx, thetas, b.views(outs[1]), b.hyper_bars(outs[-1]))):
             theta_bar[k], G_bar[k], hyper_bar[k] = tk, gk, hk

@@ -133,6 +133,7 @@ class Tape:
         self._slots: dict[int, InnerState] = {}
         self._slot_G: dict[int, Grads] = {}
         self._rng: list[Optional[RngState]] = []
+        self._rng_after: Optional[RngState] = None
         self._digests: list[bytes] = []
         self._losses: list[Tensor] = []
         self.forward_steps = 0
@@ -146,7 +147,9 @@ class Tape:
         first = j == len(self._rng)
         buffers_next = problem.fresh_buffers(s.buffers)
         if first:
-            before = capture_rng(problem.cuda_devices)
+            # the generators after step j-1's loss are the ones before step j's (the optimizer
+            # draws nothing): one capture per step
+            before = self._rng_after if self._rng_after is not None else capture_rng(problem.cuda_devices)
             if j == 0 and self.graph_bytes_left is not None:
                 grad = self._measured_gradient(s, buffers_next)
             else:
@@ -154,7 +157,8 @@ class Tape:
                                              keep_graph=j >= self.keep_graphs_from)
                 if grad.graph is not None:
                     self._graphs[j] = grad
-            self._rng.append(None if same_rng(before, capture_rng(problem.cuda_devices)) else before)
+            self._rng_after = capture_rng(problem.cuda_devices)
+            self._rng.append(None if same_rng(before, self._rng_after) else before)
             self._losses.append(grad.loss)
             if self.verify:
                 self._digests.append(_fingerprint(s))
@@ -195,7 +199,7 @@ class Tape:
         return grad
 
     def _tick(self) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self.progress.enabled:
             self.progress.update(1, f"forward {self.forward_steps}/{self.J} reverse {self._reversed}/{self.J}")
 
     @property

@@ -104,6 +104,7 @@ class FlatOutputs(list):
     def __init__(self, items: Sequence[Any]):
         super().__init__(items)
         self.flats: dict[tuple[Optional[str], tuple[int, ...]], tuple[tuple[Tensor, ...], Tensor]] = {}
+        self.hint: Any = None  # what the caller knows of how these outputs will be used next
 
     def record(self, key: Optional[str], idx: tuple[int, ...], views: Sequence[Tensor], buffer: Tensor) -> None:
         self.flats[(key, idx)] = (tuple(views), buffer)
@@ -170,6 +171,7 @@ class Bucket:
             self.elementwise |= (kd == 2) << h
         self._learned: dict[int, tuple[list[Tensor], list[int], Tensor]] = {}
         self._impl: dict[tuple[str, bool, Any], str] = {}
+        self.memo: dict[Any, Any] = {}  # the caller's per-bucket constants (how it calls its ops)
 
     def hyper(self, hyper: Sequence[Mapping[str, Any]]) -> list[Tensor]:
         """The op's hyperparameter inputs: the cached fixed ones, the learned ones read now.
@@ -256,7 +258,10 @@ def _starts(numels: Sequence[int]) -> list[int]:
 class Plan:
     """The buckets of one call's tensors, and the indices the flat ops do not take (``rest``:
     empty tensors), which the caller handles one at a time. ``refs`` holds the objects whose ids
-    are in the cache key (Note [Plan cache])."""
+    are in the cache key (Note [Plan cache]); ``successor`` is the plan the outputs of this one
+    were stepped with next, when known (Note [Plan hints] in ``stepping.py``)."""
+
+    successor: Optional["Plan"] = None
 
     def __init__(self, keys: Sequence[Optional[Hashable]], theta: Sequence[Tensor],
                  hyper: Sequence[Mapping[str, Any]], slots: Sequence[str], refs: list[Any]):
