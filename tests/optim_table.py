@@ -98,9 +98,11 @@ import pytest
 import torch
 from hypothesis import assume
 from hypothesis import strategies as st
+import torch.optim._muon as _torch_muon
 from torch import Tensor
 
 from gimli_bptt.optim import BUILT_IN, DiffOptimizer, Hyperparameter, get_optimizer
+from gimli_bptt.optim.adafactor import _forward as _adafactor_forward
 
 DTYPE = torch.float64
 Shape = tuple[int, ...]
@@ -707,11 +709,130 @@ ROWS: list[Row] = [
     _rprop("rprop-narrow_step_sizes", dict(lr=0.01, step_sizes=(2e-3, 0.013)), dict(lr=0.005)),
 ]
 
+# ---------------------------------------------------------------------------- steps that are not element-wise
+def adafactor_floors(row: Row, theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any],
+                     theta_next_bar: Tensor) -> dict[str, float]:
+    """Adafactor, U = g / sqrt(max(V_hat, eps1^2)): at the first step a vector's estimate is g^2
+    itself, so U = g / |g| and G's direct path and its path through sqrt(Q) cancel exactly; G's
+    cotangent is compared relative to the direct path, |theta_next_bar| (alpha / D) / sqrt(Q)."""
+    with torch.no_grad():
+        f = _adafactor_forward(theta, G, state, hyper)
+        return {"G": (theta_next_bar.abs() * f["step_size"] * f["rsqrt_Q"]).max().item()}
+
+
+def newtonschulz_float64(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                         eps: float) -> Tensor:
+    """``torch.optim._muon._zeropower_via_newtonschulz`` line by line, with ``grad.clone()`` in
+    place of ``grad.bfloat16()``: torch's iteration in the parameters' dtype."""
+    if ns_steps >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    if len(grad.shape) != 2:
+        raise ValueError("Input tensor gradient must be a 2D matrix")
+    a, b, c = ns_coefficients
+    ortho_grad = grad.clone()
+    if grad.size(0) > grad.size(1):
+        ortho_grad = ortho_grad.T
+    ortho_grad.div_(ortho_grad.norm().clamp(min=eps))
+    for _ in range(ns_steps):
+        gram_matrix = ortho_grad @ ortho_grad.T
+        gram_update = torch.addmm(gram_matrix, gram_matrix, gram_matrix, beta=b, alpha=c)
+        ortho_grad = torch.addmm(ortho_grad, gram_update, ortho_grad, beta=a)
+    if grad.size(0) > grad.size(1):
+        ortho_grad = ortho_grad.T
+    return ortho_grad
+
+
+@contextlib.contextmanager
+def without_bfloat16_cast() -> Any:
+    """``torch.optim.Muon`` as it is, but with its Newton-Schulz iteration in the parameters' dtype
+    (Note [Muon in the parameters' dtype]): the reference our float64 Muon matches to round-off."""
+    original = _torch_muon._zeropower_via_newtonschulz
+    _torch_muon._zeropower_via_newtonschulz = newtonschulz_float64
+    try:
+        yield
+    finally:
+        _torch_muon._zeropower_via_newtonschulz = original
+
+
+def _newtonschulz_bounded(hyper: Mapping[str, Any]) -> bool:
+    """Random Newton-Schulz coefficients whose polynomial, iterated ``ns_steps`` times, maps the
+    singular values [0, 1] of the normalised update into [-2, 2] (the defaults: into [0, 1.16]);
+    others diverge and overflow to inf in torch's step and in ours alike."""
+    a, b, c = (float(hyper[n]) for n in ("ns_a", "ns_b", "ns_c"))
+    s = torch.linspace(0, 1, 401, dtype=DTYPE)
+    for _ in range(int(hyper["ns_steps"])):
+        s = a * s + b * s**3 + c * s**5
+        if not bool(s.abs().max() <= 2.0):
+            return False
+    return True
+
+
+#: Adafactor's scalars and vectors keep a full second moment, its tensors of two or more
+#: dimensions a row and a column statistic over the last two (the rest are batch dimensions).
+FACTORED = Shapes(groups=(((), (3, 5), (2, 3, 4)), ((7,), (2, 1, 3), (6, 2))), vjp=((), (7,), (3, 5), (2, 3, 4)))
+#: Adafactor's fd oracle at d = 1: a vector's first update U = g / |g| has RMS 1 to round-off, the
+#: corner of the clipping max(1, RMS(U) / d), so a difference in d straddles it; eps1 = None (the
+#: dtype's eps) and eps2 = 1e-3 below the parameters' RMS never act.
+_ADAFACTOR_FD = FiniteDifferences(
+    skip={"d": "d = 1 is the corner of the clipping at a vector's first update (RMS(U) = 1 to round-off)"},
+    zero={"eps1": "the dtype's eps never reaches the second-moment estimates",
+          "eps2": "1e-3 is below the parameters' RMS: max(eps2, RMS) takes the RMS"},
+    # a difference at the dtype's eps (2.2e-16) stays there: the default step (1e-9) reaches
+    # values of eps1 that clamp the smallest estimates
+    steps={"eps1": 1e-20})
+#: One central difference in a Newton-Schulz coefficient with h = 1e-4 |a| is off by 2e-4
+#: relative (the polynomial is that curved in them): h = 1e-5 brings it to 1e-7.
+_MUON_FD = FiniteDifferences(
+    zero={"eps": "the default 1e-7 is far below the update's Frobenius norm (group 1 of muon-eps_clamps acts)"},
+    steps={"ns_a": 1e-5, "ns_b": 1e-5, "ns_c": 1e-5})
+#: Random Newton-Schulz coefficients within 10% of torch's (Keller Jordan's) values.
+_MUON_RANGES = {"ns_a": Range(3.1, 3.8), "ns_b": Range(-5.25, -4.3), "ns_c": Range(1.8, 2.25)}
+#: The oracles a row against torch's own bfloat16 Muon leaves to the other Muon rows: its step is
+#: theirs, only the torch reference differs.
+_SAME_STEP_AS_MUON_DEFAULT = "the same step as muon-default: only the torch reference (bfloat16) differs"
+
+_adafactor = _family(torch.optim.Adafactor, floors=adafactor_floors, shapes=FACTORED, fd=_ADAFACTOR_FD)
+_muon = _family(torch.optim.Muon, shapes=MATRICES, torch_context=without_bfloat16_cast, fd=_MUON_FD,
+                ranges=_MUON_RANGES, valid=_newtonschulz_bounded)
+
+ROWS += [
+    # Adafactor
+    _adafactor("adafactor-default", dict(), dict(lr=0.005)),
+    _adafactor("adafactor-wd-maximize", dict(lr=0.05, weight_decay=0.1, maximize=True), dict(lr=0.02, weight_decay=0.0)),
+    # eps1 clamps some estimates (group 1: 0.3^2 against g^2 ~ 1, group 2: the row mean against 1.2),
+    # eps2 is above the parameters' RMS in group 1; d = 1.2 clips some updates
+    _adafactor("adafactor-eps-d-beta2_decay", dict(lr=0.1, eps=(0.3, 2.0), d=1.2, beta2_decay=-0.5),
+               dict(eps=(1.2, 1e-3), d=2.0, beta2_decay=-0.9), fd=FiniteDifferences(zero={
+                   **{n: "eps1 = 0.3 and 1.2 clamp every second-moment estimate of the fd model's small gradients "
+                         "(U = g / eps1): the moments and the clipping do not act" for n in ("beta2_decay", "d")},
+                   "eps2": "1e-3 is below the parameters' RMS in group 2"})),
+    # every hyperparameter acts in the fd oracle's training: eps2 above the parameters' RMS,
+    # d below some updates' RMS (there, with float64 as the default dtype: 1.06 and 1.11 in
+    # group 1, 1.21 and 1.25 in group 2; none within 1% of d, the corner of the clipping),
+    # eps1 clamps the smallest estimates
+    _adafactor("adafactor-clip-eps2-wd", dict(lr=0.05, eps=(1e-3, 0.3), d=1.05, weight_decay=0.05, beta2_decay=-0.7),
+               dict(lr=0.02, d=1.1, eps=(3e-3, 0.5)), fd=FiniteDifferences()),
+    # Muon: against torch's iteration in float64 (without_bfloat16_cast)
+    _muon("muon-default", dict(), dict(lr=0.02)),
+    _muon("muon-no_nesterov", dict(lr=0.02, nesterov=False, weight_decay=0.0), dict(momentum=0.5, weight_decay=0.05)),
+    _muon("muon-match_rms_adamw-ns", dict(lr=0.01, adjust_lr_fn="match_rms_adamw", ns_steps=3),
+          dict(ns_coefficients=(3.0, -3.2, 1.2), eps=1e-3)),
+    # eps above the update's Frobenius norm in group 1: the normalisation divides by eps
+    _muon("muon-eps_clamps", dict(lr=0.02, eps=10.0, adjust_lr_fn="original"), dict(eps=1e-7)),
+    # Against torch.optim.Muon itself, bfloat16 inside. In 20 steps at lr 1e-3, θ moves by at most
+    # 20 lr sqrt(3) max|O| < 0.05 (O's entries are below its spectral norm, < 1.2); bfloat16
+    # (8 significant bits, amplified on small singular values) changes each update by up to
+    # ~1e-1 of its largest entry on these matrices, so θ (entries of size 1) by < 5e-3.
+    _muon("muon-bfloat16", dict(lr=1e-3), dict(lr=1e-3, momentum=0.9), torch_context=contextlib.nullcontext,
+          tol=Tolerances(step=5e-3),
+          skips={"step-random": "random learning rates scale the bfloat16 drift past any fixed tolerance",
+                 "fd": "finite differences of bfloat16 steps measure their rounding, not their derivative",
+                 **{k: _SAME_STEP_AS_MUON_DEFAULT for k in ("vjp", "dot", "vjp-random", "hypergrad",
+                                                            "hypergrad-random")}}),
+]
+
 #: Built-in optimizers tested outside this table for now, with where.
-NOT_IN_THE_TABLE: dict[type, str] = {
-    torch.optim.Adafactor: "tests/test_matrix_optimizers.py tests it until its rows move into this table",
-    torch.optim.Muon: "tests/test_matrix_optimizers.py tests it until its rows move into this table",
-}
+NOT_IN_THE_TABLE: dict[type, str] = {}
 
 _BY_ID: dict[str, Row] = {}
 for _row in ROWS:
@@ -749,4 +870,5 @@ __all__ = [
     "ROWS", "Range", "Row", "Shapes", "Tolerances", "adagrad_floors", "adam_floors", "adamax_floors", "assert_rel",
     "built_in_classes", "default_range", "learn", "nadam_floors", "params", "random_like", "random_variant",
     "rel_err", "rmsprop_floors", "row", "rows", "tensor_keys", "untie_amsgrad",
+    "FACTORED", "adafactor_floors", "newtonschulz_float64", "without_bfloat16_cast",
 ]
