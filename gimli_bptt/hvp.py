@@ -19,6 +19,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from . import engine
 from .problem import InnerProblem, StepGradient, replay_rng
 from .tape import TapeEntry
 
@@ -76,8 +77,7 @@ class StepSecondOrder:
         self._graph = None  # free the graph once it has been used
         if not outs:
             return [None] * n, [None] * len(leaves)
-        res = torch.autograd.grad([g for g, _ in outs], graph.leaves + leaves, [gb for _, gb in outs],
-                                  allow_unused=True)
+        res = engine.grad([g for g, _ in outs], graph.leaves + leaves, [gb for _, gb in outs])
         return list(res[:n]), list(res[n:])
 
     def _apply_fwd(self, G_bar: Sequence[Optional[Tensor]]) -> tuple[Grads, Grads]:
@@ -112,7 +112,7 @@ class StepSecondOrder:
         with fwAD.dual_level(), replay_rng(entry.rng, problem.cuda_devices), torch.enable_grad():
             duals = [fwAD.make_dual(p, torch.zeros_like(p) if gb is None else gb) for p, gb in zip(primals, G_bar)]
             loss = problem.loss(duals, problem.fresh_buffers(entry.buffers), entry.batch, entry.j)
-            grads = torch.autograd.grad(loss, primals + leaves, allow_unused=True)
+            grads = engine.grad((loss,), primals + leaves)
             tangents = [None if g is None else fwAD.unpack_dual(g).tangent for g in grads]
         return tangents[:n], tangents[n:]
 

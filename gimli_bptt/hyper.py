@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .optim.base import DiffOptimizer
+from .stepping import SegmentBars
 
 GRANULARITIES = ("group", "tensor", "element")
 
@@ -138,15 +139,20 @@ class OptimizerHyperparameters:
             for name, v in self.values.items()
         }
 
-    def accumulate_all(self, acc: dict[str, Tensor | list[Tensor]], hyper_bar: Sequence[Mapping[str, Tensor]]) -> None:
-        """Adds every parameter's hyperparameter cotangents into ``acc`` (line 12): ``hyper_bar[k]``
-        holds parameter ``k``'s, as :meth:`accumulate` takes them.
+    def accumulate_all(self, acc: dict[str, Tensor | list[Tensor]],
+                       hyper_bar: Sequence[Mapping[str, Tensor]] | SegmentBars) -> None:
+        """Adds every parameter's hyperparameter cotangents into ``acc`` ([Alg.1 L12]): ``hyper_bar[k]``
+        holds parameter ``k``'s, as :meth:`accumulate` takes them, or ``hyper_bar`` is the
+        :class:`~gimli_bptt.stepping.SegmentBars` of a flat VJP (one tensor per bucket and name).
 
-        On the CPU a group- or tensor-granularity name takes one ``index_add_`` for all
-        parameters, which adds in the order of the parameters, as :meth:`accumulate` does one
-        by one; elsewhere (where ``index_add_`` may add concurrently, in no fixed order) and for
+        On the CPU a group- or tensor-granularity name takes one ``index_add_`` per list of
+        cotangents, which adds in the order of the parameters, as :meth:`accumulate` does one by
+        one; elsewhere (where ``index_add_`` may add concurrently, in no fixed order) and for
         element granularity it is :meth:`accumulate` per parameter.
         """
+        if isinstance(hyper_bar, SegmentBars):
+            self._accumulate_segments(acc, hyper_bar.segments)
+            hyper_bar = hyper_bar.per_tensor
         for name, gran in self.learn.items():
             a = acc[name]
             if gran == "element" or not isinstance(a, Tensor) or a.device.type != "cpu":
@@ -157,11 +163,34 @@ class OptimizerHyperparameters:
             ks = [k for k, bars in enumerate(hyper_bar) if name in bars]
             if not ks:
                 continue
-            rows = [self.group_of[k] for k in ks] if gran == "group" else ks
-            index = self._index_cache.get((gran, tuple(ks)))
-            if index is None:
-                index = self._index_cache[(gran, tuple(ks))] = torch.tensor(rows, dtype=torch.int64)
-            a.index_add_(0, index, torch.stack([hyper_bar[k][name] for k in ks]).to(a.dtype))
+            a.index_add_(0, self._rows(gran, tuple(ks)), torch.stack([hyper_bar[k][name] for k in ks]).to(a.dtype))
+
+    def _rows(self, gran: str, ks: tuple[int, ...]) -> Tensor:
+        """The rows of a group- or tensor-granularity value that parameters ``ks`` add into (cached)."""
+        index = self._index_cache.get((gran, ks))
+        if index is None:
+            rows = [self.group_of[k] for k in ks] if gran == "group" else list(ks)
+            index = self._index_cache[(gran, ks)] = torch.tensor(rows, dtype=torch.int64)
+        return index
+
+    def _accumulate_segments(self, acc: dict[str, Tensor | list[Tensor]],
+                             segments: Sequence[tuple[tuple[int, ...], str, int, Tensor, Any]]) -> None:
+        for ks, name, kind, bar, views in segments:
+            gran = self.learn.get(name)
+            if gran is None:
+                continue
+            a = acc[name]
+            if kind == 2:  # element-wise: one view per parameter
+                for k, v in zip(ks, views):
+                    self.accumulate(acc, k, {name: v})
+            elif gran == "element":  # (a 0-d value is never element granularity; kept for safety)
+                for k, v in zip(ks, bar.unbind(0)):
+                    self.accumulate(acc, k, {name: v})
+            elif isinstance(a, Tensor) and a.device.type == "cpu":
+                a.index_add_(0, self._rows(gran, ks), bar.to(a.dtype))
+            else:
+                for k, v in zip(ks, bar.unbind(0)):
+                    self.accumulate(acc, k, {name: v})
 
     def accumulate(self, acc: dict[str, Tensor | list[Tensor]], k: int, bars: Mapping[str, Tensor]) -> None:
         """Adds the cotangents of parameter ``k``'s hyperparameters into ``acc`` (line 12)."""

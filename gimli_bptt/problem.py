@@ -10,10 +10,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import engine
 from .distributed import Reducer
 from .errors import NonFiniteError
 from .functional import FunctionalModel, ModuleSlots, clone_buffers
 from .optim.base import DiffOptimizer
+from .stepping import SegmentBars, gradient_list
 
 LossFn = Callable[[FunctionalModel, Any], Tensor]
 
@@ -165,14 +167,14 @@ class InnerProblem:
         With a reducer the finiteness of ℓ_j is checked on the mean (NaN or Inf on any rank makes
         it non-finite), so every rank raises :class:`NonFiniteError` together.
         """
-        detached = [None if g is None else g.detach() for g in G]
+        detached = gradient_list([None if g is None else g.detach() for g in G])
         if self.reducer is None:
             return loss.detach(), detached
         out = self.reducer.mean([loss.detach()] + detached, [loss] + list(theta), f"ℓ_{j} and G_{j} (inner step {j})")
         mean_loss = out[0]
         assert mean_loss is not None
         self._check_finite(mean_loss, j)
-        return mean_loss, out[1:]
+        return mean_loss, gradient_list(out[1:])
 
     def _check_finite(self, loss: Tensor, j: int) -> None:
         """ℓ_j's check at step j, on the CPU; on an accelerator it waits for :meth:`check_losses`."""
@@ -220,14 +222,19 @@ class InnerProblem:
             return self.hyper
         return [{**h, "lr": h["lr"] * scale} for h in self.hyper]
 
-    def hyper_bar_at(self, j: int, hyper_bar: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    def hyper_bar_at(self, j: int, hyper_bar: Any) -> Any:
         """The chain rule through :meth:`hyper_at`: the cotangents of step j's hyperparameters as
-        cotangents of φ_opt (d lr_j / d lr is the schedule's factor)."""
+        cotangents of φ_opt (d lr_j / d lr is the schedule's factor). ``hyper_bar`` is a list of
+        per-tensor dicts or a :class:`~gimli_bptt.stepping.SegmentBars`."""
         scale = self.lr_scale(j)
-        if scale != 1.0:
-            for bars in hyper_bar:
-                if "lr" in bars:
-                    bars["lr"] = bars["lr"] * scale
+        if scale == 1.0:
+            return hyper_bar
+        if isinstance(hyper_bar, SegmentBars):
+            hyper_bar.scale("lr", scale)
+            return hyper_bar
+        for bars in hyper_bar:
+            if "lr" in bars:
+                bars["lr"] = bars["lr"] * scale
         return hyper_bar
 
     def view(self, theta: Sequence[Tensor], buffers: dict[str, Tensor]) -> FunctionalModel:
@@ -273,7 +280,7 @@ class InnerProblem:
                     f"train_loss does not depend on the model's parameters at inner step {j}: "
                     "compute it from model(...) or model.parameters() of the model it is given"
                 )
-            G = list(torch.autograd.grad(loss, leaves, create_graph=keep_graph, allow_unused=True))
+            G = list(engine.grad((loss,), leaves, create_graph=keep_graph))
         if all(g is None for g in G):
             raise ValueError(
                 f"train_loss does not depend on any parameter the optimizer updates at inner step {j}"

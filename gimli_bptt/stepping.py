@@ -34,6 +34,46 @@ KERNEL_MODES = ("auto", "fused", "reference", "loop")
 Grads = Sequence[Optional[Tensor]]
 
 
+class SegmentBars:
+    """φ̄_opt of one VJP over all tensors, as the flat ops return it: per bucket and learned slot,
+    one tensor holding every segment's cotangent (``kind`` 1: the sums, shape ``(nseg,)``; 2: the
+    element-wise cotangent, flat), plus per-tensor dicts for the tensors handled one at a time.
+
+    :func:`step_vjp_all` returns this with ``segment_bars=True``, for a consumer that adds the
+    cotangents into accumulators ([Alg.1 L12]: ``OptimizerHyperparameters.accumulate_all``)
+    and so need not split them into per-tensor 0-d tensors first.
+
+    Attributes:
+        per_tensor: ``{name: cotangent}`` per tensor (empty for the tensors a bucket covers).
+        segments: ``(tensor indices, name, kind, cotangent, per-tensor views or None)``.
+    """
+
+    __slots__ = ("per_tensor", "segments")
+
+    def __init__(self, per_tensor: list[dict[str, Tensor]],
+                 segments: list[tuple[tuple[int, ...], str, int, Tensor, Optional[list[Tensor]]]]):
+        self.per_tensor = per_tensor
+        self.segments = segments
+
+    def scale(self, name: str, factor: float) -> None:
+        """Multiplies the cotangents of ``name`` by ``factor`` (the chain rule of a learning-rate schedule)."""
+        for bars in self.per_tensor:
+            if name in bars:
+                bars[name] = bars[name] * factor
+        self.segments = [(idx, n, kind, t * factor, None if views is None else [v * factor for v in views])
+                         if n == name else (idx, n, kind, t, views) for idx, n, kind, t, views in self.segments]
+
+    def as_list(self) -> list[dict[str, Tensor]]:
+        """The per-tensor dicts that :func:`step_vjp_all` returns without ``segment_bars``."""
+        out = [dict(bars) for bars in self.per_tensor]
+        for idx, name, kind, t, views in self.segments:
+            parts = t.unbind(0) if kind == 1 else views
+            assert parts is not None
+            for k, part in zip(idx, parts):
+                out[k][name] = part
+        return out
+
+
 def check_kernel_mode(opt: DiffOptimizer, kernels: str) -> None:
     """Raises ``ValueError`` for an unknown mode, or a flat mode the optimizer has no layout for."""
     if kernels not in KERNEL_MODES:
@@ -220,7 +260,7 @@ def _flat_step(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Seq
 
 def _flat_step_vjp(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
                    hyper: Sequence[Hyper], theta_next_bar: Sequence[Tensor], state_next_bar: Sequence[State],
-                   kernels: str) -> tuple[list[Tensor], list[Optional[Tensor]], list[State], list[dict[str, Tensor]]]:
+                   kernels: str) -> tuple[list[Tensor], list[Optional[Tensor]], list[State], SegmentBars]:
     layout = opt.flat
     assert layout is not None
     n = len(theta)
@@ -229,6 +269,7 @@ def _flat_step_vjp(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state:
     G_bar: list[Optional[Tensor]] = [None] * n
     state_bar: FlatOutputs = FlatOutputs(state_next_bar)
     hyper_bar: list[dict[str, Tensor]] = [{} for _ in range(n)]
+    segments: list[tuple[tuple[int, ...], str, int, Tensor, Optional[list[Tensor]]]] = []
     for k in plan.rest:
         theta_bar[k], G_bar[k], state_bar[k], hyper_bar[k] = opt.step_vjp(
             theta[k], G[k], state[k], hyper[k], theta_next_bar[k], state_next_bar[k])  # type: ignore[arg-type]
@@ -241,13 +282,14 @@ def _flat_step_vjp(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state:
                             b.offsets, b.hyper(hyper), b.elementwise, b.learned, *layout.args(b.options, t))
         entries = [(key, b.views(outs[2 + j]), outs[2 + j]) for j, key in calls.bar_out]
         thetas = b.views(outs[0])
-        for j, (k, tk, gk, hk) in enumerate(zip(b.idx, thetas, b.views(outs[1]), b.hyper_bars(outs[-1]))):
-            theta_bar[k], G_bar[k], hyper_bar[k] = tk, gk, hk
+        for j, (k, tk, gk) in enumerate(zip(b.idx, thetas, b.views(outs[1]))):
+            theta_bar[k], G_bar[k] = tk, gk
             state_bar[k] = {key: views[j] for key, views, _ in entries}
         theta_bar.record(None, b.idx_key, thetas, outs[0])
         for key, views, buf in entries:
             state_bar.record(key, b.idx_key, views, buf)
-    return theta_bar, G_bar, state_bar, hyper_bar
+        segments += b.segment_bars(outs[-1])
+    return theta_bar, G_bar, state_bar, SegmentBars(hyper_bar, segments)
 
 
 # ---------------------------------------------------------------------------- the entry points
@@ -275,14 +317,16 @@ def step_all(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Seque
 
 def step_vjp_all(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
                  hyper: Sequence[Hyper], theta_next_bar: Sequence[Tensor], state_next_bar: Sequence[State],
-                 kernels: str = "auto") -> tuple[list[Tensor], list[Optional[Tensor]], list[State], list[dict[str, Tensor]]]:
+                 kernels: str = "auto", segment_bars: bool = False) -> tuple[list[Tensor], list[Optional[Tensor]], list[State], Any]:
     """[Alg.1 L11]-[Alg.1 L12] for every inner parameter: ``(θ̄', Ḡ_j, σ̄_j, φ̄_opt per tensor)``.
 
     A tensor whose gradient was ``None`` was left as it was by the step, so its cotangents pass
-    through unchanged and ``Ḡ`` is ``None``.
+    through unchanged and ``Ḡ`` is ``None``. With ``segment_bars`` the flat path returns φ̄_opt
+    as a :class:`SegmentBars` (the per-tensor path still returns its list of dicts).
     """
     if _use_flat(opt, kernels, theta, G, hyper, theta_next_bar):
-        return _flat_step_vjp(opt, theta, G, state, hyper, theta_next_bar, state_next_bar, kernels)
+        out = _flat_step_vjp(opt, theta, G, state, hyper, theta_next_bar, state_next_bar, kernels)
+        return out if segment_bars else (*out[:3], out[3].as_list())
     theta_bar: list[Tensor] = []
     G_bar: list[Optional[Tensor]] = []
     state_bar: list[State] = []
@@ -302,6 +346,12 @@ def step_vjp_all(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: S
     return theta_bar, G_bar, state_bar, hyper_bar
 
 
+def gradient_list(G: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+    """G_j as a list that remembers the flat buffer the first flat op gathers from it, so that the
+    sweep's VJP of the same step reuses it instead of copying again (Note [Flat outputs])."""
+    return FlatOutputs(G)
+
+
 def add_second_order(theta_bar: list[Tensor], h_theta: Grads) -> list[Tensor]:
     """[Alg.1 L14]: θ̄_j = θ̄' + H_j·Ḡ_j, per tensor (None: no second-order term).
 
@@ -318,4 +368,4 @@ def add_second_order(theta_bar: list[Tensor], h_theta: Grads) -> list[Tensor]:
     return theta_bar
 
 
-__all__ = ["KERNEL_MODES", "add_second_order", "check_kernel_mode", "step_all", "step_vjp_all"]
+__all__ = ["KERNEL_MODES", "SegmentBars", "add_second_order", "check_kernel_mode", "gradient_list", "step_all", "step_vjp_all"]

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
+from . import engine
 from .errors import NonFiniteError
 from .hvp import StepSecondOrder
 from .hyper import OptimizerHyperparameters
@@ -69,7 +70,7 @@ def validation_gradient(problem: InnerProblem, end: TapeResult, val_loss: Callab
             raise NonFiniteError(f"val_loss is {L.item()} after {unroll} inner steps")
         if not L.requires_grad:
             raise ValueError("val_loss does not depend on the model's parameters")
-        grads = list(torch.autograd.grad(L, theta_J + problem.loss_leaves, allow_unused=True))
+        grads = list(engine.grad((L,), theta_J + problem.loss_leaves))
     if problem.reducer is not None:  # one collective: L_val, B_J and ∂L_val/∂φ_loss
         out = problem.all_reduce_mean([L.detach()] + grads, [L] + theta_J + problem.loss_leaves,
                                       "L_val, B_J and the direct term ∂L_val/∂φ_loss (validation)")
@@ -104,7 +105,8 @@ def reverse_sweep(problem: InnerProblem, phi_opt: OptimizerHyperparameters, end:
         step = StepSecondOrder(problem, entry, hvp)
         with torch.no_grad():  # a hand-written VJP: nothing to record
             theta_bar, G_bar, state_bar, phi_bar = step_vjp_all(  # [Alg.1 L11]
-                problem.impl, entry.theta, step.G, entry.state, problem.hyper_at(entry.j), B, state_bar, problem.kernels)
+                problem.impl, entry.theta, step.G, entry.state, problem.hyper_at(entry.j), B, state_bar, problem.kernels,
+                segment_bars=True)
         phi_opt.accumulate_all(A_opt, problem.hyper_bar_at(entry.j, phi_bar))  # [Alg.1 L12]
         h_theta, h_loss = step.apply(G_bar)
         for a, h in zip(A_loss, h_loss):  # [Alg.1 L13]

@@ -33,7 +33,9 @@ def _imports() -> dict[str, set[str]]:
                     target = ".".join(base + ([node.module] if node.module else []))
                 else:
                     target = node.module or ""
-                candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+                # ``from pkg import sub`` imports the submodule; ``from pkg import name`` the package
+                candidates = [f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target
+                              for a in node.names]
             elif isinstance(node, ast.Import):
                 candidates = [a.name for a in node.names]
             else:

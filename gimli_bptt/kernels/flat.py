@@ -91,7 +91,8 @@ class FlatOutputs(list):
     buffers behind them: Note [Flat outputs].
 
     ``flats[(key, bucket indices)] = (views, buffer)``: ``key`` is None for a list of tensors, else
-    the state entry (``"momentum_buffer"``, ...) whose values are the views.
+    the state entry (``"momentum_buffer"``, ...) whose values are the views, or ``GATHERED`` for a
+    copy of the items (which are then not views of it).
 
     Note [Flat outputs]: the next op call gathers its inputs from these lists. When every item at
     a bucket's indices is still, by identity, the view recorded for it, the recorded buffer *is*
@@ -128,6 +129,10 @@ def owned_indices(tensors: Sequence[Tensor]) -> set[int]:
         if key is None and all(tensors[k] is v for k, v in zip(idx, views)):
             out.update(idx)
     return out
+
+
+#: The key under which :meth:`Bucket.gather` remembers a copy it made of a list's items.
+GATHERED = "<gathered>"
 
 
 def slot_kind(value: Any) -> int:
@@ -211,12 +216,21 @@ class Bucket:
         return list(_unflatten(buffer, self.theta))
 
     def gather(self, tensors: Sequence[Tensor]) -> Tensor:
-        """The flat buffer of ``tensors`` at the bucket's indices (no copy when it exists already)."""
+        """The flat buffer of ``tensors`` at the bucket's indices (no copy when it exists already).
+
+        A copy made from a :class:`FlatOutputs` is remembered in it (under ``GATHERED``, never as
+        the list's own buffer), so that gathering the same items again, as the sweep does with
+        the tape's G_j, reuses it.
+        """
         items = tensors if self.all else [tensors[k] for k in self.idx]
         if type(tensors) is FlatOutputs:
             buffer = tensors.buffer(None, self.idx_key, items)
-            if buffer is not None:
-                return buffer
+            if buffer is None:
+                buffer = tensors.buffer(GATHERED, self.idx_key, items)
+            if buffer is None:
+                buffer = _flat_planned(items, self.starts, self.total)
+                tensors.record(GATHERED, self.idx_key, items, buffer)
+            return buffer
         return _flat_planned(items, self.starts, self.total)
 
     def gather_optional(self, dicts: Sequence[Mapping[str, Any]], key: Optional[str]) -> Optional[Tensor]:
@@ -235,15 +249,16 @@ class Bucket:
                      for x, t in zip(items, self.theta)]
         return _flat_planned(items, self.starts, self.total)
 
-    def hyper_bars(self, bars: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-        """Per-tensor ``{name: cotangent}`` from the op's per-segment or element-wise outputs."""
-        out: list[dict[str, Tensor]] = [{} for _ in self.idx]
+    def segment_bars(self, bars: Sequence[Tensor]) -> list[tuple[tuple[int, ...], str, int, Tensor, Optional[list[Tensor]]]]:
+        """The op's hyperparameter cotangents as ``(indices, name, kind, cotangent, views)`` per
+        learned slot: kind 1, the per-segment sums (shape ``(nseg,)``, in the element dtype);
+        kind 2, the element-wise cotangent (flat) and its per-tensor views."""
+        out = []
         for h, (name, kd) in enumerate(zip(self.names, self.kinds)):
-            if kd == 0:
-                continue
-            parts = bars[h].to(self.dtype).unbind(0) if kd == 1 else self.views(bars[h])
-            for d, p in zip(out, parts):
-                d[name] = p
+            if kd == 1:
+                out.append((self.idx_key, name, 1, bars[h].to(self.dtype), None))
+            elif kd == 2:
+                out.append((self.idx_key, name, 2, bars[h], self.views(bars[h])))
         return out
 
 
