@@ -32,7 +32,12 @@ No other edit: every oracle iterates over :data:`ROWS` and collects each row und
 - ``hypergrad-random`` (test_hypergrad.py): the same on random models, unrolls,
   meta-parameters and HVP modes;
 - ``fd`` (test_hypergrad.py): hypergradients against central differences of real
-  ``torch.optim`` training (``tol.fd``, ``tol.fd_floor``, ``fd``).
+  ``torch.optim`` training (``tol.fd``, ``tol.fd_floor``, ``fd``);
+- ``write-back`` (test_optim_state.py): after a meta step every learned value is in
+  ``param_groups``, inside its tuple option where it has one.
+
+Edge cases that belong to one optimizer (a zero accumulator, a tie, a switch) are in
+test_optim_limits.py and test_optim_state.py; they take their configurations from rows too.
 
 A row
 =====
@@ -112,7 +117,8 @@ Shape = tuple[int, ...]
 GRANULARITIES = ("float", "0d", "element")
 
 #: The oracles a row can skip or mark as failing (the keys of ``Row.skips`` and ``Row.xfails``).
-ORACLES = ("step", "export", "step-random", "vjp", "dot", "vjp-random", "hypergrad", "hypergrad-random", "fd")
+ORACLES = ("step", "export", "step-random", "vjp", "dot", "vjp-random", "hypergrad", "hypergrad-random", "fd",
+           "write-back")
 #: The torch implementations of a step: the keyword that selects each.
 KERNELS: dict[str, dict[str, bool]] = {"for_loop": {"foreach": False}, "foreach": {"foreach": True},
                                        "fused": {"fused": True}}
@@ -146,14 +152,19 @@ class FiniteDifferences:
     Attributes:
         skip: ``{name: reason}``: hyperparameters it leaves out.
         zero: ``{name: reason}``: hyperparameters whose finite difference may be exactly 0 (no
-            effect on torch's run); every other one must move the validation loss.
-        steps: ``{name: h}``: the step of one hyperparameter, instead of ``1e-4 |value|`` (or
-            ``1e-6`` at a value of 0, one-sided).
+            effect on torch's run); every other one must move the validation loss. A key
+            ``"name:2"`` allows it in param group 2 only (``"name:1"``: group 1).
+        steps: ``{name: h}``: the step of one hyperparameter, instead of 1e-4 of the smaller of
+            its value and its distance to a declared bound (1e-6, one-sided, at 0).
     """
 
     skip: Mapping[str, str] = field(default_factory=dict)
     zero: Mapping[str, str] = field(default_factory=dict)
     steps: Mapping[str, float] = field(default_factory=dict)
+
+    def may_be_zero(self, name: str, group: int) -> bool:
+        """Whether the finite difference of ``name`` in param group ``group`` (0-based) may be 0."""
+        return name in self.zero or f"{name}:{group + 1}" in self.zero
 
 
 @dataclass(frozen=True)
@@ -279,8 +290,8 @@ class Row:
             if oracle not in ORACLES:
                 raise ValueError(f"row {self.id}: unknown oracle {key!r} (one of {ORACLES})")
         names = set(self.impl.hyper_names) | set(self.impl.flag_names)
-        unknown = (set(self.ranges) | set(self.fixed) | set(self.fd.skip) | set(self.fd.zero)
-                   | set(self.fd.steps)) - names
+        zero = {key.partition(":")[0] for key in self.fd.zero}
+        unknown = (set(self.ranges) | set(self.fixed) | set(self.fd.skip) | zero | set(self.fd.steps)) - names
         if unknown:
             raise ValueError(f"row {self.id}: {self.impl.name} has no hyperparameter or flag {sorted(unknown)}")
         for kernel in self.kernels or ():
@@ -288,7 +299,11 @@ class Row:
                 raise ValueError(f"row {self.id}: torch.optim.{self.torch_cls.__name__} has no {kernel} kernel")
 
     def __repr__(self) -> str:
-        return self.id
+        return f"{self.id}({self.torch_cls.__name__}, {dict(self.kwargs)}, group2={dict(self.group2)})"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """How hypothesis prints a falsifying row: its id and settings, not every field."""
+        printer.text(repr(self))
 
     # ------------------------------------------------------------------ the optimizer
     @property
@@ -544,6 +559,16 @@ def rmsprop_floors(row: Row, theta: Tensor, G: Tensor, state: dict[str, Any], hy
         return _linear_path_floors((theta_next_bar.abs() * path).detach(), theta)
 
 
+def adadelta_floors(row: Row, theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any],
+                    theta_next_bar: Tensor) -> dict[str, float]:
+    """Adadelta, sqrt(u + eps) g / sqrt(v' + eps): at the first step (u = 0, v' = (1 - rho) g^2) it
+    is nearly flat in g where g^2 dominates eps/(1 - rho), as :func:`adagrad_floors`."""
+    with torch.no_grad():
+        sn = row.impl.step(theta, G, state, hyper)[1]
+        path = hyper["lr"] * (state["acc_delta"] + hyper["eps"]).sqrt() / (sn["square_avg"] + hyper["eps"]).sqrt()
+        return _linear_path_floors((theta_next_bar.abs() * path).detach(), theta)
+
+
 def adamax_floors(row: Row, theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any],
                   theta_next_bar: Tensor) -> dict[str, float]:
     """Adamax, m' / max(b2 u, |g| + eps): as :func:`adagrad_floors`."""
@@ -559,6 +584,12 @@ def _zero_momentum(hyper: Mapping[str, Any]) -> bool:
     return float(hyper["momentum"]) == 0.0
 
 
+def _dampening_acts(hyper: Mapping[str, Any]) -> bool:
+    """At momentum 0 torch.optim.SGD ignores dampening, a learned momentum does not (Note [Learned
+    momentum]): the two agree there only at dampening 0."""
+    return float(hyper["momentum"]) != 0.0 or float(hyper["dampening"]) == 0.0
+
+
 def _rprop_bounds_ordered(hyper: Mapping[str, Any]) -> bool:
     """Rprop clamps the step sizes into [step_size_min, step_size_max]: an empty interval is no rule."""
     return float(hyper["step_size_min"]) <= float(hyper["step_size_max"])
@@ -568,6 +599,16 @@ def _rprop_bounds_ordered(hyper: Mapping[str, Any]) -> bool:
 _DAMPENING_AT_ZERO_MOMENTUM = FiniteDifferences(skip={
     "dampening": "at momentum 0 torch.optim ignores dampening, while a learned momentum takes the buffer path, "
                  "where it acts (Note [Learned momentum]): the two functions differ"})
+#: eps = 1e-8 (1e-10 for Adagrad) moves the loss on the scale of the gradients, not on its own: a step
+#: of 1e-4 eps changes it by less than its round-off.
+_EPS_STEP = FiniteDifferences(steps={"eps": 1e-9})
+_RADAM_FD = FiniteDifferences(steps={"eps": 1e-9}, zero={
+    "beta2": "RAdam's first 5 steps are unrectified (rho_t <= 5 for beta2 >= 0.9): beta2 only reaches v, "
+             "which none of the oracle's 4 steps reads",
+    "eps": "eps acts in the rectified update only, from step 6 on"})
+_RPROP_FD = FiniteDifferences(zero={
+    "step_size_min": "no step size shrinks to the lower bound in the oracle's 4 steps",
+    "step_size_max": "no step size grows to the upper bound in the oracle's 4 steps"})
 _TORCH_FOREACH_ASGD = {
     "step:foreach": "torch's foreach ASGD computes eta in float32 tensor arithmetic: it differs from torch's own "
                     "for-loop ASGD by ~1e-8 (we match the for-loop)"}
@@ -583,19 +624,19 @@ def _family(torch_cls: type, **common: Any) -> Callable[..., Row]:
     return make
 
 
-_sgd = _family(torch.optim.SGD, extra_state_when_learned=_zero_momentum)
-_adam = _family(torch.optim.Adam, floors=adam_floors, prepare=untie_amsgrad)
-_adamw = _family(torch.optim.AdamW, floors=adam_floors, prepare=untie_amsgrad)
+_sgd = _family(torch.optim.SGD, extra_state_when_learned=_zero_momentum, valid=_dampening_acts)
+_adam = _family(torch.optim.Adam, floors=adam_floors, prepare=untie_amsgrad, fd=_EPS_STEP)
+_adamw = _family(torch.optim.AdamW, floors=adam_floors, prepare=untie_amsgrad, fd=_EPS_STEP)
 # Adagrad's initial_accumulator_value is never overridden in group 2: torch fills every state
 # from the constructor's value (Note [Adagrad's initial accumulator]).
-_adagrad = _family(torch.optim.Adagrad, floors=adagrad_floors)
-_rmsprop = _family(torch.optim.RMSprop, floors=rmsprop_floors, extra_state_when_learned=_zero_momentum)
+_adagrad = _family(torch.optim.Adagrad, floors=adagrad_floors, fd=FiniteDifferences(steps={"eps": 1e-7}))
+_rmsprop = _family(torch.optim.RMSprop, floors=rmsprop_floors, extra_state_when_learned=_zero_momentum, fd=_EPS_STEP)
 _adadelta = _family(torch.optim.Adadelta)
-_adamax = _family(torch.optim.Adamax, floors=adamax_floors)
-_nadam = _family(torch.optim.NAdam, floors=nadam_floors)
-_radam = _family(torch.optim.RAdam)
+_adamax = _family(torch.optim.Adamax, floors=adamax_floors, fd=_EPS_STEP)
+_nadam = _family(torch.optim.NAdam, floors=nadam_floors, fd=_EPS_STEP)
+_radam = _family(torch.optim.RAdam, fd=_RADAM_FD)
 _asgd = _family(torch.optim.ASGD, skips=_TORCH_FOREACH_ASGD)
-_rprop = _family(torch.optim.Rprop, valid=_rprop_bounds_ordered)
+_rprop = _family(torch.optim.Rprop, valid=_rprop_bounds_ordered, fd=_RPROP_FD)
 
 # ---------------------------------------------------------------------------- the table
 ROWS: list[Row] = [
@@ -616,6 +657,7 @@ ROWS: list[Row] = [
     _sgd("sgd-momentum-maximize", dict(lr=0.05, momentum=0.5, maximize=True), dict(lr=0.025)),
     _sgd("sgd-heavy_momentum", dict(lr=0.1, momentum=0.9), dict(lr=0.05)),
     _sgd("sgd-heavy_nesterov", dict(lr=0.1, momentum=0.9, nesterov=True), dict(lr=0.05)),
+    _sgd("sgd-half_momentum", dict(lr=0.1, momentum=0.5), dict(lr=0.05)),
     # Adam
     _adam("adam-default", dict(), dict(lr=0.01)),
     _adam("adam-amsgrad", dict(lr=0.01, amsgrad=True), dict(lr=0.003, betas=(0.8, 0.9))),
@@ -663,7 +705,8 @@ ROWS: list[Row] = [
     _adadelta("adadelta-default", dict(), dict(lr=0.5)),
     _adadelta("adadelta-rho-eps-wd", dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.1), dict(rho=0.95, weight_decay=0.0)),
     _adadelta("adadelta-maximize", dict(lr=1.0, maximize=True), dict(lr=0.3, eps=1e-3)),
-    _adadelta("adadelta-rho-wd", dict(lr=0.5, rho=0.8, weight_decay=0.01), dict(lr=0.25)),
+    # eps 1e-6 against g^2 (1 - rho): at the first step G's two paths cancel to 2e-10 of each
+    _adadelta("adadelta-rho-wd", dict(lr=0.5, rho=0.8, weight_decay=0.01), dict(lr=0.25), floors=adadelta_floors),
     _adadelta("adadelta-rho-eps-small_wd", dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.02), dict(lr=0.25)),
     # Adamax
     _adamax("adamax-default", dict(), dict(lr=0.01)),
@@ -703,11 +746,20 @@ ROWS: list[Row] = [
     # Rprop
     _rprop("rprop-default", dict(lr=0.01), dict(lr=0.002, etas=(0.3, 1.5))),
     # tight step-size bounds: both clamps act within a few steps
-    _rprop("rprop-clamped", dict(lr=0.01, step_sizes=(0.004, 0.015)), dict(etas=(0.4, 1.1), step_sizes=(0.008, 0.02))),
+    _rprop("rprop-clamped", dict(lr=0.01, step_sizes=(0.004, 0.015)), dict(etas=(0.4, 1.1), step_sizes=(0.008, 0.02)),
+           fd=FiniteDifferences(zero={"etaminus": "group 2's lower bound 0.008 clamps every shrunk step size "
+                                                  "(0.4 of at most 0.02) in the oracle's 4 steps",
+                                      "step_size_min": "group 1's step sizes shrink at most once (to 0.005) in "
+                                                       "the oracle's 4 steps",
+                                      "step_size_max:2": "group 2's step sizes grow by 1.1 a step, to 0.0133 < 0.02 "
+                                                         "in the oracle's 4 steps"})),
     _rprop("rprop-maximize", dict(lr=0.01, maximize=True, step_sizes=(1e-3, 0.05)), dict(lr=0.03)),
     _rprop("rprop-step_sizes", dict(lr=0.01, step_sizes=(2e-3, 0.02)), dict(lr=0.005)),
-    _rprop("rprop-narrow_step_sizes", dict(lr=0.01, step_sizes=(2e-3, 0.013)), dict(lr=0.005)),
+    # the upper bound acts in both groups within the finite-difference oracle's 4 steps
+    _rprop("rprop-narrow_step_sizes", dict(lr=0.01, step_sizes=(2e-3, 0.013)), dict(etas=(0.3, 1.25)),
+           fd=FiniteDifferences(zero={"step_size_min": "no step size shrinks to 2e-3 in the oracle's 4 steps"})),
 ]
+
 
 # ---------------------------------------------------------------------------- steps that are not element-wise
 def adafactor_floors(row: Row, theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any],
@@ -867,7 +919,7 @@ def built_in_classes() -> list[type]:
 
 __all__ = [
     "ANY_SHAPE", "DTYPE", "FiniteDifferences", "GRANULARITIES", "KERNELS", "MATRICES", "NOT_IN_THE_TABLE", "ORACLES",
-    "ROWS", "Range", "Row", "Shapes", "Tolerances", "adagrad_floors", "adam_floors", "adamax_floors", "assert_rel",
+    "ROWS", "Range", "Row", "Shapes", "Tolerances", "adadelta_floors", "adagrad_floors", "adam_floors", "adamax_floors", "assert_rel",
     "built_in_classes", "default_range", "learn", "nadam_floors", "params", "random_like", "random_variant",
     "rel_err", "rmsprop_floors", "row", "rows", "tensor_keys", "untie_amsgrad",
     "FACTORED", "adafactor_floors", "newtonschulz_float64", "without_bfloat16_cast",

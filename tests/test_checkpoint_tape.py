@@ -13,6 +13,7 @@ from torch import Tensor
 from gimli_bptt import GimliUpdater, Memory, TapeStats
 from gimli_bptt.checkpoint import every_k_forward_steps, min_forward_steps
 
+from optim_table import row
 from problems import build_model, ce_loss, make_batches
 from snapshots import bit_identical
 
@@ -21,10 +22,10 @@ def _hypergrads(arch: str, opt_name: str, J: int, memory: Any, hvp: str = "rev",
                 dtype: torch.dtype = torch.float64) -> tuple[dict[str, Any], GimliUpdater]:
     model = build_model(arch, seed=4).to(dtype)
     if opt_name == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True)
+        opt = row("adam-amsgrad").for_model(model, grouped=False)
         learn = {"lr": "tensor", "beta1": "group", "eps": "element"}
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        opt = row("sgd-heavy_nesterov").for_model(model, grouped=False)
         learn = {"lr": "element", "momentum": "group"}
     up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=J, learn=learn, learn_init=True, hvp=hvp,
                       memory=memory)
@@ -84,7 +85,7 @@ def test_verify_catches_a_nondeterministic_loss() -> None:
     def flaky(m: Any, b: Any) -> Tensor:  # randomness outside torch's generators
         return ce_loss(m, b) * (1 + 1e-3 * noise.random())
 
-    up = GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), flaky, ce_loss, unroll=8,
+    up = GimliUpdater(model, row("sgd-plain").for_model(model, grouped=False), flaky, ce_loss, unroll=8,
                       learn=["lr"], memory=Memory(slots=2, verify=True))
     with pytest.raises(RuntimeError, match="recomputed state before inner step .* differs"):
         up.hypergradient(*make_batches(8))
@@ -108,7 +109,7 @@ def test_verify_catches_a_nondeterministic_loss() -> None:
 def test_bad_memory_options(memory: Any, exc: type, match: str) -> None:
     model = build_model("mlp")
     with pytest.raises(exc, match=match):
-        GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, ce_loss, unroll=3,
+        GimliUpdater(model, row("sgd-plain").for_model(model, grouped=False), ce_loss, ce_loss, unroll=3,
                      learn=["lr"], memory=memory)
 
 
@@ -116,7 +117,7 @@ def test_commit_with_a_checkpointed_tape() -> None:
     results = []
     for memory in (None, Memory(slots=2)):
         model = build_model("mlp_bn", seed=2)
-        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        opt = row("adam-lr").for_model(model, grouped=False)
         up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=7, learn=["lr"], commit=True, memory=memory)
         up.step(*make_batches(7, seed=2))
         results.append((copy.deepcopy(model.state_dict()), float(opt.param_groups[0]["lr"])))
@@ -138,7 +139,7 @@ def test_progress_bar_of_the_unroll(monkeypatch: pytest.MonkeyPatch) -> None:
     def run(progress: Any, stream: io.StringIO) -> str:
         monkeypatch.setattr(sys, "stderr", stream)
         model = build_model("mlp")
-        up = GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, ce_loss, unroll=3,
+        up = GimliUpdater(model, row("sgd-plain").for_model(model, grouped=False), ce_loss, ce_loss, unroll=3,
                           learn=["lr"], progress=progress)
         up.hypergradient(*make_batches(3))
         monkeypatch.undo()
@@ -160,7 +161,7 @@ def test_keep_graphs_gives_the_same_hypergradients(arch: str) -> None:
     results = []
     for keep in (False, True):
         model = build_model(arch, seed=6)
-        up = GimliUpdater(model, torch.optim.Adam(model.parameters(), lr=0.01), ce_loss, ce_loss, unroll=5,
+        up = GimliUpdater(model, row("adam-lr").for_model(model, grouped=False), ce_loss, ce_loss, unroll=5,
                           learn={"lr": "tensor", "beta1": "element"}, learn_init=True,
                           memory=Memory(keep_graphs=keep))
         torch.manual_seed(3)
@@ -174,5 +175,31 @@ def test_keep_graphs_option_errors() -> None:
                               (Memory(keep_graphs=True, budget=2**20), {}, "cannot be combined"),
                               (Memory(keep_graphs=True), dict(hvp="fwd"), "use hvp='rev'")):
         with pytest.raises(ValueError, match=match):
-            GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, ce_loss, unroll=3,
+            GimliUpdater(model, row("sgd-plain").for_model(model, grouped=False), ce_loss, ce_loss, unroll=3,
                          learn=["lr"], memory=memory, **kw)
+
+
+@pytest.mark.parametrize("memory, kept", [(Memory(slots=3), 4), (Memory(every=3), 4)], ids=["binomial", "every-k"])
+def test_the_last_step_of_an_advance_keeps_its_graph(memory: Memory, kept: int) -> None:
+    """Note [The last step of an advance]: a step whose gradient an advance computes right before
+    the sweep reverses it is not recomputed (binomial, J = 10, 3 slots: steps 8, 6, 3 and 0;
+    every 3rd state: steps 9, 7, 4 and 1), and the hypergradient stays the full tape's, bit for bit."""
+    J = 10
+    calls = {"n": 0}
+
+    def counting(m: Any, b: Any) -> Tensor:
+        calls["n"] += 1
+        return ce_loss(m, b)
+
+    def run(memory: Any) -> tuple[dict[str, Any], GimliUpdater]:
+        model = build_model("mlp_bn", seed=4)
+        up = GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), counting, ce_loss,
+                          unroll=J, learn={"lr": "tensor", "momentum": "group"}, learn_init=True, memory=memory)
+        calls["n"] = 0
+        return up.hypergradient(*make_batches(J, seed=4)).hypergrads, up
+
+    full, _ = run(None)
+    ours, up = run(memory)
+    assert up.last_tape_stats is not None
+    assert calls["n"] == up.last_tape_stats.forward_steps + J - kept
+    assert bit_identical(full, ours)

@@ -17,6 +17,7 @@ from torch import Tensor
 from gimli_bptt import DistributedError, GimliUpdater, Memory
 from gimli_bptt.testing import relative_error
 
+from optim_table import row
 from problems import build_model, make_batch
 
 dist = torch.distributed
@@ -88,21 +89,18 @@ def _val_loss(model: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
 
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "sgd rev": dict(opt=(torch.optim.SGD, dict(lr=0.1, momentum=0.9)), learn={"lr": "tensor", "momentum": "group"},
-                    hvp="rev"),
-    "adam fwd": dict(opt=(torch.optim.Adam, dict(lr=0.01)), learn={"lr": "group", "beta1": "group"}, hvp="fwd"),
-    "sgd 2 slots": dict(opt=(torch.optim.SGD, dict(lr=0.1, momentum=0.5)), learn={"lr": "element"},
-                        hvp="rev", memory=Memory(slots=2)),
-    "adam keep_graphs + learn_init": dict(opt=(torch.optim.Adam, dict(lr=0.01)), learn={"lr": "group"},
-                                          memory=Memory(keep_graphs=True), learn_init=True),
+    "sgd rev": dict(opt="sgd-heavy_momentum", learn={"lr": "tensor", "momentum": "group"}, hvp="rev"),
+    "adam fwd": dict(opt="adam-lr", learn={"lr": "group", "beta1": "group"}, hvp="fwd"),
+    "sgd 2 slots": dict(opt="sgd-half_momentum", learn={"lr": "element"}, hvp="rev", memory=Memory(slots=2)),
+    "adam keep_graphs + learn_init": dict(opt="adam-lr", learn={"lr": "group"}, memory=Memory(keep_graphs=True),
+                                          learn_init=True),
 }
 
 
 def _updater(config: dict[str, Any], process_group: Any = None, loss: Callable[..., Tensor] = _train_loss,
              **extra: Any) -> GimliUpdater:
     model = build_model("mlp", seed=1)
-    cls, kwargs = config["opt"]
-    opt = cls(model.parameters(), **kwargs)
+    opt = row(config["opt"]).for_model(model, grouped=False)
     w = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
     options = {k: v for k, v in config.items() if k != "opt"}
     options.update(extra)
@@ -212,7 +210,7 @@ def _failing_loss(state: dict[str, int], w: Tensor, model: Any, batch: tuple[Ten
 def _check_failures(rank: int, world: int, out: str) -> None:
     bad = 1
     model = build_model("mlp", seed=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = row("sgd-heavy_momentum").for_model(model, grouped=False)
     w = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
     calls: dict[str, int] = {"calls": 0}
     u = GimliUpdater(model, opt, functools.partial(_failing_loss, calls, w), _val_loss, unroll=J,
@@ -281,7 +279,7 @@ def _check_exited_rank(rank: int, world: int, out: str) -> None:
     model = build_model("mlp", seed=1)
     w = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
     calls = {"calls": 0, "fail_at": 3 if rank == 1 else -1}
-    u = GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), functools.partial(_failing_loss, calls, w),
+    u = GimliUpdater(model, row("sgd-plain").for_model(model, grouped=False), functools.partial(_failing_loss, calls, w),
                      _val_loss, unroll=J, learn={"lr": "group"}, loss_params={"w": w})
     batches, val = _data()
     start = time.monotonic()

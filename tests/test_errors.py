@@ -13,13 +13,14 @@ from torch import Tensor, nn
 
 from gimli_bptt import GimliUpdater, Memory, NonFiniteError, supported_optimizers
 
+from optim_table import row
 from problems import build_model, ce_loss, make_batches
 from snapshots import assert_unchanged, snapshot
 
 
 def _updater(**kw: Any) -> GimliUpdater:
     model = kw.pop("model", None) or build_model("mlp_bn", seed=0)
-    opt = kw.pop("opt", None) or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = kw.pop("opt", None) or row("sgd-heavy_momentum").for_model(model, grouped=False)
     kw.setdefault("unroll", 3)
     kw.setdefault("learn", {"lr": "group"})
     return GimliUpdater(model, opt, kw.pop("train_loss", ce_loss), kw.pop("val_loss", ce_loss), **kw)
@@ -51,7 +52,8 @@ def test_unlearnable_hyperparameters(learn: dict[str, str], match: str) -> None:
 def test_betas_hint_for_adam() -> None:
     model = build_model("mlp")
     with pytest.raises(ValueError, match="use 'beta1' and/or 'beta2'"):
-        GimliUpdater(model, torch.optim.Adam(model.parameters()), ce_loss, ce_loss, learn={"betas": "group"})
+        GimliUpdater(model, row("adam-default").for_model(model, grouped=False), ce_loss, ce_loss,
+                     learn={"betas": "group"})
 
 
 @pytest.mark.parametrize(
@@ -80,7 +82,7 @@ def test_optimizer_over_foreign_tensors() -> None:
     model = build_model("mlp")
     other = nn.Linear(2, 2).double()
     with pytest.raises(ValueError, match="not parameters of the model"):
-        GimliUpdater(model, torch.optim.SGD(other.parameters(), lr=0.1), ce_loss, ce_loss, learn=["lr"])
+        GimliUpdater(model, row("sgd-plain").for_model(other, grouped=False), ce_loss, ce_loss, learn=["lr"])
 
 
 # --------------------------------------------------------------------------- step()
@@ -194,7 +196,7 @@ def test_exception_in_tape_recomputation_or_reverse_sweep_changes_nothing(
     # a plan that keeps every graph recomputes nothing: the sweep then calls no loss to fail in
     for fail_at in [rng.randrange(0, J)] + ([rng.randrange(J, total)] if total > J else []):
         model = build_model("mlp_bn", seed=1)
-        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        opt = row("adam-lr").for_model(model, grouped=False)
         warm = _updater(model=model, opt=opt, unroll=J, learn={"lr": "tensor"}, commit=True)
         warm.step(*make_batches(J, seed=2))  # the optimizer now has state, the meta optimizer too
         up = _updater(model=model, opt=opt, unroll=J, learn={"lr": "tensor", "beta1": "element"},

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gimli_bptt import GimliUpdater, Memory, NonFiniteError
 
+from optim_table import row
 from problems import build_model, ce_loss, make_batches
 from snapshots import assert_unchanged, snapshot
 
@@ -38,9 +39,8 @@ def test_constructor_raises_only_documented_errors(unroll: Any, learn: Any, hvp:
                                                    on_nonfinite: Any, learn_init: bool, commit: bool,
                                                    opt_kind: str) -> None:
     model = build_model("mlp")
-    opt = {"sgd": lambda: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5),
-           "adam": lambda: torch.optim.Adam(model.parameters()),
-           "rprop": lambda: torch.optim.Rprop(model.parameters())}[opt_kind]()
+    opt = row({"sgd": "sgd-half_momentum", "adam": "adam-default", "rprop": "rprop-default"}[opt_kind]).for_model(
+        model, grouped=False)
     try:
         up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=unroll, learn=learn, hvp=hvp, memory=memory,
                           on_nonfinite=on_nonfinite, learn_init=learn_init, commit=commit)
@@ -57,7 +57,7 @@ def test_constructor_raises_only_documented_errors(unroll: Any, learn: Any, hvp:
 def test_step_raises_only_documented_errors_and_changes_nothing(n_batches: int, shape_bad: bool, poison: Any,
                                                                 kind: str) -> None:
     model = build_model("mlp_bn")
-    up = GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), ce_loss, ce_loss,
+    up = GimliUpdater(model, row("sgd-heavy_momentum").for_model(model, grouped=False), ce_loss, ce_loss,
                       unroll=3, learn={"lr": "tensor"})
     batches, val = make_batches(max(n_batches, 1))
     batches = batches[:n_batches]
@@ -88,7 +88,7 @@ def _rss_mib() -> float:
 def test_short_soak_does_not_leak() -> None:
     """200 meta steps (bench/soak.py runs 2,000 with a tighter bound): no graph survives a step."""
     model = build_model("mlp_bn")
-    up = GimliUpdater(model, torch.optim.Adam(model.parameters(), lr=0.01), ce_loss, ce_loss, unroll=3,
+    up = GimliUpdater(model, row("adam-lr").for_model(model, grouped=False), ce_loss, ce_loss, unroll=3,
                       learn={"lr": "group", "beta1": "tensor"}, commit=True, memory=Memory(slots=2))
     rng = random.Random(0)
     data = [make_batches(3, seed=s) for s in range(8)]

@@ -17,6 +17,7 @@ from gimli_bptt import Checkpointing, GimliUpdater, Memory, TapeStats
 from gimli_bptt.checkpoint import min_forward_steps
 from gimli_bptt.testing import check_hypergradients
 
+from optim_table import row
 from problems import build_model, ce_loss, make_batches
 from snapshots import bit_identical
 
@@ -31,10 +32,10 @@ def _updater(opt_name: str, J: int, dtype: torch.dtype = torch.float64, arch: st
              train_loss: Any = None, **options: Any) -> GimliUpdater:
     model = build_model(arch, seed=4).to(dtype)
     if opt_name == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True)
+        opt = row("adam-amsgrad").for_model(model, grouped=False)
         learn = {"lr": "tensor", "beta1": "group", "eps": "element"}
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = row("sgd-heavy_momentum").for_model(model, grouped=False)
         learn = {"lr": "element", "momentum": "group"}
     w = torch.tensor(1e-3, dtype=dtype, requires_grad=True)
     return GimliUpdater(model, opt, train_loss or functools.partial(_train_loss, w), ce_loss, unroll=J, learn=learn,

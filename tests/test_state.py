@@ -11,12 +11,13 @@ import torch
 
 from gimli_bptt import GimliUpdater
 
-from problems import build_model, ce_loss, make_batches, two_groups
+from optim_table import row
+from problems import build_model, ce_loss, make_batches
 
 
 def _build(seed: int = 0, **kw: Any) -> GimliUpdater:
     model = build_model("dropout", seed=seed)
-    opt = torch.optim.Adam(two_groups(model), lr=0.01)
+    opt = row("adam-lr").for_model(model)
     kw.setdefault("learn", {"lr": "group", "beta1": "tensor", "eps": "element"})
     return GimliUpdater(model, opt, ce_loss, ce_loss, unroll=3, commit=True,
                         meta_opt=functools.partial(torch.optim.Adam, lr=1e-3), **kw)

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from gimli_bptt import FunctionalModel, GimliUpdater
 from gimli_bptt.testing import check_hypergradients
 
-from problems import build_model, ce_loss, make_batches, two_groups
+from optim_table import row
+from problems import build_model, ce_loss, make_batches
 from snapshots import assert_unchanged, snapshot
 
 
@@ -26,7 +27,7 @@ def _torch_unroll(model: nn.Module, opt: torch.optim.Optimizer, batches: list[An
 
 def test_hypergradient_changes_nothing() -> None:
     model = build_model("mlp_bn")
-    opt = torch.optim.Adam(two_groups(model), lr=0.01)
+    opt = row("adam-lr").for_model(model)
     up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=3, learn={"lr": "group"}, learn_init=True)
     before = snapshot(up)
     groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
@@ -37,14 +38,15 @@ def test_hypergradient_changes_nothing() -> None:
 
 def test_step_updates_phi_writes_group_rates_and_leaves_the_model() -> None:
     model = build_model("mlp_bn")
-    opt = torch.optim.SGD(two_groups(model), lr=0.1, momentum=0.9)
+    opt = row("sgd-heavy_momentum").for_model(model)
     up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=3, learn={"lr": "group"},
                       meta_opt=functools.partial(torch.optim.SGD, lr=0.01))
     model_before = copy.deepcopy(model.state_dict())
+    lr_before = [grp["lr"] for grp in opt.param_groups]
     result = up.step(*make_batches(3))
     g = result.hypergrads["lr"]
     assert g.shape == (2,)
-    expected = torch.tensor([0.1, 0.1], dtype=torch.float64) - 0.01 * g
+    expected = torch.tensor(lr_before, dtype=torch.float64) - 0.01 * g
     assert torch.allclose(up.hyper.values["lr"].detach(), expected, rtol=0, atol=1e-15)
     assert [grp["lr"] for grp in opt.param_groups] == pytest.approx(expected.tolist(), abs=1e-15)
     for k, v in model_before.items():
@@ -54,7 +56,7 @@ def test_step_updates_phi_writes_group_rates_and_leaves_the_model() -> None:
 
 def test_result_shapes_for_every_granularity() -> None:
     model = build_model("conv_bn")
-    opt = torch.optim.Adam(two_groups(model), lr=0.01)
+    opt = row("adam-lr").for_model(model)
     w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     up = GimliUpdater(model, opt, lambda m, b: w * ce_loss(m, b), ce_loss, unroll=2,
                       learn={"lr": "group", "beta1": "tensor", "beta2": "element"}, loss_params={"w": w},
@@ -75,14 +77,13 @@ def test_result_shapes_for_every_granularity() -> None:
 
 # Adam runs without BatchNorm here: the gradient of a bias followed by BatchNorm is pure
 # round-off, which Adam's normalisation blows up to a step of size lr in either direction.
-@pytest.mark.parametrize("arch, opt_cls, kwargs", [("mlp_bn", torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
-                                                    ("mlp", torch.optim.AdamW, dict(lr=0.01, amsgrad=True))])
-def test_commit_continues_from_the_unrolled_state(arch: str, opt_cls: type, kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("arch, row_id", [("mlp_bn", "sgd-heavy_nesterov"), ("mlp", "adamw-amsgrad")])
+def test_commit_continues_from_the_unrolled_state(arch: str, row_id: str) -> None:
     """commit=True leaves the model and optimizer exactly where J steps of torch.optim would."""
     model = build_model(arch)
     twin = copy.deepcopy(model)
-    opt = opt_cls(model.parameters(), **kwargs)
-    twin_opt = opt_cls(twin.parameters(), **kwargs)
+    opt = row(row_id).for_model(model, grouped=False)
+    twin_opt = row(row_id).for_model(twin, grouped=False)
     _torch_unroll(model, opt, make_batches(2, seed=8)[0])  # existing optimizer state is the starting point
     _torch_unroll(twin, twin_opt, make_batches(2, seed=8)[0])
     up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=4, learn={"lr": "group"}, commit=True,
@@ -108,19 +109,19 @@ def test_buffers_evolve_through_the_inner_loop() -> None:
         seen["mean"] = dict(m.named_buffers())["2.running_mean"].clone()
         return ce_loss(m, b)
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = row("sgd-plain").for_model(model, grouped=False)
     up = GimliUpdater(model, opt, ce_loss, val_loss, unroll=3, learn=["lr"])
     batches, val = make_batches(3)
     up.hypergradient(batches, val)
     twin = copy.deepcopy(model)
-    _torch_unroll(twin, torch.optim.SGD(twin.parameters(), lr=0.1), batches)
+    _torch_unroll(twin, row("sgd-plain").for_model(twin, grouped=False), batches)
     assert torch.allclose(seen["mean"], twin.state_dict()["2.running_mean"], rtol=1e-12)
     assert torch.equal(model.state_dict()["2.running_mean"], torch.zeros(5, dtype=torch.float64))
 
 
 def test_dropout_is_replayed_exactly() -> None:
     model = build_model("dropout")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    opt = row("sgd-half_momentum").for_model(model, grouped=False)
     up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=4, learn={"lr": "element"}, learn_init=True)
     errors = check_hypergradients(up, *make_batches(4))
     assert max(errors.values()) <= 1e-9, errors
@@ -128,7 +129,7 @@ def test_dropout_is_replayed_exactly() -> None:
 
 def test_maml_updates_the_initial_weights() -> None:
     model = build_model("mlp")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = row("sgd-plain").for_model(model, grouped=False)
     up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=2, learn_init=True,
                       meta_opt=functools.partial(torch.optim.SGD, lr=0.5))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -141,12 +142,15 @@ def test_maml_updates_the_initial_weights() -> None:
 def test_train_step_applies_learned_rates_like_torch_optim(gran: str) -> None:
     model = build_model("mlp_bn")
     twin = copy.deepcopy(model)
-    opt = torch.optim.SGD(two_groups(model), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    r = row("sgd-momentum-dampening-wd")
+    opt = r.for_model(model)
     up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=2, learn={"lr": gran})
     with torch.no_grad():
         for t in up.hyper.leaves():
-            t.fill_(0.05)  # as if learned
-    twin_opt = torch.optim.SGD(two_groups(twin), lr=0.05, momentum=0.9, weight_decay=1e-3)
+            t.fill_(0.07)  # as if learned
+    twin_opt = r.for_model(twin)
+    for group in twin_opt.param_groups:
+        group["lr"] = 0.07
     for batch in make_batches(3)[0]:
         loss = up.train_step(batch)
         twin_opt.zero_grad()
@@ -167,7 +171,7 @@ def test_the_model_view_exposes_inner_parameters() -> None:
         assert [n for n, _ in m.named_parameters()] == [n for n, _ in model.named_parameters()]
         return ce_loss(m, b)
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = row("sgd-plain").for_model(model, grouped=False)
     GimliUpdater(model, opt, train_loss, ce_loss, unroll=2, learn=["lr"]).hypergradient(*make_batches(2))
     first, second = seen[0], seen[1]
     assert all(torch.equal(a, p) for a, p in zip(first, model.parameters()))
@@ -190,7 +194,7 @@ def test_tied_weights() -> None:
 
     torch.manual_seed(0)
     model = Tied().double()
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt = row("adam-lr").for_model(model, grouped=False)
     up = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=3, learn={"lr": "tensor"}, learn_init=True)
     errors = check_hypergradients(up, *make_batches(3))
     assert max(errors.values()) <= 1e-9, errors
@@ -198,6 +202,6 @@ def test_tied_weights() -> None:
 
 def test_repr_mentions_the_configuration() -> None:
     model = build_model("mlp")
-    up = GimliUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, ce_loss, unroll=5,
+    up = GimliUpdater(model, row("sgd-plain").for_model(model, grouped=False), ce_loss, ce_loss, unroll=5,
                       learn={"lr": "tensor"})
     assert "SGD" in repr(up) and "unroll=5" in repr(up) and "lr:tensor" in repr(up)
