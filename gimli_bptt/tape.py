@@ -141,8 +141,31 @@ class Tape:
         self._reversed = 0
 
     # ------------------------------------------------------------------ one step
-    def _step(self, j: int, s: InnerState) -> InnerState:
-        """[Alg.1 L5]-[Alg.1 L6] for step j from s_j; the first time, records ℓ_j and the generator state."""
+    def _reversed_next(self, k: int) -> Optional[int]:
+        """k - 1 if the schedule, right after this advance to s_k, reverses step k (unless k = J)
+        and then restores s_{k-1} and reverses step k-1: Note [The last step of an advance]."""
+        if self.keep_G or k < 1:
+            return None
+        ops, p = self.ops, self._pc
+        if k < self.J:
+            if p >= len(ops) or ops[p].kind != "reverse" or ops[p].step != k:
+                return None
+            p += 1
+        if (p + 1 < len(ops) and ops[p].kind == "restore" and ops[p].step == k - 1
+                and ops[p + 1].kind == "reverse" and ops[p + 1].step == k - 1):
+            return k - 1
+        return None
+
+    def _step(self, j: int, s: InnerState, keep_graph: bool = False) -> InnerState:
+        """[Alg.1 L5]-[Alg.1 L6] for step j from s_j; the first time, records ℓ_j and the generator state.
+
+        Note [The last step of an advance]: checkpoint schedules often advance from a stored
+        s_{k-1} to s_k, reverse step k, restore s_{k-1} and reverse step k-1 (binomial and
+        every-k schedules end most segments so, and with k = J the first pass does when s_{J-1}
+        is stored). Step k-1's gradient is then computed while s_{k-1} is current, just before
+        the sweep needs it with its graph: ``keep_graph`` keeps that graph for the reverse of
+        step k-1 instead of recomputing it (for one step, two graphs are held at once).
+        """
         problem = self.problem
         first = j == len(self._rng)
         buffers_next = problem.fresh_buffers(s.buffers)
@@ -154,7 +177,7 @@ class Tape:
                 grad = self._measured_gradient(s, buffers_next)
             else:
                 grad = problem.step_gradient(s.theta, buffers_next, self.batches[j], j,
-                                             keep_graph=j >= self.keep_graphs_from)
+                                             keep_graph=keep_graph or j >= self.keep_graphs_from)
                 if grad.graph is not None:
                     self._graphs[j] = grad
             self._rng_after = capture_rng(problem.cuda_devices)
@@ -163,7 +186,10 @@ class Tape:
             if self.verify:
                 self._digests.append(_fingerprint(s))
         else:
-            grad = problem.step_gradient(s.theta, buffers_next, self.batches[j], j, rng=self._rng[j])
+            grad = problem.step_gradient(s.theta, buffers_next, self.batches[j], j, rng=self._rng[j],
+                                         keep_graph=keep_graph)
+            if grad.graph is not None:
+                self._graphs[j] = grad
             if self.verify and _fingerprint(s) != self._digests[j]:
                 raise RuntimeError(
                     f"checkpoint verify: the recomputed state before inner step {j} differs from the one of the "
@@ -216,8 +242,9 @@ class Tape:
             if op.kind == "advance":
                 assert self._current is not None and self._current[0] == op.step, op
                 i, s = self._current
+                keep = self._reversed_next(op.to)
                 for j in range(i, op.to):
-                    s = self._step(j, s)
+                    s = self._step(j, s, keep_graph=j == keep)
                 self._current = (op.to, s)
                 if op.to == self.J and not until_reverse:
                     return None
