@@ -13,15 +13,13 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 start=$(date +%s)
-echo "== build (JIT, CUDA sources included when torch has CUDA)"
+echo "== build (the sources in gimli_bptt/csrc/, CUDA included when torch has CUDA and nvcc is found)"
+python -m gimli_bptt build-kernels   # announces the compile, then reports what is loaded and for which devices
 python - <<'PY'
-import time, torch
-t = time.time()
+import torch
 from gimli_bptt import kernels
 assert torch.cuda.is_available(), "no GPU visible to torch"
-ok = kernels.is_available("cuda")
-print(f"cuda kernels available: {ok} ({time.time() - t:.0f} s)", flush=True)
-assert ok, kernels.ops.load_error()
+assert kernels.is_available("cuda"), kernels.info()
 PY
 echo "== GPU tests"
 tests_rc=0
