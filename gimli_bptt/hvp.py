@@ -112,7 +112,7 @@ class StepSecondOrder:
         with fwAD.dual_level(), replay_rng(entry.rng, problem.cuda_devices), torch.enable_grad():
             duals = [fwAD.make_dual(p, torch.zeros_like(p) if gb is None else gb) for p, gb in zip(primals, G_bar)]
             loss = problem.loss(duals, problem.fresh_buffers(entry.buffers), entry.batch, entry.j)
-            grads = engine.grad((loss,), primals + leaves)
+            grads = engine.grad((loss if loss.dim() == 0 else loss.sum(),), primals + leaves)
             tangents = [None if g is None else fwAD.unpack_dual(g).tangent for g in grads]
         return tangents[:n], tangents[n:]
 

@@ -203,8 +203,8 @@ class OptimizerHyperparameters:
                 a[self.group_of[k]] += bar  # type: ignore[index]
             elif gran == "tensor":
                 a[k] += bar  # type: ignore[index]
-            else:
-                a[k].add_(bar)  # type: ignore[index]
+            else:  # a cotangent with a leading (task) dimension sums over it
+                a[k].add_(bar if bar.shape == a[k].shape else bar.sum_to_size(a[k].shape))  # type: ignore[index]
 
     @torch.no_grad()
     def project(self) -> None:

@@ -14,6 +14,7 @@ from .hvp import HVP_MODES
 from .memory import Memory, memory_from_deprecated
 from .optim.base import DiffOptimizer
 from .stepping import check_kernel_mode
+from .tasks import check_task_batch
 
 #: What a non-finite loss or hypergradient does (Note [Non-finite values] below).
 ON_NONFINITE = ("raise", "skip", "ignore")
@@ -40,6 +41,7 @@ class Options:
     lr_schedule: Optional[Callable[[int], float]]
     kernels: str
     learn_init: bool
+    tasks: Optional[int] = None
 
     @property
     def check_finite(self) -> bool:
@@ -49,12 +51,12 @@ class Options:
     def saved(self) -> dict[str, Any]:
         """The options a saved state must agree with to be loaded (memory and speed options may differ)."""
         return {"unroll": self.unroll, "learn_init": self.learn_init, "hvp": self.hvp, "commit": self.commit,
-                "on_nonfinite": self.on_nonfinite, "project": self.project}
+                "on_nonfinite": self.on_nonfinite, "project": self.project, "tasks": self.tasks}
 
 
 def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any, on_nonfinite: Any, project: Any,
                      memory: Any, progress: Any, lr_schedule: Any, kernels: Any, learn_init: Any,
-                     check_finite: Any = None, checkpoint: Any = None, memory_budget: Any = None,
+                     tasks: Any = None, check_finite: Any = None, checkpoint: Any = None, memory_budget: Any = None,
                      keep_graphs: Any = None) -> Options:
     """Checks every option and folds the deprecated ones into their replacements.
 
@@ -83,6 +85,16 @@ def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any,
             "commit=True and learn_init=True contradict each other: with learn_init the model's "
             "parameters are θ_0, updated by the meta optimizer; drop one of them"
         )
+    if tasks is not None:
+        if isinstance(tasks, bool) or not isinstance(tasks, int):
+            raise TypeError(f"tasks must be None or a number of tasks (an int), got {type(tasks).__name__}")
+        if tasks < 1:
+            raise ValueError(f"tasks must be at least 1, got {tasks}")
+        if commit:
+            raise ValueError(
+                f"commit=True and tasks={tasks} contradict each other: the {tasks} tasks end at {tasks} different "
+                "θ'_J, and there is no one of them to write into the model; drop commit, or use tasks=None"
+            )
     check_kernel_mode(impl, kernels)
     plan = memory_from_deprecated(memory, checkpoint, memory_budget, keep_graphs)
     if plan.keep_graphs and hvp == "fwd":
@@ -94,7 +106,7 @@ def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any,
         raise ValueError(f"lr_schedule needs an optimizer with a learning rate; {impl.name} has none")
     return Options(unroll=unroll, hvp=hvp, commit=bool(commit), on_nonfinite=on_nonfinite, project=bool(project),
                    memory=plan, progress=progress, lr_schedule=lr_schedule, kernels=kernels,
-                   learn_init=bool(learn_init))
+                   learn_init=bool(learn_init), tasks=tasks)
 
 
 def check_callables(train_loss: Any, val_loss: Any) -> None:
@@ -178,12 +190,12 @@ def check_loss_params(loss_params: Any, ref: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def check_batches(train_batches: Any, unroll: int) -> list[Any]:
-    """The J training batches as a list.
+def check_batches(train_batches: Any, unroll: int, tasks: Optional[int] = None, val_batch: Any = None) -> list[Any]:
+    """The J training batches as a list; with ``tasks``, each (and ``val_batch``) with its task dimension.
 
     Raises:
         TypeError: not a sequence of batches.
-        ValueError: not exactly J of them.
+        ValueError: not exactly J of them, or a batch without the leading task dimension.
     """
     if isinstance(train_batches, (Tensor, str, bytes)) or not isinstance(train_batches, Iterable):
         raise TypeError(
@@ -195,6 +207,10 @@ def check_batches(train_batches: Any, unroll: int) -> list[Any]:
         raise ValueError(
             f"got {len(batches)} train batches but unroll={unroll}: give exactly one batch per inner step"
         )
+    if tasks is not None:
+        for j, batch in enumerate(batches):
+            check_task_batch(batch, tasks, f"the train batch of inner step {j}")
+        check_task_batch(val_batch, tasks, "the validation batch")
     return batches
 
 

@@ -16,6 +16,7 @@ from .errors import NonFiniteError
 from .functional import FunctionalModel, ModuleSlots, clone_buffers
 from .optim.base import DiffOptimizer
 from .stepping import SegmentBars, gradient_list
+from .tasks import vmapped_losses
 
 LossFn = Callable[[FunctionalModel, Any], Tensor]
 
@@ -130,6 +131,8 @@ class InnerProblem:
             (see Note [Forward-mode fallback] in :mod:`gimli_bptt.hvp`).
         reducer: Data-parallel runs: averages G_j, ℓ_j and the second-order terms over the
             ranks (:mod:`gimli_bptt.distributed`); None on a single process.
+        tasks: T, the number of tasks stacked along a leading dimension of every inner tensor
+            (Note [The task dimension] in :mod:`gimli_bptt.tasks`), or None.
     """
 
     module: nn.Module
@@ -148,6 +151,7 @@ class InnerProblem:
     _slots: Optional[ModuleSlots] = field(default=None, repr=False)
     _inner_only: bool = field(default=False, repr=False)
     reducer: Optional[Reducer] = None
+    tasks: Optional[int] = None
 
     def all_reduce_mean(self, tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor],
                         what: str) -> list[Optional[Tensor]]:
@@ -180,7 +184,8 @@ class InnerProblem:
         """ℓ_j's check at step j, on the CPU; on an accelerator it waits for :meth:`check_losses`."""
         if not self.check_finite or loss.device.type in DEFERRED_CHECK_DEVICES:
             return
-        if not math.isfinite(loss.item()):  # no op, unlike torch.isfinite
+        value = loss.item() if loss.dim() == 0 else loss.detach().sum().item()  # per task: NaN/Inf anywhere shows in the sum
+        if not math.isfinite(value):  # no op, unlike torch.isfinite
             self._raise_nonfinite(loss, j)
 
     def check_losses(self, losses: Tensor) -> None:
@@ -200,7 +205,11 @@ class InnerProblem:
 
     def _raise_nonfinite(self, loss: Tensor, j: int) -> None:
         where = " (the mean over the ranks)" if self.reducer is not None else ""
-        raise NonFiniteError(f"train_loss{where} is {loss.item()} at inner step {j}; check the batch of step {j}")
+        if loss.dim() == 0:
+            raise NonFiniteError(f"train_loss{where} is {loss.item()} at inner step {j}; check the batch of step {j}")
+        t = int((~torch.isfinite(loss)).nonzero()[0, 0]) if not bool(torch.isfinite(loss).all()) else 0
+        raise NonFiniteError(f"train_loss{where} is {loss[t].item()} at inner step {j} for task {t}; "
+                             f"check task {t}'s batch of step {j}")
 
     def lr_scale(self, j: int) -> float:
         """The inner learning-rate schedule's factor at inner step j (1 without a schedule)."""
@@ -252,11 +261,23 @@ class InnerProblem:
         return FunctionalModel(self.module, params, buffers, self._slots, owned=True)
 
     def loss(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int) -> Tensor:
-        """ℓ_j(θ, φ_loss) with ``buffers`` updated in place, checked (line 5's loss)."""
-        loss = check_scalar_loss(self.train_loss(self.view(theta, buffers), batch), "train_loss")
+        """ℓ_j(θ, φ_loss) with ``buffers`` updated in place, checked ([Alg.1 L5]'s loss); with
+        tasks, the (T,) losses of the tasks (differentiate their sum: Note [The task dimension])."""
+        if self.tasks is None:
+            loss = check_scalar_loss(self.train_loss(self.view(theta, buffers), batch), "train_loss")
+        else:
+            loss = self.task_losses(self.train_loss, theta, buffers, batch, "train_loss")
         if self.reducer is None:  # distributed: checked on the mean in reduce_gradient, on every rank alike
             self._check_finite(loss, j)
         return loss
+
+    def task_losses(self, fn: LossFn, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
+                    what: str) -> Tensor:
+        """``fn`` of every task, vectorised over the leading task dimension (:func:`~gimli_bptt.tasks.vmapped_losses`)."""
+        def one(theta_t: list[Tensor], buffers_t: dict[str, Tensor], batch_t: Any) -> Tensor:
+            return check_scalar_loss(fn(self.view(theta_t, buffers_t), batch_t), what)
+
+        return vmapped_losses(one, list(theta), buffers, batch, what)
 
     def step_gradient(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int, *,
                       rng: Optional[RngState] = None, keep_graph: bool = False) -> "StepGradient":
@@ -280,7 +301,8 @@ class InnerProblem:
                     f"train_loss does not depend on the model's parameters at inner step {j}: "
                     "compute it from model(...) or model.parameters() of the model it is given"
                 )
-            G = list(engine.grad((loss,), leaves, create_graph=keep_graph))
+            total = loss if loss.dim() == 0 else loss.sum()  # the tasks' sum: each task's own G_j
+            G = list(engine.grad((total,), leaves, create_graph=keep_graph))
         if all(g is None for g in G):
             raise ValueError(
                 f"train_loss does not depend on any parameter the optimizer updates at inner step {j}"

@@ -46,17 +46,20 @@ class SweepResult:
         A_opt: The cotangents of φ_opt at its learned granularity.
         A_loss: The cotangents of each loss leaf (the user's loss parameters, then the frozen
             parameters with ``learn_init``).
+        task_val_losses: With tasks, each task's L_val (shape ``(T,)``), else None.
     """
 
     val_loss: Tensor
     theta0_bar: list[Tensor]
     A_opt: dict[str, Tensor | list[Tensor]]
     A_loss: list[Tensor]
+    task_val_losses: Optional[Tensor] = None
 
 
 def validation_gradient(problem: InnerProblem, end: TapeResult, val_loss: Callable[[Any, Any], Tensor],
-                        val_batch: Any, unroll: int) -> tuple[Tensor, list[Tensor], list[Optional[Tensor]]]:
-    """[Alg.1 L9]: ``(L_val(θ'_J), B_J, ∂L_val/∂φ_loss)``; distributed, all three the means over the ranks.
+                        val_batch: Any, unroll: int) -> tuple[Tensor, Optional[Tensor], list[Tensor], list[Optional[Tensor]]]:
+    """[Alg.1 L9]: ``(L_val(θ'_J), per-task L_val or None, B_J, ∂L_val/∂φ_loss)``; distributed, the
+    means over the ranks. With tasks, L_val is the mean of the tasks' validation losses.
 
     Raises:
         NonFiniteError: L_val is NaN or infinite (when the problem checks finiteness).
@@ -64,8 +67,12 @@ def validation_gradient(problem: InnerProblem, end: TapeResult, val_loss: Callab
     """
     theta_J = [t.detach().requires_grad_(True) for t in end.theta]
     with torch.enable_grad():
-        view = problem.view(theta_J, problem.fresh_buffers(end.buffers))
-        L = check_scalar_loss(val_loss(view, val_batch), "val_loss")
+        if problem.tasks is None:
+            L = check_scalar_loss(val_loss(problem.view(theta_J, problem.fresh_buffers(end.buffers)), val_batch),
+                                  "val_loss")
+        else:  # the mean over the tasks: Note [The task dimension]
+            task_L = problem.task_losses(val_loss, theta_J, problem.fresh_buffers(end.buffers), val_batch, "val_loss")
+            L = task_L.mean()
         if problem.reducer is None and problem.check_finite and not math.isfinite(L.item()):
             raise NonFiniteError(f"val_loss is {L.item()} after {unroll} inner steps")
         if not L.requires_grad:
@@ -79,7 +86,7 @@ def validation_gradient(problem: InnerProblem, end: TapeResult, val_loss: Callab
             raise NonFiniteError(f"val_loss (the mean over the ranks) is {L.item()} after {unroll} inner steps")
     n = len(theta_J)
     B_J = [torch.zeros_like(t) if g is None else g for t, g in zip(theta_J, grads[:n])]
-    return L.detach(), B_J, grads[n:]
+    return L.detach(), None if problem.tasks is None else task_L.detach(), B_J, grads[n:]
 
 
 def reverse_sweep(problem: InnerProblem, phi_opt: OptimizerHyperparameters, end: TapeResult,
@@ -97,7 +104,7 @@ def reverse_sweep(problem: InnerProblem, phi_opt: OptimizerHyperparameters, end:
         val_batch: Its batch.
         hvp: ``"rev"`` or ``"fwd"`` (see :mod:`gimli_bptt.hvp`).
     """
-    L, B, direct = validation_gradient(problem, end, val_loss, val_batch, len(end.losses))  # [Alg.1 L9]
+    L, task_L, B, direct = validation_gradient(problem, end, val_loss, val_batch, len(end.losses))  # [Alg.1 L9]
     A_opt = phi_opt.zeros()  # [Alg.1 L8]
     A_loss = [torch.zeros_like(leaf) if d is None else d.detach().clone() for leaf, d in zip(problem.loss_leaves, direct)]
     state_bar: list[State] = [{} for _ in B]  # σ̄_J = 0
@@ -106,14 +113,14 @@ def reverse_sweep(problem: InnerProblem, phi_opt: OptimizerHyperparameters, end:
         with torch.no_grad():  # a hand-written VJP: nothing to record
             theta_bar, G_bar, state_bar, phi_bar = step_vjp_all(  # [Alg.1 L11]
                 problem.impl, entry.theta, step.G, entry.state, problem.hyper_at(entry.j), B, state_bar, problem.kernels,
-                segment_bars=True)
+                segment_bars=True, tasks=problem.tasks)
         phi_opt.accumulate_all(A_opt, problem.hyper_bar_at(entry.j, phi_bar))  # [Alg.1 L12]
         h_theta, h_loss = step.apply(G_bar)
         for a, h in zip(A_loss, h_loss):  # [Alg.1 L13]
             if h is not None:
                 a += h
         B = add_second_order(theta_bar, h_theta)  # [Alg.1 L14]
-    return SweepResult(L, B, A_opt, A_loss)
+    return SweepResult(L, B, A_opt, A_loss, task_L)
 
 
 __all__ = ["SweepResult", "reverse_sweep", "validation_gradient"]

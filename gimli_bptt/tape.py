@@ -199,7 +199,8 @@ class Tape:
         if self.keep_G and j in self._slots and j not in self._slot_G:
             self._slot_G[j] = grad.G  # kept beside the stored s_j, freed with it
         with torch.no_grad():
-            theta, state = step_all(problem.impl, s.theta, grad.G, s.state, problem.hyper_at(j), problem.kernels)
+            theta, state = step_all(problem.impl, s.theta, grad.G, s.state, problem.hyper_at(j), problem.kernels,
+                                    problem.tasks)
         self.forward_steps += 1
         self._tick()
         return InnerState(theta, state, buffers_next)

@@ -23,6 +23,7 @@ from .optim.base import State
 from .problem import InnerProblem, LossFn
 from .progress import Progress
 from .stepping import step_all
+from .tasks import stack, stack_state
 from .sweep import reverse_sweep
 from .tape import InnerState, Tape, TapeResult
 from .transaction import Transaction
@@ -42,6 +43,8 @@ class MetaStepResult:
         train_losses: ℓ_j(θ'_j) of the J inner steps, shape ``(J,)``.
         skipped: True when a non-finite value made ``step()`` skip the update (``on_nonfinite="skip"``).
         nonfinite: What was not finite (hypergradient names, or the error's message).
+        task_val_losses: With ``tasks=T``, each task's L_val, shape ``(T,)`` (``val_loss`` is their
+            mean, and ``train_losses`` has shape ``(J, T)``); else None.
     """
 
     val_loss: Tensor
@@ -49,6 +52,7 @@ class MetaStepResult:
     train_losses: Tensor
     skipped: bool = False
     nonfinite: list[str] = field(default_factory=list)
+    task_val_losses: Optional[Tensor] = None
 
 
 class GimliUpdater:
@@ -118,6 +122,15 @@ class GimliUpdater:
         lr_schedule: ``lr_schedule(j) -> factor``: the learning rate of inner step j is the
             (learned) lr times this factor, e.g. a warm-up ``lambda j: min(1, (j + 1) / 5)``;
             the hypergradient of lr accounts for it.
+        tasks: T, a meta-batch of tasks in one sweep (MAML): every training batch and the
+            validation batch holds T tasks' batches stacked along a leading dimension, and the
+            losses stay single-task functions, vectorised with ``torch.func.vmap``. Each task runs
+            its own inner loop from the shared θ_0 and optimizer state (with its own copy of the
+            buffers, so BatchNorm uses each task's own batch statistics); the hypergradients and
+            ``val_loss`` are the means over the tasks (Note [The task dimension] in
+            :mod:`gimli_bptt.tasks`). Distributed, each rank holds its share of the tasks, its
+            inner loops run locally, and the hypergradients are averaged over the ranks (equal
+            task counts per rank give the mean over all tasks). Not with ``commit=True``.
         kernels: How the inner optimizer runs over the parameter tensors
             (:mod:`gimli_bptt.stepping`): ``"auto"``, ``"fused"``, ``"reference"`` or ``"loop"``.
             All give the same hypergradients; see ``docs/KERNELS.md``.
@@ -148,7 +161,7 @@ class GimliUpdater:
                  meta_opt: Optional[MetaOptFactory] = None, hvp: str = "rev", memory: int | str | Memory | None = "auto",
                  commit: bool = False, on_nonfinite: str = "raise", project: bool = True,
                  progress: Optional[bool] = None, lr_schedule: Optional[Callable[[int], float]] = None,
-                 kernels: str = "auto", process_group: Any = None, checkpoint: Any = None,
+                 kernels: str = "auto", tasks: Optional[int] = None, process_group: Any = None, checkpoint: Any = None,
                  memory_budget: Optional[int] = None, keep_graphs: Optional[bool] = None,
                  check_finite: Optional[bool] = None):
         if not isinstance(model, nn.Module):
@@ -160,7 +173,7 @@ class GimliUpdater:
         self.options = validate_options(
             self.impl, unroll=unroll, hvp=hvp, commit=commit, on_nonfinite=on_nonfinite, project=project,
             memory=memory, progress=progress, lr_schedule=lr_schedule, kernels=kernels, learn_init=learn_init,
-            check_finite=check_finite, checkpoint=checkpoint, memory_budget=memory_budget, keep_graphs=keep_graphs)
+            tasks=tasks, check_finite=check_finite, checkpoint=checkpoint, memory_budget=memory_budget, keep_graphs=keep_graphs)
         inner = inner_parameters(model, opt, self.impl)
         self.model, self.opt, self.train_loss, self.val_loss = model, opt, train_loss, val_loss
         self._names, self._params, self._frozen_names = inner.names, inner.params, inner.frozen_names
@@ -218,8 +231,15 @@ class GimliUpdater:
         """The tensors of :meth:`named_meta_parameters`."""
         return self.phi.leaves()
 
-    def _problem(self) -> InnerProblem:
-        """[Alg.1 L2]: what this meta step holds fixed, with φ split into φ_opt (per tensor) and φ_loss."""
+    @property
+    def tasks(self) -> Optional[int]:
+        return self.options.tasks
+
+    def _problem(self, tasks: Optional[int] = None) -> InnerProblem:
+        """[Alg.1 L2]: what this meta step holds fixed, with φ split into φ_opt (per tensor) and φ_loss.
+
+        With tasks the inner loops of the ranks are independent: their collectives are the final
+        average of the hypergradients (:meth:`_compute`), not the inner gradients'."""
         frozen = {n: (p if self.learn_init else p.detach()) for n, p in self.model.named_parameters()
                   if n in set(self._frozen_names)}
         leaves = list(self.loss_params.values()) + (list(frozen.values()) if self.learn_init else [])
@@ -227,14 +247,17 @@ class GimliUpdater:
                             impl=self.impl, hyper=self.hyper.per_param(), loss_leaves=leaves,
                             cuda_devices=self._cuda_devices, check_finite=self.options.check_finite,
                             kernels=self.options.kernels, hvp_fallback=self._hvp_fallback,
-                            lr_schedule=self.options.lr_schedule, reducer=self._reducer)
+                            lr_schedule=self.options.lr_schedule, reducer=None if tasks else self._reducer,
+                            tasks=tasks)
 
-    def _initial_state(self) -> tuple[list[Tensor], list[State], dict[str, Tensor]]:
-        """[Alg.1 L3]: copies of θ_t, the optimizer state and the buffers."""
-        theta0 = [p.detach().clone() for p in self._params]
+    def _initial_state(self, tasks: Optional[int] = None) -> tuple[list[Tensor], list[State], dict[str, Tensor]]:
+        """[Alg.1 L3]: copies of θ_t, the optimizer state and the buffers (one per task with ``tasks``)."""
         state0 = [self.impl.import_state(self.opt.state.get(p, {}), p, h) for p, h in zip(self._params, self.hyper.fixed)]
         buffers = {n: b for n, b in self.model.named_buffers() if b is not None}
-        return theta0, state0, clone_buffers(buffers)
+        if tasks is None:
+            return [p.detach().clone() for p in self._params], state0, clone_buffers(buffers)
+        return ([stack(p, tasks) for p in self._params], [stack_state(s, tasks) for s in state0],
+                {n: stack(b, tasks) for n, b in buffers.items()})
 
     # ----------------------------------------------------------------- Algorithm 1
     def hypergradient(self, train_batches: Sequence[Any], val_batch: Any) -> MetaStepResult:
@@ -246,11 +269,11 @@ class GimliUpdater:
         return self._compute(train_batches, val_batch)[0]
 
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[MetaStepResult, TapeResult]:
-        batches = check_batches(train_batches, self.unroll)
+        batches = check_batches(train_batches, self.unroll, self.tasks, val_batch)
         if self._reducer is not None:
             self._reducer.reset()
-        problem = self._problem()  # [Alg.1 L2]
-        start = InnerState(*self._initial_state())  # [Alg.1 L3]
+        problem = self._problem(self.tasks)  # [Alg.1 L2]
+        start = InnerState(*self._initial_state(self.tasks))  # [Alg.1 L3]
         keep_G = self.hvp == "fwd"
         size = self._state_bytes(start, problem, keep_G) if self.memory.needs_state_bytes else None
         budget, source = self._budget if self._reducer is not None else resolve_budget(self.memory, self._ref.device)
@@ -270,9 +293,31 @@ class GimliUpdater:
             schedule="checkpointed" if recomputed else "graphs" if tape.graphs_kept else "full",
             forward_steps=tape.forward_steps, max_slots_used=tape.max_slots_used, graphs_kept=tape.graphs_kept,
             graph_bytes=tape.graph_bytes, state_bytes=size, budget=budget, budget_source=source)
-        hypergrads = self.phi.hypergradients(swept.A_opt, swept.A_loss, swept.theta0_bar)
+        theta0_bar = swept.theta0_bar if self.tasks is None else [b.sum(0) for b in swept.theta0_bar]
+        hypergrads = self.phi.hypergradients(swept.A_opt, swept.A_loss, theta0_bar)
+        val_loss = swept.val_loss
+        if self.tasks is not None and self._reducer is not None:  # tasks sharded over ranks: average at the end
+            hypergrads, val_loss = self._mean_over_ranks(hypergrads, val_loss)
         nonfinite = MetaParameters.nonfinite(hypergrads) if self.options.check_finite else []
-        return MetaStepResult(swept.val_loss, hypergrads, end.losses, nonfinite=nonfinite), end
+        return MetaStepResult(val_loss, hypergrads, end.losses, nonfinite=nonfinite,
+                              task_val_losses=swept.task_val_losses), end
+
+    def _mean_over_ranks(self, hypergrads: dict[str, Hypergrad], val_loss: Tensor) -> tuple[dict[str, Hypergrad], Tensor]:
+        """Distributed tasks: the hypergradients and L_val averaged over the ranks, in one collective."""
+        assert self._reducer is not None
+        names = [n for n, _ in self.phi.named()]
+        flat = self.phi.grads_in_order(hypergrads)
+        out = self._reducer.mean([val_loss] + flat, [val_loss] + flat, "the hypergradients of the ranks' tasks")
+        mean_val, means = out[0], out[1:]
+        by_leaf = dict(zip(names, means))
+        result: dict[str, Hypergrad] = {}
+        for name, value in hypergrads.items():
+            if isinstance(value, list):
+                result[name] = [by_leaf[n] for n in names if n.startswith(name + ".")]  # type: ignore[misc]
+            else:
+                result[name] = by_leaf[name]  # type: ignore[assignment]
+        assert mean_val is not None
+        return result, mean_val
 
     def _state_bytes(self, start: InnerState, problem: InnerProblem, keep_G: bool) -> int:
         """:func:`~gimli_bptt.memory.state_bytes`, computed once for the shapes, dtypes and buffers it sees
@@ -422,11 +467,12 @@ class GimliUpdater:
         granularity (for group-level values it equals ``opt.step()``, which also works since
         they are written into ``opt.param_groups``). Gradients come from ``train_loss`` on
         ``batch``; buffers update as in training. Writes the new parameters into the model
-        and the new state into ``opt.state``. Returns the loss.
+        and the new state into ``opt.state``. Returns the loss. With ``tasks``, ``batch`` is an
+        ordinary single-task batch (the model trains as one).
         """
         if self._reducer is not None:
             self._reducer.reset()
-        problem = self._problem()  # distributed: G is averaged over the ranks, as DDP's backward does
+        problem = self._problem()  # one ordinary batch; distributed: G averaged over the ranks, as DDP does
         buffers = {n: b for n, b in self.model.named_buffers() if b is not None}
         theta = [p.detach() for p in self._params]
         state = [self.impl.import_state(self.opt.state.get(p, {}), p, h) for p, h in zip(self._params, self.hyper.fixed)]

@@ -196,6 +196,10 @@ class Bucket:
             if cached is not None and cached[1] == versions and all(map(operator.is_, cached[0], values)):
                 out.append(cached[2])
                 continue
+            if kd == 2 and any(v.shape != t.shape for v, t in zip(values, self.theta)):
+                # an element-wise value shaped like a parameter, for tensors with a leading (task)
+                # dimension: broadcast over it (the op reads one value per element)
+                values = [v.expand(t.shape) for v, t in zip(values, self.theta)]
             value = torch.stack(values).to(torch.float64) if kd == 1 else flat(values).to(torch.float64)
             self._learned[h] = (values, versions, value)
             out.append(value)

@@ -216,9 +216,11 @@ def adafactor_step_vjp(
     # D = max(1, |U| / (sqrt(n) d))
     clipped = f["clipped"]
     ratio_bar = torch.where(clipped, D_bar, torch.zeros_like(D_bar))
-    if bool(clipped.any()):
-        norm_bar = (ratio_bar / ((n**0.5) * d)).sum()
-        U_bar = U_bar + norm_bar * U / f["U_norm"]
+    # (no branch on the values, so that the VJP runs under torch.func.vmap: where nothing is
+    # clipped, ratio_bar is 0 and so is this term; the norm is replaced by 1 only where it is 0)
+    norm_bar = (ratio_bar / ((n**0.5) * d)).sum()
+    U_norm = f["U_norm"]
+    U_bar = U_bar + norm_bar * U / torch.where(U_norm > 0, U_norm, torch.ones_like(U_norm))
     add_bar(bars, hyper, "d", lambda: -ratio_bar * f["ratio"] / d)
     # U = g / sqrt(Q), Q = max(V_hat, eps1^2)
     g_bar = U_bar * f["rsqrt_Q"]
@@ -276,9 +278,9 @@ def adafactor_step_vjp(
         theta_bar = tb * (1 - lr_ * wd)
         add_bar(bars, hyper, "lr", lambda: -wd * theta * tb)
         add_bar(bars, hyper, "weight_decay", lambda: -lr_ * theta * tb)
-    if bool(torch.as_tensor(r_wins).any()):
-        r_bar = torch.where(r_wins, mx_bar, torch.zeros_like(mx_bar)).sum()
-        theta_bar = theta_bar + (r_bar / (n * f["r"])) * theta
+    r_bar = torch.where(r_wins, mx_bar, torch.zeros_like(mx_bar)).sum()  # 0 where eps2 wins (no branch: vmap)
+    r = torch.as_tensor(f["r"])
+    theta_bar = theta_bar + (r_bar / (n * torch.where(r > 0, r, torch.ones_like(r)))) * theta
     G_bar = -g_bar if hyper["maximize"] else g_bar
     return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER)
 

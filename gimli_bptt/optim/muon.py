@@ -224,9 +224,8 @@ def muon_step_vjp(
     zero = torch.zeros_like(N_bar)
     add_bar(bars, hyper, "eps", lambda: _orient(torch.where(nu_wins, zero, N_bar), transposed))
     X_bar = Xb / N
-    if bool(nu_wins.any()):
-        nu_bar = torch.where(nu_wins, N_bar, zero).sum()
-        X_bar = X_bar + (nu_bar / nu) * X
+    nu_bar = torch.where(nu_wins, N_bar, zero).sum()  # 0 where eps wins (no branch on values: vmap)
+    X_bar = X_bar + (nu_bar / torch.where(nu > 0, nu, torch.ones_like(nu))) * X
     u_bar = X_bar.mT if transposed else X_bar
 
     # u = G + mu (B' - G) (Nesterov) or B';  B' = B + (1 - mu)(G - B)
