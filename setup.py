@@ -28,6 +28,7 @@ def _kernel_ops():
     path = os.path.join(HERE, "gimli_bptt", "kernels", "ops.py")
     spec = importlib.util.spec_from_file_location("_gimli_bptt_kernel_ops", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
