@@ -267,7 +267,8 @@ def plan_tape(memory: Memory, num_steps: int, hvp: str, state_bytes: Optional[in
     Args:
         memory: The policy.
         num_steps: J.
-        hvp: ``"rev"`` or ``"fwd"``: graphs are kept only for the reverse-over-reverse HVP.
+        hvp: ``"rev"``, ``"fwd"`` or ``"none"`` (first order): graphs are kept only for the
+            reverse-over-reverse HVP.
         state_bytes: The bytes of one inner state (:func:`state_bytes`), needed when
             ``memory.needs_state_bytes``.
         budget: The budget of a ``Memory(fraction=...)`` policy, resolved for this meta step

@@ -42,6 +42,13 @@ class Options:
     kernels: str
     learn_init: bool
     tasks: Optional[int] = None
+    first_order: bool = False
+    truncate: Optional[int] = None
+
+    @property
+    def window(self) -> int:
+        """K, the inner steps the sweep differentiates (J without truncation)."""
+        return self.unroll if self.truncate is None else self.truncate
 
     @property
     def check_finite(self) -> bool:
@@ -51,12 +58,13 @@ class Options:
     def saved(self) -> dict[str, Any]:
         """The options a saved state must agree with to be loaded (memory and speed options may differ)."""
         return {"unroll": self.unroll, "learn_init": self.learn_init, "hvp": self.hvp, "commit": self.commit,
-                "on_nonfinite": self.on_nonfinite, "project": self.project, "tasks": self.tasks}
+                "on_nonfinite": self.on_nonfinite, "project": self.project, "tasks": self.tasks,
+                "first_order": self.first_order, "truncate": self.truncate}
 
 
 def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any, on_nonfinite: Any, project: Any,
                      memory: Any, progress: Any, lr_schedule: Any, kernels: Any, learn_init: Any,
-                     tasks: Any = None, check_finite: Any = None, checkpoint: Any = None, memory_budget: Any = None,
+                     tasks: Any = None, first_order: Any = False, truncate: Any = None, check_finite: Any = None, checkpoint: Any = None, memory_budget: Any = None,
                      keep_graphs: Any = None) -> Options:
     """Checks every option and folds the deprecated ones into their replacements.
 
@@ -95,8 +103,25 @@ def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any,
                 f"commit=True and tasks={tasks} contradict each other: the {tasks} tasks end at {tasks} different "
                 "θ'_J, and there is no one of them to write into the model; drop commit, or use tasks=None"
             )
+    if not isinstance(first_order, bool):
+        raise TypeError(f"first_order must be True or False, got {type(first_order).__name__}")
+    if truncate is not None:
+        if isinstance(truncate, bool) or not isinstance(truncate, int):
+            raise TypeError(f"truncate must be None or a number of inner steps (an int), got {type(truncate).__name__}")
+        if not 1 <= truncate <= unroll:
+            raise ValueError(f"truncate must be between 1 and unroll={unroll} (the last K of the J inner steps), "
+                             f"got {truncate}")
+        if truncate < unroll and learn_init:
+            raise ValueError(
+                f"truncate={truncate} < unroll={unroll} with learn_init=True: θ_0 is a constant of the truncated "
+                "window (only the last K steps are differentiated), so its hypergradient would be zero; use "
+                "truncate=None (or truncate=unroll) to learn θ_0"
+            )
     check_kernel_mode(impl, kernels)
     plan = memory_from_deprecated(memory, checkpoint, memory_budget, keep_graphs)
+    if plan.keep_graphs and first_order:
+        raise ValueError("Memory(keep_graphs=True) keeps gradient graphs, which first_order=True never builds: "
+                         "drop one of them")
     if plan.keep_graphs and hvp == "fwd":
         raise ValueError("Memory(keep_graphs=True) reuses the forward pass's graph, a reverse-over-reverse HVP: "
                          "use hvp='rev'")
@@ -106,7 +131,7 @@ def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any,
         raise ValueError(f"lr_schedule needs an optimizer with a learning rate; {impl.name} has none")
     return Options(unroll=unroll, hvp=hvp, commit=bool(commit), on_nonfinite=on_nonfinite, project=bool(project),
                    memory=plan, progress=progress, lr_schedule=lr_schedule, kernels=kernels,
-                   learn_init=bool(learn_init), tasks=tasks)
+                   learn_init=bool(learn_init), tasks=tasks, first_order=first_order, truncate=truncate)
 
 
 def check_callables(train_loss: Any, val_loss: Any) -> None:

@@ -13,7 +13,19 @@ transcription of all 18 lines is in the package docstring, :mod:`gimli_bptt`)::
     14:     B_j    <- θ̄' + H_j Ḡ_j                                  (H_j the Hessian of ℓ_j)
     15: end
 
-At the end B_0 is the hypergradient of the initial parameters θ_0 (MAML). The sweep knows no
+At the end B_0 is the hypergradient of the initial parameters θ_0 (MAML).
+
+Note [First order]: with ``first_order=True`` lines 13 and the second term of line 14 are dropped:
+G_j is taken as a constant of θ_j, so H_j·Ḡ_j = 0 and (∂G_j/∂φ_loss)ᵀ·Ḡ_j = 0. What remains is
+exact: the optimizer's own Jacobians in θ and its state (weight decay inside the optimizer
+included), line 12 and the direct term of L_val::
+
+    B_j = (∂opt'_j/∂θ)ᵀ B_{j+1} (+ the state's cotangent),    A_opt += (∂opt'_j/∂φ_opt)ᵀ B_{j+1}
+
+For MAML with plain SGD (∂θ'/∂θ = I) this is FOMAML: ∇_{θ_0} ≈ ∇_θ L_val(θ'_J). No gradient
+graph is built or kept: the cost is the forward pass plus the optimizer's VJPs.
+
+The sweep knows no
 optimizer and no kernel: ``step_vjp`` runs through :mod:`gimli_bptt.stepping`, and the
 second-order terms come from :mod:`gimli_bptt.hvp`.
 """
@@ -91,7 +103,7 @@ def validation_gradient(problem: InnerProblem, end: TapeResult, val_loss: Callab
 
 def reverse_sweep(problem: InnerProblem, phi_opt: OptimizerHyperparameters, end: TapeResult,
                   entries_reversed: Iterable[TapeEntry], val_loss: Callable[[Any, Any], Tensor], val_batch: Any,
-                  hvp: str) -> SweepResult:
+                  hvp: str, second_order: bool = True) -> SweepResult:
     """Runs [Alg.1 L8]-[Alg.1 L15] over the tape, newest entry first.
 
     Args:
@@ -103,18 +115,25 @@ def reverse_sweep(problem: InnerProblem, phi_opt: OptimizerHyperparameters, end:
         val_loss: ``val_loss(model, batch)``.
         val_batch: Its batch.
         hvp: ``"rev"`` or ``"fwd"`` (see :mod:`gimli_bptt.hvp`).
+        second_order: False for the first-order approximation (Note [First order]): the terms
+            of [Alg.1 L13] and the second term of [Alg.1 L14] are dropped, so G_j (kept on the
+            tape) is a constant and no graph is built.
     """
     L, task_L, B, direct = validation_gradient(problem, end, val_loss, val_batch, len(end.losses))  # [Alg.1 L9]
     A_opt = phi_opt.zeros()  # [Alg.1 L8]
     A_loss = [torch.zeros_like(leaf) if d is None else d.detach().clone() for leaf, d in zip(problem.loss_leaves, direct)]
     state_bar: list[State] = [{} for _ in B]  # σ̄_J = 0
     for entry in entries_reversed:  # [Alg.1 L10]
-        step = StepSecondOrder(problem, entry, hvp)
+        step = StepSecondOrder(problem, entry, hvp) if second_order else None
+        G = step.G if step is not None else entry.G
         with torch.no_grad():  # a hand-written VJP: nothing to record
             theta_bar, G_bar, state_bar, phi_bar = step_vjp_all(  # [Alg.1 L11]
-                problem.impl, entry.theta, step.G, entry.state, problem.hyper_at(entry.j), B, state_bar, problem.kernels,
+                problem.impl, entry.theta, G, entry.state, problem.hyper_at(entry.j), B, state_bar, problem.kernels,
                 segment_bars=True, tasks=problem.tasks)
         phi_opt.accumulate_all(A_opt, problem.hyper_bar_at(entry.j, phi_bar))  # [Alg.1 L12]
+        if step is None:  # first order: H_j·Ḡ_j and the mixed term are zero
+            B = theta_bar
+            continue
         h_theta, h_loss = step.apply(G_bar)
         for a, h in zip(A_loss, h_loss):  # [Alg.1 L13]
             if h is not None:

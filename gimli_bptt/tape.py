@@ -105,9 +105,12 @@ class Tape:
             first and frees each after its HVP. Kept graphs need the store-all schedule.
             ``verify`` checks that every recomputed state equals, bit for bit, the state of the
             first forward pass (a digest of each is kept); ``RuntimeError`` if not.
-        keep_G: Hand G_j to the sweep (the forward-over-reverse HVP). G_j is kept beside each
-            stored state and recomputed for the others.
+        keep_G: Hand G_j to the sweep (the forward-over-reverse HVP, the first-order mode). G_j is
+            kept beside each stored state and recomputed for the others.
         progress: A progress bar of the forward and reverse steps (its total: 2J plus the recomputed steps).
+        offset: The inner step of ``batches[0]`` (a truncated tape starts at step J - K; the
+            schedule counts from 0, the entries, the losses' checks and the hyperparameters of
+            each step use the inner step itself).
 
     Attributes:
         graph_bytes: The measured bytes of one step's graph (with ``graph_bytes_left``, after
@@ -116,10 +119,11 @@ class Tape:
     """
 
     def __init__(self, problem: InnerProblem, start: InnerState, batches: Sequence[Any], plan: TapePlan,
-                 keep_G: bool = False, progress: Optional[Progress] = None):
+                 keep_G: bool = False, progress: Optional[Progress] = None, offset: int = 0):
         self.problem = problem
         self.batches = batches
         self.J = len(batches)
+        self.offset = offset
         self.ops = list(plan.schedule)
         self.keep_G = keep_G
         self.verify = plan.verify
@@ -168,6 +172,7 @@ class Tape:
         """
         problem = self.problem
         first = j == len(self._rng)
+        step = self.offset + j  # the inner step
         buffers_next = problem.fresh_buffers(s.buffers)
         if first:
             # the generators after step j-1's loss are the ones before step j's (the optimizer
@@ -176,7 +181,7 @@ class Tape:
             if j == 0 and self.graph_bytes_left is not None:
                 grad = self._measured_gradient(s, buffers_next)
             else:
-                grad = problem.step_gradient(s.theta, buffers_next, self.batches[j], j,
+                grad = problem.step_gradient(s.theta, buffers_next, self.batches[j], step,
                                              keep_graph=keep_graph or j >= self.keep_graphs_from)
                 if grad.graph is not None:
                     self._graphs[j] = grad
@@ -186,7 +191,7 @@ class Tape:
             if self.verify:
                 self._digests.append(_fingerprint(s))
         else:
-            grad = problem.step_gradient(s.theta, buffers_next, self.batches[j], j, rng=self._rng[j],
+            grad = problem.step_gradient(s.theta, buffers_next, self.batches[j], step, rng=self._rng[j],
                                          keep_graph=keep_graph)
             if grad.graph is not None:
                 self._graphs[j] = grad
@@ -199,7 +204,7 @@ class Tape:
         if self.keep_G and j in self._slots and j not in self._slot_G:
             self._slot_G[j] = grad.G  # kept beside the stored s_j, freed with it
         with torch.no_grad():
-            theta, state = step_all(problem.impl, s.theta, grad.G, s.state, problem.hyper_at(j), problem.kernels,
+            theta, state = step_all(problem.impl, s.theta, grad.G, s.state, problem.hyper_at(step), problem.kernels,
                                     problem.tasks)
         self.forward_steps += 1
         self._tick()
@@ -212,7 +217,7 @@ class Tape:
         held += list(problem.loss_leaves) + list(problem.frozen.values())
         meter = SavedGraphMeter(held)
         with meter.hooks():
-            grad = problem.step_gradient(s.theta, buffers, self.batches[0], 0, keep_graph=True)
+            grad = problem.step_gradient(s.theta, buffers, self.batches[0], self.offset, keep_graph=True)
         assert grad.graph is not None
         meter.count(grad.graph + grad.G)  # G_0 itself, and its mean over the ranks when distributed
         measured = torch.tensor(float(meter.nbytes), dtype=torch.float64, device=s.theta[0].device)
@@ -264,7 +269,7 @@ class Tape:
                 self._current = None
                 kept = self._graphs.pop(j, None)
                 G = kept.G if kept is not None else self._G_for(j, s)
-                return TapeEntry(j, s.theta, s.state, s.buffers, self.batches[j], self._rng[j], G, kept)
+                return TapeEntry(self.offset + j, s.theta, s.state, s.buffers, self.batches[j], self._rng[j], G, kept)
             else:  # pragma: no cover - schedules are validated by construction
                 raise ValueError(f"unknown schedule operation {op!r}")
         return None
@@ -274,8 +279,8 @@ class Tape:
             return None
         if j in self._slot_G:
             return self._slot_G[j]
-        return self.problem.step_gradient(s.theta, self.problem.fresh_buffers(s.buffers), self.batches[j], j,
-                                          rng=self._rng[j]).G
+        return self.problem.step_gradient(s.theta, self.problem.fresh_buffers(s.buffers), self.batches[j],
+                                          self.offset + j, rng=self._rng[j]).G
 
     def forward(self) -> TapeResult:
         """The first forward sweep, [Alg.1 L4]-[Alg.1 L7]: runs the schedule until it reaches s_J."""
@@ -297,4 +302,19 @@ class Tape:
             yield entry
 
 
-__all__ = ["InnerState", "Tape", "TapeEntry", "TapeResult"]
+def advance_untaped(problem: InnerProblem, start: InnerState, batches: Sequence[Any]) -> tuple[InnerState, list[Tensor]]:
+    """The first inner steps of a truncated unroll ([Alg.1 L5]-[Alg.1 L6] with no tape): nothing is
+    kept but the current state; returns s_{J-K} and ℓ_0 ... ℓ_{J-K-1}."""
+    s, losses = start, []
+    for j, batch in enumerate(batches):
+        buffers = problem.fresh_buffers(s.buffers)
+        grad = problem.step_gradient(s.theta, buffers, batch, j)
+        losses.append(grad.loss)
+        with torch.no_grad():
+            theta, state = step_all(problem.impl, s.theta, grad.G, s.state, problem.hyper_at(j), problem.kernels,
+                                    problem.tasks)
+        s = InnerState(theta, state, buffers)
+    return s, losses
+
+
+__all__ = ["InnerState", "Tape", "TapeEntry", "TapeResult", "advance_untaped"]

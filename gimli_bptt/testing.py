@@ -26,7 +26,10 @@ def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any]
     Runs the same J inner steps as :meth:`GimliUpdater.hypergradient` with the optimizer's
     per-tensor ``step`` (one tensor at a time), but with every gradient taken with
     ``create_graph=True`` and the steps differentiated by autograd, then one
-    ``torch.autograd.grad`` of L_val with respect to φ. Memory grows with J times the
+    ``torch.autograd.grad`` of L_val with respect to φ. The approximations are unrolled by
+    their definitions: with ``first_order`` every G_j is taken without a graph (a constant);
+    with ``truncate=K`` the parameters, the optimizer state and φ_opt are detached for the
+    first J - K steps. Memory grows with J times the
     activations: use it to check, not to train. Adam's step takes its square root through
     ``_sqrt``, so autograd stays finite where a gradient element is exactly zero (see Note
     [Adam at a zero second moment]).
@@ -58,6 +61,10 @@ def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any]
     frozen = {n: (p if updater.learn_init else p.detach()) for n, p in named if id(p) not in inner_ids}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b is not None}
     schedule = updater.options.lr_schedule
+    first_order = updater.options.first_order
+    cut = updater.unroll - updater.options.window  # the steps before the truncated window
+    if cut:
+        hyper_cut = [{k: (v.detach() if isinstance(v, Tensor) else v) for k, v in h.items()} for h in hyper]
 
     def view(theta: Sequence[Tensor], buffers: dict[str, Tensor]) -> FunctionalModel:
         params = dict(zip([n for n, _ in inner], theta))
@@ -66,12 +73,15 @@ def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any]
 
     with torch.enable_grad():
         for j, batch in enumerate(batches):
+            if cut and j == cut:  # the truncated window starts at a constant state
+                theta = [t.detach().requires_grad_(True) for t in theta]
+                state = [{k: (v.detach() if isinstance(v, Tensor) else v) for k, v in s.items()} for s in state]
             buffers = {n: b.clone() for n, b in buffers.items()}
             loss = updater.train_loss(view(theta, buffers), batch)
-            G = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+            G = torch.autograd.grad(loss, theta, create_graph=not first_order, allow_unused=True)
             scale = 1.0 if schedule is None else float(schedule(j))
             nxt = []
-            for k, (t, g, s, h) in enumerate(zip(theta, G, state, hyper)):
+            for k, (t, g, s, h) in enumerate(zip(theta, G, state, hyper_cut if j < cut else hyper)):
                 if g is None:
                     nxt.append(t)
                     continue
@@ -168,6 +178,7 @@ def converted_copy(updater: GimliUpdater, dtype: torch.dtype) -> GimliUpdater:
             model, opt, updater.train_loss, updater.val_loss, unroll=o.unroll, learn=updater.learn,
             loss_params=updater.loss_params, learn_init=o.learn_init, hvp=o.hvp, on_nonfinite=o.on_nonfinite,
             meta_opt=torch.optim.SGD, lr_schedule=o.lr_schedule, memory=o.memory, kernels=o.kernels,
+            first_order=o.first_order, truncate=o.truncate,
         )
     theirs = dict(updater.named_meta_parameters())
     with torch.no_grad():

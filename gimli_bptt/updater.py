@@ -25,7 +25,7 @@ from .progress import Progress
 from .stepping import step_all
 from .tasks import stack, stack_state
 from .sweep import reverse_sweep
-from .tape import InnerState, Tape, TapeResult
+from .tape import InnerState, Tape, TapeResult, advance_untaped
 from .transaction import Transaction
 
 
@@ -122,6 +122,15 @@ class GimliUpdater:
         lr_schedule: ``lr_schedule(j) -> factor``: the learning rate of inner step j is the
             (learned) lr times this factor, e.g. a warm-up ``lambda j: min(1, (j + 1) / 5)``;
             the hypergradient of lr accounts for it.
+        first_order: The first-order approximation (FOMAML for MAML with SGD; Note [First order]
+            in :mod:`gimli_bptt.sweep`): H_j·Ḡ_j and the mixed second derivatives of the loss
+            parameters are dropped, the optimizer's own Jacobians are kept; no gradient graph is
+            built. Loss parameters then get only the direct term of L_val.
+        truncate: K: differentiate only the last K inner steps (truncated back-propagation,
+            Shaban et al., 2019): the first J - K steps run without a tape, θ'_{J-K} and the
+            optimizer state there are constants, and the hyperparameters' cotangents come from
+            the last K steps; the tape, and every memory plan, holds the K steps of the window.
+            ``truncate=unroll`` is the full hypergradient, bit for bit. Not with ``learn_init``.
         tasks: T, a meta-batch of tasks in one sweep (MAML): every training batch and the
             validation batch holds T tasks' batches stacked along a leading dimension, and the
             losses stay single-task functions, vectorised with ``torch.func.vmap``. Each task runs
@@ -161,7 +170,8 @@ class GimliUpdater:
                  meta_opt: Optional[MetaOptFactory] = None, hvp: str = "rev", memory: int | str | Memory | None = "auto",
                  commit: bool = False, on_nonfinite: str = "raise", project: bool = True,
                  progress: Optional[bool] = None, lr_schedule: Optional[Callable[[int], float]] = None,
-                 kernels: str = "auto", tasks: Optional[int] = None, process_group: Any = None, checkpoint: Any = None,
+                 kernels: str = "auto", tasks: Optional[int] = None, first_order: bool = False,
+                 truncate: Optional[int] = None, process_group: Any = None, checkpoint: Any = None,
                  memory_budget: Optional[int] = None, keep_graphs: Optional[bool] = None,
                  check_finite: Optional[bool] = None):
         if not isinstance(model, nn.Module):
@@ -173,7 +183,7 @@ class GimliUpdater:
         self.options = validate_options(
             self.impl, unroll=unroll, hvp=hvp, commit=commit, on_nonfinite=on_nonfinite, project=project,
             memory=memory, progress=progress, lr_schedule=lr_schedule, kernels=kernels, learn_init=learn_init,
-            tasks=tasks, check_finite=check_finite, checkpoint=checkpoint, memory_budget=memory_budget, keep_graphs=keep_graphs)
+            tasks=tasks, first_order=first_order, truncate=truncate, check_finite=check_finite, checkpoint=checkpoint, memory_budget=memory_budget, keep_graphs=keep_graphs)
         inner = inner_parameters(model, opt, self.impl)
         self.model, self.opt, self.train_loss, self.val_loss = model, opt, train_loss, val_loss
         self._names, self._params, self._frozen_names = inner.names, inner.params, inner.frozen_names
@@ -274,21 +284,29 @@ class GimliUpdater:
             self._reducer.reset()
         problem = self._problem(self.tasks)  # [Alg.1 L2]
         start = InnerState(*self._initial_state(self.tasks))  # [Alg.1 L3]
-        keep_G = self.hvp == "fwd"
+        first_order, K = self.options.first_order, self.options.window
+        keep_G = self.hvp == "fwd" or first_order  # the sweep needs G_j but no graph
         size = self._state_bytes(start, problem, keep_G) if self.memory.needs_state_bytes else None
         budget, source = self._budget if self._reducer is not None else resolve_budget(self.memory, self._ref.device)
-        plan = plan_tape(self.memory, self.unroll, self.hvp, size, budget)
+        plan = plan_tape(self.memory, K, "none" if first_order else self.hvp, size, budget)
         show = self.options.progress if self.options.progress is not None else (None if self.unroll >= 100 else False)
-        bar = Progress(2 * self.unroll + plan.recomputed_steps, "unroll", enabled=show)
-        tape = Tape(problem, start, batches, plan, keep_G=keep_G, progress=bar)
+        bar = Progress(self.unroll + K + plan.recomputed_steps, "unroll", enabled=show)
         try:
+            prefix: list[Tensor] = []
+            if K < self.unroll:  # truncated: the first J - K steps leave no tape
+                start, prefix = advance_untaped(problem, start, batches[: self.unroll - K])
+                problem.check_losses(torch.stack(prefix))  # on an accelerator: Note [Deferred finiteness check]
+            tape = Tape(problem, start, batches[self.unroll - K:], plan, keep_G=keep_G, progress=bar,
+                        offset=self.unroll - K)
             end = tape.forward()  # [Alg.1 L4]-[Alg.1 L7]
+            if prefix:
+                end = TapeResult(end.theta, end.state, end.buffers, torch.cat([torch.stack(prefix), end.losses]))
             swept = reverse_sweep(problem, self.hyper, end, tape.entries_reversed(), self.val_loss, val_batch,
-                                  self.hvp)  # [Alg.1 L8]-[Alg.1 L15]
+                                  self.hvp, second_order=not first_order)  # [Alg.1 L8]-[Alg.1 L15]
         finally:
             bar.close()
         self._hvp_fallback = problem.hvp_fallback
-        recomputed = tape.forward_steps > self.unroll
+        recomputed = tape.forward_steps > K
         self.last_tape_stats = TapeStats(
             schedule="checkpointed" if recomputed else "graphs" if tape.graphs_kept else "full",
             forward_steps=tape.forward_steps, max_slots_used=tape.max_slots_used, graphs_kept=tape.graphs_kept,
