@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Differentiable optimizers: one module per ``torch.optim`` optimizer, and the registry of their declarations.
 
-Adding an optimizer is one module here (its ``step``, ``step_vjp`` and :class:`DiffOptimizer`
-row) and one entry of :data:`BUILT_IN`; ``tests/optim_table.py`` then tests it with every oracle
-once it has a row there (CONTRIBUTING.md).
+Adding an optimizer is one module here (its ``step``, ``step_vjp``, ``step_jvp`` and
+:class:`DiffOptimizer` row) and one entry of :data:`BUILT_IN`; ``tests/optim_table.py`` then
+tests it with every oracle once it has a row there (CONTRIBUTING.md).
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
 from .adamax import ADAMAX
 from .asgd import ASGD
-from .base import DiffOptimizer, Flag, FlatLayout, Hyper, Hyperparameter, State, StateEntry, StepFn, StepVjpFn, declared
-from .derived import derive_step_vjp
+from .base import (DiffOptimizer, Flag, FlatLayout, Hyper, Hyperparameter, State, StateEntry, StepFn, StepJvpFn, StepVjpFn,
+                   declared)
+from .derived import derive_step_jvp, derive_step_vjp
 from .muon import MUON
 from .nadam import NADAM
 from .radam import RADAM
@@ -75,6 +76,7 @@ def register_optimizer(
     counts_steps: bool = False,
     elementwise: bool = True,
     name: Optional[str] = None,
+    step_jvp: Optional[StepJvpFn] = None,
 ) -> DiffOptimizer:
     """Makes an optimizer class usable as the inner optimizer of ``GimliUpdater``.
 
@@ -100,6 +102,9 @@ def register_optimizer(
         counts_steps: The state holds ``torch.optim``'s step count ``"step"`` (with ``state``).
         elementwise: The step acts on each element alone.
         name: Display name (default: the class name).
+        step_jvp: Its Jacobian-vector product (see :class:`DiffOptimizer`), for forward-mode
+            hypergradients. Without it, one is derived with ``torch.func.jvp`` of ``step``
+            (:attr:`DiffOptimizer.jvp`): exact, and slower.
 
     Returns:
         The registered :class:`DiffOptimizer`.
@@ -117,6 +122,8 @@ def register_optimizer(
         raise TypeError(f"register_optimizer needs the optimizer class, got {type(cls).__name__}")
     if not callable(step) or (step_vjp is not None and not callable(step_vjp)):
         raise TypeError("step and step_vjp must be callables")
+    if step_jvp is not None and not callable(step_jvp):
+        raise TypeError("step_jvp must be a callable (or None: derived with torch.func.jvp)")
     if state is not None and init_state is not None:
         raise ValueError("give the state as entries (state=) or as a function (init_state=), not both")
     impl = DiffOptimizer(
@@ -130,7 +137,9 @@ def register_optimizer(
         counts_steps=counts_steps,
         init_state=init_state,
         elementwise=elementwise,
-        notes="registered" + ("" if step_vjp is not None else "; VJP derived with torch.func.vjp"),
+        notes="registered" + ("" if step_vjp is not None else "; VJP derived with torch.func.vjp")
+              + ("" if step_jvp is not None else "; JVP derived with torch.func.jvp"),
+        step_jvp=step_jvp,
     ).validate()
     _REGISTRY[cls] = impl
     return impl
@@ -165,6 +174,7 @@ __all__ = [
     "Hyperparameter",
     "State",
     "StateEntry",
+    "derive_step_jvp",
     "derive_step_vjp",
     "get_optimizer",
     "register_optimizer",

@@ -2,13 +2,15 @@
 """Differentiable ``torch.optim.Adagrad``: learning-rate decay, weight decay, maximize."""
 from __future__ import annotations
 
+from typing import Mapping
 
 import torch
 from torch import Tensor
 
-from .adam import _sqrt
-from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, coupled_gradient,
-                   coupled_gradient_vjp, eps, lr, weight_decay)
+from .adam import _sqrt, _sqrt_jvp
+from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots,
+                   coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot, eps, hyper_dot_of, lr, mul_dot,
+                   state_dot_of, weight_decay)
 
 
 def adagrad_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -99,6 +101,52 @@ def adagrad_step_vjp(
     return theta_bar, G_bar, {"sum": sum_bar}, bars
 
 
+def adagrad_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`adagrad_step` (Note [Forward-mode derivatives of a step]).
+
+    With :math:`c = 1 + (t - 1)\\kappa`, :math:`\\tilde\\eta = \\eta / c`, :math:`r = \\sqrt{s'}`,
+    :math:`d = r + \\epsilon`, :math:`q = g / d`:
+
+    .. math::
+        \\dot g &= \\pm \\dot G + \\lambda \\dot\\theta + \\dot\\lambda \\theta, \\quad
+        \\dot s' = \\dot s + 2 g \\dot g, \\quad
+        \\dot r = \\dot s' / (2 r) \\text{ (0 where } r = 0) \\\\
+        \\dot{\\tilde\\eta} &= \\dot\\eta / c - \\eta (t - 1) \\dot\\kappa / c^2, \\quad
+        \\dot q = (\\dot g - q (\\dot r + \\dot\\epsilon)) / d \\\\
+        \\dot\\theta' &= \\dot\\theta - \\dot{\\tilde\\eta}\\, q - \\tilde\\eta \\dot q
+
+    The path through :math:`\\sqrt{s'}` is 0 at a zero accumulator, as in the VJP (Note [Adagrad
+    at a zero accumulator]).
+    """
+    lr, lr_decay, eps = hyper["lr"], hyper["lr_decay"], hyper["eps"]
+    g = coupled_gradient(theta, G, hyper)
+    g_dot = coupled_gradient_jvp(theta, theta_dot, G_dot, hyper, hyper_dot)
+    t = float(state["step"]) + 1.0
+    c = 1 + (t - 1) * lr_decay
+    clr = lr / c
+    sum_next = state["sum"] + g * g
+    sum_next_dot = add_dots(2 * g * g_dot, state_dot_of(state, state_dot, "sum"))
+    assert sum_next_dot is not None
+    r = sum_next.sqrt()
+    std = r + eps
+    q = g / std
+    std_dot = add_dots(_sqrt_jvp(r, sum_next_dot), hyper_dot_of(hyper, hyper_dot, "eps"))
+    q_dot = (g_dot - q * std_dot) / std
+    clr_dot = add_dots(mul_dot(hyper_dot_of(hyper, hyper_dot, "lr"), 1 / c),
+                       mul_dot(hyper_dot_of(hyper, hyper_dot, "lr_decay"), lambda: -lr * (t - 1) / (c * c)))
+    theta_next_dot = add_dots(theta_dot, -clr * q_dot, mul_dot(clr_dot, -q))
+    return dense_dot(theta_next_dot, theta), {"sum": dense_dot(sum_next_dot, sum_next)}
+
+
 def _initial_sum(param: Tensor, hyper: Hyper) -> Tensor:
     # Note [Adagrad's initial accumulator]
     return torch.full_like(param, float(hyper["initial_accumulator_value"]), memory_format=torch.preserve_format)
@@ -109,6 +157,7 @@ ADAGRAD = DiffOptimizer(
     torch_cls=torch.optim.Adagrad,
     step=adagrad_step,
     step_vjp=adagrad_step_vjp,
+    step_jvp=adagrad_step_jvp,
     hyper=(lr(), Hyperparameter("lr_decay", doc="learning-rate decay"), weight_decay(), eps()),
     flags=(MAXIMIZE, Flag("initial_accumulator_value", default=0.0, kind=float,
                           why="it only fills the initial state (Note [Adagrad's initial accumulator])")),
@@ -117,4 +166,4 @@ ADAGRAD = DiffOptimizer(
     notes="Finite derivative at a zero accumulator; initial_accumulator_value is state initialisation only.",
 )
 
-__all__ = ["ADAGRAD", "adagrad_step", "adagrad_step_vjp"]
+__all__ = ["ADAGRAD", "adagrad_step", "adagrad_step_jvp", "adagrad_step_vjp"]

@@ -2,13 +2,14 @@
 """Differentiable ``torch.optim.Adam`` and ``torch.optim.AdamW`` (amsgrad, maximize)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Flag, FlatLayout, Hyper, State, StateEntry, add_bar, betas, coupled_gradient,
-                   coupled_gradient_vjp, eps, is_active, is_learned, lr, weight_decay)
+from .base import (MAXIMIZE, DiffOptimizer, Flag, FlatLayout, Hyper, State, StateEntry, add_bar, add_dots, betas,
+                   coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot, eps, hyper_dot_of, is_active,
+                   is_learned, lr, mul_dot, state_dot_of, weight_decay)
 
 
 def _sqrt(v: Tensor) -> Tensor:
@@ -22,6 +23,14 @@ def _sqrt(v: Tensor) -> Tensor:
         return v.sqrt()
     positive = v > 0
     return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
+def _sqrt_jvp(root: Tensor, dot: Tensor) -> Tensor:
+    """The tangent of ``root = sqrt(x)`` from that of ``x``: ``dot / (2 root)``, and 0 where
+    ``root == 0`` (the VJP's convention, Note [Adam at a zero second moment])."""
+    positive = root > 0
+    safe = torch.where(positive, root, torch.ones_like(root))
+    return torch.where(positive, dot / (2 * safe), 0.0)
 
 
 def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, Tensor, float]:
@@ -44,6 +53,35 @@ def _prepare_vjp(theta: Tensor, g_bar: Tensor, tb: Tensor, hyper: Hyper,
         add_bar(bars, hyper, "weight_decay", lambda: -lr * theta * tb)
         return tb * (1 - lr * wd), (-g_bar if hyper["maximize"] else g_bar)
     return coupled_gradient_vjp(theta, g_bar, tb, hyper, bars)
+
+
+def _prepare_jvp(theta: Tensor, theta_dot: Tensor, G_dot: Tensor, hyper: Hyper,
+                 hyper_dot: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The JVP of :func:`_prepare`: the tangents ``(ġ, θ̇₁)`` of the gradient and of the decayed
+    parameter, :math:`\\dot\\theta_1 = (1 - \\eta\\lambda)\\dot\\theta - (\\dot\\eta\\lambda + \\eta\\dot\\lambda)\\theta`
+    (decoupled), else :math:`\\dot\\theta_1 = \\dot\\theta` and ``ġ`` of the coupled gradient."""
+    lr, wd = hyper["lr"], hyper["weight_decay"]
+    if hyper["decoupled_weight_decay"] and is_active(wd):
+        theta1_dot = add_dots(theta_dot * (1 - lr * wd), mul_dot(hyper_dot_of(hyper, hyper_dot, "lr"), lambda: -wd * theta),
+                              mul_dot(hyper_dot_of(hyper, hyper_dot, "weight_decay"), lambda: -lr * theta))
+        return (-G_dot if hyper["maximize"] else G_dot), theta1_dot
+    return coupled_gradient_jvp(theta, theta_dot, G_dot, hyper, hyper_dot), theta_dot
+
+
+def _moments_jvp(g: Tensor, g_dot: Tensor, state: State, state_dot: State, hyper: Hyper,
+                 hyper_dot: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The tangents of :math:`m' = \\beta_1 m + (1 - \\beta_1) g` and
+    :math:`v' = \\beta_2 v + (1 - \\beta_2) g^2` (Adam, NAdam, RAdam):
+    :math:`\\dot m' = \\beta_1 \\dot m + (1 - \\beta_1)\\dot g + \\dot\\beta_1 (m - g)`,
+    :math:`\\dot v' = \\beta_2 \\dot v + 2 (1 - \\beta_2) g \\dot g + \\dot\\beta_2 (v - g^2)`."""
+    b1, b2 = hyper["beta1"], hyper["beta2"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m_next_dot = add_dots((1 - b1) * g_dot, mul_dot(state_dot_of(state, state_dot, "exp_avg"), b1),
+                          mul_dot(hyper_dot_of(hyper, hyper_dot, "beta1"), lambda: m - g))
+    v_next_dot = add_dots(2 * (1 - b2) * g * g_dot, mul_dot(state_dot_of(state, state_dot, "exp_avg_sq"), b2),
+                          mul_dot(hyper_dot_of(hyper, hyper_dot, "beta2"), lambda: v - g * g))
+    assert m_next_dot is not None and v_next_dot is not None
+    return m_next_dot, v_next_dot
 
 
 def adam_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -167,6 +205,69 @@ def adam_step_vjp(
     return theta_bar, G_bar, state_bar, bars
 
 
+def adam_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`adam_step` (Note [Forward-mode derivatives of a step]).
+
+    With :math:`s = \\sqrt{\\hat v}`, :math:`c_1 = 1 - \\beta_1^t`, :math:`c_2 = \\sqrt{1 - \\beta_2^t}`,
+    :math:`\\alpha = \\eta / c_1`, :math:`d = s / c_2 + \\epsilon`, :math:`\\dot m'` and
+    :math:`\\dot v'` as in :func:`_moments_jvp`:
+
+    .. math::
+        \\dot{\\hat v} &= \\dot v' \\text{ where } v' \\ge v_{max} \\text{, else } \\dot v_{max}
+        \\text{ (amsgrad), or } \\dot v' \\\\
+        \\dot s &= \\dot{\\hat v} / (2 s) \\text{, and 0 where } s = 0, \\quad
+        \\dot c_2 = -t \\beta_2^{t-1} \\dot\\beta_2 / (2 c_2), \\quad
+        \\dot\\alpha = \\dot\\eta / c_1 + \\alpha\\, t \\beta_1^{t-1} \\dot\\beta_1 / c_1 \\\\
+        \\dot d &= \\dot s / c_2 - s \\dot c_2 / c_2^2 + \\dot\\epsilon, \\quad
+        \\dot\\theta' = \\dot\\theta_1 - \\dot\\alpha\\, m'/d - \\alpha (\\dot m' / d - m' \\dot d / d^2)
+
+    with :math:`\\dot\\theta_1` from :func:`_prepare_jvp`. It is finite where :math:`\\hat v = 0`
+    (the limit of Note [Adam at a zero second moment]), and amsgrad's maximum passes the
+    tangent of the side the VJP gives its cotangent to (Note [amsgrad]).
+    """
+    b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
+    g, _, t = _prepare(theta, G, state, hyper)
+    g_dot, theta1_dot = _prepare_jvp(theta, theta_dot, G_dot, hyper, hyper_dot)
+    b1_dot, b2_dot = hyper_dot_of(hyper, hyper_dot, "beta1"), hyper_dot_of(hyper, hyper_dot, "beta2")
+    m_next = torch.lerp(state["exp_avg"], g, 1 - b1)
+    v_next = state["exp_avg_sq"] * b2 + (1 - b2) * (g * g)
+    m_next_dot, v_next_dot = _moments_jvp(g, g_dot, state, state_dot, hyper, hyper_dot)
+    bias_correction1 = 1 - b1**t
+    bias_correction2_sqrt = (1 - b2**t) ** 0.5
+    step_size = lr / bias_correction1
+    state_next_dot: State = {"exp_avg": dense_dot(m_next_dot, m_next), "exp_avg_sq": dense_dot(v_next_dot, v_next)}
+    if hyper["amsgrad"]:
+        v_max = state["max_exp_avg_sq"]
+        to_new = v_next >= v_max
+        v_hat = torch.where(to_new, v_next, v_max)
+        v_max_dot = state_dot_of(state, state_dot, "max_exp_avg_sq")
+        v_hat_dot = torch.where(to_new, v_next_dot, 0.0 if v_max_dot is None else v_max_dot)
+        state_next_dot["max_exp_avg_sq"] = dense_dot(v_hat_dot, v_hat)
+    else:
+        v_hat, v_hat_dot = v_next, v_next_dot
+    s = v_hat.sqrt()
+    denom = s / bias_correction2_sqrt + eps
+    c2_dot = mul_dot(b2_dot, lambda: -t * b2 ** (t - 1) / (2 * bias_correction2_sqrt))
+    denom_dot = add_dots(_sqrt_jvp(s, v_hat_dot) / bias_correction2_sqrt,
+                         mul_dot(c2_dot, lambda: -s / (bias_correction2_sqrt * bias_correction2_sqrt)),
+                         hyper_dot_of(hyper, hyper_dot, "eps"))
+    step_size_dot = add_dots(mul_dot(hyper_dot_of(hyper, hyper_dot, "lr"), 1 / bias_correction1),
+                             mul_dot(b1_dot, lambda: step_size * t * b1 ** (t - 1) / bias_correction1))
+    q = m_next / denom
+    q_dot = (m_next_dot - q * denom_dot) / denom
+    theta_next_dot = add_dots(theta1_dot, -step_size * q_dot, mul_dot(step_size_dot, -q))
+    return dense_dot(theta_next_dot, theta), state_next_dot
+
+
 def _adam_options(hyper: Hyper, state: State) -> tuple:
     """The flat ops' static options: (amsgrad, maximize, decoupled weight decay, weight decay)."""
     return (bool(hyper["amsgrad"]), bool(hyper["maximize"]), bool(hyper["decoupled_weight_decay"]),
@@ -198,6 +299,7 @@ def _declare(name: str, cls: type, decoupled: bool) -> DiffOptimizer:
         torch_cls=cls,
         step=adam_step,
         step_vjp=adam_step_vjp,
+        step_jvp=adam_step_jvp,
         hyper=(lr(), *betas(), eps(), weight_decay()),
         flags=(Flag("amsgrad", why="it switches the second moment to its running maximum"), MAXIMIZE,
                Flag("decoupled_weight_decay", default=decoupled, why="it switches between AdamW and Adam")),
@@ -212,4 +314,4 @@ def _declare(name: str, cls: type, decoupled: bool) -> DiffOptimizer:
 ADAM = _declare("Adam", torch.optim.Adam, decoupled=False)
 ADAMW = _declare("AdamW", torch.optim.AdamW, decoupled=True)
 
-__all__ = ["ADAM", "ADAMW", "ADAM_FLAT", "adam_step", "adam_step_vjp"]
+__all__ = ["ADAM", "ADAMW", "ADAM_FLAT", "adam_step", "adam_step_jvp", "adam_step_vjp"]

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The differentiable-optimizer contract: a pure ``step``, its hand-written ``step_vjp``, and one declaration.
+"""The differentiable-optimizer contract: a pure ``step``, its hand-written ``step_vjp`` and ``step_jvp``, and one declaration.
 
 An optimizer is math plus a declaration (Note [One declaration per optimizer]):
 
@@ -8,6 +8,9 @@ An optimizer is math plus a declaration (Note [One declaration per optimizer]):
 - ``step_vjp(theta, G, state, hyper, theta_next_bar, state_next_bar)
   -> (theta_bar, G_bar, state_bar, hyper_bar)``, its vector-Jacobian product by hand
   ([Alg.1 L11], [Alg.1 L12] and the first term of [Alg.1 L14]);
+- ``step_jvp(theta, G, state, hyper, theta_dot, G_dot, state_dot, hyper_dot)
+  -> (theta_next_dot, state_next_dot)``, its Jacobian-vector product by hand, for
+  forward-mode (online) hypergradients (Note [Forward-mode derivatives of a step]);
 - a :class:`DiffOptimizer` row that declares its hyperparameters (:class:`Hyperparameter`:
   name, ``torch.optim`` option, valid range), its other options (:class:`Flag`) and its state
   (:class:`StateEntry`). Reading and writing param groups, importing and exporting
@@ -23,12 +26,14 @@ per-tensor loop, the pure-PyTorch twin or the compiled kernels) is decided by
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from .derived import derive_step_jvp
 from .scalars import export_scalar, scalar_state_dtype, torch_scalar_dtype
 
 #: A hyperparameter value for one parameter tensor: a Python float (fixed), a 0-d tensor
@@ -44,6 +49,12 @@ StepVjpFn = Callable[
     [Tensor, Tensor, State, Hyper, Tensor, State],
     "tuple[Tensor, Tensor, State, dict[str, Tensor]]",
 ]
+StepJvpFn = Callable[
+    [Tensor, Tensor, State, Hyper, Tensor, Tensor, State, Mapping[str, Tensor]],
+    "tuple[Tensor, State]",
+]
+#: A tangent inside a JVP: a tensor, or None for a tangent that is known to be zero (no term).
+Dot = Optional[Tensor]
 
 
 # ---------------------------------------------------------------------------- the declaration
@@ -221,6 +232,27 @@ class DiffOptimizer:
     :func:`reduce_like`; plain floats get no cotangent. Entries of ``state_next_bar`` may be
     missing (taken as zero).
 
+    ``step_jvp(theta, G, state, hyper, theta_dot, G_dot, state_dot, hyper_dot)
+    -> (theta_next_dot, state_next_dot)`` is its Jacobian-vector product, written by hand: the
+    derivative of ``(theta_next, state_next)`` in the direction ``(theta_dot, G_dot, state_dot,
+    hyper_dot)``, for forward-mode (online) hypergradients, which carry the tangents
+    :math:`d\\theta_j/d\\varphi` and :math:`d\\sigma_j/d\\varphi` along the inner loop (Franceschi et
+    al., 2017). ``state_dot`` holds a tensor shaped like its entry for differentiable tensor
+    entries of ``state``, ``hyper_dot`` one shaped like the hyperparameter (0-d or like the
+    parameter) for hyperparameters given as tensors; missing entries are zero, and floats,
+    flags and the step count are constants. ``state_next_dot`` holds one entry, shaped like its
+    entry, for every differentiable tensor entry of ``state_next``.
+
+    Note [Forward-mode derivatives of a step]: ``step_jvp`` is the forward linearisation of the
+    same math as ``step_vjp`` (for each intermediate :math:`x` of the step,
+    :math:`\\dot x = \\sum_i \\partial x / \\partial y_i \\, \\dot y_i` over its inputs :math:`y_i`), so that
+    :math:`\\langle u, J v \\rangle = \\langle J^\\top u, v \\rangle` holds between the two to round-off:
+    every convention at a kink (the branch of a ``max``, a clamp, a sign, a zero second moment)
+    is the VJP's. The tangents may carry a leading dimension of directions that the primals do
+    not have: the engine calls ``torch.func.vmap(step_jvp, in_dims=(None, None, None, None, 0, 0,
+    0, 0))``, so a ``step_jvp`` uses no ``.item()`` and no Python branch on tensor values (only
+    on shapes, flags, floats and which tangents are present).
+
     ``hyper`` maps the name of every :class:`Hyperparameter` (a float, or a tensor when learned)
     and of every :class:`Flag` to its value; ``state`` holds the step count ``"step"`` (a float)
     when ``counts_steps``, and the :class:`StateEntry` tensors.
@@ -244,6 +276,8 @@ class DiffOptimizer:
             optimizer cannot take (Muon: not a matrix), or None.
         flat: How the fused flat-buffer ops implement it, or None (per-tensor only).
         notes: What needs care in its derivative, in a sentence.
+        step_jvp: Its Jacobian-vector product, or None: derived from ``step`` with
+            ``torch.func.jvp`` (:attr:`jvp` gives the one in use).
     """
 
     name: str
@@ -259,6 +293,19 @@ class DiffOptimizer:
     check_param: Optional[Callable[[str, Tensor], None]] = None
     flat: Optional[FlatLayout] = None
     notes: str = field(default="")
+    step_jvp: Optional[StepJvpFn] = None
+
+    # --------------------------------------------------------------- the derivatives in use
+    @functools.cached_property
+    def jvp(self) -> StepJvpFn:
+        """The Jacobian-vector product of ``step``: ``step_jvp`` where it is given, else one
+        derived with ``torch.func.jvp`` (:func:`gimli_bptt.optim.derived.derive_step_jvp`)."""
+        return self.step_jvp if self.step_jvp is not None else derive_step_jvp(self.step)
+
+    @property
+    def has_hand_written_jvp(self) -> bool:
+        """Whether ``step_jvp`` is given (else :attr:`jvp` is derived with ``torch.func.jvp``)."""
+        return self.step_jvp is not None
 
     # --------------------------------------------------------------- what the declaration implies
     @property
@@ -336,6 +383,8 @@ class DiffOptimizer:
             raise ValueError(f"{self.name}: a name is declared twice among {names}")
         if not callable(self.step) or not callable(self.step_vjp):
             raise TypeError(f"{self.name}: step and step_vjp must be callables")
+        if self.step_jvp is not None and not callable(self.step_jvp):
+            raise TypeError(f"{self.name}: step_jvp must be a callable or None")
         if self.flat is not None and any(n not in self.hyper_names for n in self.flat.hyper):
             raise ValueError(f"{self.name}: the flat layout names hyperparameters it does not declare")
         return self
@@ -408,6 +457,72 @@ def coupled_gradient_vjp(theta: Tensor, g_bar: Tensor, theta_bar: Tensor, hyper:
     return theta_bar, (-g_bar if hyper["maximize"] else g_bar)
 
 
+# ---------------------------------------------------------------------------- helpers for the JVPs
+def hyper_dot_of(hyper: Hyper, hyper_dot: Mapping[str, Any], name: str) -> Dot:
+    """The tangent of hyperparameter ``name``: None (zero) for a float, or where ``hyper_dot``
+    has no entry."""
+    if not is_learned(hyper[name]):
+        return None
+    return hyper_dot.get(name)
+
+
+def state_dot_of(state: Mapping[str, Any], state_dot: Mapping[str, Any], name: str) -> Dot:
+    """The tangent of state entry ``name``: None (zero) where the entry is not a tensor (absent,
+    None, the step count) or ``state_dot`` has no entry."""
+    if not isinstance(state.get(name), Tensor):
+        return None
+    return state_dot.get(name)
+
+
+def add_dots(*terms: Dot) -> Dot:
+    """The sum of the tangents that are present (None where none is)."""
+    out: Dot = None
+    for term in terms:
+        if term is not None:
+            out = term if out is None else out + term
+    return out
+
+
+def mul_dot(x: Dot, coefficient: Any) -> Dot:
+    """``coefficient * x``, None where ``x`` is; ``coefficient`` may be a thunk, evaluated only
+    when ``x`` is present (as :func:`add_bar` takes its cotangent)."""
+    if x is None:
+        return None
+    return x * (coefficient() if callable(coefficient) else coefficient)
+
+
+def dense_dot(x: Dot, like: Tensor) -> Tensor:
+    """The tangent ``x`` as a tensor shaped like the primal ``like``: zeros for None, and a
+    tangent that depends only on 0-d inputs (a learned lr) broadcast to ``like``'s shape."""
+    if x is None:
+        return torch.zeros_like(like)
+    if x.shape != like.shape:
+        return torch.broadcast_to(x, like.shape).clone()
+    return x
+
+
+def carried_dots(state_next_dot: dict[str, Tensor], state: Mapping[str, Any], state_dot: Mapping[str, Any],
+                 state_next: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Adds to ``state_next_dot`` the tangents of the state entries a step carries unchanged (those
+    of ``state_next`` that ``state_next_dot`` lacks: their tangent is their own, zero if missing)."""
+    for key, value in state_next.items():
+        if key not in state_next_dot and isinstance(value, Tensor) and value.is_floating_point():
+            state_next_dot[key] = dense_dot(state_dot_of(state, state_dot, key), value)
+    return state_next_dot
+
+
+def coupled_gradient_jvp(theta: Tensor, theta_dot: Tensor, G_dot: Tensor, hyper: Hyper,
+                         hyper_dot: Mapping[str, Any]) -> Tensor:
+    """The JVP of :func:`coupled_gradient`: :math:`\\dot g = \\pm \\dot G + \\lambda \\dot\\theta
+    + \\dot\\lambda \\theta` (the transpose of :func:`coupled_gradient_vjp`)."""
+    wd = hyper["weight_decay"]
+    g_dot = -G_dot if hyper["maximize"] else G_dot
+    if is_active(wd):
+        g_dot = g_dot + wd * theta_dot
+        g_dot = add_dots(g_dot, mul_dot(hyper_dot_of(hyper, hyper_dot, "weight_decay"), theta))
+    return g_dot
+
+
 def clone_state(state: Mapping[str, Any]) -> State:
     """A copy of one tensor's state whose tensors are detached clones."""
     return {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
@@ -463,6 +578,7 @@ def declared(names: Sequence[Union[str, Hyperparameter]]) -> tuple[Hyperparamete
 __all__ = [
     "CONVENTIONAL",
     "DiffOptimizer",
+    "Dot",
     "Flag",
     "FlatLayout",
     "Hyper",
@@ -472,18 +588,26 @@ __all__ = [
     "State",
     "StateEntry",
     "StepFn",
+    "StepJvpFn",
     "StepVjpFn",
     "add_bar",
+    "add_dots",
     "betas",
+    "carried_dots",
     "clone_state",
     "coupled_gradient",
+    "coupled_gradient_jvp",
     "coupled_gradient_vjp",
     "declared",
+    "dense_dot",
     "eps",
+    "hyper_dot_of",
     "is_active",
     "is_learned",
     "lr",
+    "mul_dot",
     "reduce_like",
+    "state_dot_of",
     "unit_interval",
     "weight_decay",
     "zero_missing_bars",

@@ -1,13 +1,25 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A ``step_vjp`` derived from a pure ``step`` with ``torch.func.vjp`` (exact, slower than by hand)."""
+"""A ``step_vjp`` or ``step_jvp`` derived from a pure ``step`` with ``torch.func`` (exact, slower than by hand)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, StepFn, StepVjpFn
+# base.py imports this module (``DiffOptimizer.jvp`` derives a JVP that is not given), so the
+# contract's types are spelled out here instead of imported from it.
+State = dict[str, Any]
+Hyper = Mapping[str, Any]
+StepFn = Callable[[Tensor, Tensor, State, Hyper], "tuple[Tensor, State]"]
+StepVjpFn = Callable[[Tensor, Tensor, State, Hyper, Tensor, State], "tuple[Tensor, Tensor, State, dict[str, Tensor]]"]
+StepJvpFn = Callable[[Tensor, Tensor, State, Hyper, Tensor, Tensor, State, Mapping[str, Tensor]], "tuple[Tensor, State]"]
+
+
+def _differentiable(value: Any) -> bool:
+    """A state entry that gets a derivative: a floating-point tensor (not the step count, a
+    Python float, nor an entry that is None)."""
+    return isinstance(value, Tensor) and value.is_floating_point()
 
 
 def derive_step_vjp(step: StepFn) -> StepVjpFn:
@@ -42,4 +54,52 @@ def derive_step_vjp(step: StepFn) -> StepVjpFn:
     return step_vjp
 
 
-__all__ = ["derive_step_vjp"]
+def derive_step_jvp(step: StepFn) -> StepJvpFn:
+    """The Jacobian-vector product of ``step`` by forward-mode AD of one step (``torch.func.jvp``),
+    the forward twin of :func:`derive_step_vjp`.
+
+    The primals are θ, G, every floating-point tensor entry of the state (not the step count, a
+    Python float, nor an entry that is None, such as SGD's momentum buffer before the first step)
+    and every tensor-valued hyperparameter; a tangent missing from ``state_dot`` or ``hyper_dot``
+    is zero, and floats and flags stay constants. ``state_next_dot`` holds the tangent of every
+    floating-point tensor entry of the next state (zero for one that depends on no primal, such
+    as ASGD's ``mu``). It runs under ``torch.func.vmap`` over a leading dimension of the
+    tangents, as the hand-written JVPs do (Note [Forward-mode derivatives of a step]).
+
+    Note [Derived JVPs under no_grad]: a step may choose its derivative conventions by the grad
+    mode (Adam's ``_sqrt`` takes the derivative of :math:`\\sqrt v` at :math:`v = 0` as 0 only
+    when grad mode is on, Note [Adam at a zero second moment]), and forward-mode AD runs under
+    ``torch.no_grad()`` as well, where the engine calls it. The step is therefore differentiated
+    with grad mode on, so that the derived JVP has the same conventions as the derived VJP.
+    """
+
+    def step_jvp(theta: Tensor, G: Tensor, state: State, hyper: Hyper, theta_dot: Tensor, G_dot: Tensor,
+                 state_dot: State, hyper_dot: Mapping[str, Tensor]) -> tuple[Tensor, State]:
+        state_keys = [k for k, v in state.items() if _differentiable(v)]
+        hyper_keys = [k for k, v in hyper.items() if isinstance(v, Tensor)]
+
+        def f(theta: Tensor, G: Tensor, state_values: list[Tensor], hyper_values: list[Tensor]) -> Any:
+            st = dict(state)
+            st.update(zip(state_keys, state_values))
+            hy = dict(hyper)
+            hy.update(zip(hyper_keys, hyper_values))
+            theta_next, state_next = step(theta, G, st, hy)
+            return theta_next, {k: v for k, v in state_next.items() if _differentiable(v)}
+
+        def tangent(dots: Mapping[str, Any], key: str, like: Tensor) -> Tensor:
+            value = dots.get(key)
+            return torch.zeros_like(like) if value is None else value
+
+        with torch.enable_grad():  # Note [Derived JVPs under no_grad]
+            _, (theta_next_dot, state_next_dot) = torch.func.jvp(
+                f,
+                (theta, G, [state[k] for k in state_keys], [hyper[k] for k in hyper_keys]),
+                (theta_dot, G_dot, [tangent(state_dot, k, state[k]) for k in state_keys],
+                 [tangent(hyper_dot, k, hyper[k]) for k in hyper_keys]),
+            )
+        return theta_next_dot, dict(state_next_dot)
+
+    return step_jvp
+
+
+__all__ = ["derive_step_jvp", "derive_step_vjp"]

@@ -2,12 +2,13 @@
 """Differentiable ``torch.optim.SGD``: momentum, dampening, Nesterov, weight decay, maximize."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Flag, FlatLayout, Hyper, State, StateEntry, add_bar, is_active, is_learned, lr,
+from .base import (MAXIMIZE, DiffOptimizer, Flag, FlatLayout, Hyper, State, StateEntry, add_bar, add_dots, carried_dots,
+                   coupled_gradient_jvp, dense_dot, hyper_dot_of, is_active, is_learned, lr, mul_dot, state_dot_of,
                    unit_interval, weight_decay)
 
 
@@ -110,6 +111,57 @@ def sgd_step_vjp(
     return theta_bar, G_bar, state_bar, bars
 
 
+def sgd_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`sgd_step` (Note [Forward-mode derivatives of a step]).
+
+    .. math::
+        \\dot g &= \\pm \\dot G + \\lambda \\dot\\theta + \\dot\\lambda \\theta \\\\
+        \\dot b' &= \\dot g \\text{ (first step) or }
+        \\dot\\mu b + \\mu \\dot b + (1 - \\tau) \\dot g - \\dot\\tau g \\\\
+        \\dot u &= \\dot g + \\dot\\mu b' + \\mu \\dot b' \\text{ (Nesterov) or } \\dot b' \\\\
+        \\dot\\theta' &= \\dot\\theta - \\dot\\eta u - \\eta \\dot u
+
+    Without the momentum buffer (momentum 0, not learned) :math:`u = g`, and a buffer the state
+    holds is carried with its tangent. As in the VJP, a learned momentum always takes the buffer
+    path (Note [Learned momentum]).
+    """
+    lr, wd, mom, damp = hyper["lr"], hyper["weight_decay"], hyper["momentum"], hyper["dampening"]
+    g = -G if hyper["maximize"] else G
+    if is_active(wd):
+        g = g + wd * theta
+    g_dot = coupled_gradient_jvp(theta, theta_dot, G_dot, hyper, hyper_dot)
+    mom_dot = hyper_dot_of(hyper, hyper_dot, "momentum")
+    state_next_dot: State = {}
+    if _uses_momentum(hyper):
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf_next, buf_next_dot = g, g_dot
+        else:
+            buf_next = mom * buf + (1 - damp) * g
+            buf_next_dot = add_dots((1 - damp) * g_dot, mul_dot(state_dot_of(state, state_dot, "momentum_buffer"), mom),
+                                    mul_dot(mom_dot, buf), mul_dot(hyper_dot_of(hyper, hyper_dot, "dampening"), -g))
+        state_next_dot["momentum_buffer"] = dense_dot(buf_next_dot, buf_next)
+        if hyper["nesterov"]:
+            update = g + mom * buf_next
+            update_dot = add_dots(g_dot, mom * buf_next_dot, mul_dot(mom_dot, buf_next))
+        else:
+            update, update_dot = buf_next, buf_next_dot
+    else:
+        update, update_dot = g, g_dot
+        carried_dots(state_next_dot, state, state_dot, state)
+    theta_next_dot = add_dots(theta_dot, -lr * update_dot, mul_dot(hyper_dot_of(hyper, hyper_dot, "lr"), -update))
+    return dense_dot(theta_next_dot, theta), state_next_dot
+
+
 def _sgd_options(hyper: Hyper, state: State) -> tuple:
     """The flat ops' static options: (nesterov, maximize, momentum buffer in use, weight decay, buffer exists)."""
     use_momentum = _uses_momentum(hyper)
@@ -139,6 +191,7 @@ SGD = DiffOptimizer(
     torch_cls=torch.optim.SGD,
     step=sgd_step,
     step_vjp=sgd_step_vjp,
+    step_jvp=sgd_step_jvp,
     hyper=(lr(), unit_interval("momentum"), unit_interval("dampening"), weight_decay()),
     flags=(Flag("nesterov", why="it switches between two update rules"), MAXIMIZE),
     state=(StateEntry("momentum_buffer", lazy=True),),
@@ -146,4 +199,4 @@ SGD = DiffOptimizer(
     notes="A learned momentum always uses the momentum buffer (see Note [Learned momentum]).",
 )
 
-__all__ = ["SGD", "SGD_FLAT", "sgd_step", "sgd_step_vjp"]
+__all__ = ["SGD", "SGD_FLAT", "sgd_step", "sgd_step_jvp", "sgd_step_vjp"]
