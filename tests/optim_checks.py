@@ -135,8 +135,8 @@ def autograd_vjp(row: Row, theta: Tensor, G: Tensor, state: dict[str, Any], hype
     return grads[0], grads[1], dict(zip(skeys, grads[2:n])), dict(zip(hkeys, grads[n:]))
 
 
-def check_contract(theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any],
-                   theta_bar: Tensor, G_bar: Tensor, state_bar: dict[str, Tensor], hyper_bar: dict[str, Tensor]) -> None:
+def check_contract(theta: Tensor, G: Tensor, state: dict[str, Any], hyper: dict[str, Any], theta_bar: Tensor,
+                   G_bar: Tensor, state_bar: dict[str, Tensor], hyper_bar: dict[str, Tensor]) -> None:
     """Shapes and keys: one cotangent per tensor input, none for the fixed floats."""
     assert theta_bar.shape == theta.shape and G_bar.shape == G.shape, (theta_bar.shape, G_bar.shape, theta.shape)
     assert set(state_bar) <= set(tensor_keys(state)), (sorted(state_bar), tensor_keys(state))

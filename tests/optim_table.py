@@ -26,6 +26,11 @@ No other edit: every oracle iterates over :data:`ROWS` and collects each row und
   purity (``tol.vjp``, ``floors``);
 - ``dot`` (test_optim_vjp.py): the dot-product test <u, J v> = <J^T u, v> (``tol.vjp``);
 - ``vjp-random`` (test_optim_vjp.py): both at random hyperparameters, shapes and warm-ups;
+- ``jvp`` (test_optim_jvp.py): ``step_jvp`` against forward mode (``torch.func.jvp``) through
+  ``step``, for each learned hyperparameter alone and all together and for each input's tangent
+  alone; the adjoint test <u, JVP(v)> = <VJP(u), v> against ``step_vjp``; under
+  ``torch.func.vmap`` over a leading dimension of directions; its purity (``tol.vjp``, ``floors``);
+- ``jvp-random`` (test_optim_jvp.py): the same at random hyperparameters, shapes and warm-ups;
 - ``hypergrad`` (test_hypergrad.py): hypergradients against the full autograd unroll
   (``check_hypergradients``) on a BatchNorm conv net, every hyperparameter at each
   granularity (``tol.hypergrad``);
@@ -118,7 +123,7 @@ GRANULARITIES = ("float", "0d", "element")
 
 #: The oracles a row can skip or mark as failing (the keys of ``Row.skips`` and ``Row.xfails``).
 ORACLES = ("step", "export", "step-random", "vjp", "dot", "vjp-random", "hypergrad", "hypergrad-random", "fd",
-           "write-back")
+           "write-back", "jvp", "jvp-random")
 #: The torch implementations of a step: the keyword that selects each.
 KERNELS: dict[str, dict[str, bool]] = {"for_loop": {"foreach": False}, "foreach": {"foreach": True},
                                        "fused": {"fused": True}}
@@ -131,7 +136,8 @@ class Tolerances:
 
     Attributes:
         step: Relative error of θ and every state entry against ``torch.optim`` (float64, 20 steps).
-        vjp: Relative error of every cotangent against autograd, and of the dot-product test.
+        vjp: Relative error of every cotangent against autograd, and of the dot-product test;
+            of every tangent of ``step_jvp`` against forward mode.
         hypergrad: Relative error against the full autograd unroll (``check_hypergradients``).
         fd: Error against central differences of ``torch.optim`` runs, relative to
             ``max(|fd|, fd_floor)``.
@@ -681,7 +687,8 @@ ROWS: list[Row] = [
     _adamw("adamw-lr-weight_decay", dict(lr=0.01, weight_decay=0.05), dict(lr=0.005)),
     # Adagrad
     _adagrad("adagrad-default", dict(lr=0.1), dict(lr=0.05)),
-    _adagrad("adagrad-lr_decay-wd", dict(lr=0.1, lr_decay=0.05, weight_decay=0.1), dict(lr_decay=0.2, weight_decay=0.0)),
+    _adagrad("adagrad-lr_decay-wd", dict(lr=0.1, lr_decay=0.05, weight_decay=0.1),
+             dict(lr_decay=0.2, weight_decay=0.0)),
     _adagrad("adagrad-init_acc-eps-maximize", dict(lr=0.05, initial_accumulator_value=0.1, eps=1e-6, maximize=True),
              dict(lr=0.1, lr_decay=0.01)),
     _adagrad("adagrad-lr_decay-wd-init_acc", dict(lr=0.05, lr_decay=0.02, weight_decay=0.01,
@@ -691,7 +698,8 @@ ROWS: list[Row] = [
     # RMSprop
     _rmsprop("rmsprop-default", dict(lr=0.01), dict(alpha=0.9)),
     _rmsprop("rmsprop-centered", dict(lr=0.01, centered=True), dict(alpha=0.8, eps=1e-4)),
-    _rmsprop("rmsprop-momentum-wd", dict(lr=0.01, momentum=0.9, weight_decay=0.1), dict(momentum=0.0, weight_decay=0.0)),
+    _rmsprop("rmsprop-momentum-wd", dict(lr=0.01, momentum=0.9, weight_decay=0.1),
+             dict(momentum=0.0, weight_decay=0.0)),
     _rmsprop("rmsprop-centered-momentum-wd-maximize",
              dict(lr=0.005, alpha=0.95, centered=True, momentum=0.5, weight_decay=0.05, maximize=True),
              dict(lr=0.01, momentum=0.8)),
@@ -703,7 +711,8 @@ ROWS: list[Row] = [
              dict(lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.02, momentum=0.0, centered=True), dict(lr=0.005)),
     # Adadelta
     _adadelta("adadelta-default", dict(), dict(lr=0.5)),
-    _adadelta("adadelta-rho-eps-wd", dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.1), dict(rho=0.95, weight_decay=0.0)),
+    _adadelta("adadelta-rho-eps-wd", dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.1),
+              dict(rho=0.95, weight_decay=0.0)),
     _adadelta("adadelta-maximize", dict(lr=1.0, maximize=True), dict(lr=0.3, eps=1e-3)),
     # eps 1e-6 against g^2 (1 - rho): at the first step G's two paths cancel to 2e-10 of each
     _adadelta("adadelta-rho-wd", dict(lr=0.5, rho=0.8, weight_decay=0.01), dict(lr=0.25), floors=adadelta_floors),
@@ -880,7 +889,7 @@ ROWS += [
           skips={"step-random": "random learning rates scale the bfloat16 drift past any fixed tolerance",
                  "fd": "finite differences of bfloat16 steps measure their rounding, not their derivative",
                  **{k: _SAME_STEP_AS_MUON_DEFAULT for k in ("vjp", "dot", "vjp-random", "hypergrad",
-                                                            "hypergrad-random")}}),
+                                                            "hypergrad-random", "jvp", "jvp-random")}}),
 ]
 
 #: Built-in optimizers tested outside this table for now, with where.
@@ -919,7 +928,8 @@ def built_in_classes() -> list[type]:
 
 __all__ = [
     "ANY_SHAPE", "DTYPE", "FiniteDifferences", "GRANULARITIES", "KERNELS", "MATRICES", "NOT_IN_THE_TABLE", "ORACLES",
-    "ROWS", "Range", "Row", "Shapes", "Tolerances", "adadelta_floors", "adagrad_floors", "adam_floors", "adamax_floors", "assert_rel",
+    "ROWS", "Range", "Row", "Shapes", "Tolerances", "adadelta_floors", "adagrad_floors", "adam_floors",
+    "adamax_floors", "assert_rel",
     "built_in_classes", "default_range", "learn", "nadam_floors", "params", "random_like", "random_variant",
     "rel_err", "rmsprop_floors", "row", "rows", "tensor_keys", "untie_amsgrad",
     "FACTORED", "adafactor_floors", "newtonschulz_float64", "without_bfloat16_cast",

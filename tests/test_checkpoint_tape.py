@@ -36,6 +36,7 @@ def _hypergrads(arch: str, opt_name: str, J: int, memory: Any, hvp: str = "rev",
     return up.hypergradient(batches, val).hypergrads, up
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("arch, opt_name, hvp", [("dropout", "sgd", "rev"), ("mlp_bn", "adam", "rev"),
                                                   ("conv_bn", "sgd", "fwd"), ("dropout", "adam", "fwd")])
@@ -48,7 +49,8 @@ def test_checkpointed_tape_is_bit_identical_to_the_full_tape(arch: str, opt_name
         assert bit_identical(full, ours), memory
 
 
-@pytest.mark.parametrize("J, slots", [(1, 1), (7, 1), (20, 2), (33, 3), (50, 5), (12, 12), (12, 40)])
+@pytest.mark.parametrize("J, slots", [(1, 1), (7, 1), *[pytest.param(J, s, marks=pytest.mark.slow) for J, s in
+                                                     ((20, 2), (33, 3), (50, 5))], (12, 12), (12, 40)])
 def test_recomputation_is_optimal_and_slots_are_bounded(J: int, slots: int) -> None:
     _, up = _hypergrads("mlp", "sgd", J, Memory(slots=slots))
     stats = up.last_tape_stats
@@ -179,6 +181,7 @@ def test_keep_graphs_option_errors() -> None:
                          learn=["lr"], memory=memory, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory, kept", [(Memory(slots=3), 4), (Memory(every=3), 4)], ids=["binomial", "every-k"])
 def test_the_last_step_of_an_advance_keeps_its_graph(memory: Memory, kept: int) -> None:
     """Note [The last step of an advance]: a step whose gradient an advance computes right before

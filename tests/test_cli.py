@@ -44,6 +44,7 @@ def _check_png(path: Path) -> None:
     assert data.startswith(PNG_MAGIC) and len(data) > 2000, f"{path} is not a non-empty PNG"
 
 
+@pytest.mark.slow
 def test_lr_tiny(tmp_path: Path, extras: None, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "lr"
     rc = main(["lr", "--epochs", "2", "--unroll", "2", "--width", "4", "--batch-size", "64", "--seeds", "1", "--out", str(out),
@@ -68,6 +69,7 @@ def test_lr_tiny(tmp_path: Path, extras: None, capsys: pytest.CaptureFixture[str
     _check_png(out / "lr_rates.png")
 
 
+@pytest.mark.slow
 def test_maml_tiny(tmp_path: Path, extras: None) -> None:
     out = tmp_path / "maml"
     rc = main(["maml", "--ways", "3", "--shots", "1,2", "--queries", "2", "--unroll", "2", "--meta-steps", "2",
@@ -129,6 +131,7 @@ def test_demo_still_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "validation loss" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_module_entry_point() -> None:
     done = subprocess.run([sys.executable, "-m", "gimli_bptt", "maml", "--help"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=60)
@@ -158,6 +161,7 @@ def test_maml_held_out_classes_tiny(tmp_path: Path, extras: None) -> None:
     assert "held-out classes" in (out / "maml.md").read_text()
 
 
+@pytest.mark.slow
 def test_lr_resumes_bit_identically_after_an_interrupt(tmp_path: Path, extras: None,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Interrupted in epoch 3 of the meta variant, resumed with --resume: the same numbers as a
@@ -194,6 +198,7 @@ def test_lr_resumes_bit_identically_after_an_interrupt(tmp_path: Path, extras: N
             assert a[key] == b[key], (variant, key)
 
 
+@pytest.mark.slow
 def test_lr_under_torchrun_with_two_ranks(tmp_path: Path, extras: None) -> None:
     """gimli-bptt lr under torchrun --nproc_per_node=2 (gloo on loopback): rank 0 writes the outputs."""
     import torch.distributed

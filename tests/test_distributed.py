@@ -268,6 +268,7 @@ def _check_failures(rank: int, world: int, out: str) -> None:
 FAIL_TIMEOUT_S = 6.0
 
 
+@pytest.mark.slow
 def test_failing_rank_makes_every_rank_fail_in_bounded_time(tmp_path: Any) -> None:
     world = 3
     _spawn(_check_failures, world, str(tmp_path), timeout_s=FAIL_TIMEOUT_S, bound_s=90)
@@ -279,7 +280,8 @@ def _check_exited_rank(rank: int, world: int, out: str) -> None:
     model = build_model("mlp", seed=1)
     w = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
     calls = {"calls": 0, "fail_at": 3 if rank == 1 else -1}
-    u = GimliUpdater(model, row("sgd-plain").for_model(model, grouped=False), functools.partial(_failing_loss, calls, w),
+    u = GimliUpdater(model, row("sgd-plain").for_model(model, grouped=False),
+                     functools.partial(_failing_loss, calls, w),
                      _val_loss, unroll=J, learn={"lr": "group"}, loss_params={"w": w})
     batches, val = _data()
     start = time.monotonic()

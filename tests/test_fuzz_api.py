@@ -84,6 +84,7 @@ def _rss_mib() -> float:
     return float("nan")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to read resident memory")
 def test_short_soak_does_not_leak() -> None:
     """200 meta steps (bench/soak.py runs 2,000 with a tighter bound): no graph survives a step."""

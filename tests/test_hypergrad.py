@@ -145,6 +145,7 @@ def _difference(f: Callable[[float], float], base: float, h: float, low: float |
     return (-3 * f(base) + 4 * f(base + h) - f(base + 2 * h)) / (2 * h)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("r", row_params("fd"))
 def test_hypergradient_matches_finite_differences_of_torch_optim(r: Row, float64_default: None) -> None:
     """An oracle independent of our step functions: every learnable hyperparameter (but the row's

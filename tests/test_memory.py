@@ -82,6 +82,7 @@ def _budget_cases(draw: st.DrawFn) -> tuple[str, int, torch.dtype, str, int, int
     return opt_name, J, dtype, regime, slots * state + draw(st.integers(0, state - 1)), slots
 
 
+@pytest.mark.slow
 @given(_budget_cases())
 def test_hypergradients_are_bit_identical_whatever_the_budget(case: tuple[str, int, torch.dtype, str, int, int]) -> None:
     opt_name, J, dtype, regime, budget, n = case

@@ -32,7 +32,7 @@ EXAMPLES = max(3, settings().max_examples // 5)
 def _settings() -> list[Any]:
     """(row, warmup torch steps, granularity, torch kernel): every granularity with the for-loop
     kernel, and torch's foreach and fused kernels (the defaults on accelerators) with float
-    hyperparameters; fused only from an empty state (slow on the CPU)."""
+    hyperparameters, marked slow; fused only from an empty state (slow on the CPU)."""
     out = []
     for row in ROWS:
         combos = [(w, g, "for_loop") for w in (0, 3) for g in GRANULARITIES]
@@ -40,7 +40,8 @@ def _settings() -> list[Any]:
         combos += [(0, "float", "fused")] if "fused" in row.step_kernels else []
         for w, g, k in combos:
             when = "from_empty_state" if w == 0 else "after_3_torch_steps"
-            out.append(pytest.param(row, w, g, k, id=f"{row.id}-{when}-{g}-{k}", marks=row.marks(f"step:{k}")))
+            marks = row.marks(f"step:{k}") + ([] if k == "for_loop" else [pytest.mark.slow])
+            out.append(pytest.param(row, w, g, k, id=f"{row.id}-{when}-{g}-{k}", marks=marks))
     return out
 
 

@@ -29,12 +29,13 @@ JIT_WARNING = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecate
 
 
 def _learn_sets() -> list[Any]:
-    """(row, learned names): each hyperparameter alone, and all of them together."""
+    """(row, learned names): all hyperparameters together, and each alone (marked slow)."""
     out = []
     for row in ROWS:
         names = row.impl.hyper_names
-        for learned_names, tag in [((n,), f"learn_{n}") for n in names] + [(names, "learn_all")]:
-            out.append(pytest.param(row, learned_names, id=f"{row.id}-{tag}", marks=row.marks("vjp")))
+        out.append(pytest.param(row, names, id=f"{row.id}-learn_all", marks=row.marks("vjp")))
+        out += [pytest.param(row, (n,), id=f"{row.id}-learn_{n}", marks=row.marks("vjp") + [pytest.mark.slow])
+                for n in names]
     return out
 
 
@@ -49,7 +50,8 @@ def test_vjp_matches_autograd(row: Row, learned_names: tuple[str, ...], granular
             theta, G, state, hyper = point(row, shape, WARMUPS[phase], gen, group)
             hyper = learn(hyper, learned_names, granularity, theta)
             sb = state_next_bar(row, theta, G, state, hyper, gen)
-            assert_vjp_matches(row, theta, G, state, hyper, random_like(shape, gen), sb, f"group {group}, shape {shape}")
+            assert_vjp_matches(row, theta, G, state, hyper, random_like(shape, gen), sb,
+                               f"group {group}, shape {shape}")
 
 
 @pytest.mark.parametrize("phase", list(WARMUPS))
