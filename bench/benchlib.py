@@ -1,0 +1,256 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Measurement helpers shared by ``bench_tasks.py`` and ``bench_modes.py``.
+
+They sit on top of ``bench_peers.py``'s own helpers, which are imported from it, not copied
+(``short_error``, ``vm_hwm_mib``, ``reset_peak``, ``cpu_times``, ``cpu_model``, ``versions``,
+``fmt_time``); what is here is what those two scripts need beyond them:
+
+- :class:`RunLog`: the date, the load average after each measured group, the CPU steal over
+  the run, and the Markdown header that records the machine and the versions;
+- :func:`write_section`: replaces one ``## ...`` section of ``bench/RESULTS.md``, keeping the others;
+- :func:`interleaved`: medians-ready wall times, every implementation warmed up once, then
+  ``repeats`` round-robin rounds in this process;
+- :func:`peak_growth`, :func:`serve` and :class:`ForkServer`: peak-RSS growth of one run in a
+  fresh process per row, forked from a server that only imported the libraries (the method of
+  ``bench_peers.MemoryServer``, for any script that says how to build a row from a request);
+- :func:`cosine`, :func:`fmt_mem`, :func:`fmt_times`.
+
+Usage (from a script in ``bench/``, which Python puts on ``sys.path``)::
+
+    import benchlib
+    log = benchlib.RunLog()
+    times, errors = benchlib.interleaved({"a": fn_a, "b": fn_b}, repeats=5)
+    server = benchlib.ForkServer(__file__, threads=1)      # the script answers ``--zygote``
+    mib = server.measure({"row": "a", "J": 20}).get("growth_mib")
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+import bench_peers as peers
+
+short_error = peers.short_error
+fmt_time = peers.fmt_time
+
+
+# ----------------------------------------------------------------------------- the run's record
+class RunLog:
+    """When the run started, the 1-min load average at each :meth:`mark`, and the CPU steal since the start."""
+
+    def __init__(self) -> None:
+        self.started = datetime.datetime.now(datetime.timezone.utc)
+        self.t0 = time.perf_counter()
+        self.loads: list[float] = [os.getloadavg()[0]]
+        self.steal0 = peers.cpu_times()
+
+    def mark(self) -> float:
+        """Records the current 1-min load average and returns it."""
+        self.loads.append(os.getloadavg()[0])
+        return self.loads[-1]
+
+    def steal(self) -> float:
+        """The share of CPU time the hypervisor took since the start (``/proc/stat``; 0 where unreadable)."""
+        s1 = peers.cpu_times()
+        return (s1[0] - self.steal0[0]) / max(1, s1[1] - self.steal0[1])
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def header(self, command: str, threads: int) -> list[str]:
+        """The Markdown lines that say how, when and where the numbers were measured."""
+        return [
+            f"Command: `{command}`  ",
+            f"Date: {self.started:%Y-%m-%d %H:%M} UTC; the whole run took {self.elapsed() / 60:.1f} min  ",
+            f"Machine: `{platform.platform()}`, {os.cpu_count()} CPUs (`{peers.cpu_model()}`), shared with other "
+            f"processes; Python {platform.python_version()}, `torch.set_num_threads({threads})`  ",
+            f"Versions: {peers.versions()}  ",
+            f"1-min load average at the start and after each measured group: "
+            f"{', '.join(f'{x:.1f}' for x in self.loads)}; CPU time taken by the hypervisor (steal, /proc/stat) "
+            f"during the run: {100 * self.steal():.0f}%",
+        ]
+
+    def banner(self, threads: int) -> str:
+        """One line for the console at the start."""
+        return (f"{peers.versions()}; {threads} threads, {os.cpu_count()} CPUs; "
+                f"load {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def write_section(path: Path, title: str, section: str) -> None:
+    """Replaces the section headed ``title`` (up to the next ``## `` heading) in ``path``, or appends it.
+
+    ``section`` starts with ``title``; every other section of the file is kept as it was.
+    """
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    pattern = re.compile(re.escape(title) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+# ----------------------------------------------------------------------------- time
+def interleaved(factories: Mapping[str, Callable[[], Callable[[], Any]]], repeats: int
+                ) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Wall times of each implementation, interleaved round-robin in this process.
+
+    ``factories[name]()`` builds the implementation (outside the timed region) and returns the
+    no-argument callable that is timed. Each is built and run once as a warm-up; then
+    ``repeats`` rounds run every implementation once each, in order, with a ``gc.collect()``
+    before each run. Returns ``(times, errors)``: the seconds of every timed run per name, and
+    the error of each implementation that raised while being built or warmed up.
+    """
+    fns: dict[str, Callable[[], Any]] = {}
+    errors: dict[str, str] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, make in factories.items():
+            try:
+                fn = make()
+                fn()  # warm-up
+                fns[name] = fn
+            except Exception as e:  # noqa: BLE001
+                errors[name] = short_error(e)
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                gc.collect()
+                t0 = time.perf_counter()
+                out = fn()
+                times[name].append(time.perf_counter() - t0)
+                del out
+    return times, errors
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+# ----------------------------------------------------------------------------- memory (fresh process per row)
+def peak_growth(fn: Callable[[], Any]) -> dict[str, Any]:
+    """Peak RSS over one call of ``fn`` minus the RSS just before it, in MiB (this process).
+
+    ``VmHWM`` is reset to the current RSS first (``bench_peers.reset_peak``), so an earlier
+    peak (a warm-up's) cannot hide this run's; where the kernel refuses the reset, the growth
+    is measured from the peak so far (a lower bound) and ``reset`` is False.
+    """
+    gc.collect()
+    reset = peers.reset_peak()
+    before = peers.vm_hwm_mib("VmRSS") if reset else peers.vm_hwm_mib()
+    out = fn()
+    after = peers.vm_hwm_mib()
+    del out
+    return {"before_mib": before, "after_mib": after, "growth_mib": after - before, "reset": reset}
+
+
+def serve(measure: Callable[[dict[str, Any]], dict[str, Any]], threads: int,
+          preload: Optional[Callable[[], None]] = None) -> None:
+    """The server side of :class:`ForkServer`: one forked child per JSON request line on stdin.
+
+    This process only imports the libraries (and runs ``preload``, e.g. an import that every
+    row needs); it never runs a benchmark, so each child starts with no allocator cache, no
+    autograd state and no lazily initialised kernels of another row. The child runs
+    ``measure(request)`` and writes its JSON answer back; a child that dies is reported as an error.
+    """
+    torch.set_num_threads(threads)
+    if preload is not None:
+        preload()
+    for line in sys.stdin:
+        req = json.loads(line)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    res = measure(req)
+            except BaseException as e:  # noqa: BLE001
+                res = {"error": short_error(e)}
+            with os.fdopen(w, "w") as f:
+                f.write(json.dumps(res))
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        if not data:
+            data = json.dumps({"error": f"child died (exit status {os.waitstatus_to_exitcode(status)})"})
+        print(data, flush=True)
+
+
+def preload_digits() -> None:
+    """Imports sklearn's digits loader (``bench_peers.maml_task``'s) once, before the server forks."""
+    from sklearn.datasets import load_digits  # noqa: F401
+
+
+class ForkServer:
+    """Runs ``python <script> --zygote --threads N`` once; :meth:`measure` sends it one request per row."""
+
+    def __init__(self, script: str, threads: int, extra: Iterable[str] = ()):
+        cmd = [sys.executable, os.path.abspath(script), "--zygote", "--threads", str(threads), *extra]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def measure(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else {"error": "memory server died"}
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait()
+
+    def __enter__(self) -> "ForkServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- numbers and formatting
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The cosine of the angle between two flat vectors, in float64 (nan if either is zero)."""
+    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    na, nb = a.norm().item(), b.norm().item()
+    if na == 0.0 or nb == 0.0:
+        return float("nan")
+    return float(a @ b) / (na * nb)
+
+
+def fmt_times(times: Optional[Sequence[float]]) -> str:
+    """``median [min-max]`` of a list of seconds, or ``-``."""
+    if not times:
+        return "-"
+    return f"{fmt_time(median(times))} [{fmt_time(min(times))}-{fmt_time(max(times))}]"
+
+
+def fmt_mem(mem: Any) -> str:
+    """MiB with one decimal, an error string as it is, or ``-``."""
+    if mem is None:
+        return "-"
+    return mem if isinstance(mem, str) else f"{mem:.1f} MiB"
+
+
+def fmt_err(err: Optional[float]) -> str:
+    return "-" if err is None else f"{err:.1e}"
+
+
+__all__ = ["ForkServer", "RunLog", "cosine", "fmt_err", "fmt_mem", "fmt_time", "fmt_times", "interleaved",
+           "median", "peak_growth", "preload_digits", "serve", "short_error", "write_section"]
