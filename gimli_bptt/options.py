@@ -16,6 +16,9 @@ from .optim.base import DiffOptimizer
 from .stepping import check_kernel_mode
 from .tasks import check_task_batch
 
+#: How the hypergradient is computed: Algorithm 1's reverse sweep, or tangents carried forwards.
+MODES = ("reverse", "forward")
+
 #: What a non-finite loss or hypergradient does (Note [Non-finite values] below).
 ON_NONFINITE = ("raise", "skip", "ignore")
 
@@ -44,6 +47,7 @@ class Options:
     tasks: Optional[int] = None
     first_order: bool = False
     truncate: Optional[int] = None
+    mode: str = "reverse"
 
     @property
     def window(self) -> int:
@@ -59,12 +63,13 @@ class Options:
         """The options a saved state must agree with to be loaded (memory and speed options may differ)."""
         return {"unroll": self.unroll, "learn_init": self.learn_init, "hvp": self.hvp, "commit": self.commit,
                 "on_nonfinite": self.on_nonfinite, "project": self.project, "tasks": self.tasks,
-                "first_order": self.first_order, "truncate": self.truncate}
+                "first_order": self.first_order, "truncate": self.truncate, "mode": self.mode}
 
 
 def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any, on_nonfinite: Any, project: Any,
                      memory: Any, progress: Any, lr_schedule: Any, kernels: Any, learn_init: Any,
-                     tasks: Any = None, first_order: Any = False, truncate: Any = None, check_finite: Any = None, checkpoint: Any = None, memory_budget: Any = None,
+                     tasks: Any = None, first_order: Any = False, truncate: Any = None, mode: Any = "reverse",
+                     check_finite: Any = None, checkpoint: Any = None, memory_budget: Any = None,
                      keep_graphs: Any = None) -> Options:
     """Checks every option and folds the deprecated ones into their replacements.
 
@@ -117,6 +122,17 @@ def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any,
                 "window (only the last K steps are differentiated), so its hypergradient would be zero; use "
                 "truncate=None (or truncate=unroll) to learn θ_0"
             )
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "forward":
+        if truncate is not None:
+            raise ValueError("truncate= and mode='forward' contradict each other: forward mode carries the tangents "
+                             "from step 0 and keeps no tape to truncate; use one of them")
+        if tasks is not None:
+            raise ValueError("mode='forward' does not take tasks= yet: use mode='reverse' for a meta-batch of tasks")
+        if learn_init:
+            raise ValueError("mode='forward' carries one tangent per learned scalar, and θ_0 has as many as the model "
+                             "has weights: learn θ_0 with mode='reverse'")
     check_kernel_mode(impl, kernels)
     plan = memory_from_deprecated(memory, checkpoint, memory_budget, keep_graphs)
     if plan.keep_graphs and first_order:
@@ -131,7 +147,7 @@ def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any,
         raise ValueError(f"lr_schedule needs an optimizer with a learning rate; {impl.name} has none")
     return Options(unroll=unroll, hvp=hvp, commit=bool(commit), on_nonfinite=on_nonfinite, project=bool(project),
                    memory=plan, progress=progress, lr_schedule=lr_schedule, kernels=kernels,
-                   learn_init=bool(learn_init), tasks=tasks, first_order=first_order, truncate=truncate)
+                   learn_init=bool(learn_init), tasks=tasks, first_order=first_order, truncate=truncate, mode=mode)
 
 
 def check_callables(train_loss: Any, val_loss: Any) -> None:
@@ -257,6 +273,7 @@ def build_meta_optimizer(meta_opt: Optional[MetaOptFactory], leaves: Sequence[Te
 __all__ = [
     "InnerParameters",
     "MetaOptFactory",
+    "MODES",
     "ON_NONFINITE",
     "Options",
     "build_meta_optimizer",

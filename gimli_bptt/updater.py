@@ -24,7 +24,9 @@ from .problem import InnerProblem, LossFn
 from .progress import Progress
 from .stepping import step_all
 from .tasks import stack, stack_state
-from .sweep import reverse_sweep
+from .sweep import reverse_sweep, validation_gradient
+from .forward import (MAX_DIRECTIONS, Directions, Tangents, as_hypergrads, directional_hypergradients, directions,
+                      forward_unroll)
 from .tape import InnerState, Tape, TapeResult, advance_untaped
 from .transaction import Transaction
 
@@ -126,6 +128,12 @@ class GimliUpdater:
             in :mod:`gimli_bptt.sweep`): H_j·Ḡ_j and the mixed second derivatives of the loss
             parameters are dropped, the optimizer's own Jacobians are kept; no gradient graph is
             built. Loss parameters then get only the direct term of L_val.
+        mode: ``"reverse"`` (default): Algorithm 1's tape and reverse sweep. ``"forward"``: the
+            tangents dθ_j/dφ are carried along the inner loop (Note [Forward-mode
+            hypergradients] in :mod:`gimli_bptt.forward`): no tape, memory independent of J, and
+            online hypergradients during real training (:meth:`train_step`,
+            :meth:`online_hypergradient`, :meth:`online_step`); for at most 64 learned scalars
+            at group or tensor granularity (no loss parameters, no θ_0), equal to reverse mode.
         truncate: K: differentiate only the last K inner steps (truncated back-propagation,
             Shaban et al., 2019): the first J - K steps run without a tape, θ'_{J-K} and the
             optimizer state there are constants, and the hyperparameters' cotangents come from
@@ -171,7 +179,8 @@ class GimliUpdater:
                  commit: bool = False, on_nonfinite: str = "raise", project: bool = True,
                  progress: Optional[bool] = None, lr_schedule: Optional[Callable[[int], float]] = None,
                  kernels: str = "auto", tasks: Optional[int] = None, first_order: bool = False,
-                 truncate: Optional[int] = None, process_group: Any = None, checkpoint: Any = None,
+                 truncate: Optional[int] = None, mode: str = "reverse", process_group: Any = None,
+                 checkpoint: Any = None,
                  memory_budget: Optional[int] = None, keep_graphs: Optional[bool] = None,
                  check_finite: Optional[bool] = None):
         if not isinstance(model, nn.Module):
@@ -183,7 +192,7 @@ class GimliUpdater:
         self.options = validate_options(
             self.impl, unroll=unroll, hvp=hvp, commit=commit, on_nonfinite=on_nonfinite, project=project,
             memory=memory, progress=progress, lr_schedule=lr_schedule, kernels=kernels, learn_init=learn_init,
-            tasks=tasks, first_order=first_order, truncate=truncate, check_finite=check_finite, checkpoint=checkpoint, memory_budget=memory_budget, keep_graphs=keep_graphs)
+            tasks=tasks, first_order=first_order, truncate=truncate, mode=mode, check_finite=check_finite, checkpoint=checkpoint, memory_budget=memory_budget, keep_graphs=keep_graphs)
         inner = inner_parameters(model, opt, self.impl)
         self.model, self.opt, self.train_loss, self.val_loss = model, opt, train_loss, val_loss
         self._names, self._params, self._frozen_names = inner.names, inner.params, inner.frozen_names
@@ -194,11 +203,15 @@ class GimliUpdater:
         self.loss_params = check_loss_params(loss_params, self._ref)
         if not self.learn and not self.loss_params and not self.options.learn_init:
             raise ValueError("nothing to meta-learn: give learn={...}, loss_params={...} or learn_init=True")
+        if self.options.mode == "forward":
+            self._check_forward()
         self.phi = MetaParameters(self.hyper, self.loss_params, model, self._names, self._frozen_names,
                                   self.options.learn_init)
         self.meta_opt = build_meta_optimizer(meta_opt, self.phi.leaves())
         self.meta_steps = 0
         self.skipped_steps = 0
+        self._online: Optional[Tangents] = None  # the tangents train_step carries (mode="forward")
+        self._online_losses: list[Tensor] = []
         self.last_tape_stats: Optional[TapeStats] = None
         self._hvp_fallback = False
         self._sizes: dict[tuple, int] = {}
@@ -282,6 +295,8 @@ class GimliUpdater:
         batches = check_batches(train_batches, self.unroll, self.tasks, val_batch)
         if self._reducer is not None:
             self._reducer.reset()
+        if self.options.mode == "forward":
+            return self._compute_forward(batches, val_batch)
         problem = self._problem(self.tasks)  # [Alg.1 L2]
         start = InnerState(*self._initial_state(self.tasks))  # [Alg.1 L3]
         first_order, K = self.options.first_order, self.options.window
@@ -337,6 +352,83 @@ class GimliUpdater:
         assert mean_val is not None
         return result, mean_val
 
+    # ----------------------------------------------------------------- forward mode
+    def _check_forward(self) -> None:
+        """What forward mode carries tangents for: the scalars of φ_opt (Note [Forward-mode hypergradients])."""
+        element = [n for n, g in self.learn.items() if g == "element"]
+        if element:
+            raise ValueError(f"mode='forward' carries one tangent per learned scalar; {', '.join(element)} is learned per "
+                             "element (as many scalars as weights): use granularity 'group' or 'tensor', or mode='reverse'")
+        if self.loss_params:
+            raise ValueError("mode='forward' learns the optimizer's hyperparameters only; learn loss_params with "
+                             "mode='reverse'")
+        if not self.learn:
+            raise ValueError("mode='forward' needs learned hyperparameters: give learn={...}")
+        m = len(directions(self.hyper, self._ref).names)
+        if m > MAX_DIRECTIONS:
+            raise ValueError(f"mode='forward' would carry {m} tangents (at most {MAX_DIRECTIONS}; each costs a "
+                             "Hessian-vector product per step): learn fewer scalars, or use mode='reverse'")
+
+    def _forward_result(self, problem: InnerProblem, end: TapeResult, tangents: Tangents, dirs: Directions,
+                        val_batch: Any) -> MetaStepResult:
+        L, _, B, _ = validation_gradient(problem, end, self.val_loss, val_batch, len(end.losses))  # [Alg.1 L9]
+        hypergrads: dict[str, Hypergrad] = dict(as_hypergrads(directional_hypergradients(B, tangents), dirs, self.hyper))
+        nonfinite = MetaParameters.nonfinite(hypergrads) if self.options.check_finite else []
+        return MetaStepResult(L, hypergrads, end.losses, nonfinite=nonfinite)
+
+    def _compute_forward(self, batches: list[Any], val_batch: Any) -> tuple[MetaStepResult, TapeResult]:
+        problem = self._problem()
+        theta, state, buffers = self._initial_state()
+        dirs = directions(self.hyper, self._ref)
+        show = self.options.progress if self.options.progress is not None else (None if self.unroll >= 100 else False)
+        with Progress(self.unroll, "forward mode", enabled=show) as bar:
+            theta, state, buffers, tangents, losses = forward_unroll(
+                problem, theta, state, buffers, batches, dirs, not self.options.first_order, tick=bar.update)
+        end = TapeResult(theta, state, buffers, losses)
+        self.last_tape_stats = TapeStats(schedule="forward", forward_steps=self.unroll, max_slots_used=1,
+                                         graphs_kept=0, graph_bytes=None, state_bytes=None, budget=None)
+        return self._forward_result(problem, end, tangents, dirs, val_batch), end
+
+    def reset_tangents(self) -> None:
+        """Forgets the trajectory that :meth:`online_hypergradient` differentiates (mode="forward")."""
+        self._online = None
+        self._online_losses = []
+
+    def online_hypergradient(self, val_batch: Any) -> MetaStepResult:
+        """dL_val/dφ at the model's current parameters, through every :meth:`train_step` since the
+        last :meth:`reset_tangents` (mode="forward"; Note [Forward-mode hypergradients]).
+
+        Equals reverse mode over the same trajectory: ``hypergradient(batches, val_batch)`` from
+        the model and optimizer state of the reset, with the batches ``train_step`` took.
+        Changes nothing.
+        """
+        if self.options.mode != "forward":
+            raise RuntimeError("online_hypergradient needs GimliUpdater(..., mode='forward')")
+        problem = self._problem()
+        theta, state, buffers = self._initial_state()
+        tangents = self._online if self._online is not None else Tangents.zeros(theta, state, directions(
+            self.hyper, self._ref).m)
+        losses = torch.stack(self._online_losses) if self._online_losses else torch.zeros(0, dtype=self._ref.dtype)
+        return self._forward_result(problem, TapeResult(theta, state, buffers, losses), tangents,
+                                    directions(self.hyper, self._ref), val_batch)
+
+    def online_step(self, val_batch: Any, decay: float = 0.0) -> MetaStepResult:
+        """One meta update from :meth:`online_hypergradient` ([Alg.1 L16], a transaction), then the
+        tangents are multiplied by ``decay`` (0: reset, the default; between 0 and 1: Franceschi
+        et al.'s real-time hyperparameter optimisation, which forgets the trajectory gradually)."""
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        result = self.online_hypergradient(val_batch)
+        if result.nonfinite:
+            raise NonFiniteError(f"non-finite online hypergradient for {', '.join(result.nonfinite)}; nothing was updated")
+        self._apply(result, None)
+        self.meta_steps += 1
+        if decay == 0.0 or self._online is None:
+            self.reset_tangents()
+        else:
+            self._online = self._online.scaled(decay)
+        return result
+
     def _state_bytes(self, start: InnerState, problem: InnerProblem, keep_G: bool) -> int:
         """:func:`~gimli_bptt.memory.state_bytes`, computed once for the shapes, dtypes and buffers it sees
         (the fixed hyperparameters, which decide which state entries exist, do not change)."""
@@ -384,7 +476,7 @@ class GimliUpdater:
                      ) -> Transaction:
         return Transaction(self.phi.leaves(), self.meta_opt, self.opt, self.hyper, model, tell_peers)
 
-    def _apply(self, result: MetaStepResult, end: TapeResult) -> None:
+    def _apply(self, result: MetaStepResult, end: Optional[TapeResult]) -> None:
         """[Alg.1 L16] as a transaction: on any exception everything is restored, then re-raised."""
         reducer = self._reducer
         agreeing = False
@@ -403,7 +495,7 @@ class GimliUpdater:
             if self.options.project:
                 self.hyper.project()
             self.hyper.write_back(self.opt.param_groups)
-            if self.options.commit:
+            if self.options.commit and end is not None:
                 self._commit(end)
             agreeing = True
             if reducer is not None:
@@ -491,18 +583,32 @@ class GimliUpdater:
         if self._reducer is not None:
             self._reducer.reset()
         problem = self._problem()  # one ordinary batch; distributed: G averaged over the ranks, as DDP does
+        problem.lr_schedule = None  # a schedule shapes the steps of an unroll, not real training
         buffers = {n: b for n, b in self.model.named_buffers() if b is not None}
         theta = [p.detach() for p in self._params]
         state = [self.impl.import_state(self.opt.state.get(p, {}), p, h) for p, h in zip(self._params, self.hyper.fixed)]
-        grad = problem.step_gradient(theta, buffers, batch, 0)
+        if self.options.mode == "forward":  # carry the tangents along the real training steps
+            dirs = directions(self.hyper, self._ref)
+            theta_next, state_next, stepped, self._online, losses = forward_unroll(
+                problem, theta, state, buffers, [batch], dirs, not self.options.first_order, self._online)
+            with torch.no_grad():
+                for name, b in stepped.items():  # the running statistics move as in training
+                    buffers[name].copy_(b)
+            self._online_losses.append(losses[0])
+            loss = losses[0]
+            G = [None if tn is t else tn for tn, t in zip(theta_next, theta)]  # untouched: not in the loss
+        else:
+            grad = problem.step_gradient(theta, buffers, batch, 0)
+            with torch.no_grad():
+                theta_next, state_next = step_all(self.impl, theta, grad.G, state, problem.hyper, self.options.kernels)
+            loss, G = grad.loss, grad.G
         with torch.no_grad():
-            theta_next, state_next = step_all(self.impl, theta, grad.G, state, problem.hyper, self.options.kernels)
-            for p, t, s, g in zip(self._params, theta_next, state_next, grad.G):
+            for p, t, s, g in zip(self._params, theta_next, state_next, G):
                 if g is None:
                     continue
                 p.copy_(t)
                 self.opt.state[p] = self.impl.export_state(s, p)
-        return grad.loss
+        return loss
 
     def __repr__(self) -> str:
         learned = ", ".join(f"{k}:{v}" for k, v in self.learn.items())
