@@ -49,17 +49,20 @@ def _ext_modules():
     kwargs = dict(include_dirs=ops.include_dirs(), extra_link_args=list(ops.LD_FLAGS))
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
-            "gimli_bptt._C", sources, extra_compile_args={"cxx": ops.cxx_flags(True), "nvcc": list(ops.NVCC_FLAGS)},
+            "gimli_bptt._C", sources, extra_compile_args={"cxx": ops.cxx_flags(True) + ["-g0"], "nvcc": list(ops.NVCC_FLAGS)},
             **kwargs)
     else:
-        ext = cpp_extension.CppExtension("gimli_bptt._C", sources, extra_compile_args={"cxx": ops.cxx_flags(False)},
+        # -g0: no debug information (setuptools adds Python's -g, which only slows the compile down)
+        ext = cpp_extension.CppExtension("gimli_bptt._C", sources, extra_compile_args={"cxx": ops.cxx_flags(False) + ["-g0"]},
                                          **kwargs)
     filename = ops.prebuilt_filename(torch.__version__)
 
     class BuildExt(cpp_extension.BuildExtension):
         def get_ext_filename(self, ext_name):
+            # setuptools asks with the full name or with its last part, depending on the caller
             default = super().get_ext_filename(ext_name)
-            return os.path.join(os.path.dirname(default), filename) if ext_name == "gimli_bptt._C" else default
+            ours = ext_name in ("gimli_bptt._C", "_C")
+            return os.path.join(os.path.dirname(default), filename) if ours else default
 
         def run(self):
             print(f"gimli_bptt: compiling the fused optimizer kernels for torch {torch.__version__} at install "
