@@ -57,6 +57,28 @@ class Directions:
         return len(self.names)
 
 
+def check_learnable(phi_opt: OptimizerHyperparameters, loss_params: dict[str, Tensor]) -> None:
+    """What forward mode carries tangents for: the scalars of φ_opt (Note [Forward-mode hypergradients]).
+
+    Raises:
+        ValueError: element granularity, loss parameters, nothing learned, or more than
+            :data:`MAX_DIRECTIONS` scalars; each message says to use reverse mode.
+    """
+    element = [n for n, g in phi_opt.learn.items() if g == "element"]
+    if element:
+        raise ValueError(f"mode='forward' carries one tangent per learned scalar; {', '.join(element)} is learned per "
+                         "element (as many scalars as weights): use granularity 'group' or 'tensor', or mode='reverse'")
+    if loss_params:
+        raise ValueError("mode='forward' learns the optimizer's hyperparameters only; learn loss_params with "
+                         "mode='reverse'")
+    if not phi_opt.learn:
+        raise ValueError("mode='forward' needs learned hyperparameters: give learn={...}")
+    m = sum(phi_opt.num_groups if g == "group" else len(phi_opt.group_of) for g in phi_opt.learn.values())
+    if m > MAX_DIRECTIONS:
+        raise ValueError(f"mode='forward' would carry {m} tangents (at most {MAX_DIRECTIONS}; each costs a "
+                         "Hessian-vector product per step): learn fewer scalars, or use mode='reverse'")
+
+
 def directions(phi_opt: OptimizerHyperparameters, like: Tensor) -> Directions:
     """One direction per learned scalar of ``phi_opt`` (group or tensor granularity)."""
     names: list[tuple[str, int]] = []
@@ -222,5 +244,5 @@ def forward_unroll(problem: InnerProblem, theta: list[Tensor], state: list[State
     return theta, state, buffers, tangents, stacked
 
 
-__all__ = ["Directions", "MAX_DIRECTIONS", "Tangents", "as_hypergrads", "directional_hypergradients",
+__all__ = ["Directions", "MAX_DIRECTIONS", "Tangents", "as_hypergrads", "check_learnable", "directional_hypergradients",
            "directions", "forward_step", "forward_unroll", "hessian_tangents"]

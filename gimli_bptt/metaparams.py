@@ -7,7 +7,7 @@ and B_0 into one ``{name: hypergradient}`` dict ([Alg.1 L16] joins them back).
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +82,21 @@ class MetaParameters:
         if self.learn_init:
             out += [hypergrads[f"init.{n}"] for n, _ in self.model.named_parameters()]  # type: ignore[misc]
         return out
+
+    def mean_over_ranks(self, reducer: Any, hypergrads: dict[str, Hypergrad], val_loss: Tensor
+                        ) -> tuple[dict[str, Hypergrad], Tensor]:
+        """The hypergradients and L_val averaged over the ranks in one collective (distributed tasks:
+        each rank's hypergradient is the mean over its own tasks)."""
+        names = [n for n, _ in self.named()]
+        flat = self.grads_in_order(hypergrads)
+        out = reducer.mean([val_loss] + flat, [val_loss] + flat, "the hypergradients of the ranks' tasks")
+        mean_val, by_leaf = out[0], dict(zip(names, out[1:]))
+        result: dict[str, Hypergrad] = {}
+        for name, value in hypergrads.items():
+            result[name] = ([by_leaf[n] for n in names if n.startswith(name + ".")] if isinstance(value, list)
+                            else by_leaf[name])  # type: ignore[assignment]
+        assert mean_val is not None
+        return result, mean_val
 
     @staticmethod
     def nonfinite(hypergrads: dict[str, Hypergrad]) -> list[str]:

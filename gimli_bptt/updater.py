@@ -2,19 +2,18 @@
 """GimliUpdater: the outer loop of Algorithm 1 ([Alg.1 L1]-[Alg.1 L3] and [Alg.1 L16]) around a stock module and optimizer."""
 from __future__ import annotations
 
-import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from . import saving
 from .distributed import Reducer, agree, check_replicas, resolve_process_group
 from .errors import DistributedError, NonFiniteError
 from .functional import clone_buffers
 from .hyper import OptimizerHyperparameters, parse_learn
-from .memory import Memory, TapeStats, plan_tape, resolve_budget, state_bytes
+from .memory import Memory, TapeStats, resolve_budget, state_bytes
 from .metaparams import Hypergrad, MetaParameters
 from .optim import get_optimizer
 from .options import (MetaOptFactory, build_meta_optimizer, check_batches, check_callables, check_loss_params,
@@ -24,10 +23,11 @@ from .problem import InnerProblem, LossFn
 from .progress import Progress
 from .stepping import step_all
 from .tasks import stack, stack_state
-from .sweep import reverse_sweep, validation_gradient
-from .forward import (MAX_DIRECTIONS, Directions, Tangents, as_hypergrads, directional_hypergradients, directions,
+from .reverse import reverse_hypergradient
+from .sweep import validation_gradient
+from .forward import (Directions, Tangents, as_hypergrads, check_learnable, directional_hypergradients, directions,
                       forward_unroll)
-from .tape import InnerState, Tape, TapeResult, advance_untaped
+from .tape import InnerState, TapeResult
 from .transaction import Transaction
 
 
@@ -192,7 +192,8 @@ class GimliUpdater:
         self.options = validate_options(
             self.impl, unroll=unroll, hvp=hvp, commit=commit, on_nonfinite=on_nonfinite, project=project,
             memory=memory, progress=progress, lr_schedule=lr_schedule, kernels=kernels, learn_init=learn_init,
-            tasks=tasks, first_order=first_order, truncate=truncate, mode=mode, check_finite=check_finite, checkpoint=checkpoint, memory_budget=memory_budget, keep_graphs=keep_graphs)
+            tasks=tasks, first_order=first_order, truncate=truncate, mode=mode, check_finite=check_finite,
+            checkpoint=checkpoint, memory_budget=memory_budget, keep_graphs=keep_graphs)
         inner = inner_parameters(model, opt, self.impl)
         self.model, self.opt, self.train_loss, self.val_loss = model, opt, train_loss, val_loss
         self._names, self._params, self._frozen_names = inner.names, inner.params, inner.frozen_names
@@ -204,7 +205,7 @@ class GimliUpdater:
         if not self.learn and not self.loss_params and not self.options.learn_init:
             raise ValueError("nothing to meta-learn: give learn={...}, loss_params={...} or learn_init=True")
         if self.options.mode == "forward":
-            self._check_forward()
+            check_learnable(self.hyper, self.loss_params)
         self.phi = MetaParameters(self.hyper, self.loss_params, model, self._names, self._frozen_names,
                                   self.options.learn_init)
         self.meta_opt = build_meta_optimizer(meta_opt, self.phi.leaves())
@@ -299,76 +300,22 @@ class GimliUpdater:
             return self._compute_forward(batches, val_batch)
         problem = self._problem(self.tasks)  # [Alg.1 L2]
         start = InnerState(*self._initial_state(self.tasks))  # [Alg.1 L3]
-        first_order, K = self.options.first_order, self.options.window
-        keep_G = self.hvp == "fwd" or first_order  # the sweep needs G_j but no graph
-        size = self._state_bytes(start, problem, keep_G) if self.memory.needs_state_bytes else None
-        budget, source = self._budget if self._reducer is not None else resolve_budget(self.memory, self._ref.device)
-        plan = plan_tape(self.memory, K, "none" if first_order else self.hvp, size, budget)
-        show = self.options.progress if self.options.progress is not None else (None if self.unroll >= 100 else False)
-        bar = Progress(self.unroll + K + plan.recomputed_steps, "unroll", enabled=show)
-        try:
-            prefix: list[Tensor] = []
-            if K < self.unroll:  # truncated: the first J - K steps leave no tape
-                start, prefix = advance_untaped(problem, start, batches[: self.unroll - K])
-                problem.check_losses(torch.stack(prefix))  # on an accelerator: Note [Deferred finiteness check]
-            tape = Tape(problem, start, batches[self.unroll - K:], plan, keep_G=keep_G, progress=bar,
-                        offset=self.unroll - K)
-            end = tape.forward()  # [Alg.1 L4]-[Alg.1 L7]
-            if prefix:
-                end = TapeResult(end.theta, end.state, end.buffers, torch.cat([torch.stack(prefix), end.losses]))
-            swept = reverse_sweep(problem, self.hyper, end, tape.entries_reversed(), self.val_loss, val_batch,
-                                  self.hvp, second_order=not first_order)  # [Alg.1 L8]-[Alg.1 L15]
-        finally:
-            bar.close()
+        budget = self._budget if self._reducer is not None else resolve_budget(self.memory, self._ref.device)
+        swept, end, self.last_tape_stats = reverse_hypergradient(  # [Alg.1 L4]-[Alg.1 L15]
+            problem, start, batches, self.hyper, self.val_loss, val_batch, memory=self.memory, budget=budget,
+            state_bytes=lambda keep_G: self._state_bytes(start, problem, keep_G), hvp=self.hvp,
+            first_order=self.options.first_order, window=self.options.window, progress=self.options.progress)
         self._hvp_fallback = problem.hvp_fallback
-        recomputed = tape.forward_steps > K
-        self.last_tape_stats = TapeStats(
-            schedule="checkpointed" if recomputed else "graphs" if tape.graphs_kept else "full",
-            forward_steps=tape.forward_steps, max_slots_used=tape.max_slots_used, graphs_kept=tape.graphs_kept,
-            graph_bytes=tape.graph_bytes, state_bytes=size, budget=budget, budget_source=source)
         theta0_bar = swept.theta0_bar if self.tasks is None else [b.sum(0) for b in swept.theta0_bar]
         hypergrads = self.phi.hypergradients(swept.A_opt, swept.A_loss, theta0_bar)
         val_loss = swept.val_loss
         if self.tasks is not None and self._reducer is not None:  # tasks sharded over ranks: average at the end
-            hypergrads, val_loss = self._mean_over_ranks(hypergrads, val_loss)
+            hypergrads, val_loss = self.phi.mean_over_ranks(self._reducer, hypergrads, val_loss)
         nonfinite = MetaParameters.nonfinite(hypergrads) if self.options.check_finite else []
         return MetaStepResult(val_loss, hypergrads, end.losses, nonfinite=nonfinite,
                               task_val_losses=swept.task_val_losses), end
 
-    def _mean_over_ranks(self, hypergrads: dict[str, Hypergrad], val_loss: Tensor) -> tuple[dict[str, Hypergrad], Tensor]:
-        """Distributed tasks: the hypergradients and L_val averaged over the ranks, in one collective."""
-        assert self._reducer is not None
-        names = [n for n, _ in self.phi.named()]
-        flat = self.phi.grads_in_order(hypergrads)
-        out = self._reducer.mean([val_loss] + flat, [val_loss] + flat, "the hypergradients of the ranks' tasks")
-        mean_val, means = out[0], out[1:]
-        by_leaf = dict(zip(names, means))
-        result: dict[str, Hypergrad] = {}
-        for name, value in hypergrads.items():
-            if isinstance(value, list):
-                result[name] = [by_leaf[n] for n in names if n.startswith(name + ".")]  # type: ignore[misc]
-            else:
-                result[name] = by_leaf[name]  # type: ignore[assignment]
-        assert mean_val is not None
-        return result, mean_val
-
     # ----------------------------------------------------------------- forward mode
-    def _check_forward(self) -> None:
-        """What forward mode carries tangents for: the scalars of φ_opt (Note [Forward-mode hypergradients])."""
-        element = [n for n, g in self.learn.items() if g == "element"]
-        if element:
-            raise ValueError(f"mode='forward' carries one tangent per learned scalar; {', '.join(element)} is learned per "
-                             "element (as many scalars as weights): use granularity 'group' or 'tensor', or mode='reverse'")
-        if self.loss_params:
-            raise ValueError("mode='forward' learns the optimizer's hyperparameters only; learn loss_params with "
-                             "mode='reverse'")
-        if not self.learn:
-            raise ValueError("mode='forward' needs learned hyperparameters: give learn={...}")
-        m = len(directions(self.hyper, self._ref).names)
-        if m > MAX_DIRECTIONS:
-            raise ValueError(f"mode='forward' would carry {m} tangents (at most {MAX_DIRECTIONS}; each costs a "
-                             "Hessian-vector product per step): learn fewer scalars, or use mode='reverse'")
-
     def _forward_result(self, problem: InnerProblem, end: TapeResult, tangents: Tangents, dirs: Directions,
                         val_batch: Any) -> MetaStepResult:
         L, _, B, _ = validation_gradient(problem, end, self.val_loss, val_batch, len(end.losses))  # [Alg.1 L9]
@@ -515,10 +462,6 @@ class GimliUpdater:
                 self.opt.state[p] = exported
 
     # ----------------------------------------------------------------- saving and resuming
-    def _saved_options(self) -> dict[str, Any]:
-        return {"optimizer": self.impl.name, "learn": dict(self.learn), "loss_params": sorted(self.loss_params),
-                **self.options.saved()}
-
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume meta-training: φ, the meta optimizer's state, counters, options.
 
@@ -528,13 +471,7 @@ class GimliUpdater:
         functions are code, not state: pass the same ones when rebuilding. Every value is a
         tensor or a plain Python value, so ``torch.load(..., weights_only=True)`` reads it.
         """
-        return {
-            "phi": {name: t.detach().clone() for name, t in self.phi.named()},
-            "meta_opt": copy.deepcopy(self.meta_opt.state_dict()),
-            "counters": {"meta_steps": self.meta_steps, "skipped_steps": self.skipped_steps},
-            "options": {**self._saved_options(), "memory": dataclasses.asdict(self.memory)},
-            "hvp_fallback": self._hvp_fallback,
-        }
+        return saving.state_dict(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restores what :meth:`state_dict` saved into an updater built with the same options.
@@ -546,28 +483,7 @@ class GimliUpdater:
             ValueError: the saved options, or the names and shapes of φ, differ from this
                 updater's (the message names each difference); nothing is changed then.
         """
-        for key in ("phi", "meta_opt", "counters", "options"):
-            if key not in state_dict:
-                raise ValueError(f"not a GimliUpdater state_dict: missing {key!r}")
-        saved, ours = state_dict["options"], self._saved_options()
-        diffs = [f"{k}: saved {saved.get(k)!r}, here {ours[k]!r}" for k in ours if saved.get(k) != ours[k]]
-        phi = dict(self.phi.named())
-        if set(state_dict["phi"]) != set(phi):
-            diffs.append(f"meta-parameters: saved {sorted(state_dict['phi'])}, here {sorted(phi)}")
-        else:
-            diffs += [f"{n}: saved shape {tuple(v.shape)}, here {tuple(phi[n].shape)}"
-                      for n, v in state_dict["phi"].items() if v.shape != phi[n].shape]
-        if diffs:
-            raise ValueError("cannot load this state_dict into this updater: " + "; ".join(diffs))
-        with self._transaction():
-            with torch.no_grad():
-                for name, t in phi.items():
-                    t.copy_(state_dict["phi"][name])
-            self.meta_opt.load_state_dict(state_dict["meta_opt"])
-            self.hyper.write_back(self.opt.param_groups)
-        self.meta_steps = int(state_dict["counters"]["meta_steps"])
-        self.skipped_steps = int(state_dict["counters"]["skipped_steps"])
-        self._hvp_fallback = bool(state_dict.get("hvp_fallback", False))
+        saving.load_state_dict(self, state_dict)
 
     # ----------------------------------------------------------------- real training
     def train_step(self, batch: Any) -> Tensor:

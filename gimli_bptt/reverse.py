@@ -1,0 +1,66 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One reverse-mode hypergradient, [Alg.1 L4]-[Alg.1 L15]: the memory plan, the tape, the sweep.
+
+The updater hands over the inner problem ([Alg.1 L2]) and the copied state s_0 ([Alg.1 L3]);
+this runs the tape under the plan ``memory=`` gives (:mod:`gimli_bptt.memory`), after the
+untaped first J - K steps of a truncated unroll, and the reverse sweep over the K steps of the
+window, first order or not (:mod:`gimli_bptt.sweep`), and reports what the tape did.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .hyper import OptimizerHyperparameters
+from .memory import Memory, TapeStats, plan_tape
+from .problem import InnerProblem
+from .progress import Progress
+from .sweep import SweepResult, reverse_sweep
+from .tape import InnerState, Tape, TapeResult, advance_untaped
+
+
+def reverse_hypergradient(problem: InnerProblem, start: InnerState, batches: Sequence[Any], phi_opt: OptimizerHyperparameters,
+                          val_loss: Callable[[Any, Any], Tensor], val_batch: Any, *, memory: Memory,
+                          budget: tuple[Optional[int], Optional[str]], state_bytes: Callable[[bool], int], hvp: str,
+                          first_order: bool, window: int, progress: Optional[bool]) -> tuple[SweepResult, TapeResult, TapeStats]:
+    """Lines 4-15 for the J = ``len(batches)`` inner steps, the last ``window`` of them differentiated.
+
+    Args:
+        problem, start, batches: The inner problem, s_0 and the J batches.
+        phi_opt: φ_opt (accumulates A_opt at its granularity).
+        val_loss, val_batch: L_val and its batch ([Alg.1 L9]).
+        memory: The memory policy; ``budget`` its budget for this meta step (and where it came
+            from); ``state_bytes(keep_G)`` the bytes of one inner state.
+        hvp: The second-order mode; ``first_order`` drops the second-order terms.
+        window: K (J without truncation).
+        progress: The progress bar option (None: on a terminal for J ≥ 100).
+    """
+    J = len(batches)
+    keep_G = hvp == "fwd" or first_order  # the sweep needs G_j but no graph
+    size = state_bytes(keep_G) if memory.needs_state_bytes else None
+    plan = plan_tape(memory, window, "none" if first_order else hvp, size, budget[0])
+    show = progress if progress is not None else (None if J >= 100 else False)
+    bar = Progress(J + window + plan.recomputed_steps, "unroll", enabled=show)
+    try:
+        prefix: list[Tensor] = []
+        if window < J:  # truncated: the first J - K steps leave no tape
+            start, prefix = advance_untaped(problem, start, batches[: J - window])
+            problem.check_losses(torch.stack(prefix))  # on an accelerator: Note [Deferred finiteness check]
+        tape = Tape(problem, start, batches[J - window:], plan, keep_G=keep_G, progress=bar, offset=J - window)
+        end = tape.forward()  # [Alg.1 L4]-[Alg.1 L7]
+        if prefix:
+            end = TapeResult(end.theta, end.state, end.buffers, torch.cat([torch.stack(prefix), end.losses]))
+        swept = reverse_sweep(problem, phi_opt, end, tape.entries_reversed(), val_loss, val_batch, hvp,
+                              second_order=not first_order)  # [Alg.1 L8]-[Alg.1 L15]
+    finally:
+        bar.close()
+    recomputed = tape.forward_steps > window
+    stats = TapeStats(schedule="checkpointed" if recomputed else "graphs" if tape.graphs_kept else "full",
+                      forward_steps=tape.forward_steps, max_slots_used=tape.max_slots_used, graphs_kept=tape.graphs_kept,
+                      graph_bytes=tape.graph_bytes, state_bytes=size, budget=budget[0], budget_source=budget[1])
+    return swept, end, stats
+
+
+__all__ = ["reverse_hypergradient"]
