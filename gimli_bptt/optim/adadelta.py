@@ -2,13 +2,15 @@
 """Differentiable ``torch.optim.Adadelta``: weight decay, maximize."""
 from __future__ import annotations
 
+from typing import Mapping
 
 import torch
 from torch import Tensor
 
-from .adam import _sqrt
-from .base import (MAXIMIZE, DiffOptimizer, Hyper, State, StateEntry, add_bar, coupled_gradient, coupled_gradient_vjp,
-                   eps, lr, unit_interval, weight_decay)
+from .adam import _sqrt, _sqrt_jvp
+from .base import (MAXIMIZE, DiffOptimizer, Hyper, State, StateEntry, add_bar, add_dots, coupled_gradient,
+                   coupled_gradient_jvp, coupled_gradient_vjp, dense_dot, eps, hyper_dot_of, lr, mul_dot, state_dot_of,
+                   unit_interval, weight_decay)
 
 
 def adadelta_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -117,11 +119,64 @@ def adadelta_step_vjp(
     return theta_bar, G_bar, state_bar, bars
 
 
+def adadelta_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`adadelta_step` (Note [Forward-mode derivatives of a step]).
+
+    With :math:`n = \\sqrt{u + \\epsilon}`, :math:`s = \\sqrt{v' + \\epsilon}`, :math:`k = n / s`,
+    :math:`\\delta = k g`:
+
+    .. math::
+        \\dot g &= \\pm \\dot G + \\lambda \\dot\\theta + \\dot\\lambda \\theta, \\quad
+        \\dot v' = \\rho \\dot v + \\dot\\rho (v - g^2) + 2 (1 - \\rho) g \\dot g \\\\
+        \\dot n &= (\\dot u + \\dot\\epsilon) / (2 n), \\quad
+        \\dot s = (\\dot v' + \\dot\\epsilon) / (2 s) \\text{ (each 0 where its root is 0)}, \\quad
+        \\dot k = (\\dot n - k \\dot s) / s \\\\
+        \\dot\\delta &= \\dot k g + k \\dot g, \\quad
+        \\dot u' = \\rho \\dot u + \\dot\\rho (u - \\delta^2) + 2 (1 - \\rho) \\delta \\dot\\delta, \\quad
+        \\dot\\theta' = \\dot\\theta - \\dot\\eta \\delta - \\eta \\dot\\delta
+
+    The roots' tangents are 0 where they are 0 (only at ``eps = 0``: Note [Adadelta at eps = 0]).
+    """
+    lr, rho, eps = hyper["lr"], hyper["rho"], hyper["eps"]
+    g = coupled_gradient(theta, G, hyper)
+    g_dot = coupled_gradient_jvp(theta, theta_dot, G_dot, hyper, hyper_dot)
+    rho_dot, eps_dot = hyper_dot_of(hyper, hyper_dot, "rho"), hyper_dot_of(hyper, hyper_dot, "eps")
+    v, u = state["square_avg"], state["acc_delta"]
+    u_dot = state_dot_of(state, state_dot, "acc_delta")
+    v_next = v * rho + (1 - rho) * (g * g)
+    v_next_dot = add_dots(2 * (1 - rho) * g * g_dot, mul_dot(state_dot_of(state, state_dot, "square_avg"), rho),
+                          mul_dot(rho_dot, lambda: v - g * g))
+    assert v_next_dot is not None
+    s = (v_next + eps).sqrt()
+    n = (u + eps).sqrt()
+    k = n / s
+    delta = k * g
+    s_dot = _sqrt_jvp(s, add_dots(v_next_dot, eps_dot))
+    n_in_dot = add_dots(u_dot, eps_dot)
+    k_dot = -k * s_dot / s if n_in_dot is None else (_sqrt_jvp(n, n_in_dot) - k * s_dot) / s
+    delta_dot = k_dot * g + k * g_dot
+    u_next = u * rho + (1 - rho) * (delta * delta)
+    u_next_dot = add_dots(2 * (1 - rho) * delta * delta_dot, mul_dot(u_dot, rho), mul_dot(rho_dot, lambda: u - delta * delta))
+    theta_next_dot = add_dots(theta_dot, -lr * delta_dot, mul_dot(hyper_dot_of(hyper, hyper_dot, "lr"), -delta))
+    return dense_dot(theta_next_dot, theta), {"square_avg": dense_dot(v_next_dot, v_next),
+                                              "acc_delta": dense_dot(u_next_dot, u_next)}
+
+
 ADADELTA = DiffOptimizer(
     name="Adadelta",
     torch_cls=torch.optim.Adadelta,
     step=adadelta_step,
     step_vjp=adadelta_step_vjp,
+    step_jvp=adadelta_step_jvp,
     hyper=(lr(), unit_interval("rho", doc="decay of the running averages"), eps(), weight_decay()),
     flags=(MAXIMIZE,),
     state=(StateEntry("square_avg"), StateEntry("acc_delta")),
@@ -129,4 +184,4 @@ ADADELTA = DiffOptimizer(
     notes="Needs eps > 0 for a finite derivative (Note [Adadelta at eps = 0]).",
 )
 
-__all__ = ["ADADELTA", "adadelta_step", "adadelta_step_vjp"]
+__all__ = ["ADADELTA", "adadelta_step", "adadelta_step_jvp", "adadelta_step_vjp"]

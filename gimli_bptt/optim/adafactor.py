@@ -47,8 +47,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Hyper, Hyperparameter, State, StateEntry, add_bar, is_active,
-                   is_learned, lr, weight_decay, zero_missing_bars)
+from .base import (MAXIMIZE, DiffOptimizer, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots, dense_dot,
+                   hyper_dot_of, is_active, is_learned, lr, mul_dot, state_dot_of, weight_decay, zero_missing_bars)
 
 _HYPER = ("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay")
 
@@ -285,6 +285,113 @@ def adafactor_step_vjp(
     return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER)
 
 
+def adafactor_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`adafactor_step` (Note [Forward-mode derivatives of a step]).
+
+    With :math:`r = \\mathrm{RMS}(\\theta)`, :math:`s = \\alpha / D` and the branch masks of Note
+    [Adafactor's kinks] (each tangent follows the branch whose value torch takes, as the VJP's
+    cotangent does):
+
+    .. math::
+        \\dot w &= w \\ln t\\, \\dot\\tau, \\quad
+        \\dot\\rho = [\\eta \\le t^{-1/2}]\\, \\dot\\eta, \\quad
+        \\dot r = \\langle \\theta, \\dot\\theta \\rangle / (n r), \\quad
+        \\dot\\alpha = \\rho\\, ([r > \\epsilon_2] \\dot r + [r \\le \\epsilon_2] \\dot\\epsilon_2)
+        + \\max(\\epsilon_2, r)\\, \\dot\\rho \\\\
+        \\dot R' &= \\dot R + \\mathrm{mean}_j\\big(\\dot w (g^2 - R) + w (2 g \\dot g - \\dot R)\\big), \\quad
+        \\dot C' = \\dot C + \\mathrm{mean}_i\\big(\\dot w (g^2 - C) + w (2 g \\dot g - \\dot C)\\big) \\\\
+        \\dot M &= [\\mu \\ge \\epsilon_1]\\, \\mathrm{mean}_i \\dot R' + [\\mu < \\epsilon_1]\\, \\dot\\epsilon_1, \\quad
+        \\dot{\\hat V} = (\\dot R' C' + R' \\dot C' - \\hat V \\dot M) / M \\text{ (factored), or }
+        \\dot V' = \\dot V + \\dot w (g^2 - V) + w (2 g \\dot g - \\dot V) \\\\
+        \\dot Q &= [\\hat V \\ge \\epsilon_1^2]\\, \\dot{\\hat V} + [\\hat V < \\epsilon_1^2]\\, 2 \\epsilon_1 \\dot\\epsilon_1, \\quad
+        \\dot U = \\dot g / \\sqrt Q - \\tfrac12 U \\dot Q / Q \\\\
+        \\dot D &= [\\mathrm{RMS}(U) > d] \\left(\\frac{\\langle U, \\dot U \\rangle}{\\lVert U \\rVert \\sqrt n\\, d}
+        - \\frac{\\mathrm{RMS}(U)}{d^2} \\dot d\\right), \\quad
+        \\dot s = \\dot\\alpha / D - s \\dot D / D \\\\
+        \\dot\\theta' &= (1 - \\eta\\lambda) \\dot\\theta - (\\dot\\eta\\lambda + \\eta\\dot\\lambda) \\theta
+        - \\dot s U - s \\dot U
+
+    with :math:`\\dot g = \\pm \\dot G`. θ reaches the step size through :math:`r` (Note
+    [Adafactor's step size depends on θ]); no branch depends on the values (the sums over
+    elements are reductions), so it runs under ``torch.func.vmap`` over tangent directions and
+    over tasks alike.
+    """
+    lr_, tau, e1, e2, d, wd = (hyper[n] for n in _HYPER)
+    lr_dot, tau_dot, e1_dot, e2_dot, d_dot, wd_dot = (hyper_dot_of(hyper, hyper_dot, n) for n in _HYPER)
+    f = _forward(theta, G, state, hyper)
+    t, g, n, w, U, D = f["t"], f["g"], f["n"], f["w"], f["U"], f["D"]
+    g_dot = -G_dot if hyper["maximize"] else G_dot
+    g2_dot = 2 * g * g_dot
+    w_dot = mul_dot(tau_dot, lambda: w * math.log(t))
+    state_next_dot: State = {}
+
+    # alpha = max(eps2, r) rho, rho = min(lr, 1/sqrt(t)), r = |theta| / sqrt(n)
+    rho_dot = None if lr_dot is None else torch.where(torch.as_tensor(f["lr_wins"]), lr_dot, 0.0)
+    r = torch.as_tensor(f["r"])
+    r_dot = (theta * theta_dot).sum() / (n * torch.where(r > 0, r, torch.ones_like(r)))
+    r_wins = f["r_wins"]
+    mx_dot = torch.where(r_wins, r_dot, 0.0 if e2_dot is None else e2_dot)
+    alpha_dot = add_dots(mx_dot * f["rho"], mul_dot(rho_dot, f["mx"]))
+    assert alpha_dot is not None
+    theta1_dot = theta_dot
+    if f["decayed"]:
+        theta1_dot = add_dots(theta_dot * (1 - lr_ * wd), mul_dot(lr_dot, lambda: -wd * theta),
+                              mul_dot(wd_dot, lambda: -lr_ * theta))
+
+    # the second-moment estimate V_hat
+    if f["factored"]:
+        R, C, R_next, C_next, M = f["R"], f["C"], f["R_next"], f["C_next"], f["M"]
+        fresh = state.get("row_var") is None or state.get("col_var") is None
+        R_dot = None if fresh else state_dot_of(state, state_dot, "row_var")
+        C_dot = None if fresh else state_dot_of(state, state_dot, "col_var")
+        # R' = R + mean_j w (g^2 - R), C' = C + mean_i w (g^2 - C)
+        R_in_dot = add_dots(w * (g2_dot if R_dot is None else g2_dot - R_dot), mul_dot(w_dot, lambda: f["g2"] - R))
+        C_in_dot = add_dots(w * (g2_dot if C_dot is None else g2_dot - C_dot), mul_dot(w_dot, lambda: f["g2"] - C))
+        assert R_in_dot is not None and C_in_dot is not None
+        R_next_dot = add_dots(R_dot, R_in_dot.mean(dim=-1, keepdim=True))
+        C_next_dot = add_dots(C_dot, C_in_dot.mean(dim=-2, keepdim=True))
+        assert R_next_dot is not None and C_next_dot is not None
+        state_next_dot["row_var"] = dense_dot(R_next_dot, R_next)
+        state_next_dot["col_var"] = dense_dot(C_next_dot, C_next)
+        mu_dot = R_next_dot.mean(dim=-2, keepdim=True)
+        M_dot = torch.where(f["mu_wins"], mu_dot, 0.0 if e1_dot is None else e1_dot)
+        V_hat_dot = (R_next_dot * C_next + R_next * C_next_dot - f["V_hat"] * M_dot) / M
+    else:
+        V = f["V"]
+        V_dot = state_dot_of(state, state_dot, "variance")
+        # V' = V + w (g^2 - V)
+        V_next_dot = add_dots(V_dot, w * (g2_dot if V_dot is None else g2_dot - V_dot), mul_dot(w_dot, lambda: f["g2"] - V))
+        assert V_next_dot is not None
+        state_next_dot["variance"] = dense_dot(V_next_dot, f["V_next"])
+        V_hat_dot = V_next_dot
+
+    # U = g / sqrt(Q), Q = max(V_hat, eps1^2)
+    Q_dot = torch.where(f["v_wins"], V_hat_dot, 0.0 if e1_dot is None else 2 * e1 * e1_dot)
+    U_dot = f["rsqrt_Q"] * g_dot - 0.5 * U * Q_dot / f["Q"]
+    # D = max(1, |U| / (sqrt(n) d)), s = alpha / D
+    U_norm = f["U_norm"]
+    U_norm_dot = (U * U_dot).sum() / torch.where(U_norm > 0, U_norm, torch.ones_like(U_norm))
+    ratio_dot = add_dots(U_norm_dot / ((n**0.5) * d), mul_dot(d_dot, lambda: -f["ratio"] / d))
+    D_dot = torch.where(f["clipped"], ratio_dot, 0.0)
+    step_size = f["step_size"]
+    step_size_dot = (alpha_dot - step_size * D_dot) / D
+    theta_next_dot = add_dots(theta1_dot, -step_size_dot * U, -step_size * U_dot)
+    # the entries the step carries unchanged (none is a tensor but the moments it wrote)
+    for key, value in state.items():
+        if key not in state_next_dot and isinstance(value, Tensor) and value.is_floating_point():
+            state_next_dot[key] = dense_dot(state_dot_of(state, state_dot, key), value)
+    return dense_dot(theta_next_dot, theta), state_next_dot
+
+
 def _no_state(name: str) -> StateEntry:
     return StateEntry(name, lazy=True)
 
@@ -294,6 +401,7 @@ ADAFACTOR = DiffOptimizer(
     torch_cls=torch.optim.Adafactor,
     step=adafactor_step,
     step_vjp=adafactor_step_vjp,
+    step_jvp=adafactor_step_jvp,
     hyper=(
         lr(),
         Hyperparameter("beta2_decay", low=None, high=0.0,
@@ -311,4 +419,4 @@ ADAFACTOR = DiffOptimizer(
           "value takes (Note [Adafactor's kinks]); eps1=None reads as the dtype's eps.",
 )
 
-__all__ = ["ADAFACTOR", "Eps1", "adafactor_step", "adafactor_step_vjp"]
+__all__ = ["ADAFACTOR", "Eps1", "adafactor_step", "adafactor_step_jvp", "adafactor_step_vjp"]

@@ -2,12 +2,14 @@
 """Differentiable ``torch.optim.Adamax``: weight decay, maximize."""
 from __future__ import annotations
 
+from typing import Mapping
 
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Hyper, State, StateEntry, add_bar, betas, coupled_gradient,
-                   coupled_gradient_vjp, eps, is_learned, lr, weight_decay)
+from .base import (MAXIMIZE, DiffOptimizer, Hyper, State, StateEntry, add_bar, add_dots, betas, coupled_gradient,
+                   coupled_gradient_jvp, coupled_gradient_vjp, dense_dot, eps, hyper_dot_of, is_learned, lr, mul_dot,
+                   state_dot_of, weight_decay)
 
 
 def adamax_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:
@@ -103,11 +105,69 @@ def adamax_step_vjp(
     return theta_bar, G_bar, state_bar, bars
 
 
+def adamax_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`adamax_step` (Note [Forward-mode derivatives of a step]).
+
+    With :math:`c = 1 - \\beta_1^t`, :math:`\\alpha = \\eta / c`, :math:`q = m' / u'`, :math:`N` the
+    elements where :math:`|g| + \\epsilon \\ge \\beta_2 u` (the new value wins):
+
+    .. math::
+        \\dot g &= \\pm \\dot G + \\lambda \\dot\\theta + \\dot\\lambda \\theta, \\quad
+        \\dot m' = \\beta_1 \\dot m + (1 - \\beta_1) \\dot g + \\dot\\beta_1 (m - g) \\\\
+        \\dot u' &= \\operatorname{sign}(g) \\dot g + \\dot\\epsilon \\;[N], \\quad
+        \\dot\\beta_2 u + \\beta_2 \\dot u \\;[\\lnot N] \\\\
+        \\dot\\alpha &= \\dot\\eta / c + \\alpha\\, t \\beta_1^{t-1} \\dot\\beta_1 / c, \\quad
+        \\dot q = (\\dot m' - q \\dot u') / u', \\quad
+        \\dot\\theta' = \\dot\\theta - \\dot\\alpha q - \\alpha \\dot q
+
+    The maximum passes the tangent of the side the VJP gives its cotangent to, :math:`|g| + \\epsilon`
+    at ties (Note [Adamax maximum]); :math:`|g|` has the tangent :math:`\\operatorname{sign}(g) \\dot g`,
+    0 at :math:`g = 0` (Note [Adamax abs]).
+    """
+    b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
+    g = coupled_gradient(theta, G, hyper)
+    g_dot = coupled_gradient_jvp(theta, theta_dot, G_dot, hyper, hyper_dot)
+    b1_dot = hyper_dot_of(hyper, hyper_dot, "beta1")
+    t = float(state["step"]) + 1.0
+    m, u = state["exp_avg"], state["exp_inf"]
+    m_next = torch.lerp(m, g, 1 - b1)
+    m_next_dot = add_dots((1 - b1) * g_dot, mul_dot(state_dot_of(state, state_dot, "exp_avg"), b1),
+                          mul_dot(b1_dot, lambda: m - g))
+    assert m_next_dot is not None
+    decayed = u * b2
+    fresh = g.abs() + eps
+    to_new = fresh >= decayed
+    u_next = torch.where(to_new, fresh, decayed)
+    fresh_dot = add_dots(torch.sign(g) * g_dot, hyper_dot_of(hyper, hyper_dot, "eps"))
+    decayed_dot = add_dots(mul_dot(state_dot_of(state, state_dot, "exp_inf"), b2),
+                           mul_dot(hyper_dot_of(hyper, hyper_dot, "beta2"), u))
+    u_next_dot = torch.where(to_new, fresh_dot, 0.0 if decayed_dot is None else decayed_dot)
+    c = 1 - b1**t
+    clr = lr / c
+    q = m_next / u_next
+    q_dot = (m_next_dot - q * u_next_dot) / u_next
+    clr_dot = add_dots(mul_dot(hyper_dot_of(hyper, hyper_dot, "lr"), 1 / c),
+                       mul_dot(b1_dot, lambda: clr * t * b1 ** (t - 1) / c))
+    theta_next_dot = add_dots(theta_dot, -clr * q_dot, mul_dot(clr_dot, -q))
+    return dense_dot(theta_next_dot, theta), {"exp_avg": dense_dot(m_next_dot, m_next),
+                                              "exp_inf": dense_dot(u_next_dot, u_next)}
+
+
 ADAMAX = DiffOptimizer(
     name="Adamax",
     torch_cls=torch.optim.Adamax,
     step=adamax_step,
     step_vjp=adamax_step_vjp,
+    step_jvp=adamax_step_jvp,
     hyper=(lr(), *betas(), eps(), weight_decay()),
     flags=(MAXIMIZE,),
     state=(StateEntry("exp_avg"), StateEntry("exp_inf")),
@@ -115,4 +175,4 @@ ADAMAX = DiffOptimizer(
     notes="The maximum gives its cotangent to |g| + eps at ties (Note [Adamax maximum]).",
 )
 
-__all__ = ["ADAMAX", "adamax_step", "adamax_step_vjp"]
+__all__ = ["ADAMAX", "adamax_step", "adamax_step_jvp", "adamax_step_vjp"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, is_active, is_learned, lr,
-                   reduce_like, weight_decay, zero_missing_bars)
+from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots,
+                   coupled_gradient_jvp, dense_dot, hyper_dot_of, is_active, is_learned, lr, mul_dot, reduce_like,
+                   state_dot_of, weight_decay, zero_missing_bars)
 from .scalars import round_to_torch_scalar, scalar_state_dtype
 
 HYPER = (lr(), Hyperparameter("lambd", doc="decay term"),
@@ -152,6 +153,63 @@ def asgd_step_vjp(
     return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
 
 
+def asgd_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`asgd_step` (Note [Forward-mode derivatives of a step]).
+
+    With :math:`B = 1 + \\lambda\\eta_0 t` and :math:`\\dot\\eta` the tangent of the step size used
+    (that of ``lr`` at the first step, Note [Lazy first step size], else the state's):
+
+    .. math::
+        \\dot g &= \\pm \\dot G + \\lambda_{wd} \\dot\\theta + \\dot\\lambda_{wd} \\theta, \\quad
+        \\dot\\theta' = (1 - \\lambda\\eta) \\dot\\theta - (\\dot\\lambda \\eta + \\lambda \\dot\\eta) \\theta
+        - \\dot\\eta g - \\eta \\dot g \\\\
+        \\dot a' &= (1 - \\mu) \\dot a + \\mu \\dot\\theta' + \\dot\\mu (\\theta' - a) \\\\
+        \\dot\\eta' &= \\dot\\eta_0 B^{-\\alpha} - \\eta' \\alpha \\dot B / B - \\eta' \\ln B \\, \\dot\\alpha,
+        \\quad \\dot B = t (\\dot\\lambda \\eta_0 + \\lambda \\dot\\eta_0), \\quad \\dot\\mu' = 0
+
+    The roundings of :math:`\\eta` and :math:`\\eta'` to torch's scalar dtype have derivative 1
+    (Note [Scalar state precision]); :math:`\\mu'` depends on nothing differentiable.
+    """
+    lr, lambd, alpha, wd = hyper["lr"], hyper["lambd"], hyper["alpha"], hyper["weight_decay"]
+    t = float(state["step"]) + 1.0
+    g = -G if hyper["maximize"] else G
+    if is_active(wd):
+        g = g + wd * theta
+    g_dot = coupled_gradient_jvp(theta, theta_dot, G_dot, hyper, hyper_dot)
+    lr_dot, lambd_dot, alpha_dot = (hyper_dot_of(hyper, hyper_dot, n) for n in ("lr", "lambd", "alpha"))
+    eta = _eta_used(state, hyper)
+    eta_dot = lr_dot if float(state["step"]) == 0.0 else state_dot_of(state, state_dot, "eta")
+    theta_next = theta * (1 - lambd * eta) - eta * g
+    theta_next_dot = add_dots(theta_dot * (1 - lambd * eta), -eta * g_dot, mul_dot(lambd_dot, lambda: -eta * theta),
+                              mul_dot(eta_dot, lambda: -(lambd * theta + g)))
+    assert theta_next_dot is not None
+    ax, mu = state["ax"], state["mu"]
+    ax_next = ax + (theta_next - ax) * mu
+    ax_next_dot = add_dots(theta_next_dot * mu, mul_dot(state_dot_of(state, state_dot, "ax"), 1 - mu),
+                           mul_dot(state_dot_of(state, state_dot, "mu"), lambda: theta_next - ax))
+    eta_next, base = _next_eta(hyper, t)
+    base_dot = add_dots(mul_dot(lambd_dot, lr * t), mul_dot(lr_dot, lambd * t))
+    eta_next_dot = add_dots(mul_dot(lr_dot, lambda: base ** (-alpha)), mul_dot(base_dot, lambda: -eta_next * alpha / base),
+                            mul_dot(alpha_dot, lambda: -eta_next * (torch.log(base) if isinstance(base, Tensor)
+                                                                   else math.log(base))))
+    mu_dtype = state["mu"].dtype  # the dtype of eta' and mu' where no hyperparameter is a tensor
+    eta_like = eta_next if isinstance(eta_next, Tensor) else torch.zeros((), dtype=mu_dtype, device=theta.device)
+    return dense_dot(theta_next_dot, theta), {
+        "eta": dense_dot(eta_next_dot, eta_like),
+        "mu": torch.zeros((), dtype=mu_dtype, device=theta.device),
+        "ax": dense_dot(ax_next_dot, ax_next),
+    }
+
+
 def _initial_eta(param: Tensor, hyper: Hyper) -> Tensor:
     return torch.tensor(round_to_torch_scalar(float(hyper["lr"])), dtype=scalar_state_dtype(param), device=param.device)
 
@@ -161,6 +219,7 @@ ASGD = DiffOptimizer(
     torch_cls=torch.optim.ASGD,
     step=asgd_step,
     step_vjp=asgd_step_vjp,
+    step_jvp=asgd_step_jvp,
     hyper=HYPER,
     flags=(Flag("t0", kind=float, why="it only reaches the average ax, which never feeds back into θ "
                                      "(Note [ASGD's average])"), MAXIMIZE),
@@ -170,4 +229,4 @@ ASGD = DiffOptimizer(
           "the first step uses lr itself (Note [Lazy first step size]).",
 )
 
-__all__ = ["ASGD", "asgd_step", "asgd_step_vjp"]
+__all__ = ["ASGD", "asgd_step", "asgd_step_jvp", "asgd_step_vjp"]

@@ -491,6 +491,16 @@ def mul_dot(x: Dot, coefficient: Any) -> Dot:
     return x * (coefficient() if callable(coefficient) else coefficient)
 
 
+def where_dot(condition: Tensor, x: Dot, y: Dot, like: Tensor) -> Dot:
+    """``torch.where(condition, x, y)`` of two tangents, either of which may be None (zero): None
+    where both are. A missing one is a 0-d zero of ``like``'s dtype (a ``where`` of two Python
+    zeros would make a tensor of the default dtype, which would then win the type promotion)."""
+    if x is None and y is None:
+        return None
+    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    return torch.where(condition, zero if x is None else x, zero if y is None else y)
+
+
 def dense_dot(x: Dot, like: Tensor) -> Tensor:
     """The tangent ``x`` as a tensor shaped like the primal ``like``: zeros for None, and a
     tangent that depends only on 0-d inputs (a learned lr) broadcast to ``like``'s shape."""
@@ -610,5 +620,6 @@ __all__ = [
     "state_dot_of",
     "unit_interval",
     "weight_decay",
+    "where_dot",
     "zero_missing_bars",
 ]

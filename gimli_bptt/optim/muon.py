@@ -37,13 +37,13 @@ one added later (``add_param_group``) when ``GimliUpdater`` is built.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .base import (DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, eps, is_learned, lr,
-                   unit_interval, weight_decay, zero_missing_bars)
+from .base import (DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots, dense_dot, eps,
+                   hyper_dot_of, is_learned, lr, mul_dot, state_dot_of, unit_interval, weight_decay, zero_missing_bars)
 
 _HYPER = ("lr", "weight_decay", "momentum", "eps", "ns_a", "ns_b", "ns_c")
 _ADJUSTMENTS = ("original", "match_rms_adamw")
@@ -246,6 +246,100 @@ def muon_step_vjp(
     return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER)
 
 
+def muon_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`muon_step`: the Newton–Schulz iteration differentiated
+    forward, iterate by iterate, in the parameters' dtype (Note [Muon in the parameters' dtype]).
+
+    .. math::
+        \\dot B' &= \\mu \\dot B + (1 - \\mu) \\dot G + \\dot\\mu (B - G), \\quad
+        \\dot u = (1 - \\mu) \\dot G + \\mu \\dot B' + \\dot\\mu (B' - G) \\text{ (Nesterov) or } \\dot B' \\\\
+        \\dot\\nu &= \\langle X, \\dot X \\rangle / \\nu, \\quad
+        \\dot N = [\\nu \\ge \\epsilon]\\, \\dot\\nu + [\\nu < \\epsilon]\\, \\dot\\epsilon, \\quad
+        \\dot X_0 = (\\dot X - X_0 \\dot N) / N \\\\
+        \\text{for } k &= 1..K, \\text{ with } X = X_{k-1}, A = X X^\\top, \\dot A = \\dot X X^\\top + X \\dot X^\\top: \\\\
+        \\dot X_k &= \\dot a X + a \\dot X + (\\dot b A + b \\dot A + \\dot c A^2 + c (\\dot A A + A \\dot A)) X
+        + (b A + c A^2) \\dot X \\\\
+        \\dot\\theta' &= (1 - \\eta\\lambda) \\dot\\theta - (\\dot\\eta\\lambda + \\eta\\dot\\lambda) \\theta
+        - \\dot\\eta s O - \\eta s \\dot O, \\quad \\dot O = \\dot X_K \\text{ (transposed back)}
+
+    With per-element :math:`b, c` (Note [Per-element Newton–Schulz coefficients]), :math:`P = A X`,
+    :math:`\\dot P = \\dot A X + A \\dot X` and
+    :math:`\\dot X_k = \\dot a X + a \\dot X + \\dot b P + b \\dot P + \\dot c A P + c (\\dot A P + A \\dot P)`.
+    The normalisation follows the branch of its clamp, as the VJP (Note [Muon's kinks]).
+    """
+    mu, e, lr_, wd = hyper["momentum"], hyper["eps"], hyper["lr"], hyper["weight_decay"]
+    dot = {n: hyper_dot_of(hyper, hyper_dot, n) for n in _HYPER}
+    buf = state["momentum_buffer"]
+    buf_next = torch.lerp(buf, G, 1 - mu)
+    buf_next_dot = add_dots((1 - mu) * G_dot, mul_dot(state_dot_of(state, state_dot, "momentum_buffer"), mu),
+                            mul_dot(dot["momentum"], lambda: buf - G))
+    assert buf_next_dot is not None
+    if hyper["nesterov"]:
+        update = torch.lerp(G, buf_next, mu)
+        update_dot = add_dots((1 - mu) * G_dot, mu * buf_next_dot, mul_dot(dot["momentum"], lambda: buf_next - G))
+        assert update_dot is not None
+    else:
+        update, update_dot = buf_next, buf_next_dot
+    transposed = G.size(0) > G.size(1)
+    a, b, c = (_orient(hyper[n], transposed) for n in ("ns_a", "ns_b", "ns_c"))
+    a_dot, b_dot, c_dot = (None if dot[n] is None else _orient(dot[n], transposed) for n in ("ns_a", "ns_b", "ns_c"))
+    expanded = _element(b) or _element(c)
+    X, X_dot = (update.mT, update_dot.mT) if transposed else (update, update_dot)
+
+    # X_0 = X / N, N = max(|X|_F, eps)
+    nu = torch.linalg.vector_norm(X)
+    e = _orient(e, transposed)
+    e_dot = None if dot["eps"] is None else _orient(dot["eps"], transposed)
+    nu_wins = nu >= e
+    N = torch.where(nu_wins, nu, e)
+    nu_dot = (X * X_dot).sum() / torch.where(nu > 0, nu, torch.ones_like(nu))
+    N_dot = torch.where(nu_wins, nu_dot, 0.0 if e_dot is None else e_dot)
+    Xk = X / N
+    Xk_dot = (X_dot - Xk * N_dot) / N
+
+    # the Newton-Schulz iterations, forward
+    for _ in range(int(hyper["ns_steps"])):
+        A = Xk @ Xk.mT
+        A_dot = Xk_dot @ Xk.mT + Xk @ Xk_dot.mT
+        if expanded:
+            P = A @ Xk
+            P_dot = A_dot @ Xk + A @ Xk_dot
+            AP = A @ P
+            nxt = a * Xk + b * P + c * AP
+            nxt_dot = add_dots(a * Xk_dot + b * P_dot + c * (A_dot @ P + A @ P_dot), mul_dot(a_dot, Xk),
+                               mul_dot(b_dot, P), mul_dot(c_dot, AP))
+        else:
+            AA = A @ A
+            poly = b * A + c * AA
+            poly_dot = add_dots(b * A_dot + c * (A_dot @ A + A @ A_dot), mul_dot(b_dot, A), mul_dot(c_dot, AA))
+            assert poly_dot is not None
+            nxt = a * Xk + poly @ Xk
+            nxt_dot = add_dots(a * Xk_dot + poly_dot @ Xk + poly @ Xk_dot, mul_dot(a_dot, Xk))
+        assert nxt_dot is not None
+        Xk, Xk_dot = nxt, nxt_dot
+    O, O_dot = (Xk.mT, Xk_dot.mT) if transposed else (Xk, Xk_dot)
+
+    # theta' = theta (1 - lr wd) - lr s O
+    ratio = lr_ratio(theta.shape, hyper["adjust_lr_fn"])
+    theta_next_dot = add_dots(theta_dot * (1 - lr_ * wd), -(lr_ * ratio) * O_dot,
+                              mul_dot(dot["lr"], lambda: -(wd * theta + ratio * O)),
+                              mul_dot(dot["weight_decay"], lambda: -lr_ * theta))
+    state_next_dot: State = {"momentum_buffer": dense_dot(buf_next_dot, buf_next)}
+    for key, value in state.items():  # entries the step carries unchanged
+        if key not in state_next_dot and isinstance(value, Tensor) and value.is_floating_point():
+            state_next_dot[key] = dense_dot(state_dot_of(state, state_dot, key), value)
+    return dense_dot(theta_next_dot, theta), state_next_dot
+
+
 def check_matrix(name: str, param: Tensor) -> None:
     """Rejects a parameter that is not a matrix (Note [Muon's non-matrix parameters]).
 
@@ -267,6 +361,7 @@ MUON = DiffOptimizer(
     torch_cls=torch.optim.Muon,
     step=muon_step,
     step_vjp=muon_step_vjp,
+    step_jvp=muon_step_jvp,
     hyper=(
         lr(),
         weight_decay(),
@@ -292,4 +387,4 @@ MUON = DiffOptimizer(
           "the Frobenius normalisation takes the branch of its clamp (Note [Muon's kinks]).",
 )
 
-__all__ = ["LrAdjustment", "MUON", "check_matrix", "lr_ratio", "muon_step", "muon_step_vjp"]
+__all__ = ["LrAdjustment", "MUON", "check_matrix", "lr_ratio", "muon_step", "muon_step_jvp", "muon_step_vjp"]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from .adam import _prepare, _prepare_vjp, _sqrt
-from .base import MAXIMIZE, DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, betas, eps, is_learned, lr, reduce_like, weight_decay, zero_missing_bars
+from .adam import _moments_jvp, _prepare, _prepare_jvp, _prepare_vjp, _sqrt, _sqrt_jvp
+from .base import (MAXIMIZE, DiffOptimizer, Dot, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots, betas,
+                   dense_dot, eps, hyper_dot_of, is_learned, lr, mul_dot, reduce_like, state_dot_of, weight_decay,
+                   zero_missing_bars)
 from .scalars import round_to_torch_scalar
 
 HYPER = (lr(), *betas(), eps(), weight_decay(), Hyperparameter("momentum_decay", doc="momentum decay"))
@@ -160,11 +162,87 @@ def nadam_step_vjp(
     return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
 
 
+def nadam_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`nadam_step` (Note [Forward-mode derivatives of a step]).
+
+    With :math:`\\pi_t = 0.96^{t\\psi}`, :math:`P'' = P'\\mu_{t+1}`, :math:`c_2 = 1 - \\beta_2^t`,
+    :math:`s = \\sqrt{v'/c_2}`, :math:`d = s + \\epsilon`, :math:`c_g = -\\eta (1 - \\mu_t)/(1 - P')`,
+    :math:`c_m = -\\eta\\mu_{t+1}/(1 - P'')`, and :math:`\\dot m'`, :math:`\\dot v'` as for Adam:
+
+    .. math::
+        \\dot\\mu_t &= \\dot\\beta_1 (1 - \\tfrac12 \\pi_t) - \\tfrac12 \\beta_1 \\pi_t\\, t \\ln 0.96\\, \\dot\\psi
+        \\text{ (and } \\dot\\mu_{t+1} \\text{ at } t + 1), \\quad
+        \\dot P' = \\dot P \\mu_t + P \\dot\\mu_t, \\quad \\dot P'' = \\dot P' \\mu_{t+1} + P' \\dot\\mu_{t+1} \\\\
+        \\dot c_g &= -\\dot\\eta (1 - \\mu_t)/(1 - P') + \\eta \\dot\\mu_t / (1 - P') + c_g \\dot P' / (1 - P') \\\\
+        \\dot c_m &= -\\dot\\eta \\mu_{t+1}/(1 - P'') - \\eta \\dot\\mu_{t+1} / (1 - P'') + c_m \\dot P'' / (1 - P'') \\\\
+        \\dot s &= (\\dot v' / c_2 + \\beta_2^{t-1} t \\dot\\beta_2\\, v' / c_2^2) / (2 s)
+        \\text{ (0 where } s = 0), \\quad \\dot d = \\dot s + \\dot\\epsilon \\\\
+        \\dot\\theta' &= \\dot\\theta_1 + (\\dot c_g g + c_g \\dot g + \\dot c_m m' + c_m \\dot m') / d
+        - (c_g g + c_m m') \\dot d / d^2
+
+    The roundings of :math:`\\mu_t` and :math:`P'` to torch's scalar dtype have derivative 1
+    (Note [Scalar state precision]), and the tangent of ``mu_product`` is shaped like it (element-
+    shaped when ``beta1`` or ``momentum_decay`` is learned per element).
+    """
+    b1, b2, lr, eps, md = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"], hyper["momentum_decay"]
+    g, _, t = _prepare(theta, G, state, hyper)
+    g_dot, theta1_dot = _prepare_jvp(theta, theta_dot, G_dot, hyper, hyper_dot)
+    b1_dot, b2_dot, lr_dot = (hyper_dot_of(hyper, hyper_dot, n) for n in ("beta1", "beta2", "lr"))
+    md_dot = hyper_dot_of(hyper, hyper_dot, "momentum_decay")
+    P = state["mu_product"]
+    bc2 = 1 - b2**t
+    mu, pow_t = _momentum(b1, md, t)
+    mu_n, pow_n = _momentum(b1, md, t + 1)
+
+    def momentum_dot(power: Any, k: float) -> Dot:  # mu_k = b1 (1 - 0.5 * 0.96^(k psi))
+        return add_dots(mul_dot(b1_dot, lambda: 1.0 - 0.5 * power),
+                        mul_dot(md_dot, lambda: -0.5 * _LN_096 * k * b1 * power))
+
+    mu_dot, mu_n_dot = momentum_dot(pow_t, t), momentum_dot(pow_n, t + 1)
+    mu_r = round_to_torch_scalar(mu)
+    P1 = round_to_torch_scalar(P * mu_r)  # the roundings with derivative 1
+    P1_dot = add_dots(mul_dot(state_dot_of(state, state_dot, "mu_product"), mu_r), mul_dot(mu_dot, P))
+    m_next = torch.lerp(state["exp_avg"], g, 1 - b1)
+    v_next = state["exp_avg_sq"] * b2 + (1 - b2) * (g * g)
+    m_next_dot, v_next_dot = _moments_jvp(g, g_dot, state, state_dot, hyper, hyper_dot)
+    s = (v_next / bc2).sqrt()
+    denom = s + eps
+    w_dot = add_dots(v_next_dot / bc2, mul_dot(b2_dot, lambda: t * b2 ** (t - 1) * v_next / (bc2 * bc2)))
+    denom_dot = add_dots(_sqrt_jvp(s, w_dot), hyper_dot_of(hyper, hyper_dot, "eps"))
+    P2 = P1 * mu_n
+    P2_dot = add_dots(mul_dot(P1_dot, mu_n), mul_dot(mu_n_dot, P1))
+    one_m_P1, one_m_P2 = 1.0 - P1, 1.0 - P2
+    coef_g = -lr * (1.0 - mu) / one_m_P1
+    coef_m = -lr * mu_n / one_m_P2
+    coef_g_dot = add_dots(mul_dot(lr_dot, lambda: -(1.0 - mu) / one_m_P1), mul_dot(mu_dot, lambda: lr / one_m_P1),
+                          mul_dot(P1_dot, lambda: coef_g / one_m_P1))
+    coef_m_dot = add_dots(mul_dot(lr_dot, lambda: -mu_n / one_m_P2), mul_dot(mu_n_dot, lambda: -lr / one_m_P2),
+                          mul_dot(P2_dot, lambda: coef_m / one_m_P2))
+    # theta' = theta1 + (c_g g + c_m m') / d
+    num = coef_g * g + coef_m * m_next
+    num_dot = add_dots(coef_g * g_dot, coef_m * m_next_dot, mul_dot(coef_g_dot, g), mul_dot(coef_m_dot, m_next))
+    assert num_dot is not None
+    theta_next_dot = add_dots(theta1_dot, (num_dot - num * denom_dot / denom) / denom)
+    return dense_dot(theta_next_dot, theta), {"mu_product": dense_dot(P1_dot, P1),
+                                              "exp_avg": dense_dot(m_next_dot, m_next),
+                                              "exp_avg_sq": dense_dot(v_next_dot, v_next)}
+
+
 NADAM = DiffOptimizer(
     name="NAdam",
     torch_cls=torch.optim.NAdam,
     step=nadam_step,
     step_vjp=nadam_step_vjp,
+    step_jvp=nadam_step_jvp,
     hyper=HYPER,
     flags=(MAXIMIZE, Flag("decoupled_weight_decay", why="it switches between two update rules")),
     state=(StateEntry("mu_product", init=1.0, scalar=True), StateEntry("exp_avg"), StateEntry("exp_avg_sq")),
@@ -173,4 +251,4 @@ NADAM = DiffOptimizer(
           "zero second moment (Note [Adam at a zero second moment]).",
 )
 
-__all__ = ["NADAM", "nadam_step", "nadam_step_vjp"]
+__all__ = ["NADAM", "nadam_step", "nadam_step_jvp", "nadam_step_vjp"]

@@ -2,13 +2,14 @@
 """Differentiable ``torch.optim.RAdam``: the variance rectification, decoupled weight decay, maximize."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from .adam import _prepare, _prepare_vjp, _sqrt
-from .base import MAXIMIZE, DiffOptimizer, Flag, Hyper, State, StateEntry, add_bar, betas, eps, is_learned, lr, weight_decay, zero_missing_bars
+from .adam import _moments_jvp, _prepare, _prepare_jvp, _prepare_vjp, _sqrt, _sqrt_jvp
+from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, State, StateEntry, add_bar, add_dots, betas, dense_dot, eps,
+                   hyper_dot_of, is_learned, lr, mul_dot, weight_decay, zero_missing_bars)
 
 HYPER = (lr(), *betas(), eps(), weight_decay())
 _HYPER_NAMES = tuple(h.name for h in HYPER)
@@ -172,11 +173,86 @@ def radam_step_vjp(
     return theta_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
 
 
+def radam_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`radam_step` (Note [Forward-mode derivatives of a step]).
+
+    With :math:`\\hat m = m'/c_1`, the rectified factor :math:`f = A r_t`,
+    :math:`A = \\sqrt{c_2}/(s + \\epsilon)`, :math:`s = \\sqrt{v'}`, and :math:`\\dot m'`,
+    :math:`\\dot v'` as for Adam:
+
+    .. math::
+        \\dot{\\hat m} &= \\dot m' / c_1 + \\hat m\\, t \\beta_1^{t-1} \\dot\\beta_1 / c_1, \\quad
+        \\dot\\rho_\\infty = \\frac{2 \\dot\\beta_2}{(1 - \\beta_2)^2}, \\quad
+        \\dot\\rho_t = \\dot\\rho_\\infty - \\frac{2 t^2 \\beta_2^{t-1}}{c_2^2} \\dot\\beta_2 \\\\
+        \\dot r_t &= \\tfrac12 r_t \\left[\\dot\\rho_t \\left(\\frac{1}{\\rho_t - 4} + \\frac{1}{\\rho_t - 2} - \\frac{1}{\\rho_t}\\right)
+        + \\dot\\rho_\\infty \\left(\\frac{1}{\\rho_\\infty} - \\frac{1}{\\rho_\\infty - 4} - \\frac{1}{\\rho_\\infty - 2}\\right)\\right] \\\\
+        \\dot A &= A \\left(\\frac{\\dot c_2}{2 c_2} - \\frac{\\dot s + \\dot\\epsilon}{s + \\epsilon}\\right), \\quad
+        \\dot c_2 = -t \\beta_2^{t-1} \\dot\\beta_2, \\quad \\dot s = \\dot v' / (2 s) \\text{ (0 where } s = 0) \\\\
+        \\dot\\theta' &= \\dot\\theta_1 - \\dot{\\hat m}\\, \\eta f - \\hat m (\\dot\\eta f + \\eta (\\dot A r_t + A \\dot r_t))
+        \\text{ where } \\rho_t > 5, \\text{ else }
+        \\dot\\theta_1 - \\dot{\\hat m}\\, \\eta - \\hat m \\dot\\eta
+
+    The branch taken is differentiated, per element for a ``beta2`` learned per element, and the
+    unused branch's terms are formed at the VJP's harmless point (Note [RAdam's rectification
+    switch]).
+    """
+    b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
+    g, _, t = _prepare(theta, G, state, hyper)
+    g_dot, theta1_dot = _prepare_jvp(theta, theta_dot, G_dot, hyper, hyper_dot)
+    b1_dot, b2_dot, lr_dot = (hyper_dot_of(hyper, hyper_dot, n) for n in ("beta1", "beta2", "lr"))
+    m_next = torch.lerp(state["exp_avg"], g, 1 - b1)
+    v_next = state["exp_avg_sq"] * b2 + (1 - b2) * (g * g)
+    m_next_dot, v_next_dot = _moments_jvp(g, g_dot, state, state_dot, hyper, hyper_dot)
+    bc1 = 1 - b1**t
+    bc2 = 1 - b2**t
+    hat_m = m_next / bc1
+    hat_m_dot = add_dots(m_next_dot / bc1, mul_dot(b1_dot, lambda: hat_m * t * b1 ** (t - 1) / bc1))
+    assert hat_m_dot is not None
+    rho_inf, rho_t, on = _rho(b2, t)
+    state_next_dot: State = {"exp_avg": dense_dot(m_next_dot, m_next), "exp_avg_sq": dense_dot(v_next_dot, v_next)}
+    if not (isinstance(on, Tensor) or on):
+        theta_next_dot = add_dots(theta1_dot, -lr * hat_m_dot, mul_dot(lr_dot, -hat_m))
+        return dense_dot(theta_next_dot, theta), state_next_dot
+    s = v_next.sqrt()
+    den = s + eps
+    A = bc2**0.5 / den
+    r = _rect(rho_inf, rho_t, on)
+    factor = _select(on, A * r, 1.0)
+    den_dot = add_dots(_sqrt_jvp(s, v_next_dot), hyper_dot_of(hyper, hyper_dot, "eps"))
+    A_dot = add_dots(-A * den_dot / den, mul_dot(b2_dot, lambda: -A * t * b2 ** (t - 1) / (2 * bc2)))
+    assert A_dot is not None
+    if b2_dot is not None:
+        # rho_t and rho_inf at the VJP's harmless point where the update is not rectified
+        rho_t_s = torch.where(on, rho_t, 6.0) if isinstance(on, Tensor) else rho_t
+        rho_inf_s = torch.where(on, rho_inf, 7.0) if isinstance(on, Tensor) else rho_inf
+        rho_inf_dot = b2_dot * (2 / ((1 - b2) * (1 - b2)))
+        rho_t_dot = rho_inf_dot - b2_dot * (2 * t * t * b2 ** (t - 1) / (bc2 * bc2))
+        r_dot = 0.5 * r * (rho_t_dot * (1 / (rho_t_s - 4) + 1 / (rho_t_s - 2) - 1 / rho_t_s)
+                           + rho_inf_dot * (1 / rho_inf_s - 1 / (rho_inf_s - 4) - 1 / (rho_inf_s - 2)))
+        factor_dot = A_dot * r + A * r_dot
+    else:
+        factor_dot = A_dot * r
+    factor_dot = _select(on, factor_dot, 0.0)
+    theta_next_dot = add_dots(theta1_dot, -(lr * factor) * hat_m_dot, -lr * hat_m * factor_dot,
+                              mul_dot(lr_dot, lambda: -hat_m * factor))
+    return dense_dot(theta_next_dot, theta), state_next_dot
+
+
 RADAM = DiffOptimizer(
     name="RAdam",
     torch_cls=torch.optim.RAdam,
     step=radam_step,
     step_vjp=radam_step_vjp,
+    step_jvp=radam_step_jvp,
     hyper=HYPER,
     flags=(MAXIMIZE, Flag("decoupled_weight_decay", why="it switches between two update rules")),
     state=(StateEntry("exp_avg"), StateEntry("exp_avg_sq")),
@@ -185,4 +261,4 @@ RADAM = DiffOptimizer(
           "(Note [RAdam's rectification switch]); finite derivative at a zero second moment.",
 )
 
-__all__ = ["RADAM", "RHO_SWITCH", "radam_step", "radam_step_vjp"]
+__all__ = ["RADAM", "RHO_SWITCH", "radam_step", "radam_step_jvp", "radam_step_vjp"]

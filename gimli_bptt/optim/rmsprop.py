@@ -2,13 +2,15 @@
 """Differentiable ``torch.optim.RMSprop``: centered, momentum, weight decay, maximize."""
 from __future__ import annotations
 
+from typing import Mapping
 
 import torch
 from torch import Tensor
 
-from .adam import _sqrt
-from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, State, StateEntry, add_bar, coupled_gradient, coupled_gradient_vjp,
-                   eps, is_learned, lr, unit_interval, weight_decay)
+from .adam import _sqrt, _sqrt_jvp
+from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, State, StateEntry, add_bar, add_dots, coupled_gradient,
+                   coupled_gradient_jvp, coupled_gradient_vjp, dense_dot, eps, hyper_dot_of, is_learned, lr, mul_dot,
+                   state_dot_of, unit_interval, weight_decay)
 
 
 def _uses_momentum(hyper: Hyper) -> bool:
@@ -157,11 +159,86 @@ def rmsprop_step_vjp(
     return theta_bar, G_bar, state_bar, bars
 
 
+def rmsprop_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`rmsprop_step` (Note [Forward-mode derivatives of a step]).
+
+    With :math:`w = v' - \\bar g'^2` (centered) or :math:`v'`, :math:`r = \\sqrt w`,
+    :math:`a = r + \\epsilon`, :math:`q = g / a`:
+
+    .. math::
+        \\dot g &= \\pm \\dot G + \\lambda \\dot\\theta + \\dot\\lambda \\theta, \\quad
+        \\dot v' = \\alpha \\dot v + \\dot\\alpha (v - g^2) + 2 (1 - \\alpha) g \\dot g \\\\
+        \\dot{\\bar g}' &= \\alpha \\dot{\\bar g} + \\dot\\alpha (\\bar g - g) + (1 - \\alpha) \\dot g, \\quad
+        \\dot w = \\dot v' - 2 \\bar g' \\dot{\\bar g}' \\text{ (centered)} \\\\
+        \\dot r &= \\dot w / (2 r) \\text{ (0 where } r = 0), \\quad
+        \\dot q = (\\dot g - q (\\dot r + \\dot\\epsilon)) / a \\\\
+        \\dot b' &= \\dot\\mu b + \\mu \\dot b + \\dot q \\text{ (momentum; } \\dot q
+        \\text{ at the first)}, \\quad \\dot\\theta' = \\dot\\theta - \\dot\\eta b' - \\eta \\dot b'
+
+    and without momentum :math:`\\dot\\theta' = \\dot\\theta - \\dot\\eta q - \\eta \\dot q` (a buffer the
+    state holds is carried with its tangent). The path through :math:`\\sqrt w` is 0 where
+    :math:`w = 0`, as in the VJP (Note [RMSprop at a zero second moment]).
+    """
+    lr, alpha, eps, mom = hyper["lr"], hyper["alpha"], hyper["eps"], hyper["momentum"]
+    g = coupled_gradient(theta, G, hyper)
+    g_dot = coupled_gradient_jvp(theta, theta_dot, G_dot, hyper, hyper_dot)
+    alpha_dot = hyper_dot_of(hyper, hyper_dot, "alpha")
+    sq = state["square_avg"]
+    sq_next = sq * alpha + (1 - alpha) * (g * g)
+    sq_next_dot = add_dots(2 * (1 - alpha) * g * g_dot, mul_dot(state_dot_of(state, state_dot, "square_avg"), alpha),
+                           mul_dot(alpha_dot, lambda: sq - g * g))
+    assert sq_next_dot is not None
+    state_next_dot: State = {"square_avg": dense_dot(sq_next_dot, sq_next)}
+    if hyper["centered"]:
+        ga = state["grad_avg"]
+        ga_next = torch.lerp(ga, g, 1 - alpha)
+        ga_next_dot = add_dots((1 - alpha) * g_dot, mul_dot(state_dot_of(state, state_dot, "grad_avg"), alpha),
+                               mul_dot(alpha_dot, lambda: ga - g))
+        assert ga_next_dot is not None
+        state_next_dot["grad_avg"] = dense_dot(ga_next_dot, ga_next)
+        w = sq_next - ga_next * ga_next
+        w_dot = sq_next_dot - 2 * ga_next * ga_next_dot
+    else:
+        w, w_dot = sq_next, sq_next_dot
+    r = w.sqrt()
+    avg = r + eps
+    q = g / avg
+    avg_dot = add_dots(_sqrt_jvp(r, w_dot), hyper_dot_of(hyper, hyper_dot, "eps"))
+    q_dot = (g_dot - q * avg_dot) / avg
+    if _uses_momentum(hyper):
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf_next, buf_next_dot = q, q_dot
+        else:
+            buf_next = buf * mom + q
+            buf_next_dot = add_dots(q_dot, mul_dot(state_dot_of(state, state_dot, "momentum_buffer"), mom),
+                                    mul_dot(hyper_dot_of(hyper, hyper_dot, "momentum"), buf))
+        state_next_dot["momentum_buffer"] = dense_dot(buf_next_dot, buf_next)
+        update, update_dot = buf_next, buf_next_dot
+    else:
+        if state.get("momentum_buffer") is not None:  # carried unchanged, as the step carries it
+            state_next_dot["momentum_buffer"] = dense_dot(state_dot_of(state, state_dot, "momentum_buffer"),
+                                                          state["momentum_buffer"])
+        update, update_dot = q, q_dot
+    theta_next_dot = add_dots(theta_dot, -lr * update_dot, mul_dot(hyper_dot_of(hyper, hyper_dot, "lr"), -update))
+    return dense_dot(theta_next_dot, theta), state_next_dot
+
+
 RMSPROP = DiffOptimizer(
     name="RMSprop",
     torch_cls=torch.optim.RMSprop,
     step=rmsprop_step,
     step_vjp=rmsprop_step_vjp,
+    step_jvp=rmsprop_step_jvp,
     hyper=(lr(), unit_interval("alpha", doc="decay of the squared-gradient average"), eps(), weight_decay(),
            unit_interval("momentum", default=0.0)),
     flags=(Flag("centered", why="it switches between two update rules"), MAXIMIZE),
@@ -171,4 +248,4 @@ RMSPROP = DiffOptimizer(
     notes="A learned momentum always uses the momentum buffer; finite derivative at a zero second moment.",
 )
 
-__all__ = ["RMSPROP", "rmsprop_step", "rmsprop_step_vjp"]
+__all__ = ["RMSPROP", "rmsprop_step", "rmsprop_step_jvp", "rmsprop_step_vjp"]

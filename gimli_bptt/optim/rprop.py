@@ -2,12 +2,13 @@
 """Differentiable ``torch.optim.Rprop``: sign-based steps with adaptive, clamped step sizes; maximize."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from .base import MAXIMIZE, DiffOptimizer, Hyper, Hyperparameter, State, StateEntry, add_bar, lr, zero_missing_bars
+from .base import (MAXIMIZE, DiffOptimizer, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots, dense_dot,
+                   hyper_dot_of, lr, mul_dot, state_dot_of, where_dot, zero_missing_bars)
 
 HYPER = (lr(),
          Hyperparameter("etaminus", option="etas", index=0, high=1.0, doc="step-size factor after a sign change"),
@@ -115,6 +116,55 @@ def rprop_step_vjp(
     return theta_next_bar, G_bar, state_bar, zero_missing_bars(bars, hyper, _HYPER_NAMES)
 
 
+def rprop_step_jvp(
+    theta: Tensor,
+    G: Tensor,
+    state: State,
+    hyper: Hyper,
+    theta_dot: Tensor,
+    G_dot: Tensor,
+    state_dot: State,
+    hyper_dot: Mapping[str, Tensor],
+) -> tuple[Tensor, State]:
+    """Jacobian-vector product of :func:`rprop_step` (Note [Forward-mode derivatives of a step]).
+
+    With :math:`x = \\delta f` the step size before the clamp and :math:`\\dot\\delta` the tangent of
+    the step sizes used (``lr``'s everywhere at the first step, Note [Lazy first step size], else
+    the state's):
+
+    .. math::
+        \\dot f &= \\dot\\eta_+ \\,(s > 0),\\; \\dot\\eta_- \\,(s < 0),\\; 0 \\,(s = 0), \\quad
+        \\dot x = \\dot\\delta f + \\delta \\dot f \\\\
+        \\dot\\delta' &= \\dot\\delta_{min} [x < \\delta_{min}], \\;
+        \\dot\\delta_{max} [x > \\delta_{max}], \\; \\dot x \\text{ otherwise} \\\\
+        \\dot\\theta' &= \\dot\\theta - \\operatorname{sign}(\\tilde g) \\dot\\delta', \\quad
+        \\dot g'_{prev} = \\pm \\dot G \\,[s \\ge 0] \\;(0 \\text{ where } s < 0)
+
+    The signs are piecewise constant, so neither G nor the previous gradient reaches θ' or the
+    step sizes (Note [Rprop's derivatives]); the clamp passes the tangent of the side the VJP gives
+    its cotangent to (a tie at a bound counts as inside).
+    """
+    g, sign, factor = _signs(G, state, hyper)
+    step_size = _step_size_used(theta, state, hyper)
+    lo, hi = hyper["step_size_min"], hyper["step_size_max"]
+    pre = step_size * factor
+    if float(state["step"]) == 0.0:
+        step_size_dot = hyper_dot_of(hyper, hyper_dot, "lr")
+    else:
+        step_size_dot = state_dot_of(state, state_dot, "step_size")
+    plus_dot, minus_dot = hyper_dot_of(hyper, hyper_dot, "etaplus"), hyper_dot_of(hyper, hyper_dot, "etaminus")
+    factor_dot = where_dot(sign > 0, plus_dot, where_dot(sign < 0, minus_dot, None, g), g)
+    pre_dot = add_dots(mul_dot(step_size_dot, factor), mul_dot(factor_dot, step_size))
+    lo_dot, hi_dot = hyper_dot_of(hyper, hyper_dot, "step_size_min"), hyper_dot_of(hyper, hyper_dot, "step_size_max")
+    step_size_next_dot = where_dot(pre < lo, lo_dot, where_dot(pre > hi, hi_dot, pre_dot, g), g)
+    step_size_next = _clamp(pre, lo, hi)
+    g_masked = torch.where(sign < 0, torch.zeros_like(g), g)
+    theta_next_dot = add_dots(theta_dot, mul_dot(step_size_next_dot, lambda: -g_masked.sign()))
+    g_dot = -G_dot if hyper["maximize"] else G_dot
+    return dense_dot(theta_next_dot, theta), {"prev": dense_dot(where_dot(sign < 0, None, g_dot, g), g_masked),
+                                              "step_size": dense_dot(step_size_next_dot, step_size_next)}
+
+
 def _initial_step_size(param: Tensor, hyper: Hyper) -> Tensor:
     return torch.full_like(param, float(hyper["lr"]))
 
@@ -124,6 +174,7 @@ RPROP = DiffOptimizer(
     torch_cls=torch.optim.Rprop,
     step=rprop_step,
     step_vjp=rprop_step_vjp,
+    step_jvp=rprop_step_jvp,
     hyper=HYPER,
     flags=(MAXIMIZE,),
     state=(StateEntry("prev"), StateEntry("step_size", init=_initial_step_size)),
@@ -132,4 +183,4 @@ RPROP = DiffOptimizer(
           "through the step sizes (Note [Rprop's derivatives]).",
 )
 
-__all__ = ["RPROP", "rprop_step", "rprop_step_vjp"]
+__all__ = ["RPROP", "rprop_step", "rprop_step_jvp", "rprop_step_vjp"]
