@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import engine
 from .problem import InnerProblem, StepGradient, replay_rng
+from .second_order import explain_missing_derivatives, second_order_safe
 from .tape import TapeEntry
 
 HVP_MODES = ("rev", "fwd")
@@ -77,8 +78,16 @@ class StepSecondOrder:
         self._graph = None  # free the graph once it has been used
         if not outs:
             return [None] * n, [None] * len(leaves)
-        res = engine.grad([g for g, _ in outs], graph.leaves + leaves, [gb for _, gb in outs])
+        with explain_missing_derivatives(self.problem.module, self._loss_again,
+                                         f"the Hessian-vector product of inner step {self.entry.j}"):
+            res = engine.grad([g for g, _ in outs], graph.leaves + leaves, [gb for _, gb in outs])
         return list(res[:n]), list(res[n:])
+
+    def _loss_again(self) -> None:
+        """ℓ_j once more, forward only: where an op without a double backward runs (:mod:`gimli_bptt.second_order`)."""
+        problem, entry = self.problem, self.entry
+        problem.loss([t.detach().requires_grad_(True) for t in entry.theta], problem.fresh_buffers(entry.buffers),
+                     entry.batch, entry.j)
 
     def _apply_fwd(self, G_bar: Sequence[Optional[Tensor]]) -> tuple[Grads, Grads]:
         # Note [Forward-mode fallback]: some PyTorch ops lack a forward-mode derivative of their
@@ -111,8 +120,11 @@ class StepSecondOrder:
         n = len(primals)
         with fwAD.dual_level(), replay_rng(entry.rng, problem.cuda_devices), torch.enable_grad():
             duals = [fwAD.make_dual(p, torch.zeros_like(p) if gb is None else gb) for p, gb in zip(primals, G_bar)]
-            loss = problem.loss(duals, problem.fresh_buffers(entry.buffers), entry.batch, entry.j)
-            grads = engine.grad((loss if loss.dim() == 0 else loss.sum(),), primals + leaves)
+            with second_order_safe():  # Note [Second-order-safe passes]
+                loss = problem.loss(duals, problem.fresh_buffers(entry.buffers), entry.batch, entry.j)
+            with explain_missing_derivatives(problem.module, self._loss_again,
+                                             f"the forward-over-reverse Hessian-vector product of inner step {entry.j}"):
+                grads = engine.grad((loss if loss.dim() == 0 else loss.sum(),), primals + leaves)
             tangents = [None if g is None else fwAD.unpack_dual(g).tangent for g in grads]
         return tangents[:n], tangents[n:]
 

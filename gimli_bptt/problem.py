@@ -15,6 +15,7 @@ from .distributed import Reducer
 from .errors import NonFiniteError
 from .functional import FunctionalModel, ModuleSlots, clone_buffers
 from .optim.base import DiffOptimizer
+from .second_order import explain_missing_derivatives, second_order_safe
 from .stepping import SegmentBars, gradient_list
 from .tasks import vmapped_losses
 
@@ -295,14 +296,17 @@ class InnerProblem:
         """
         leaves = [t.detach().requires_grad_(True) for t in theta]
         with replay_rng(rng, self.cuda_devices), torch.enable_grad():
-            loss = self.loss(leaves, buffers, batch, j)
+            with second_order_safe(keep_graph):  # a graph to differentiate again: Note [Second-order-safe passes]
+                loss = self.loss(leaves, buffers, batch, j)
             if not loss.requires_grad:
                 raise ValueError(
                     f"train_loss does not depend on the model's parameters at inner step {j}: "
                     "compute it from model(...) or model.parameters() of the model it is given"
                 )
             total = loss if loss.dim() == 0 else loss.sum()  # the tasks' sum: each task's own G_j
-            G = list(engine.grad((total,), leaves, create_graph=keep_graph))
+            again = lambda: self.loss([t.detach().requires_grad_(True) for t in theta], clone_buffers(buffers), batch, j)  # noqa: E731
+            with explain_missing_derivatives(self.module, again, f"the gradient graph of inner step {j}", keep_graph):
+                G = list(engine.grad((total,), leaves, create_graph=keep_graph))
         if all(g is None for g in G):
             raise ValueError(
                 f"train_loss does not depend on any parameter the optimizer updates at inner step {j}"

@@ -12,6 +12,7 @@ from torch import Tensor
 from .functional import FunctionalModel
 from .metaparams import Hypergrad, flat_list
 from .optim import get_optimizer
+from .second_order import second_order_safe
 from .updater import GimliUpdater
 
 
@@ -77,7 +78,8 @@ def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any]
                 theta = [t.detach().requires_grad_(True) for t in theta]
                 state = [{k: (v.detach() if isinstance(v, Tensor) else v) for k, v in s.items()} for s in state]
             buffers = {n: b.clone() for n, b in buffers.items()}
-            loss = updater.train_loss(view(theta, buffers), batch)
+            with second_order_safe(not first_order):  # differentiated twice: Note [Second-order-safe passes]
+                loss = updater.train_loss(view(theta, buffers), batch)
             G = torch.autograd.grad(loss, theta, create_graph=not first_order, allow_unused=True)
             scale = 1.0 if schedule is None else float(schedule(j))
             nxt = []
