@@ -144,7 +144,7 @@ def main() -> None:
         state_kib = next((r["state_kib"] for r in rows if "state_kib" in r), 0.0)
         with open(args.out, "a") as fh:
             fh.write(
-                f"\n## Long unrolls: full tape vs binomial checkpointing (issue 5)\n\n"
+                f"\n## Long unrolls: full tape vs binomial checkpointing\n\n"
                 f"Command: `{command.strip()} --out {args.out}`  \n"
                 f"Date: {datetime.date.today()}; machine: {platform.machine()}, {os.cpu_count()} cores, "
                 f"torch {torch.__version__}, {args.threads} thread(s) per worker.  \n"

@@ -144,7 +144,7 @@ def main() -> None:
         argv = " ".join(a for a in sys.argv[1:])
         with open(args.out, "a") as fh:
             fh.write(
-                f"\n## Distributed meta-updates (issue 7)\n\n"
+                f"\n## Distributed meta-updates\n\n"
                 f"Command: `python bench/bench_distributed.py {argv}`  \n"
                 f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; the run took "
                 f"{time.time() - start:.0f} s  \n"

@@ -50,7 +50,7 @@ import bench_peers as peers
 from gimli_bptt import GimliUpdater, Memory
 from gimli_bptt.testing import reference_hypergradients, relative_error
 
-SECTION = "## Approximate hypergradients: first_order and truncate against the exact sweep"
+SECTION = "## Hypergradient modes: first_order, truncate and forward mode against the exact reverse sweep"
 PROBLEMS = ("a-sgd", "a-adam", "c-maml")
 TOL_F64, TOL_F32 = 1e-8, 1e-3
 Options = Callable[[int], dict[str, Any]]
@@ -286,7 +286,7 @@ def table(rows: list[dict[str, Any]], group: str, problem: str) -> list[str]:
         norm = "-" if r.get("norm") is None else f"{r['norm']:.3f}"
         e32 = benchlib.fmt_err(r.get("err32")) + ("" if r.get("ref32") == "reference" or r.get("err32") is None
                                                   else f" (vs {r['ref32']})")
-        status = r["status"] + (f"; {r['note']}" if r.get("note") else "")
+        status = r["status"] + (f"; {r['note']}" if r.get("note") and not r["status"].startswith("n/a") else "")
         out.append(f"| {r['row']} | {r['J']} | {benchlib.fmt_times(r.get('times'))} | {t} | "
                    f"{benchlib.fmt_mem(r.get('mem'))} | {mem_ratio} | {cos} | {norm} | "
                    f"{benchlib.fmt_err(r.get('err64'))} | {e32} | {status.replace('|', '/')} |")

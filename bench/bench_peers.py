@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""gimli_bptt side by side with higher 0.2.1, TorchOpt 0.7.3 and a torch.func unroll (issue 9).
+"""gimli_bptt side by side with higher 0.2.1, TorchOpt 0.7.3 and a torch.func unroll.
 
 Problems (one hypergradient of a validation loss after J inner steps, float32, random or
 sklearn-digits data):
@@ -72,7 +72,7 @@ except Exception as e:  # noqa: BLE001
     torchopt = None
     TORCHOPT_ERR = f"{type(e).__name__}: {e}"
 
-SECTION = "## Side by side with higher and TorchOpt (issue 9)"
+SECTION = "## Side by side with higher and TorchOpt"
 PROBLEMS = ("a-sgd", "a-adam", "b-wd", "c-maml")
 IMPLS = ("gimli rev", "gimli rev no-kernels", "gimli fwd", "gimli keep_graphs", "gimli ckpt", "higher", "torchopt",
          "torchopt accel", "torch.func unroll", "plain training")

@@ -77,7 +77,7 @@ class RunLog:
             f"Date: {self.started:%Y-%m-%d %H:%M} UTC; the whole run took {self.elapsed() / 60:.1f} min  ",
             f"Machine: `{platform.platform()}`, {os.cpu_count()} CPUs (`{peers.cpu_model()}`), shared with other "
             f"processes; Python {platform.python_version()}, `torch.set_num_threads({threads})`  ",
-            f"Versions: {peers.versions()}  ",
+            f"Versions: {peers.versions()}; library source: {library_source()}  ",
             f"1-min load average at the start and after each measured group: "
             f"{', '.join(f'{x:.1f}' for x in self.loads)}; CPU time taken by the hypervisor (steal, /proc/stat) "
             f"during the run: {100 * self.steal():.0f}%",
@@ -87,6 +87,23 @@ class RunLog:
         """One line for the console at the start."""
         return (f"{peers.versions()}; {threads} threads, {os.cpu_count()} CPUs; "
                 f"load {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def library_source() -> str:
+    """The commit of the checkout the library was imported from, and whether its ``gimli_bptt/`` has local changes."""
+    import gimli_bptt
+
+    root = Path(gimli_bptt.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "gimli_bptt"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return f"{root} (not a git checkout)"
+    if not dirty:
+        return f"git {head}"
+    return f"git {head} with uncommitted changes to {len(dirty)} files under gimli_bptt/"
 
 
 def write_section(path: Path, title: str, section: str) -> None:
@@ -253,4 +270,5 @@ def fmt_err(err: Optional[float]) -> str:
 
 
 __all__ = ["ForkServer", "RunLog", "cosine", "fmt_err", "fmt_mem", "fmt_time", "fmt_times", "interleaved",
+           "library_source",
            "median", "peak_growth", "preload_digits", "serve", "short_error", "write_section"]

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Where one gimli hypergradient spends its time, next to the torch.func unroll (issue 9).
+"""Where one gimli hypergradient spends its time, next to the torch.func unroll.
 
 Times one hypergradient of bench_peers' problem (default a-sgd, J=50) per phase, by wrapping the
 functions that make up Algorithm 1 with wall-clock timers (a wrapper costs ~1 µs per call, far

@@ -4,8 +4,7 @@
 # and tests/test_gpu.py: host syncs per meta step, NaN on the GPU, GPU vs CPU hypergradients), and measure
 # kernel bandwidth against a device-to-device copy of the same bytes in the same process.
 # Usage: bash bench/gpu_check.sh   (from the repository root, on a machine with a GPU and nvcc)
-#        GIMLI_GPU_PEERS=1 bash bench/gpu_check.sh   also runs bench/gpu_peers.py (issue 9's problems
-#        side by side on the GPU, ~2 more minutes); its table goes to $OUT/gpu_peers.md when $OUT is
+#        GIMLI_GPU_PEERS=1 bash bench/gpu_check.sh   also runs bench/gpu_peers.py; its table goes to $OUT/gpu_peers.md when $OUT is
 #        set. higher and TorchOpt are reported as errors unless importable there: on a machine
 #        without internet, carry their wheels (see bench/README.md).
 set -euo pipefail

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""How fast Algorithm 1 can be on bench_peers' a-sgd problem with no orchestration at all (issue 9).
+"""How fast Algorithm 1 can be on bench_peers' a-sgd problem with no orchestration at all.
 
 A hand-inlined ``keep_graphs`` hypergradient of the 3 per-group learning rates of SGD(momentum=0.9)
 that keeps θ, G, the momentum buffer and their cotangents as single flat buffers ("flat leaves":
