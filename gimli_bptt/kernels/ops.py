@@ -121,9 +121,16 @@ def prebuilt_filename(torch_version: Optional[str] = None) -> str:
 
 
 def _want_cuda() -> bool:
+    """Whether to build the CUDA sources too: a CUDA build of torch, a GPU, and a CUDA toolkit.
+
+    ``torch.utils.cpp_extension`` (a second or two to import) is imported only when the first
+    two hold, so a CPU-only process that loads cached kernels never pays for it.
+    """
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return False
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return torch.version.cuda is not None and torch.cuda.is_available() and CUDA_HOME is not None
+    return CUDA_HOME is not None
 
 
 def _compiler() -> Optional[str]:
@@ -177,9 +184,11 @@ def jit_name(with_cuda: Optional[bool] = None) -> str:
 def jit_build_dir(with_cuda: Optional[bool] = None) -> Path:
     """Where the JIT build compiles and caches the library: ``$TORCH_EXTENSIONS_DIR/<jit_name>``, by default
     ``~/.cache/torch_extensions/<jit_name>`` (the name tells Python, torch and sources apart)."""
-    from torch.utils.cpp_extension import get_default_build_root
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+        root = get_default_build_root()
     return Path(root) / jit_name(with_cuda)
 
 
