@@ -37,6 +37,9 @@ cotangent from step j'+1 to j' (:mod:`gimli_bptt.sweep`). Code cites these lines
 - L1, L17, L18: the user's loop of ``GimliUpdater.step`` calls (``updater.py``);
 - L2: ``GimliUpdater._problem`` and :mod:`gimli_bptt.metaparams` (the split of φ);
 - L3: ``GimliUpdater._initial_state`` (copies of θ, ``opt.state`` and the buffers);
+- L4-L15 in reverse mode, put together: :func:`gimli_bptt.reverse.reverse_hypergradient`
+  (the memory plan of :mod:`gimli_bptt.memory`, the tape, the sweep); in forward mode,
+  :mod:`gimli_bptt.forward`;
 - L4-L7: :mod:`gimli_bptt.tape` (L5: ``InnerProblem.step_gradient``; L6: ``stepping.step_all``);
   "retain gradient graph state" is what :mod:`gimli_bptt.memory` decides;
 - L8-L15: :mod:`gimli_bptt.sweep` (L11-L12: ``stepping.step_vjp_all``, the optimizer's
