@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``gimli-bptt`` command line: ``lr`` and ``maml`` on tiny settings, bad flags, missing extras."""
+"""The ``gimli-bptt`` command line: ``lr``, ``maml`` and ``sine`` on tiny settings, bad flags, missing extras."""
 from __future__ import annotations
 
 import io
@@ -106,6 +106,9 @@ def test_maml_tiny(tmp_path: Path, extras: None) -> None:
     (["maml", "--test-classes", "5,6,7,8,10"], "--test-classes: expected distinct comma-separated digits"),
     (["maml", "--queries", "180"], "a digit class has only 174 examples"),
     (["maml", "--seeds", "-1"], "--seeds: must be positive"),
+    (["sine", "--methods", "maml,reptile"], "--methods: expected a comma-separated list of maml, metasgd"),
+    (["sine", "--shots", "0"], "--shots: expected positive comma-separated ints"),
+    (["sine", "--iterations", "0"], "--iterations: must be positive"),
     (["nope"], "invalid choice"),
 ])
 def test_bad_flags(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,3 +219,92 @@ def test_lr_under_torchrun_with_two_ranks(tmp_path: Path, extras: None) -> None:
     assert result["world_size"] == 2
     assert all(math.isfinite(x) for x in _numbers(result))
     assert result["runs"]["meta"][0]["rates"][-1] != result["runs"]["meta"][0]["initial_rates"]
+
+
+SINE_TINY = ["sine", "--shots", "2,3", "--iterations", "3", "--meta-batch", "4", "--test-tasks", "10",
+             "--test-steps", "2", "--seeds", "1", "--no-progress"]
+
+
+def test_sine_tiny(tmp_path: Path, extras: None, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sine"
+    assert main(SINE_TINY + ["--methods", "maml,metasgd,maml-adam,fomaml", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("sine: 8 runs in ") and "3-shot test MSE" in printed[-1]  # the one-line summary
+    result = json.loads((out / "sine.json").read_text())
+    assert all(math.isfinite(x) for x in _numbers({k: v for k, v in result.items() if k != "summary"}))
+    assert len(result["runs"]) == 4 * 2
+    for run in result["runs"]:
+        assert len(run["test"]["mse"]) == 3 and run["test_mse"] == run["test"]["mse"][1]  # scored after J = 1
+        assert len(run["examples"]["after"]) == 3
+    s = result["summary"]
+    assert s["maml"]["2"]["published_mse"] is None and s["fomaml"]["3"]["published_mse"] is None
+    metasgd = next(r for r in result["runs"] if r["method"] == "metasgd")
+    assert set(metasgd["learned"]) == {"lr"} and all(v["min"] >= 0 for v in metasgd["learned"]["lr"].values())
+    adam = next(r for r in result["runs"] if r["method"] == "maml-adam")
+    assert set(adam["learned"]) == {"lr", "beta1", "beta2"}
+    table = (out / "sine.md").read_text()
+    assert "2-shot: published" in table and "Li et al. 2017" in table and "Protocol:" in table
+    _check_png(out / "sine_steps.png")
+    _check_png(out / "sine_tasks.png")
+
+
+def test_sine_published_numbers_at_the_papers_shots(tmp_path: Path, extras: None) -> None:
+    out = tmp_path / "sine5"
+    argv = ["sine", "--shots", "5", "--iterations", "1", "--meta-batch", "2", "--test-tasks", "4", "--test-steps", "1",
+            "--methods", "maml,metasgd", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    s = json.loads((out / "sine.json").read_text())["summary"]
+    assert (s["maml"]["5"]["published_mse"], s["metasgd"]["5"]["published_mse"]) == (1.13, 0.90)
+    assert main(argv + ["--unroll", "2", "--out", str(tmp_path / "sine5j2")]) == 0  # not the papers' J: nothing to compare
+    s = json.loads((tmp_path / "sine5j2" / "sine.json").read_text())["summary"]
+    assert s["maml"]["5"]["published_mse"] is None
+
+
+def test_sine_resumes_bit_identically_after_an_interrupt(tmp_path: Path, extras: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted during the second run, resumed with --resume: the same numbers as a straight
+    run; the first run is not run again and the second continues from its last saved state."""
+    import gimli_bptt.experiments.sine as sine_mod
+
+    args = SINE_TINY + ["--iterations", "5", "--save-every", "2", "--shots", "2", "--methods", "maml,metasgd"]
+    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
+    straight = json.loads((tmp_path / "straight" / "sine.json").read_text())
+
+    calls = {"n": 0}
+    real = sine_mod.sample_tasks
+
+    def interrupting(*a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 5 + 4:  # the first run's 5 iterations, then the 4th iteration of the second
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sine_mod, "sample_tasks", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--out", str(tmp_path / "resumed")])
+    saved = torch.load(tmp_path / "resumed" / "state" / "metasgd-2shot-0.pt", weights_only=True)
+    assert saved["iteration"] == 2 and not saved["done"]
+    monkeypatch.setattr(sine_mod, "sample_tasks", real)
+    assert main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    resumed = json.loads((tmp_path / "resumed" / "sine.json").read_text())
+    for a, b in zip(straight["runs"], resumed["runs"]):
+        for key in ("query_loss", "test", "learned", "examples"):
+            assert a[key] == b[key], (a["method"], key)
+
+
+def test_sine_evaluation_matches_the_updaters_inner_loop(extras: None) -> None:
+    """The test-time adaptation (vmapped SGD and Adam with the learned values) gives the query
+    losses the updater's own inner loop gives, for every method, after meta steps moved them."""
+    from gimli_bptt.experiments.sine import METHODS, SineConfig, adapt, build, sample_tasks, task_mse
+
+    for method in METHODS:
+        cfg = SineConfig(meta_batch=3, unroll=2)
+        model, updater = build(method, cfg, seed=0)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            tasks = sample_tasks(3, 4, gen)
+            updater.step([tasks.support] * 2, tasks.query)
+        tasks = sample_tasks(3, 4, gen)
+        ref = updater.hypergradient([tasks.support] * 2, tasks.query).task_val_losses
+        ours = task_mse(model, adapt(updater, tasks.support, 2)[2], tasks.query)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

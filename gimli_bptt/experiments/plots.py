@@ -106,4 +106,67 @@ def plot_panels(steps: Sequence[float], panels: dict[str, Sequence[Sequence[floa
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-__all__ = ["plot_lr_accuracy", "plot_lr_rates", "plot_panels", "plot_rates"]
+
+
+SINE_COLORS = {"maml": "tab:blue", "metasgd": "tab:red", "maml-adam": "tab:green", "fomaml": "tab:gray"}
+
+
+def plot_sine_steps(shots: Sequence[int], methods: Sequence[str], runs: Sequence[dict[str, Any]], path: Path,
+                    labels: dict[str, str]) -> None:
+    """Test MSE against the number of inner steps at test time (the MAML paper's Figure 2 view):
+    one panel per K, one line per method (mean over seeds), bars: the 95% CI over test tasks."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.0 * len(shots) + 0.6, 3.6), dpi=100, squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        for method in methods:
+            recs = [r for r in runs if r["method"] == method and r["shots"] == k]
+            if not recs:
+                continue
+            mse = np.mean([r["test"]["mse"] for r in recs], axis=0)
+            ci = np.mean([r["test"]["ci95"] for r in recs], axis=0)
+            steps = np.arange(len(mse))
+            ax.errorbar(steps, mse, yerr=ci, color=SINE_COLORS.get(method), label=labels.get(method, method),
+                        linewidth=1.5, capsize=2, marker="o", markersize=3)
+        ax.set_title(f"{k}-shot")
+        ax.set_xlabel("inner steps at test time")
+        ax.set_ylabel("test MSE")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=8, loc="upper right")
+    fig.suptitle("sinusoid regression: test MSE against inner steps (95% CI over test tasks)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_sine_tasks(runs: Sequence[dict[str, Any]], path: Path, labels: dict[str, str], shots: int,
+                    seed: int) -> None:
+    """A few test tasks of one K and seed: the true curve, the K support points, and every
+    method's prediction before (dotted, θ_0) and after its inner steps (solid)."""
+    plt = _pyplot()
+    recs = [r for r in runs if r["shots"] == shots and r["seed"] == seed]
+    n = len(recs[0]["examples"]["true"])
+    fig, axes = plt.subplots(1, n, figsize=(4.0 * n + 0.6, 3.4), dpi=100, squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ex = recs[0]["examples"]
+        ax.plot(ex["x"], ex["true"][i], color="black", linewidth=2.0, label="true")
+        ax.scatter(ex["support_x"][i], ex["support_y"][i], color="black", marker="^", zorder=5,
+                   label=f"{shots} support points")
+        for r in recs:
+            c = SINE_COLORS.get(r["method"])
+            ax.plot(ex["x"], r["examples"]["before"][i], color=c, linestyle=":", linewidth=1.0)
+            ax.plot(ex["x"], r["examples"]["after"][i], color=c, linewidth=1.4,
+                    label=f"{labels.get(r['method'], r['method'])}, {r['examples']['steps']} step(s)")
+        ax.set_xlabel("x")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("y")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{shots}-shot test tasks after adaptation (dotted: before, at θ_0; seed {seed})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["plot_lr_accuracy", "plot_lr_rates", "plot_panels", "plot_rates", "plot_sine_steps", "plot_sine_tasks"]

@@ -51,8 +51,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load(path: Path) -> Optional[dict[str, Any]]:
+def load(path: Path, progress_key: str = "epoch") -> Optional[dict[str, Any]]:
     """The saved state at ``path``, or None if there is none.
+
+    ``progress_key`` names the entry that says how far the saved run got (``"epoch"`` for
+    ``lr``, ``"iteration"`` for ``sine``); a file without it is not a run state.
 
     Read with ``torch.load(..., weights_only=True)``: a run state holds tensors and plain
     Python values only, so a crafted file cannot run code when it is loaded.
@@ -71,8 +74,9 @@ def load(path: Path) -> Optional[dict[str, Any]]:
             "it is corrupted, truncated or not a run state of this program. Delete it (or the whole state "
             "folder) to start afresh, or run without --resume"
         ) from exc
-    if not isinstance(state, dict) or "epoch" not in state:
-        raise RunStateError(f"{path} is not a run state of this program (no epoch); delete it or run without --resume")
+    if not isinstance(state, dict) or progress_key not in state:
+        raise RunStateError(f"{path} is not a run state of this program (no {progress_key}); delete it or run "
+                            "without --resume")
     return state
 
 
