@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence
 from .demo import DemoConfig, run_demo
 
 DIGITS_MIN_CLASS_SIZE = 174  # the smallest class of sklearn's digits (the 8s)
+SWEEP_EPOCHS = 10  # epochs of every run of `lr --sweep` unless --epochs says otherwise
 
 
 def _positive(kind: type) -> Callable[[str], object]:
@@ -51,6 +52,16 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive comma-separated ints, got {text!r}")
+    return values
+
+
+def _rate_list(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated learning rates, got {text!r}") from None
+    if not values or any(not 0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive comma-separated learning rates, got {text!r}")
     return values
 
 
@@ -110,7 +121,7 @@ def _common(p: argparse.ArgumentParser, out: str, seeds: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command line."""
-    from .experiments.lr import LRConfig
+    from .experiments.lr import DEFAULT_SWEEP, LRConfig
     from .experiments.maml import MAMLConfig
     from .experiments.sine import SineConfig
 
@@ -134,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "multi-step annealing (rate / 10 at 50% and 75% of the epochs) and meta-learned "
                     "per-parameter-group rates (one meta step per epoch: J unrolled steps on training batches, "
                     "loss on a held-out validation split) -- and writes lr_accuracy.png, lr_rates.png and lr.json.")
-    lr.add_argument("--epochs", type=_positive(int), default=lc.epochs, help=f"training epochs (default {lc.epochs})")
+    lr.add_argument("--epochs", type=_positive(int),
+                    help=f"training epochs (default {lc.epochs}; {SWEEP_EPOCHS} with --sweep)")
     lr.add_argument("--unroll", "-J", type=_positive(int), default=lc.unroll,
                     help=f"J: inner steps unrolled at each meta step (default {lc.unroll})")
     lr.add_argument("--optimizer", choices=["sgd", "adam"], default=lc.optimizer,
@@ -152,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="under torchrun: seconds a rank waits for its peers before failing (default 60)")
     lr.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from the state saved (atomically, after every epoch) in OUT/state/")
+    lr.add_argument("--meta-every", type=_positive(int),
+                    help="a meta step after every N real training steps (default: one after every epoch)")
+    lr.add_argument("--sweep", type=_rate_list, nargs="?", const=list(DEFAULT_SWEEP), metavar="RATES",
+                    help="instead of the three variants: fixed vs meta-learned rates from each initial rate in "
+                         "RATES (comma-separated; default " + ",".join(f"{r:g}" for r in DEFAULT_SWEEP) + "), "
+                         "writing lr_sweep.json, lr_sweep.md, lr_sweep.png and lr_sweep_worst.png")
     lr.set_defaults(width=lc.width, subparser=lr)
 
     mc = MAMLConfig()
@@ -262,14 +280,18 @@ def _run_build_kernels(args: argparse.Namespace) -> int:
 
 
 def _run_lr(args: argparse.Namespace) -> None:
-    from .experiments.lr import LRConfig, run_lr
+    from .experiments.lr import LRConfig, run_lr, run_lr_sweep
 
-    cfg = LRConfig(epochs=args.epochs, unroll=args.unroll, width=args.width, optimizer=args.optimizer, lr=args.lr,
+    epochs = args.epochs if args.epochs is not None else (SWEEP_EPOCHS if args.sweep else LRConfig().epochs)
+    cfg = LRConfig(epochs=epochs, unroll=args.unroll, width=args.width, optimizer=args.optimizer, lr=args.lr,
                    meta_lr=args.meta_lr, batch_size=args.batch_size, meta_batch_size=args.meta_batch_size,
                    val_frac=args.val_frac, seeds=list(range(args.seed, args.seed + args.seeds)),
                    device=args.device, threads=args.threads, out=args.out,
-                   progress=False if args.no_progress else None, resume=args.resume)
-    run_lr(cfg)
+                   progress=False if args.no_progress else None, resume=args.resume, meta_every=args.meta_every)
+    if args.sweep:
+        run_lr_sweep(cfg, args.sweep)
+    else:
+        run_lr(cfg)
 
 
 def _run_maml(args: argparse.Namespace) -> None:

@@ -109,6 +109,8 @@ def test_maml_tiny(tmp_path: Path, extras: None) -> None:
     (["sine", "--methods", "maml,reptile"], "--methods: expected a comma-separated list of maml, metasgd"),
     (["sine", "--shots", "0"], "--shots: expected positive comma-separated ints"),
     (["sine", "--iterations", "0"], "--iterations: must be positive"),
+    (["lr", "--sweep", "0.1,-1"], "--sweep: expected positive comma-separated learning rates"),
+    (["lr", "--meta-every", "0"], "--meta-every: must be positive"),
     (["nope"], "invalid choice"),
 ])
 def test_bad_flags(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -308,3 +310,55 @@ def test_sine_evaluation_matches_the_updaters_inner_loop(extras: None) -> None:
         ref = updater.hypergradient([tasks.support] * 2, tasks.query).task_val_losses
         ours = task_mse(model, adapt(updater, tasks.support, 2)[2], tasks.query)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+LR_TINY = ["lr", "--epochs", "2", "--unroll", "2", "--width", "2", "--batch-size", "256", "--seeds", "1",
+           "--no-progress"]
+
+
+def test_lr_sweep_tiny(tmp_path: Path, extras: None, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    assert main(LR_TINY + ["--seeds", "2", "--sweep", "0.03,0.3", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("lr sweep: done in ")
+    result = json.loads((out / "lr_sweep.json").read_text())
+    assert set(result["runs"]) == {"0.03", "0.3"} and result["worst_start"] in ("0.03", "0.3")
+    for rate, by_variant in result["runs"].items():
+        assert set(by_variant) == {"fixed", "meta"}
+        for variant, runs in by_variant.items():
+            assert [r["seed"] for r in runs] == [0, 1]
+            assert runs[0]["initial_rates"] == [float(rate)] * len(runs[0]["group_names"])  # the same start
+        assert by_variant["fixed"][0]["rates"][-1] == [float(rate)] * len(by_variant["fixed"][0]["group_names"])
+    assert result["config"]["meta_lr"] is None  # each start's meta lr is its rate / 10
+    assert "| 0.03 |" in (out / "lr_sweep.md").read_text()
+    _check_png(out / "lr_sweep.png")
+    _check_png(out / "lr_sweep_worst.png")
+
+
+def test_lr_sweep_default_rates_and_epochs() -> None:
+    from gimli_bptt.__main__ import SWEEP_EPOCHS, build_parser
+
+    args = build_parser().parse_args(["lr", "--sweep"])
+    assert args.sweep == [0.01, 0.03, 0.1, 0.3, 1.0] and args.epochs is None and SWEEP_EPOCHS == 10
+    assert build_parser().parse_args(["lr"]).sweep is None
+
+
+def test_lr_meta_every_tiny(tmp_path: Path, extras: None) -> None:
+    """--meta-every 2: a meta step after every second training step (the meta variant trains on
+    1259 images: 4 steps of 256 per epoch, 8 in two epochs), against one per epoch by default."""
+    assert main(LR_TINY + ["--meta-every", "2", "--out", str(tmp_path / "every")]) == 0
+    meta = json.loads((tmp_path / "every" / "lr.json").read_text())["runs"]["meta"][0]
+    assert meta["meta_step_at"] == [2, 4, 6, 8] and len(meta["val_loss"]) + meta["skipped_meta_steps"] == 4
+    assert main(LR_TINY + ["--out", str(tmp_path / "epoch")]) == 0
+    meta = json.loads((tmp_path / "epoch" / "lr.json").read_text())["runs"]["meta"][0]
+    assert meta["meta_step_at"] == [4, 8] and len(meta["val_loss"]) + meta["skipped_meta_steps"] == 2
+
+
+def test_lr_divergence_is_recorded(tmp_path: Path, extras: None) -> None:
+    """A far too large rate: the run stops when its weights become non-finite, says from which
+    epoch, and the outputs stay finite JSON."""
+    out = tmp_path / "diverge"
+    assert main(LR_TINY + ["--lr", "1e6", "--epochs", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "lr.json").read_text())
+    fixed = result["runs"]["fixed"][0]
+    assert fixed["diverged_epoch"] == 1 and fixed["test_loss"] == [None, None]
+    assert result["summary"]["fixed"]["diverged"] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,8 @@ class LRConfig:
         progress: Progress bars (``None``: only when stderr is a terminal).
         resume: Continue from the state saved in ``out/state/`` (saved atomically after every
             epoch of every run), so an interrupted run loses at most the current epoch.
+        meta_every: ``None`` (default): one meta step after every epoch. N: a meta step after
+            every N real training steps instead (counted across epochs).
     """
 
     epochs: int = 20
@@ -67,6 +70,7 @@ class LRConfig:
     out: str = "runs/lr"
     progress: Optional[bool] = None
     resume: bool = False
+    meta_every: Optional[int] = None
 
     def resolved(self) -> "LRConfig":
         """A copy with the optimizer-dependent defaults filled in."""
@@ -96,6 +100,10 @@ def evaluate(model: nn.Module, data: Batch) -> tuple[float, float]:
     return loss, acc
 
 
+def _finite_params(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def _plain_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch) -> float:
     opt.zero_grad(set_to_none=True)
     loss = cross_entropy(model, batch)
@@ -115,7 +123,13 @@ def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
       and optimizer state on fresh training minibatches, the loss on the whole validation split
       at θ'_J, and one Adam step on the per-group rates, which are written into
       ``opt.param_groups`` and used by the next epoch. The unroll only measures; the real
-      training steps are the same number as the baselines'.
+      training steps are the same number as the baselines'. With ``cfg.meta_every = N`` the
+      meta step comes after every N-th real training step instead (counted across epochs).
+
+    A run whose loss or weights become non-finite (a rate far too large) has diverged: it stops, its
+    record says from which epoch (``diverged_epoch``), and the remaining epochs keep the
+    diverged model's test accuracy with a ``None`` loss. A meta step whose unroll or
+    hypergradient is non-finite is skipped and counted (``skipped_meta_steps``).
 
     With ``state_path``, everything the next epoch depends on (weights, optimizer, schedule,
     updater, generators, the record so far) is saved there atomically after every epoch, and
@@ -140,10 +154,11 @@ def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
     updater = None
     if variant == "meta":
         updater = GimliUpdater(model, opt, cross_entropy, cross_entropy, unroll=cfg.unroll, learn={"lr": "group"},
-                               meta_opt=functools.partial(torch.optim.Adam, lr=cfg.meta_lr))
+                               meta_opt=functools.partial(torch.optim.Adam, lr=cfg.meta_lr), on_nonfinite="skip")
 
     rec: dict[str, Any] = {"epoch": [], "test_acc": [], "test_loss": [], "train_loss": [], "rates": [],
-                           "val_loss": [], "hypergrad_lr": [], "seconds": 0.0, "group_names": names}
+                           "val_loss": [], "hypergrad_lr": [], "meta_step_at": [], "seconds": 0.0,
+                           "group_names": names, "steps": 0, "skipped_meta_steps": 0, "diverged_epoch": None}
     _, acc0 = evaluate(model, splits.test)
     rec["initial_test_acc"] = acc0
     rec["initial_rates"] = [float(g["lr"]) for g in opt.param_groups]
@@ -164,23 +179,45 @@ def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
         if bar is not None:
             bar.update(saved["epoch"], f"{variant} seed {seed}: resumed after epoch {saved['epoch']}")
     start = time.perf_counter() - rec["seconds"]
+
+    def meta_step() -> None:
+        assert updater is not None
+        # Under torchrun every rank trains identically; the meta step's batches are sharded
+        # and GimliUpdater averages over the ranks (docs/DISTRIBUTED.md).
+        rank, world = _ranks()
+        meta_batches = sample_batches(splits.train, cfg.unroll, cfg.meta_batch_size, meta_gen)
+        result = updater.step([_shard(b, rank, world) for b in meta_batches], _shard(splits.val, rank, world))
+        rec["meta_step_at"].append(rec["steps"])  # the training steps taken before it
+        if result.skipped:
+            rec["skipped_meta_steps"] += 1
+            return
+        rec["val_loss"].append(float(result.val_loss))
+        rec["hypergrad_lr"].append([float(v) for v in result.hypergrads["lr"]])  # type: ignore[union-attr]
+
     for epoch in range(first_epoch, cfg.epochs + 1):
-        losses = [_plain_step(model, opt, b) for b in minibatches(train, cfg.batch_size, data_gen)]
-        if sched is not None:
-            sched.step()
-        if updater is not None:
-            # Under torchrun every rank trains identically; the meta step's batches are sharded
-            # and GimliUpdater averages over the ranks (docs/DISTRIBUTED.md).
-            rank, world = _ranks()
-            meta_batches = sample_batches(splits.train, cfg.unroll, cfg.meta_batch_size, meta_gen)
-            result = updater.step([_shard(b, rank, world) for b in meta_batches], _shard(splits.val, rank, world))
-            rec["val_loss"].append(float(result.val_loss))
-            rec["hypergrad_lr"].append([float(v) for v in result.hypergrads["lr"]])  # type: ignore[union-attr]
+        losses = []
+        if rec["diverged_epoch"] is None:
+            for b in minibatches(train, cfg.batch_size, data_gen):
+                losses.append(_plain_step(model, opt, b))
+                rec["steps"] += 1
+                if not math.isfinite(losses[-1]):
+                    break
+                if updater is not None and cfg.meta_every is not None and rec["steps"] % cfg.meta_every == 0:
+                    meta_step()
+            if not all(math.isfinite(x) for x in losses) or not _finite_params(model):
+                rec["diverged_epoch"] = epoch
+            if sched is not None:
+                sched.step()
+            if updater is not None and cfg.meta_every is None and rec["diverged_epoch"] is None:
+                meta_step()
         test_loss, test_acc = evaluate(model, splits.test)
+        if rec["diverged_epoch"] is None and not math.isfinite(test_loss):  # e.g. running statistics overflowed
+            rec["diverged_epoch"] = epoch
+        diverged = rec["diverged_epoch"] is not None
         rec["epoch"].append(epoch)
         rec["test_acc"].append(test_acc)
-        rec["test_loss"].append(test_loss)
-        rec["train_loss"].append(sum(losses) / len(losses))
+        rec["test_loss"].append(None if diverged else test_loss)
+        rec["train_loss"].append(None if diverged or not losses else sum(losses) / len(losses))
         rec["rates"].append([float(g["lr"]) for g in opt.param_groups])
         rec["seconds"] = time.perf_counter() - start
         if state_path is not None and _ranks()[0] == 0:  # one writer; every rank resumes from it
@@ -221,11 +258,13 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, floa
     for variant, recs in runs.items():
         final = mean_std([r["final_test_acc"] for r in recs])
         best = mean_std([r["best_test_acc"] for r in recs])
-        loss = mean_std([r["test_loss"][-1] for r in recs])
+        finite = [r["test_loss"][-1] for r in recs if r["test_loss"][-1] is not None]
+        loss = mean_std(finite) if finite else (None, None)
         out[variant] = {"final_test_acc_mean": final[0], "final_test_acc_std": final[1],
                         "best_test_acc_mean": best[0], "best_test_acc_std": best[1],
                         "final_test_loss_mean": loss[0], "final_test_loss_std": loss[1],
-                        "seconds_mean": mean_std([r["seconds"] for r in recs])[0]}
+                        "seconds_mean": mean_std([r["seconds"] for r in recs])[0],
+                        "diverged": sum(r["diverged_epoch"] is not None for r in recs)}
     return out
 
 
@@ -284,9 +323,99 @@ def run_lr(cfg: LRConfig, log: Optional[Callable[[str], None]] = print) -> dict[
         for variant, s in summary.items():
             log(f"{variant:>10}  {s['final_test_acc_mean']:.4f} ± {s['final_test_acc_std']:.4f}  "
                 f"{s['best_test_acc_mean']:.4f} ± {s['best_test_acc_std']:.4f}")
-        log(f"done in {result['seconds']:.1f} s; wrote {out / 'lr.json'}, {out / 'lr_accuracy.png'}, "
-            f"{out / 'lr_rates.png'}")
+        finals = ", ".join(f"{v} {100 * s['final_test_acc_mean']:.2f}%" for v, s in summary.items())
+        log(f"lr: done in {result['seconds']:.1f} s; final test accuracy {finals} (mean of {len(cfg.seeds)} "
+            f"seeds); wrote {out / 'lr.json'}, {out / 'lr_accuracy.png'}, {out / 'lr_rates.png'}")
     return result
 
 
-__all__ = ["LRConfig", "VARIANTS", "evaluate", "run_lr", "summarize", "train_variant"]
+SWEEP_VARIANTS = ("fixed", "meta")
+DEFAULT_SWEEP = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def run_lr_sweep(cfg: LRConfig, rates: list[float], log: Optional[Callable[[str], None]] = print) -> dict[str, Any]:
+    """The fixed rate against meta-learned per-group rates from the same initial rate, for every
+    rate in ``rates`` and every seed (``cfg.lr`` is ignored; ``cfg.meta_lr`` of ``None`` is each
+    start's rate / 10, the default run's rule).
+
+    Writes ``lr_sweep.json`` (every run), ``lr_sweep.md`` (the table), ``lr_sweep.png`` (final
+    and best test accuracy against the initial rate) and ``lr_sweep_worst.png`` (test accuracy
+    and the learned rates against epoch for the start where the fixed rate ends worst) into
+    ``cfg.out``. Every run's state is saved after every epoch, so ``cfg.resume`` continues an
+    interrupted sweep.
+
+    Returns:
+        The content of ``lr_sweep.json``.
+    """
+    from .plots import plot_lr_sweep, plot_lr_sweep_worst
+
+    if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
+        raise ValueError(f"the sweep's rates must be positive and finite, got {rates}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    x, y = load_digits_tensors(cfg.device)
+    start = time.perf_counter()
+    every = "once per epoch" if cfg.meta_every is None else f"every {cfg.meta_every} training steps"
+    if log:
+        log(f"lr sweep: {cfg.optimizer.upper()} from lr {', '.join(f'{r:g}' for r in rates)}, fixed vs meta-learned "
+            f"(meta step {every}, meta lr {'rate / 10' if cfg.meta_lr is None else f'{cfg.meta_lr:g}'}), "
+            f"{cfg.epochs} epochs, J={cfg.unroll}, width {cfg.width}, seeds {cfg.seeds}, device {cfg.device}")
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with Progress(len(rates) * len(cfg.seeds) * len(SWEEP_VARIANTS) * cfg.epochs, "lr sweep",
+                  enabled=cfg.progress) as bar:
+        for rate in rates:
+            rcfg = LRConfig(**{**asdict(cfg), "lr": rate}).resolved()
+            runs[f"{rate:g}"] = {v: [] for v in SWEEP_VARIANTS}
+            for seed in cfg.seeds:
+                splits = split_digits(x, y, seed, cfg.val_frac, cfg.test_frac)
+                for variant in SWEEP_VARIANTS:
+                    rec = train_variant(variant, rcfg, splits, seed, bar,
+                                        state_path=out / "state" / f"sweep-{variant}-lr{rate:g}-{seed}.pt")
+                    rec["seed"] = seed
+                    runs[f"{rate:g}"][variant].append(rec)
+    summary = {rate: summarize(by_variant) for rate, by_variant in runs.items()}
+    worst = min(summary, key=lambda r: (summary[r]["fixed"]["final_test_acc_mean"], -float(r)))
+    table = sweep_table(summary)
+    result = {
+        "command": "lr --sweep",
+        "config": {**asdict(cfg), "milestones": list(cfg.milestones)},
+        "rates": rates,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "threads": torch.get_num_threads()},
+        "seconds": time.perf_counter() - start,
+        "summary": summary,
+        "worst_start": worst,
+        "table_markdown": table,
+        "runs": runs,
+    }
+    check_finite(result)
+    (out / "lr_sweep.json").write_text(json.dumps(result, indent=1))
+    (out / "lr_sweep.md").write_text(
+        table + f"\nTest accuracy, mean ± std over seeds {cfg.seeds}; {cfg.epochs} epochs; meta step {every}. "
+        f"The start where the fixed rate ends worst: {worst}.\n")
+    title = f"digits, {cfg.optimizer.upper()}, {cfg.epochs} epochs, meta step {every}"
+    plot_lr_sweep(runs, out / "lr_sweep.png", title=title)
+    plot_lr_sweep_worst(runs[worst], out / "lr_sweep_worst.png", title=f"initial rate {worst}: {title}")
+    if log:
+        log(table.rstrip())
+        f, m = summary[worst]["fixed"], summary[worst]["meta"]
+        log(f"lr sweep: done in {result['seconds']:.1f} s; worst start {worst}: final test accuracy fixed "
+            f"{100 * f['final_test_acc_mean']:.2f}%, meta-learned {100 * m['final_test_acc_mean']:.2f}%; wrote "
+            f"{out / 'lr_sweep.json'}, {out / 'lr_sweep.md'}, {out / 'lr_sweep.png'}, {out / 'lr_sweep_worst.png'}")
+    return result
+
+
+def sweep_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The sweep as a Markdown table: one row per initial rate, final and best accuracy per variant."""
+    lines = ["| initial rate | fixed: final | fixed: best | meta-learned: final | meta-learned: best | diverged (fixed / meta) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for rate, s in summary.items():
+        cells = [f"{100 * s[v][k + '_mean']:.2f} ± {100 * s[v][k + '_std']:.2f}%"
+                 for v in SWEEP_VARIANTS for k in ("final_test_acc", "best_test_acc")]
+        lines.append(f"| {rate} | {' | '.join(cells)} | {s['fixed']['diverged']} / {s['meta']['diverged']} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["DEFAULT_SWEEP", "LRConfig", "SWEEP_VARIANTS", "VARIANTS", "evaluate", "run_lr", "run_lr_sweep",
+           "summarize", "sweep_table", "train_variant"]

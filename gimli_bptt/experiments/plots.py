@@ -108,6 +108,72 @@ def plot_panels(steps: Sequence[float], panels: dict[str, Sequence[Sequence[floa
     plt.close(fig)
 
 
+def plot_lr_sweep(runs: dict[str, dict[str, list[dict[str, Any]]]], path: Path, title: str = "") -> None:
+    """Final and best test accuracy against the initial rate (log axis), one curve per variant:
+    mean over seeds, bars ± one std."""
+    import numpy as np
+
+    plt = _pyplot()
+    rates = [float(r) for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.8), dpi=100)
+    for ax, key, name in zip(axes, ("final_test_acc", "best_test_acc"), ("final", "best")):
+        for variant in next(iter(runs.values())):
+            vals = np.array([[r[key] for r in runs[rate][variant]] for rate in runs])
+            std = vals.std(1, ddof=1) if vals.shape[1] > 1 else np.zeros(len(rates))
+            ax.errorbar(rates, vals.mean(1), yerr=std, color=COLORS.get(variant), linestyle=STYLES.get(variant, "-"),
+                        marker="o", capsize=3, label=LABELS.get(variant, variant))
+        ax.set_xscale("log")
+        ax.set_xlabel("initial learning rate")
+        ax.set_ylabel(f"{name} test accuracy")
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(loc="lower left", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_lr_sweep_worst(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
+    """One initial rate: test accuracy against epoch per variant (mean, ± one std over seeds),
+    and the meta-learned rate of every group against epoch (first seed)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), dpi=100)
+    ax = axes[0]
+    for variant, recs in runs.items():
+        epochs = np.array([0] + recs[0]["epoch"])
+        accs = np.array([[r["initial_test_acc"]] + r["test_acc"] for r in recs])
+        mean = accs.mean(0)
+        ax.plot(epochs, mean, color=COLORS.get(variant), linestyle=STYLES.get(variant, "-"), linewidth=1.8,
+                label=LABELS.get(variant, variant))
+        if len(recs) > 1:
+            std = accs.std(0, ddof=1)
+            ax.fill_between(epochs, mean - std, mean + std, color=COLORS.get(variant), alpha=0.2, linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    meta = runs["meta"][0]
+    v = np.asarray([meta["initial_rates"]] + meta["rates"], dtype=float)
+    cmap = plt.get_cmap("viridis")
+    for g, name in enumerate(meta["group_names"]):
+        axes[1].plot(range(len(v)), v[:, g], color=cmap(g / max(1, len(meta["group_names"]) - 1)), label=name,
+                     linewidth=1.1)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel(f"meta-learned rate (seed {meta.get('seed', 0)})")
+    if (v > 0).all():
+        axes[1].set_yscale("log")
+    axes[1].grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=6, ncol=2, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 SINE_COLORS = {"maml": "tab:blue", "metasgd": "tab:red", "maml-adam": "tab:green", "fomaml": "tab:gray"}
 
 
@@ -169,4 +235,5 @@ def plot_sine_tasks(runs: Sequence[dict[str, Any]], path: Path, labels: dict[str
     plt.close(fig)
 
 
-__all__ = ["plot_lr_accuracy", "plot_lr_rates", "plot_panels", "plot_rates", "plot_sine_steps", "plot_sine_tasks"]
+__all__ = ["plot_lr_accuracy", "plot_lr_rates", "plot_lr_sweep", "plot_lr_sweep_worst", "plot_panels", "plot_rates",
+           "plot_sine_steps", "plot_sine_tasks"]
