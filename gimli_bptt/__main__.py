@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out digit classes of meta-test tasks (default 5,6,7,8,9)")
     m.add_argument("--test-tasks", type=_positive(int), default=mc.test_tasks,
                    help=f"meta-test tasks per run (default {mc.test_tasks})")
+    m.add_argument("--fixed-rates", action="store_true",
+                   help="meta-learn only the initial weights; the inner optimizer keeps its initial rates (and betas)")
+    m.add_argument("--eval-every", type=_positive(int),
+                   help="also score the meta-test tasks (and, with --holdout classes, tasks from held-out examples of "
+                        "the training classes) before meta-training and every N meta steps")
     _common(m, mc.out, len(mc.seeds))
     m.set_defaults(width=mc.width, subparser=m)
 
@@ -316,7 +321,8 @@ def _run_maml(args: argparse.Namespace) -> None:
                      optimizers=args.optimizers, inner_lr=args.inner_lr, meta_lr=args.meta_lr,
                      holdout=args.holdout, train_classes=args.train_classes, test_classes=args.test_classes, test_tasks=args.test_tasks,
                      seeds=list(range(args.seed, args.seed + args.seeds)), device=args.device,
-                     threads=args.threads, out=args.out, progress=False if args.no_progress else None)
+                     threads=args.threads, out=args.out, progress=False if args.no_progress else None,
+                     learn_rates=not args.fixed_rates, eval_every=args.eval_every)
     run_maml(cfg)
 
 

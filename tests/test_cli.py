@@ -362,3 +362,29 @@ def test_lr_divergence_is_recorded(tmp_path: Path, extras: None) -> None:
     fixed = result["runs"]["fixed"][0]
     assert fixed["diverged_epoch"] == 1 and fixed["test_loss"] == [None, None]
     assert result["summary"]["fixed"]["diverged"] == 1
+
+
+def test_maml_states_its_protocol_and_records_the_curve(tmp_path: Path, extras: None,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "maml_curve"
+    rc = main(["maml", "--holdout", "classes", "--ways", "2", "--shots", "1", "--queries", "2", "--unroll", "1",
+               "--meta-steps", "3", "--meta-batch", "1", "--width", "2", "--test-tasks", "2", "--seeds", "1",
+               "--optimizer", "sgd", "--eval-every", "2", "--fixed-rates", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0].startswith("Protocol: held-out CLASSES") and printed[-1].startswith("maml: done in ")
+    result = json.loads((out / "maml.json").read_text())
+    run = result["runs"][0]
+    assert run["curve"]["meta_step"] == [0, 2, 3] and len(run["curve"]["seen_acc"]) == 3
+    assert run["values"] == {} and result["config"]["learn_rates"] is False
+    md = (out / "maml.md").read_text()
+    assert "SGD (fixed rates)" in md and "seen classes" in md and "Protocol: held-out CLASSES" in md
+    assert not (out / "maml_rates_sgd.png").exists()
+    default = build_parser_defaults()
+    assert default.holdout == "samples"
+
+
+def build_parser_defaults() -> Any:
+    from gimli_bptt.__main__ import build_parser
+
+    return build_parser().parse_args(["maml"])

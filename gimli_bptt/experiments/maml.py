@@ -42,9 +42,10 @@ class MAMLConfig:
         meta_lr: Learning rate of the Adam meta optimizer (init weights and learned hyperparameters).
         holdout: ``"samples"`` (default): tasks of both phases draw from all ``train_classes +
             test_classes``, meta-test tasks from held-out examples (30% of every class).
-            ``"classes"``: meta-training tasks from ``train_classes``, meta-test tasks from the
-            disjoint ``test_classes``; with only 10 digit classes this over-specialises (see
-            docs/EXPERIMENTS.md).
+            ``"classes"``: meta-training tasks from 70% of the examples of ``train_classes``,
+            meta-test tasks from the disjoint ``test_classes`` (the standard few-shot protocol);
+            with only 10 digit classes this over-specialises (see docs/EXPERIMENTS.md). The
+            other 30% of the training classes' examples score "seen-class" tasks.
         train_classes, test_classes: Digit classes of meta-training and meta-test tasks.
         test_tasks: Meta-test tasks per run.
         seeds: Seeds to run; the table reports mean ± standard deviation over them.
@@ -52,6 +53,11 @@ class MAMLConfig:
         threads: CPU threads of torch.
         out: Output folder.
         progress: Progress bars (``None``: only when stderr is a terminal).
+        learn_rates: Meta-learn the inner hyperparameters (per-group rates; Adam's betas too).
+            ``False``: only θ_0 is learned, the inner optimizer keeps its initial values.
+        eval_every: Also score the meta-test tasks (and, with ``holdout="classes"``, seen-class
+            tasks) before meta-training and after every ``eval_every`` meta steps (the
+            accuracy-against-meta-steps curve in ``maml.json``); ``None``: only at the end.
     """
 
     ways: int = 5
@@ -73,6 +79,21 @@ class MAMLConfig:
     threads: int = 1
     out: str = "runs/maml"
     progress: Optional[bool] = None
+    learn_rates: bool = True
+    eval_every: Optional[int] = None
+
+
+def protocol(cfg: MAMLConfig) -> str:
+    """Which protocol is measured, in one sentence (printed by the command and into ``maml.md``)."""
+    if cfg.holdout == "samples":
+        classes = sorted(set(cfg.train_classes) | set(cfg.test_classes))
+        return (f"Protocol: held-out EXAMPLES, not held-out classes: meta-training and meta-test tasks both draw "
+                f"{cfg.ways}-way tasks from the digit classes {classes}; meta-test tasks use only the 30% of each "
+                "class's examples that meta-training never sees.")
+    return (f"Protocol: held-out CLASSES (the standard few-shot protocol): meta-training tasks are {cfg.ways}-way "
+            f"tasks from the digit classes {cfg.train_classes} (70% of their examples), meta-test tasks "
+            f"{cfg.ways}-way tasks from the unseen classes {cfg.test_classes}; 'seen classes' scores tasks from "
+            f"the other 30% of the examples of {cfg.train_classes}.")
 
 
 def _inner_opt(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
@@ -132,18 +153,30 @@ def train_maml(cfg: MAMLConfig, data: tuple[Tensor, Tensor], optimizer: str, sho
     groups, names = per_tensor_groups(model)
     lr = DEFAULT_INNER_LR[optimizer] if cfg.inner_lr is None else cfg.inner_lr
     opt = _inner_opt(optimizer, groups, lr)
-    learned = LEARNED[optimizer]
+    learned = LEARNED[optimizer] if cfg.learn_rates else ()
     updater = GimliUpdater(model, opt, cross_entropy, cross_entropy, unroll=cfg.unroll,
-                           learn={k: "group" for k in learned}, learn_init=True,
+                           learn={k: "group" for k in learned} or None, learn_init=True,
                            meta_opt=functools.partial(torch.optim.Adam, lr=cfg.meta_lr))
     if cfg.holdout == "samples":
         classes = sorted(set(cfg.train_classes) | set(cfg.test_classes))
         splits = split_digits(x, y, seed, val_frac=0.0, test_frac=0.3)
         train_tasks = TaskSampler(*splits.train, classes, cfg.ways, shots, cfg.queries, seed=seed + 1)
         test_tasks = TaskSampler(*splits.test, classes, cfg.ways, shots, cfg.queries, seed=seed + 2)
+        seen_tasks = None
     else:
-        train_tasks = TaskSampler(x, y, cfg.train_classes, cfg.ways, shots, cfg.queries, seed=seed + 1)
+        splits = split_digits(x, y, seed, val_frac=0.0, test_frac=0.3)
+        train_tasks = TaskSampler(*splits.train, cfg.train_classes, cfg.ways, shots, cfg.queries, seed=seed + 1)
         test_tasks = TaskSampler(x, y, cfg.test_classes, cfg.ways, shots, cfg.queries, seed=seed + 2)
+        seen_tasks = TaskSampler(*splits.test, cfg.train_classes, cfg.ways, shots, cfg.queries, seed=seed + 3)
+
+    def score(sampler: TaskSampler, fixed_seed: int) -> float:
+        """Mean query accuracy on ``cfg.test_tasks`` tasks; every call draws the same tasks and
+        leaves the sampler's own generator where it was."""
+        saved = sampler.gen.get_state()
+        sampler.gen.manual_seed(fixed_seed)
+        accs = [adapt_and_score(model, opt, sampler.sample(), cfg.unroll) for _ in range(cfg.test_tasks)]
+        sampler.gen.set_state(saved)
+        return sum(accs) / len(accs)
 
     def group_values() -> dict[str, list[float]]:
         return {k: [float(updater.opt.param_groups[g]["lr"] if k == "lr" else
@@ -151,8 +184,18 @@ def train_maml(cfg: MAMLConfig, data: tuple[Tensor, Tensor], optimizer: str, sho
                     for g in range(len(names))] for k in learned}
 
     rec: dict[str, Any] = {"optimizer": optimizer, "shots": shots, "seed": seed, "group_names": names,
-                           "query_loss": [], "skipped_tasks": 0, "values": {k: [v] for k, v in group_values().items()}}
+                           "query_loss": [], "skipped_tasks": 0, "values": {k: [v] for k, v in group_values().items()},
+                           "curve": {"meta_step": [], "test_acc": [], "seen_acc": []}}
+
+    def record_curve(step: int) -> None:
+        rec["curve"]["meta_step"].append(step)
+        rec["curve"]["test_acc"].append(score(test_tasks, seed + 20))
+        if seen_tasks is not None:
+            rec["curve"]["seen_acc"].append(score(seen_tasks, seed + 30))
+
     start = time.perf_counter()
+    if cfg.eval_every is not None:
+        record_curve(0)
     for step in range(cfg.meta_steps):
         total: dict[str, Tensor] = {}
         losses = []
@@ -171,6 +214,8 @@ def train_maml(cfg: MAMLConfig, data: tuple[Tensor, Tensor], optimizer: str, sho
             rec["query_loss"].append(sum(losses) / len(losses))
         for k, v in group_values().items():
             rec["values"][k].append(v)
+        if cfg.eval_every is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.meta_steps):
+            record_curve(step + 1)
         if bar is not None:
             bar.update(1, f"{optimizer} {cfg.ways}-way {shots}-shot seed {seed} "
                           f"query loss {rec['query_loss'][-1] if rec['query_loss'] else float('nan'):.3f}")
@@ -178,6 +223,8 @@ def train_maml(cfg: MAMLConfig, data: tuple[Tensor, Tensor], optimizer: str, sho
     accs = [adapt_and_score(model, opt, test_tasks.sample(), cfg.unroll) for _ in range(cfg.test_tasks)]
     rec["test_acc"] = sum(accs) / len(accs)
     rec["test_acc_task_std"] = mean_std(accs)[1]
+    if seen_tasks is not None:
+        rec["seen_acc"] = score(seen_tasks, seed + 30)
     return rec
 
 
@@ -190,7 +237,8 @@ def markdown_table(cfg: MAMLConfig, summary: dict[str, dict[str, dict[str, float
         for k in cfg.shots:
             s = summary[opt_name][str(k)]
             cells.append(f"{100 * s['test_acc_mean']:.2f} ± {100 * s['test_acc_std']:.2f}%")
-        label = {"sgd": "SGD (per-group lr)", "adam": "Adam (per-group lr, β1, β2)"}[opt_name]
+        label = ({"sgd": "SGD (per-group lr)", "adam": "Adam (per-group lr, β1, β2)"}[opt_name] if cfg.learn_rates
+                 else {"sgd": "SGD (fixed rates)", "adam": "Adam (fixed lr and betas)"}[opt_name])
         lines.append(f"| {label} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
@@ -218,6 +266,7 @@ def run_maml(cfg: MAMLConfig, log: Optional[Callable[[str], None]] = print) -> d
     data = load_digits_tensors(cfg.device)
     start = time.perf_counter()
     if log:
+        log(protocol(cfg))
         log(f"maml: {cfg.ways}-way {cfg.shots}-shot digits, held-out {cfg.holdout}, train classes "
             f"{cfg.train_classes}, test classes {cfg.test_classes}; inner {cfg.optimizers}, J={cfg.unroll}, {cfg.meta_steps} meta steps x "
             f"{cfg.meta_batch} tasks, seeds {cfg.seeds}, device {cfg.device}")
@@ -235,10 +284,14 @@ def run_maml(cfg: MAMLConfig, log: Optional[Callable[[str], None]] = print) -> d
             accs = [r["test_acc"] for r in runs if r["optimizer"] == opt_name and r["shots"] == k]
             m, s = mean_std(accs)
             summary[opt_name][str(k)] = {"test_acc_mean": m, "test_acc_std": s, "seeds": len(accs)}
+            seen = [r["seen_acc"] for r in runs if r["optimizer"] == opt_name and r["shots"] == k and "seen_acc" in r]
+            if seen:
+                summary[opt_name][str(k)]["seen_acc_mean"], summary[opt_name][str(k)]["seen_acc_std"] = mean_std(seen)
     table = markdown_table(cfg, summary)
     result = {
         "command": "maml",
         "config": asdict(cfg),
+        "protocol": protocol(cfg),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads()},
         "seconds": time.perf_counter() - start,
@@ -252,8 +305,13 @@ def run_maml(cfg: MAMLConfig, log: Optional[Callable[[str], None]] = print) -> d
              if cfg.holdout == "samples" else f"the held-out classes {cfg.test_classes}")
     note = (f"Test accuracy on {cfg.test_tasks} tasks per seed from {where} "
             f"after J={cfg.unroll} inner steps; mean ± standard deviation over seeds {cfg.seeds}.\n")
-    (out / "maml.md").write_text(table + "\n" + note)
-    for opt_name in cfg.optimizers:
+    seen = ""
+    if cfg.holdout == "classes":
+        seen = ("\nOn tasks from held-out examples of the training classes (seen classes): " + "; ".join(
+            f"{o} {k}-shot {100 * summary[o][str(k)]['seen_acc_mean']:.2f} ± {100 * summary[o][str(k)]['seen_acc_std']:.2f}%"
+            for o in cfg.optimizers for k in cfg.shots) + ".\n")
+    (out / "maml.md").write_text(table + "\n" + note + seen + "\n" + protocol(cfg) + "\n")
+    for opt_name in cfg.optimizers if cfg.learn_rates else ():
         first = next(r for r in runs if r["optimizer"] == opt_name)
         plot_panels(list(range(cfg.meta_steps + 1)), first["values"], first["group_names"],
                     out / f"maml_rates_{opt_name}.png", xlabel="meta step",
@@ -261,8 +319,11 @@ def run_maml(cfg: MAMLConfig, log: Optional[Callable[[str], None]] = print) -> d
                           f"({cfg.ways}-way {first['shots']}-shot, seed {first['seed']})")
     if log:
         log(table.rstrip())
-        log(f"done in {result['seconds']:.1f} s; wrote {out / 'maml.json'}, {out / 'maml.md'}, "
-            + ", ".join(str(out / f"maml_rates_{o}.png") for o in cfg.optimizers))
+        cells = ", ".join(f"{o} {k}-shot {100 * summary[o][str(k)]['test_acc_mean']:.1f}%"
+                          for o in cfg.optimizers for k in cfg.shots)
+        log(f"maml: done in {result['seconds']:.1f} s; held-out {cfg.holdout}: test accuracy {cells}; wrote "
+            f"{out / 'maml.json'}, {out / 'maml.md'}"
+            + "".join(f", {out / f'maml_rates_{o}.png'}" for o in (cfg.optimizers if cfg.learn_rates else ())))
     return result
 
 
