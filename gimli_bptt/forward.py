@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import engine
 from .hyper import OptimizerHyperparameters
 from .optim.base import Hyper, State
 from .problem import InnerProblem, StepGradient
@@ -153,12 +154,19 @@ def _derived_jvp(step: Callable[..., Any]) -> JvpFn:
 def hessian_tangents(grad: StepGradient, Z: Sequence[Tensor], problem: InnerProblem) -> list[Optional[Tensor]]:
     """Ġ_j = H_j Z_j for every direction at once: one backward pass through G_j's graph with the
     batched cotangents Z (H is symmetric, so the vector-Jacobian product is H Z); distributed, the
-    mean over the ranks (the Hessian of the mean loss)."""
+    mean over the ranks (the Hessian of the mean loss).
+
+    One direction (m = 1) takes a plain backward pass: batched cotangents run the backward
+    under vmap, which costs more than the pass itself on small graphs (Note [One direction]).
+    """
     assert grad.leaves is not None and grad.graph is not None
     outs = [(g, z) for g, z in zip(grad.graph, Z) if g is not None and g.requires_grad]
     n = len(grad.leaves)
     if not outs:
         HZ: list[Optional[Tensor]] = [None] * n
+    elif Z[0].shape[0] == 1:
+        single = engine.grad([g for g, _ in outs], grad.leaves, [z[0] for _, z in outs])
+        HZ = [None if h is None else h.unsqueeze(0) for h in single]
     else:
         try:
             HZ = list(torch.autograd.grad([g for g, _ in outs], grad.leaves, [z for _, z in outs],
@@ -173,6 +181,32 @@ def hessian_tangents(grad: StepGradient, Z: Sequence[Tensor], problem: InnerProb
     return HZ
 
 
+def _step_tangents(jvp: JvpFn, primals: Sequence[tuple[Tensor, Tensor, State, Hyper]],
+                   tangents: Sequence[tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]],
+                   m: int) -> list[tuple[Tensor, State]]:
+    """The optimizer's JVP of every stepped tensor, for the m directions (leading dimension).
+
+    Note [One direction]: ``torch.func.vmap`` flattens and rebuilds its arguments' pytrees on
+    every call, which on a small model costs several times the JVP's arithmetic. So all tensors
+    go through one vmapped call per step, and with one direction there is no vmap at all: the
+    JVP runs on the unbatched tangents and its results gain the leading dimension back.
+    """
+    if m == 1:
+        out = []
+        for (t, g, s, h), (z, g_dot, s_dot, dots) in zip(primals, tangents):
+            tn_dot, sn_dot = jvp(t, g, s, h, z[0], g_dot[0], {k: v[0] for k, v in s_dot.items()},
+                                 {k: v[0] for k, v in dots.items()})
+            out.append((tn_dot.unsqueeze(0), {k: v.unsqueeze(0) for k, v in sn_dot.items()}))
+        return out
+
+    def all_tensors(batched: Sequence[tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]]
+                    ) -> list[tuple[Tensor, State]]:
+        return [jvp(t, g, s, h, z, g_dot, s_dot, dots) for (t, g, s, h), (z, g_dot, s_dot, dots)
+                in zip(primals, batched)]
+
+    return torch.func.vmap(all_tensors)(list(tangents))
+
+
 def forward_step(problem: InnerProblem, theta: list[Tensor], state: list[State], buffers: dict[str, Tensor],
                  batch: Any, j: int, tangents: Tangents, dirs: Directions, second_order: bool = True,
                  ) -> tuple[Tensor, list[Tensor], list[State], Tangents]:
@@ -184,22 +218,19 @@ def forward_step(problem: InnerProblem, theta: list[Tensor], state: list[State],
     hyper = problem.hyper_at(j)
     with torch.no_grad():
         theta_next, state_next = step_all(problem.impl, theta, grad.G, state, hyper, problem.kernels)
-    jvp = _jvp_of(problem.impl)
     scale = problem.lr_scale(j)
-    Z_next, S_next = [], []
-    for k, (t, g, s, h) in enumerate(zip(theta, grad.G, state, hyper)):
-        if g is None:  # the step leaves this tensor and its state as they are
-            Z_next.append(Z[k])
-            S_next.append(S[k])
-            continue
-        dots = {name: (d * scale if name == "lr" else d) for name, d in dirs.hyper_dot[k].items()}
-        g_dot = HZ[k] if HZ[k] is not None else torch.zeros_like(Z[k])
-        s_dot = {key: v for key, v in S[k].items() if _differentiable(s.get(key))}
-        with torch.no_grad():
-            tn_dot, sn_dot = torch.func.vmap(jvp, in_dims=(None, None, None, None, 0, 0, 0, 0))(
-                t, g, s, h, Z[k], g_dot, s_dot, dots)
-        Z_next.append(tn_dot)
-        S_next.append({key: v for key, v in sn_dot.items() if _differentiable(state_next[k].get(key))})
+    stepped = [k for k, g in enumerate(grad.G) if g is not None]  # the others keep their tensor, state and tangents
+    primals = [(theta[k], grad.G[k], state[k], hyper[k]) for k in stepped]
+    dotted = [(Z[k], HZ[k] if HZ[k] is not None else torch.zeros_like(Z[k]),
+               {key: v for key, v in S[k].items() if _differentiable(state[k].get(key))},
+               {name: (d * scale if name == "lr" else d) for name, d in dirs.hyper_dot[k].items()})
+              for k in stepped]
+    Z_next, S_next = list(Z), list(S)
+    with torch.no_grad():
+        results = _step_tangents(_jvp_of(problem.impl), primals, dotted, dirs.m) if stepped else []
+    for k, (tn_dot, sn_dot) in zip(stepped, results):
+        Z_next[k] = tn_dot
+        S_next[k] = {key: v for key, v in sn_dot.items() if _differentiable(state_next[k].get(key))}
     return grad.loss, theta_next, state_next, Tangents(Z_next, S_next)
 
 
@@ -219,8 +250,6 @@ def as_hypergrads(values: Tensor, dirs: Directions, phi_opt: OptimizerHyperparam
     for value, (name, i) in zip(values, dirs.names):
         out[name][i] = value
     return {k: v.detach() for k, v in out.items()}
-
-
 
 
 def forward_unroll(problem: InnerProblem, theta: list[Tensor], state: list[State], buffers: dict[str, Tensor],

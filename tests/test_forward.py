@@ -22,11 +22,15 @@ TOL = 1e-10
 # (no bias right before BatchNorm: its gradient is round-off, which Adafactor's eps1 ~ 1e-16 amplifies)
 ARCH = "mlp_bn_dropout"
 _ROWS = [pytest.param(r, id=r.id) for r in ROWS if "hypergrad" not in r.skips]
+_ONE_ROW_PER_OPTIMIZER = [pytest.param(r, id=r.id) for r in
+                          {r.impl.name: r for r in reversed([p.values[0] for p in _ROWS])}.values()]
 
 
-def _updater(row: Row, mode: str, learn: dict[str, str], J: int = 4, arch: str = ARCH, **options: Any) -> GimliUpdater:
+def _updater(row: Row, mode: str, learn: dict[str, str], J: int = 4, arch: str = ARCH, grouped: bool = True,
+             **options: Any) -> GimliUpdater:
     model = build_model(arch, seed=3)
-    return GimliUpdater(model, row.for_model(model), ce_loss, ce_loss, unroll=J, learn=learn, mode=mode, **options)
+    return GimliUpdater(model, row.for_model(model, grouped), ce_loss, ce_loss, unroll=J, learn=learn, mode=mode,
+                        **options)
 
 
 def _assert_same(forward: dict[str, Tensor], reverse: dict[str, Tensor], tol: float = TOL) -> None:
@@ -54,6 +58,19 @@ def test_forward_equals_reverse(row: Row) -> None:
     fwd, rev = _both(row, {n: "tensor" if k == 0 else "group" for k, n in enumerate(names)})
     _assert_same(fwd.hypergrads, rev.hypergrads)
     assert torch.equal(fwd.val_loss, rev.val_loss)
+
+
+@pytest.mark.parametrize("row", _ONE_ROW_PER_OPTIMIZER)
+def test_one_direction(row: Row) -> None:
+    """m = 1 (one param group, one learned scalar) takes the path without vmap (Note [One direction])."""
+    learn = {row.impl.hyper_names[0]: "group"}
+    out = []
+    for mode in ("forward", "reverse"):
+        torch.manual_seed(3)
+        up = _updater(row, mode, learn, grouped=False)
+        out.append(up.hypergradient(*make_batches(4, seed=3)))
+    assert out[0].hypergrads[row.impl.hyper_names[0]].shape == (1,)
+    _assert_same(out[0].hypergrads, out[1].hypergrads)
 
 
 @settings(max_examples=15, deadline=None)
