@@ -112,6 +112,7 @@ import torch.optim._muon as _torch_muon
 from torch import Tensor
 
 from gimli_bptt.optim import BUILT_IN, DiffOptimizer, Hyperparameter, get_optimizer
+from gimli_bptt.testing import relative_error
 from gimli_bptt.optim.adafactor import _forward as _adafactor_forward
 
 DTYPE = torch.float64
@@ -456,18 +457,14 @@ def tensor_keys(state: Mapping[str, Any]) -> list[str]:
 
 
 def rel_err(actual: Tensor, expected: Tensor, floor: float = 0.0) -> float:
-    """max |actual - expected| / max(max |expected|, floor) (the absolute error where both are 0).
+    """:func:`gimli_bptt.testing.relative_error` of two tensors of the same shape (in float64).
 
     ``floor`` is the size of the terms that cancel in ``expected`` where it is much smaller
     than they are: neither side can then be more accurate than round-off of those terms.
     """
     actual, expected = torch.as_tensor(actual, dtype=DTYPE), torch.as_tensor(expected, dtype=DTYPE)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    if expected.numel() == 0:
-        return 0.0
-    diff = (actual - expected).abs().max().item()
-    scale = max(expected.abs().max().item(), floor)
-    return diff / scale if scale > 0 else diff
+    return relative_error(actual, expected, floor)
 
 
 def assert_rel(actual: Tensor, expected: Tensor, tol: float, what: str, floor: float = 0.0) -> None:
