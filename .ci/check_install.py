@@ -78,7 +78,7 @@ def check_metadata(checkout: Path, gimli_bptt: Any) -> None:
     torch_reqs = [r for r in md.requires("gimli_bptt") or [] if re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0] == "torch"]
     check([r.replace(" ", "") for r in torch_reqs] == ["torch>=2.13"], f"Requires-Dist on torch is {torch_reqs}")
     urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL") or [])
-    check(set(project["urls"]) <= set(urls), f"Project-URL {sorted(urls)}")
+    check(set(project.get("urls", {})) <= set(urls), f"Project-URL {sorted(urls)}")
     classifiers = meta.get_all("Classifier") or []
     check(classifiers == project["classifiers"], f"{len(classifiers)} classifiers")
     extras = set(meta.get_all("Provides-Extra") or [])
