@@ -231,7 +231,7 @@ def test_sine_tiny(tmp_path: Path, extras: None, capsys: pytest.CaptureFixture[s
     out = tmp_path / "sine"
     assert main(SINE_TINY + ["--methods", "maml,metasgd,maml-adam,fomaml", "--out", str(out)]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-1].startswith("sine: 8 runs in ") and "3-shot test MSE" in printed[-1]  # the one-line summary
+    assert printed[-1].startswith("sine: 8 runs, ") and "3-shot test MSE" in printed[-1]  # the one-line summary
     result = json.loads((out / "sine.json").read_text())
     assert all(math.isfinite(x) for x in _numbers({k: v for k, v in result.items() if k != "summary"}))
     assert len(result["runs"]) == 4 * 2
@@ -388,3 +388,12 @@ def build_parser_defaults() -> Any:
     from gimli_bptt.__main__ import build_parser
 
     return build_parser().parse_args(["maml"])
+
+
+def test_sine_curve_keeps_diverged_steps_as_null() -> None:
+    """Rates learned for one step can diverge when stepped further at test time (Meta-SGD does):
+    those points are None in sine.json, not NaN."""
+    from gimli_bptt.experiments.sine import sanitize_curve
+
+    curve = sanitize_curve({"mse": [2.0, 0.5, float("inf"), float("nan")], "ci95": [0.1, 0.05, float("nan"), 0.3]})
+    assert curve == {"mse": [2.0, 0.5, None, None], "ci95": [0.1, 0.05, None, None]}

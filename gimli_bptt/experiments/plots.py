@@ -186,12 +186,15 @@ def plot_sine_steps(shots: Sequence[int], methods: Sequence[str], runs: Sequence
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(shots), figsize=(4.0 * len(shots) + 0.6, 3.6), dpi=100, squeeze=False)
     for ax, k in zip(axes[0], shots):
+        top = 0.0
         for method in methods:
             recs = [r for r in runs if r["method"] == method and r["shots"] == k]
             if not recs:
                 continue
-            mse = np.mean([r["test"]["mse"] for r in recs], axis=0)
-            ci = np.mean([r["test"]["ci95"] for r in recs], axis=0)
+            as_array = lambda key: np.array([[np.nan if v is None else v for v in r["test"][key]] for r in recs])
+            mse = as_array("mse").mean(0)  # a diverged step (None) is not drawn
+            ci = as_array("ci95").mean(0)
+            top = max(top, 3.0 * float(mse[0]))
             steps = np.arange(len(mse))
             ax.errorbar(steps, mse, yerr=ci, color=SINE_COLORS.get(method), label=labels.get(method, method),
                         linewidth=1.5, capsize=2, marker="o", markersize=3)
@@ -199,6 +202,8 @@ def plot_sine_steps(shots: Sequence[int], methods: Sequence[str], runs: Sequence
         ax.set_xlabel("inner steps at test time")
         ax.set_ylabel("test MSE")
         ax.set_yscale("log")
+        if top > 0:  # a diverging method leaves the frame upwards instead of stretching it
+            ax.set_ylim(top=top)
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=8, loc="upper right")
     fig.suptitle("sinusoid regression: test MSE against inner steps (95% CI over test tasks)", fontsize=10)
@@ -228,9 +233,10 @@ def plot_sine_tasks(runs: Sequence[dict[str, Any]], path: Path, labels: dict[str
         ax.set_xlabel("x")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("y")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
     fig.suptitle(f"{shots}-shot test tasks after adaptation (dotted: before, at θ_0; seed {seed})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 

@@ -218,14 +218,23 @@ def task_mse(model: nn.Module, params: dict[str, Tensor], batch: tuple[Tensor, T
     return ((predict(model, params, x) - y) ** 2).mean(dim=(1, 2))
 
 
-def evaluate(updater: GimliUpdater, tasks: SineTasks, steps: int) -> dict[str, list[float]]:
+def evaluate(updater: GimliUpdater, tasks: SineTasks, steps: int) -> dict[str, list[Optional[float]]]:
     """Query MSE after 0..``steps`` inner steps: mean over the tasks and its 95% confidence
     interval (1.96 standard deviations over the square root of the number of tasks, as the MAML
-    code computes it)."""
+    code computes it). Rates learned for J steps can diverge when stepped further: a mean that
+    is no longer finite is ``None`` (JSON null), and so is its interval."""
     curve = [task_mse(updater.model, p, tasks.query) for p in adapt(updater, tasks.support, steps)]
     n = tasks.query[0].shape[0]
-    return {"mse": [float(c.mean()) for c in curve],
-            "ci95": [float(1.96 * c.std(unbiased=False) / math.sqrt(n)) for c in curve]}
+    return sanitize_curve({"mse": [float(c.mean()) for c in curve],
+                           "ci95": [float(1.96 * c.std(unbiased=False) / math.sqrt(n)) for c in curve]})
+
+
+def sanitize_curve(curve: dict[str, list[Optional[float]]]) -> dict[str, list[Optional[float]]]:
+    """``curve`` with every non-finite mean, and its interval, replaced by ``None``."""
+    ok = [m is not None and c is not None and math.isfinite(m) and math.isfinite(c)
+          for m, c in zip(curve["mse"], curve["ci95"])]
+    return {"mse": [m if good else None for m, good in zip(curve["mse"], ok)],
+            "ci95": [c if good else None for c, good in zip(curve["ci95"], ok)]}
 
 
 def learned_values(updater: GimliUpdater) -> dict[str, Any]:
@@ -264,7 +273,9 @@ def train_sine(cfg: SineConfig, method: str, shots: int, seed: int, bar: Optiona
         if saved.get("done"):
             if bar is not None:
                 bar.update(cfg.iterations, f"{method} {shots}-shot seed {seed}: finished before")
-            return saved["rec"]
+            rec = saved["rec"]
+            rec["test"] = sanitize_curve(rec["test"])
+            return rec
         model.load_state_dict(saved["model"])
         updater.load_state_dict(saved["updater"])
         gen.set_state(saved["gen"])
@@ -297,6 +308,9 @@ def train_sine(cfg: SineConfig, method: str, shots: int, seed: int, bar: Optiona
     rec["test"] = evaluate(updater, test, max(cfg.test_steps, cfg.unroll))
     rec["test_mse"] = rec["test"]["mse"][cfg.unroll]
     rec["test_ci95"] = rec["test"]["ci95"][cfg.unroll]
+    if rec["test_mse"] is None:
+        raise FloatingPointError(f"{method} {shots}-shot seed {seed}: the test MSE after J={cfg.unroll} steps is "
+                                 "not finite; lower --meta-lr or --inner-lr")
     rec["learned"] = learned_values(updater)
     rec["examples"] = example_predictions(updater, test, cfg.unroll)
     rec["seconds"] = time.perf_counter() - start
@@ -388,6 +402,7 @@ def run_sine(cfg: SineConfig, log: Optional[Callable[[str], None]] = print) -> d
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads()},
         "seconds": time.perf_counter() - start,
+        "run_seconds": sum(r["seconds"] for r in runs),
         "summary": summary,
         "table_markdown": table,
         "runs": runs,
@@ -409,7 +424,8 @@ def run_sine(cfg: SineConfig, log: Optional[Callable[[str], None]] = print) -> d
             s = summary[method][k_mid]
             pub = "" if s["published_mse"] is None else f" (published {s['published_mse']:.2f})"
             parts.append(f"{method} {s['test_mse']:.3f} ± {s['test_ci95']:.3f}{pub}")
-        log(f"sine: {len(runs)} runs in {result['seconds']:.0f} s; {k_mid}-shot test MSE: {'; '.join(parts)}; "
+        log(f"sine: {len(runs)} runs, {result['run_seconds']:.0f} s of run time ({result['seconds']:.0f} s in this "
+            f"process); {k_mid}-shot test MSE: {'; '.join(parts)}; "
             f"wrote {out / 'sine.json'}, {out / 'sine.md'}, {out / 'sine_steps.png'}, {out / 'sine_tasks.png'}")
     return result
 
