@@ -93,7 +93,10 @@ _REGISTRY: dict[Any, Equivalent] = {}
 
 
 def _qualified_name(function: Any) -> str:
-    """The public name of a torch function (``torch.cdist``, ``torch.nn.functional.hardsigmoid``), for messages."""
+    """The public name of a torch function (``torch.cdist``, ``torch.nn.functional.hardsigmoid``,
+    ``torch.ops.torchvision.roi_align``), for messages."""
+    if isinstance(function, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        return "torch.ops." + str(function).replace("::", ".")
     name = getattr(function, "__name__", None)
     if name:
         for prefix, namespace in (("torch.nn.functional", F), ("torch", torch), ("torch.Tensor", torch.Tensor)):
@@ -396,22 +399,35 @@ class MissingDoubleBackwardError(RuntimeError):
 
 
 _MISSING = re.compile(r"derivative for '?(?:aten::)?([\w.]+?)'? is not implemented")
+# torchvision's own ops (roi_align, deform_conv2d, ...): their backward op torchvision::_X_backward says this
+_NO_DOUBLE_BACKWARD = re.compile(r"double backwards? on '?(?:\w+::)?(\w+?)'? (?:is )?not supported")
 
 
 def missing_derivative(exc: BaseException) -> Optional[str]:
-    """The aten op of a PyTorch "derivative for aten::X is not implemented" error (``X``), else None."""
+    """The op PyTorch has no derivative for, from its error, else None.
+
+    PyTorch's ``derivative for aten::X is not implemented`` gives ``X``; torchvision's ``double
+    backwards on X not supported`` (its ops ``roi_align``, ``deform_conv2d``, ...) gives the
+    backward op ``_X_backward`` that has no derivative.
+    """
     if not isinstance(exc, RuntimeError) or isinstance(exc, MissingDoubleBackwardError):
         return None
     m = _MISSING.search(str(exc))
-    return m.group(1) if m else None
+    if m:
+        return m.group(1)
+    m = _NO_DOUBLE_BACKWARD.search(str(exc))
+    return f"_{m.group(1)}_backward" if m else None
 
 
 def _forward_candidates(op: str) -> list[str]:
-    """The forward aten ops whose backward ``op`` may be (``hardsigmoid_backward`` -> ``hardsigmoid``)."""
+    """The forward ops whose backward ``op`` may be (``hardsigmoid_backward`` -> ``hardsigmoid``,
+    torchvision's ``_roi_align_backward`` -> ``roi_align``)."""
     out = [op]
     if op.endswith("_backward"):
         stem = op[: -len("_backward")]
         out += [stem, stem + "_forward"]
+        if stem.startswith("_"):
+            out.append(stem.lstrip("_"))
     return out
 
 
@@ -423,6 +439,7 @@ class _Site:
     module_path: Optional[str]
     module_type: Optional[str]
     functions: list[Any]
+    namespace: str = "aten"  # the op's library: aten, or another (torchvision)
 
     def names(self) -> list[str]:
         """The functions' public names, without repeats (``torch.cdist`` calls a builtin of that name)."""
@@ -474,11 +491,11 @@ def _locate(module: nn.Module, rerun: Callable[[], Any], ops: Sequence[str]) -> 
         def __torch_dispatch__(self, func: Any, types_: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None
                                ) -> Any:
             if not found:
-                name = func._schema.name.partition("::")[2]
+                namespace, _, name = func._schema.name.partition("::")
                 if name in wanted:
                     owner = path[-1] if path else None
                     mtype = type(module.get_submodule(owner)).__name__ if owner is not None else None
-                    found.append(_Site(name, owner, mtype, list(functions.stack)))
+                    found.append(_Site(name, owner, mtype, list(functions.stack), namespace or "aten"))
             return func(*args, **(kwargs or {}))
 
     def pre(m: nn.Module, *_: Any) -> None:
@@ -516,16 +533,17 @@ def _message(op: str, site: Optional[_Site], where: str) -> str:
             place = f" in the model itself ({site.module_type})"
         else:
             place = f" in module `{site.module_path}` ({site.module_type})"
-        what = f"train_loss runs aten::{site.forward_op}{called}{place}"
+        what = f"train_loss runs {site.namespace}::{site.forward_op}{called}{place}"
         target = site.target()
     else:
         what, target = "train_loss runs an op", None
+    namespace = site.namespace if site is not None else "aten"
     first_order = site is not None and site.forward_op == op
     if first_order:
-        head = (f"{what}, and PyTorch has no derivative for aten::{op} at all: {where} cannot differentiate "
+        head = (f"{what}, and PyTorch has no derivative for {namespace}::{op} at all: {where} cannot differentiate "
                 "train_loss even once")
     else:
-        head = (f"{what}, whose backward aten::{op} PyTorch cannot differentiate: {where} needs the second "
+        head = (f"{what}, whose backward {namespace}::{op} PyTorch cannot differentiate: {where} needs the second "
                 "derivative of train_loss")
     if covered is not None:
         fix = (f"gimli computes {covered.name} {covered.how} in its second-order passes, but this call did not go "

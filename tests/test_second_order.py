@@ -197,6 +197,8 @@ def test_missing_derivative_reads_both_messages() -> None:
         "hardsigmoid_backward"
     assert missing_derivative(RuntimeError("the derivative for '_cdist_backward' is not implemented.")) == \
         "_cdist_backward"
+    assert missing_derivative(RuntimeError("double backwards on roi_align not supported")) == "_roi_align_backward"
+    assert so._forward_candidates("_roi_align_backward")[-1] == "roi_align"  # torchvision's names
     assert missing_derivative(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert missing_derivative(ValueError("derivative for aten::x is not implemented")) is None
 
@@ -358,32 +360,36 @@ class _quiet_fallback:
         self._catch.__exit__(*exc)
 
 
-class Distances(nn.Module):
-    """Negative distances to learned prototypes (torch.cdist has no double backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(36, 4)
-        self.prototypes = nn.Parameter(torch.randn(3, 4))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return -torch.cdist(self.embed(x.flatten(1)).unsqueeze(0), self.prototypes.unsqueeze(0)).squeeze(0)
+def _multi_margin(input: Tensor, target: Tensor, p: int = 1, margin: float = 1.0, weight: Any = None,
+                  size_average: Any = None, reduce: Any = None, reduction: str = "mean") -> Tensor:
+    """``F.multi_margin_loss`` (p=1, no weights, mean) from ops with a double backward."""
+    assert p == 1 and weight is None and size_average is None and reduce is None and reduction == "mean"
+    hinge = (margin - input.gather(1, target.unsqueeze(1)) + input).clamp_min(0)
+    hinge = hinge.masked_fill(F.one_hot(target, input.shape[1]).bool(), 0.0)  # the target class adds nothing
+    return (hinge.sum(1) / input.shape[1]).mean()
 
 
-def _euclidean(x1: Tensor, x2: Tensor, p: float = 2.0, compute_mode: Any = None) -> Tensor:
-    assert p == 2.0
-    return (x1.unsqueeze(-2) - x2.unsqueeze(-3)).pow(2).sum(-1).sqrt()  # no zero distances in this test
+def _margin(model: Any, batch: Any) -> Tensor:
+    x, y = batch
+    return F.multi_margin_loss(model(x), y)
 
 
 def test_a_users_own_entry_makes_the_model_exact(registry: None) -> None:
+    """F.multi_margin_loss has no double backward (torch 2.13 and 2.14); the user's equivalent makes it exact."""
     torch.manual_seed(0)
-    model = nn.Sequential(Distances()).double()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     batches, val = _batches((1, 6, 6))
-    with pytest.raises(MissingDoubleBackwardError, match=r"register_equivalent\(torch.cdist") as info:
-        _updater(model).hypergradient(batches, val)
-    assert info.value.module_path == "0" and info.value.op == "_cdist_backward"
-    register_equivalent(torch.cdist, _euclidean, how="sqrt(sum((x1 - x2)^2))", aten=("_cdist_backward",))
-    errors = check_hypergradients(_updater(model), batches, val)
+    opt = torch.optim.SGD([{"params": model[1].parameters()}, {"params": model[3].parameters()}], lr=0.1, momentum=0.9)
+    updater = GimliUpdater(model, opt, _margin, _ce, unroll=2, learn={"lr": "group"})
+    with pytest.raises(MissingDoubleBackwardError,
+                       match=r"register_equivalent\(torch.nn.functional.multi_margin_loss") as info:
+        updater.hypergradient(batches, val)
+    assert info.value.op == "multi_margin_loss_backward" and info.value.module_path is None  # in the loss, not the model
+    assert torch.allclose(_multi_margin(model(val[0]), val[1]), F.multi_margin_loss(model(val[0]), val[1]),
+                          rtol=1e-15, atol=0)
+    register_equivalent(F.multi_margin_loss, _multi_margin, how="as a masked sum of clamped margins",
+                        aten=("multi_margin_loss_backward",))
+    errors = check_hypergradients(updater, batches, val)
     assert max(errors.values()) <= TOL, errors
 
 
