@@ -297,3 +297,20 @@ def test_deferred_finiteness_check_names_the_first_bad_step(monkeypatch: pytest.
     calls.clear()
     up.step(*make_batches(3))
     assert calls == [3]
+
+
+def test_nonfinite_names_every_non_finite_hypergradient_and_only_those() -> None:
+    """MetaParameters.nonfinite's batched check: a 2-norm that overflows on finite values is not a
+    non-finite hypergradient, NaN and infinities anywhere are, empty tensors are skipped."""
+    from gimli_bptt.metaparams import MetaParameters
+
+    big = torch.full((4,), 3e38)  # finite, but its float32 2-norm overflows
+    assert not bool(torch.isfinite(torch.linalg.vector_norm(big)))
+    hg: dict[str, Any] = {"lr": [torch.tensor(0.1), torch.tensor(0.2)], "loss.w": big, "init.b": torch.zeros(0),
+                          "init.w": torch.ones(3, 3, dtype=torch.float64)}
+    assert MetaParameters.nonfinite(hg) == []
+    hg["lr"][1] = torch.tensor(float("-inf"))
+    hg["init.w"] = hg["init.w"].clone()
+    hg["init.w"][1, 2] = float("nan")
+    assert MetaParameters.nonfinite(hg) == ["lr", "init.w"]
+    assert MetaParameters.nonfinite({}) == [] and MetaParameters.nonfinite({"x": torch.zeros(0)}) == []

@@ -453,3 +453,49 @@ def test_updater_hypergradients_same_either_way(device: str, case: int) -> None:
             for x, y in zip(a if isinstance(a, list) else [a], ref_value if isinstance(ref_value, list) else [ref_value]):
                 err = float((x - y).abs().max()) / max(float(y.abs().max()), 1e-30)
                 assert err <= 1e-12, f"{mode} {name}: relative error {err:.3g}"
+
+
+def test_auto_runs_small_cpu_sgd_steps_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Small steps run per tensor]: under kernels="auto" an SGD call on CPU tensors with fewer
+    elements than the layout's cpu_loop_below runs the per-tensor functions, a larger one the flat
+    ops; "fused" always runs the flat ops; the hypergradients agree with the loop's."""
+    from gimli_bptt import stepping
+
+    flat_calls: list[str] = []
+    real_step, real_vjp = stepping._flat_step, stepping._flat_step_vjp
+    monkeypatch.setattr(stepping, "_flat_step", lambda *a: flat_calls.append("step") or real_step(*a))
+    monkeypatch.setattr(stepping, "_flat_step_vjp", lambda *a: flat_calls.append("vjp") or real_vjp(*a))
+    impl = SGD
+    assert impl.flat is not None and impl.flat.cpu_loop_below > 0
+    hyper = [dict(lr=torch.tensor(0.1, dtype=torch.float64), momentum=0.9, dampening=0.0, weight_decay=0.0,
+                  nesterov=False, maximize=False)]
+
+    def run(n: int, mode: str) -> None:
+        theta = [torch.randn(n, dtype=torch.float64)]
+        G = [torch.randn(n, dtype=torch.float64)]
+        state = [impl.import_state({}, theta[0], hyper[0])]
+        th, st = step_all(impl, theta, G, state, hyper, mode)
+        step_vjp_all(impl, theta, G, state, hyper, [torch.ones(n, dtype=torch.float64)], [{}], mode)
+
+    run(1000, "auto")
+    assert flat_calls == []
+    run(1000, "fused")
+    assert flat_calls == ["step", "vjp"]
+    flat_calls.clear()
+    run(impl.flat.cpu_loop_below, "auto")
+    assert flat_calls == ["step", "vjp"]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(torch.float64)
+    batches = [(torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)) for _ in range(4)]
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    out = {}
+    for mode in ("auto", "fused", "loop"):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        upd = GimliUpdater(model, opt, loss, loss, unroll=3, learn={"lr": "tensor"}, learn_init=True, kernels=mode)
+        out[mode] = upd.hypergradient(batches[:3], batches[3]).hypergrads
+    for mode in ("auto", "fused"):
+        for name, ref_value in out["loop"].items():
+            for x, y in zip(out[mode][name] if isinstance(out[mode][name], list) else [out[mode][name]],
+                            ref_value if isinstance(ref_value, list) else [ref_value]):
+                assert torch.allclose(x, y, rtol=1e-12, atol=1e-15), (mode, name)

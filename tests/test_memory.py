@@ -319,3 +319,24 @@ def test_cpu_available_memory_respects_a_cgroup_limit(tmp_path: Any) -> None:
     assert _cpu_available(str(meminfo), ((str(limit), str(usage)),)) == (5 * 2**30, "the cgroup's memory limit")
     limit.write_text("max\n")  # no limit
     assert _cpu_available(str(meminfo), ((str(limit), str(usage)),))[1] == "MemAvailable"
+
+
+def test_available_memory_is_read_afresh_at_every_call(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Reading the available memory cheaply]: a file under /proc is opened once and re-read
+    with pread, so its current contents are returned each time; other paths are read afresh."""
+    from gimli_bptt import memory as memory_mod
+
+    first = memory_mod._read_text("/proc/self/stat")
+    assert first is not None and "/proc/self/stat" in memory_mod._FDS
+    fd = memory_mod._FDS["/proc/self/stat"]
+    torch.zeros(1 << 20).add_(1)  # the process's counters move
+    again = memory_mod._read_text("/proc/self/stat")
+    assert again is not None and memory_mod._FDS["/proc/self/stat"] == fd and again.split()[0] == first.split()[0]
+    assert memory_mod._read_text("/proc/no-such-file") is None and memory_mod._FDS["/proc/no-such-file"] is None
+    available, source = memory_mod._cpu_available()
+    assert available > 0 and source
+    path = tmp_path / "memory.max"
+    path.write_text("123\n")
+    assert memory_mod._read_int(str(path)) == 123
+    path.write_text("456\n")
+    assert memory_mod._read_int(str(path)) == 456 and str(path) not in memory_mod._FDS

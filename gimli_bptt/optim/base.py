@@ -205,6 +205,9 @@ class FlatLayout:
         args: ``args(options, t)``: the trailing scalar arguments (``t`` is the step count of
             the step being taken when ``counter`` is set, else None).
         counter: The state's step count (``"step"``), read per call and advanced by one, or None.
+        cpu_loop_below: Under ``kernels="auto"``, a call on CPU tensors that hold fewer elements
+            than this in all runs the per-tensor functions instead of the flat ops (0: never).
+            See Note [Small steps run per tensor] in :mod:`gimli_bptt.stepping`.
     """
 
     op: str
@@ -216,6 +219,7 @@ class FlatLayout:
     bar_out: Callable[[tuple], tuple[Optional[str], ...]]
     args: Callable[[tuple, Optional[float]], tuple]
     counter: Optional[str] = None
+    cpu_loop_below: int = 0
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,7 @@ SGD_FLAT = FlatLayout(
     bar_in=_buffer_if(2),
     bar_out=_buffer_if(4),
     args=lambda options, t: options[:4],
+    cpu_loop_below=1 << 19,  # Note [Small steps run per tensor] in gimli_bptt/stepping.py
 )
 
 SGD = DiffOptimizer(
