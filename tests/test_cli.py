@@ -262,6 +262,7 @@ def test_sine_published_numbers_at_the_papers_shots(tmp_path: Path, extras: None
     assert s["maml"]["5"]["published_mse"] is None
 
 
+@pytest.mark.slow
 def test_sine_resumes_bit_identically_after_an_interrupt(tmp_path: Path, extras: None,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Interrupted during the second run, resumed with --resume: the same numbers as a straight
@@ -316,6 +317,7 @@ LR_TINY = ["lr", "--epochs", "2", "--unroll", "2", "--width", "2", "--batch-size
            "--no-progress"]
 
 
+@pytest.mark.slow
 def test_lr_sweep_tiny(tmp_path: Path, extras: None, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sweep"
     assert main(LR_TINY + ["--seeds", "2", "--sweep", "0.03,0.3", "--out", str(out)]) == 0
@@ -342,6 +344,7 @@ def test_lr_sweep_default_rates_and_epochs() -> None:
     assert build_parser().parse_args(["lr"]).sweep is None
 
 
+@pytest.mark.slow
 def test_lr_meta_every_tiny(tmp_path: Path, extras: None) -> None:
     """--meta-every 2: a meta step after every second training step (the meta variant trains on
     1259 images: 4 steps of 256 per epoch, 8 in two epochs), against one per epoch by default."""
@@ -353,6 +356,7 @@ def test_lr_meta_every_tiny(tmp_path: Path, extras: None) -> None:
     assert meta["meta_step_at"] == [4, 8] and len(meta["val_loss"]) + meta["skipped_meta_steps"] == 2
 
 
+@pytest.mark.slow
 def test_lr_divergence_is_recorded(tmp_path: Path, extras: None) -> None:
     """A far too large rate: the run stops when its weights become non-finite, says from which
     epoch, and the outputs stay finite JSON."""
