@@ -456,9 +456,10 @@ def test_updater_hypergradients_same_either_way(device: str, case: int) -> None:
 
 
 def test_auto_runs_small_cpu_sgd_steps_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Note [Small steps run per tensor]: under kernels="auto" an SGD call on CPU tensors with fewer
-    elements than the layout's cpu_loop_below runs the per-tensor functions, a larger one the flat
-    ops; "fused" always runs the flat ops; the hypergradients agree with the loop's."""
+    """Note [Small steps run per tensor]: under kernels="auto" an SGD call without momentum on CPU
+    tensors with fewer elements than the layout's cpu_loop_below runs the per-tensor functions; a
+    larger one, or one with a momentum buffer, the flat ops; "fused" always runs the flat ops; the
+    hypergradients agree with the loop's."""
     from gimli_bptt import stepping
 
     flat_calls: list[str] = []
@@ -477,12 +478,16 @@ def test_auto_runs_small_cpu_sgd_steps_per_tensor(monkeypatch: pytest.MonkeyPatc
         th, st = step_all(impl, theta, G, state, hyper, mode)
         step_vjp_all(impl, theta, G, state, hyper, [torch.ones(n, dtype=torch.float64)], [{}], mode)
 
-    run(1000, "auto")
-    assert flat_calls == []
+    run(1000, "auto")  # with momentum the fused op is the faster one
+    assert flat_calls == ["step", "vjp"]
+    flat_calls.clear()
     run(1000, "fused")
     assert flat_calls == ["step", "vjp"]
     flat_calls.clear()
-    run(impl.flat.cpu_loop_below, "auto")
+    hyper[0]["momentum"] = 0.0
+    run(1000, "auto")  # no momentum buffer: per tensor
+    assert flat_calls == []
+    run(impl.flat.cpu_loop_below, "auto")  # but not on a buffer this large
     assert flat_calls == ["step", "vjp"]
 
     torch.manual_seed(0)
@@ -491,7 +496,7 @@ def test_auto_runs_small_cpu_sgd_steps_per_tensor(monkeypatch: pytest.MonkeyPatc
     loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
     out = {}
     for mode in ("auto", "fused", "loop"):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         upd = GimliUpdater(model, opt, loss, loss, unroll=3, learn={"lr": "tensor"}, learn_init=True, kernels=mode)
         out[mode] = upd.hypergradient(batches[:3], batches[3]).hypergrads
     for mode in ("auto", "fused"):

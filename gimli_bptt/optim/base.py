@@ -206,8 +206,11 @@ class FlatLayout:
             the step being taken when ``counter`` is set, else None).
         counter: The state's step count (``"step"``), read per call and advanced by one, or None.
         cpu_loop_below: Under ``kernels="auto"``, a call on CPU tensors that hold fewer elements
-            than this in all runs the per-tensor functions instead of the flat ops (0: never).
+            than this in all runs the per-tensor functions instead of the flat ops (0: never),
+            if ``cpu_loop_if`` holds for every tensor's hyperparameters.
             See Note [Small steps run per tensor] in :mod:`gimli_bptt.stepping`.
+        cpu_loop_if: ``cpu_loop_if(hyper)``: whether a tensor with these hyperparameters is cheap
+            enough per tensor for ``cpu_loop_below`` (None: always).
     """
 
     op: str
@@ -220,6 +223,7 @@ class FlatLayout:
     args: Callable[[tuple, Optional[float]], tuple]
     counter: Optional[str] = None
     cpu_loop_below: int = 0
+    cpu_loop_if: Optional[Callable[[Hyper], bool]] = None
 
 
 @dataclass(frozen=True)

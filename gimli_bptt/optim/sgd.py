@@ -185,6 +185,7 @@ SGD_FLAT = FlatLayout(
     bar_out=_buffer_if(4),
     args=lambda options, t: options[:4],
     cpu_loop_below=1 << 19,  # Note [Small steps run per tensor] in gimli_bptt/stepping.py
+    cpu_loop_if=lambda hyper: not _uses_momentum(hyper),
 )
 
 SGD = DiffOptimizer(
