@@ -11,8 +11,9 @@ sklearn-digits data):
 - ``c-maml``: MAML (``learn_init=True``) of a 2-conv-layer net, 5-way 5-shot on sklearn digits
   upsampled to 14x14, inner SGD, J=5 only.
 
-Implementations: gimli (``hvp="rev"`` with the fused kernels and without them (``kernels="reference"``,
-their pure-PyTorch twin), ``hvp="fwd"``, ``memory=Memory(keep_graphs=True)``, ``memory=Memory(slots=ceil(sqrt(J)))``),
+Implementations: gimli (the default options, ``GimliUpdater(...)`` with nothing set: ``memory="auto"``;
+``hvp="rev"`` with ``memory=Memory()``, every state and no kept graph, with the kernels ``"auto"`` picks
+and with the fused kernels' pure-PyTorch twin (``kernels="reference"``), ``hvp="fwd"``, ``memory=Memory(keep_graphs=True)``, ``memory=Memory(slots=ceil(sqrt(J)))``),
 higher 0.2.1 (``innerloop_ctx`` with ``override``), TorchOpt 0.7.3 (functional API, with and
 without ``use_accelerated_op``; the op exists for Adam only), a plain torch.func unroll
 (``functional_call`` + ``autograd.grad(create_graph=True)`` + the optimizer written in torch
@@ -74,10 +75,11 @@ except Exception as e:  # noqa: BLE001
 
 SECTION = "## Side by side with higher and TorchOpt"
 PROBLEMS = ("a-sgd", "a-adam", "b-wd", "c-maml")
-IMPLS = ("gimli rev", "gimli rev no-kernels", "gimli fwd", "gimli keep_graphs", "gimli ckpt", "higher", "torchopt",
+IMPLS = ("gimli default", "gimli rev", "gimli rev no-kernels", "gimli fwd", "gimli keep_graphs", "gimli ckpt", "higher", "torchopt",
          "torchopt accel", "torch.func unroll", "plain training")
-GIMLI = {"gimli rev": dict(hvp="rev"), "gimli rev no-kernels": dict(hvp="rev", kernels="reference"),
-         "gimli fwd": dict(hvp="fwd"),
+GIMLI = {"gimli default": {}, "gimli rev": dict(hvp="rev", memory=Memory()),
+         "gimli rev no-kernels": dict(hvp="rev", memory=Memory(), kernels="reference"),
+         "gimli fwd": dict(hvp="fwd", memory=Memory()),
          "gimli keep_graphs": dict(hvp="rev", memory=Memory(keep_graphs=True)), "gimli ckpt": dict(hvp="rev")}
 SLUG = {i: re.sub(r"[^a-z0-9]+", "_", i) for i in IMPLS}
 UNSLUG = {v: k for k, v in SLUG.items()}
@@ -490,9 +492,9 @@ def time_all(problem: str, impls: list[str], J: int, args) -> tuple[dict[str, li
 
 
 def profile_gimli(args, J: int = 50, top: int = 14) -> str:
-    """cProfile of one ``gimli rev`` hypergradient on a-sgd: the top functions by cumulative time."""
+    """cProfile of one ``gimli default`` hypergradient on a-sgd: the top functions by cumulative time."""
     P = Problem("a-sgd", J, torch.float32, args.hidden, args.batch)
-    fn = run_gimli(P, "gimli rev")
+    fn = run_gimli(P, "gimli default")
     fn()
     prof = cProfile.Profile()
     prof.enable()
@@ -538,13 +540,13 @@ def table(rows: list[dict[str, Any]], problem: str) -> list[str]:
 
 
 def reading(rows: list[dict[str, Any]]) -> list[str]:
-    """Plain statements computed from the measured numbers: gimli rev / keep_graphs vs each peer."""
+    """Plain statements computed from the measured numbers: gimli default / keep_graphs vs each peer."""
     by = {(r["problem"], r["impl"], r["J"]): r for r in rows}
     lines = []
     for problem in dict.fromkeys(r["problem"] for r in rows):
         for J in sorted({r["J"] for r in rows if r["problem"] == problem}):
             parts = []
-            for mine in ("gimli rev", "gimli keep_graphs"):
+            for mine in ("gimli default", "gimli keep_graphs"):
                 m = by.get((problem, mine, J))
                 if not m or m.get("median") is None:
                     continue
@@ -670,7 +672,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    p.add_argument("--no-profile", action="store_true", help="skip the cProfile of gimli rev at J=50")
+    p.add_argument("--no-profile", action="store_true", help="skip the cProfile of gimli default at J=50")
     p.add_argument("--quick", action="store_true", help="smoke run (J 3 6, H 16, batch 8, 2 repeats, no J=1000); prints only")
     p.add_argument("--out", type=Path, default=None, help="Markdown file (default bench/RESULTS.md; none with --quick)")
     p.add_argument("--img-dir", type=Path, default=None, help="plot folder (default bench/img; none with --quick)")
@@ -796,8 +798,10 @@ def render(rows, args, command, started, elapsed, loads, skipped, prof, steal: f
                f"inner SGD lr {MAML_LR}, J={MAML_J} steps on the support set; meta-parameters: all initial weights "
                f"(`learn_init=True`). Only J={MAML_J} is reported (one task; no J axis).")
     out.append("")
-    out.append("Implementations: `gimli rev`/`fwd` (`hvp=`), `gimli rev no-kernels` (`hvp=\"rev\"`, "
-               "`kernels=\"reference\"`: the fused kernels' pure-PyTorch twin), `gimli keep_graphs` (`memory=Memory(keep_graphs=True)`), `gimli ckpt` "
+    out.append("Implementations: `gimli default` (`GimliUpdater(...)` with no option set: `memory=\"auto\"`, the graphs "
+               "that fit in half the available memory kept, `kernels=\"auto\"`); `gimli rev`/`fwd` (`hvp=`, with "
+               "`memory=Memory()`: every state, no graph kept, each step's graph recomputed before its HVP), "
+               "`gimli rev no-kernels` (the same with `kernels=\"reference\"`: the fused kernels' pure-PyTorch twin), `gimli keep_graphs` (`memory=Memory(keep_graphs=True)`), `gimli ckpt` "
                "(`memory=Memory(slots=ceil(sqrt(J)))`, binomial schedule); `higher` (`innerloop_ctx(..., override={'lr': "
                "[...]})`, its differentiable optimizers); `torchopt` (functional `torchopt.sgd/adam(lr=<tensor>, "
                "moment_requires_grad=True)`, one per param group, `update(..., inplace=False)` + `apply_updates`); "
@@ -832,7 +836,7 @@ def render(rows, args, command, started, elapsed, loads, skipped, prof, steal: f
                f"ratios within one (problem, J) were measured interleaved and are less affected than absolute times.")
     out.append("")
     if prof:
-        out.append("Profile: one `gimli rev` hypergradient, a-sgd, J=50 (cProfile, top functions by cumulative time; "
+        out.append("Profile: one `gimli default` hypergradient, a-sgd, J=50 (cProfile, top functions by cumulative time; "
                    "cProfile's own overhead inflates Python-heavy code):")
         out.append("")
         out.append("```")
