@@ -38,8 +38,9 @@ HIDDEN = 40
 TEST_SEED = 20170309  # the fixed test tasks: the same for every method, seed and run
 METASGD_INIT = (0.005, 0.1)  # Meta-SGD draws its initial per-element rates uniformly from this range
 
-# Published K-shot MSE ± 95% CI after one inner step at test time: Li et al. (2017), Table 1.
-# The MAML paper itself reports the sinusoid only as a figure (its Figure 2).
+# Published K-shot MSE ± 95% CI after one inner step at test time: Li et al. (2017), Table 1
+# (quoted; check against the paper before citing). The MAML paper itself reports the sinusoid
+# only as a figure (its Figure 2).
 PUBLISHED: dict[tuple[str, int], tuple[float, float]] = {
     ("maml", 5): (1.13, 0.18), ("maml", 10): (0.85, 0.14), ("maml", 20): (0.71, 0.12),
     ("metasgd", 5): (0.90, 0.16), ("metasgd", 10): (0.53, 0.09), ("metasgd", 20): (0.31, 0.05),
