@@ -287,6 +287,8 @@ def _run_build_kernels(args: argparse.Namespace) -> int:
 def _run_lr(args: argparse.Namespace) -> None:
     from .experiments.lr import LRConfig, run_lr, run_lr_sweep
 
+    if args.sweep and args.lr is not None:
+        args.subparser.error("argument --lr: not with --sweep, whose RATES are the initial rates")
     epochs = args.epochs if args.epochs is not None else (SWEEP_EPOCHS if args.sweep else LRConfig().epochs)
     cfg = LRConfig(epochs=epochs, unroll=args.unroll, width=args.width, optimizer=args.optimizer, lr=args.lr,
                    meta_lr=args.meta_lr, batch_size=args.batch_size, meta_batch_size=args.meta_batch_size,

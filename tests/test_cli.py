@@ -111,6 +111,7 @@ def test_maml_tiny(tmp_path: Path, extras: None) -> None:
     (["sine", "--iterations", "0"], "--iterations: must be positive"),
     (["lr", "--sweep", "0.1,-1"], "--sweep: expected positive comma-separated learning rates"),
     (["lr", "--meta-every", "0"], "--meta-every: must be positive"),
+    (["lr", "--sweep", "0.1,1", "--lr", "0.3"], "--lr: not with --sweep"),
     (["nope"], "invalid choice"),
 ])
 def test_bad_flags(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
