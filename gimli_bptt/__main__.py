@@ -210,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score the meta-test tasks (and, with --holdout classes, tasks from held-out examples of "
                         "the training classes) before meta-training and every N meta steps")
     _common(m, mc.out, len(mc.seeds))
+    m.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the states saved (atomically, every --save-every meta steps "
+                        "and after every run) in OUT/state/")
+    m.add_argument("--save-every", type=_positive(int), default=mc.save_every,
+                   help=f"meta steps between saved run states (default {mc.save_every})")
     m.set_defaults(width=mc.width, subparser=m)
 
     sc = SineConfig()
@@ -324,7 +329,8 @@ def _run_maml(args: argparse.Namespace) -> None:
                      holdout=args.holdout, train_classes=args.train_classes, test_classes=args.test_classes, test_tasks=args.test_tasks,
                      seeds=list(range(args.seed, args.seed + args.seeds)), device=args.device,
                      threads=args.threads, out=args.out, progress=False if args.no_progress else None,
-                     learn_rates=not args.fixed_rates, eval_every=args.eval_every)
+                     learn_rates=not args.fixed_rates, eval_every=args.eval_every, resume=args.resume,
+                     save_every=args.save_every)
     run_maml(cfg)
 
 

@@ -402,3 +402,38 @@ def test_sine_curve_keeps_diverged_steps_as_null() -> None:
 
     curve = sanitize_curve({"mse": [2.0, 0.5, float("inf"), float("nan")], "ci95": [0.1, 0.05, float("nan"), 0.3]})
     assert curve == {"mse": [2.0, 0.5, None, None], "ci95": [0.1, 0.05, None, None]}
+
+
+@pytest.mark.slow
+def test_maml_resumes_bit_identically_after_an_interrupt(tmp_path: Path, extras: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted in the second run's fourth meta step, resumed with --resume: the same numbers as
+    a straight run (the first run is not run again, the second continues from meta step 2)."""
+    import gimli_bptt.experiments.maml as maml_mod
+
+    args = ["maml", "--ways", "2", "--shots", "1,2", "--queries", "2", "--unroll", "1", "--meta-steps", "4",
+            "--meta-batch", "1", "--width", "2", "--test-tasks", "2", "--seeds", "1", "--optimizer", "adam",
+            "--save-every", "2", "--eval-every", "2", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
+    straight = json.loads((tmp_path / "straight" / "maml.json").read_text())
+
+    calls = {"n": 0}
+    real = maml_mod.apply_hypergradients
+
+    def interrupting(*a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4 + 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(maml_mod, "apply_hypergradients", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--out", str(tmp_path / "resumed")])
+    saved = torch.load(tmp_path / "resumed" / "state" / "adam-2shot-0.pt", weights_only=True)
+    assert saved["meta_step"] == 2 and not saved["done"]
+    monkeypatch.setattr(maml_mod, "apply_hypergradients", real)
+    assert main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    resumed = json.loads((tmp_path / "resumed" / "maml.json").read_text())
+    for a, b in zip(straight["runs"], resumed["runs"]):
+        for key in ("query_loss", "values", "curve", "test_acc"):
+            assert a[key] == b[key], (a["shots"], key)

@@ -19,6 +19,7 @@ from .data import Task, TaskSampler, load_digits_tensors, split_digits
 from .models import cross_entropy, make_convnet, per_tensor_groups
 from ..progress import Progress
 from .report import check_finite, mean_std
+from .runstate import load, save_atomic
 
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_INNER_LR = {"sgd": 0.1, "adam": 0.01}
@@ -55,6 +56,9 @@ class MAMLConfig:
         progress: Progress bars (``None``: only when stderr is a terminal).
         learn_rates: Meta-learn the inner hyperparameters (per-group rates; Adam's betas too).
             ``False``: only θ_0 is learned, the inner optimizer keeps its initial values.
+        resume: Continue from the states saved in ``out/state/`` (atomically, every
+            ``save_every`` meta steps and at the end of every run).
+        save_every: Meta steps between saved states.
         eval_every: Also score the meta-test tasks (and, with ``holdout="classes"``, seen-class
             tasks) before meta-training and after every ``eval_every`` meta steps (the
             accuracy-against-meta-steps curve in ``maml.json``); ``None``: only at the end.
@@ -81,6 +85,8 @@ class MAMLConfig:
     progress: Optional[bool] = None
     learn_rates: bool = True
     eval_every: Optional[int] = None
+    resume: bool = False
+    save_every: int = 25
 
 
 def protocol(cfg: MAMLConfig) -> str:
@@ -138,7 +144,7 @@ def adapt_and_score(model: nn.Module, opt: torch.optim.Optimizer, task: Task, st
 
 
 def train_maml(cfg: MAMLConfig, data: tuple[Tensor, Tensor], optimizer: str, shots: int, seed: int,
-               bar: Optional[Progress] = None) -> dict[str, Any]:
+               bar: Optional[Progress] = None, state_path: Optional[Path] = None) -> dict[str, Any]:
     """Meta-trains θ_0 and the per-group inner hyperparameters for one setting and seed, then
     scores ``cfg.test_tasks`` tasks from the held-out classes.
 
@@ -146,6 +152,11 @@ def train_maml(cfg: MAMLConfig, data: tuple[Tensor, Tensor], optimizer: str, sho
     the unroll never writes it). Each meta step averages the exact hypergradients of
     ``cfg.meta_batch`` tasks (:meth:`GimliUpdater.hypergradient`, J = ``cfg.unroll`` steps on
     the support set, cross-entropy on the query set) and applies them with one Adam step.
+
+    With ``state_path``, the run's state (θ_0, the updater and its meta optimizer, the task
+    samplers' generators, the record so far) is saved there atomically every ``cfg.save_every``
+    meta steps and at the end; with ``cfg.resume`` the run continues from it, bit-identically to
+    an uninterrupted run, and a finished run is not run again.
     """
     x, y = data
     torch.manual_seed(seed)
@@ -193,10 +204,33 @@ def train_maml(cfg: MAMLConfig, data: tuple[Tensor, Tensor], optimizer: str, sho
         if seen_tasks is not None:
             rec["curve"]["seen_acc"].append(score(seen_tasks, seed + 30))
 
-    start = time.perf_counter()
-    if cfg.eval_every is not None:
+    samplers = [t for t in (train_tasks, test_tasks, seen_tasks) if t is not None]
+
+    def save(step: int, done: bool = False) -> None:
+        if state_path is not None:
+            save_atomic({"meta_step": step, "done": done, "model": model.state_dict(), "updater": updater.state_dict(),
+                         "gens": [t.gen.get_state() for t in samplers], "torch_rng": torch.get_rng_state(),
+                         "rec": rec}, state_path)
+
+    first = 0
+    saved = load(state_path, progress_key="meta_step") if (state_path is not None and cfg.resume) else None
+    if saved is not None:
+        if saved["done"]:
+            if bar is not None:
+                bar.update(cfg.meta_steps, f"{optimizer} {shots}-shot seed {seed}: finished before")
+            return saved["rec"]
+        model.load_state_dict(saved["model"])
+        updater.load_state_dict(saved["updater"])
+        for t, state in zip(samplers, saved["gens"]):
+            t.gen.set_state(state)
+        torch.set_rng_state(saved["torch_rng"])
+        rec, first = saved["rec"], int(saved["meta_step"])
+        if bar is not None:
+            bar.update(first, f"{optimizer} {shots}-shot seed {seed}: resumed at meta step {first}")
+    start = time.perf_counter() - rec.get("train_seconds", 0.0)
+    if cfg.eval_every is not None and first == 0:
         record_curve(0)
-    for step in range(cfg.meta_steps):
+    for step in range(first, cfg.meta_steps):
         total: dict[str, Tensor] = {}
         losses = []
         for _ in range(cfg.meta_batch):
@@ -219,12 +253,16 @@ def train_maml(cfg: MAMLConfig, data: tuple[Tensor, Tensor], optimizer: str, sho
         if bar is not None:
             bar.update(1, f"{optimizer} {cfg.ways}-way {shots}-shot seed {seed} "
                           f"query loss {rec['query_loss'][-1] if rec['query_loss'] else float('nan'):.3f}")
+        rec["train_seconds"] = time.perf_counter() - start
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.meta_steps:
+            save(step + 1)
     rec["train_seconds"] = time.perf_counter() - start
     accs = [adapt_and_score(model, opt, test_tasks.sample(), cfg.unroll) for _ in range(cfg.test_tasks)]
     rec["test_acc"] = sum(accs) / len(accs)
     rec["test_acc_task_std"] = mean_std(accs)[1]
     if seen_tasks is not None:
         rec["seen_acc"] = score(seen_tasks, seed + 30)
+    save(cfg.meta_steps, done=True)
     return rec
 
 
@@ -276,7 +314,8 @@ def run_maml(cfg: MAMLConfig, log: Optional[Callable[[str], None]] = print) -> d
         for opt_name in cfg.optimizers:
             for k in cfg.shots:
                 for seed in cfg.seeds:
-                    runs.append(train_maml(cfg, data, opt_name, k, seed, bar))
+                    runs.append(train_maml(cfg, data, opt_name, k, seed, bar,
+                                           out / "state" / f"{opt_name}-{k}shot-{seed}.pt"))
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for opt_name in cfg.optimizers:
         summary[opt_name] = {}
