@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The paper's Section 5 experiments on the scikit-learn digits: ``gimli-bptt lr`` and ``gimli-bptt maml``."""
+"""The experiments: ``gimli-bptt lr`` and ``maml`` (the paper's Section 5 on the scikit-learn digits) and ``sine`` (K-shot sinusoid regression)."""
 from __future__ import annotations
 
 import importlib.util
