@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The experiments: ``gimli-bptt lr`` and ``maml`` (the paper's Section 5 on the scikit-learn digits) and ``sine`` (K-shot sinusoid regression)."""
+"""The experiments: ``gimli-bptt lr`` and ``maml`` (the paper's Section 5 on the scikit-learn
+digits) and ``gimli-bptt sine`` (K-shot sinusoid regression, beside the published numbers)."""
 from __future__ import annotations
 
 import importlib.util
