@@ -258,7 +258,8 @@ def test_sine_published_numbers_at_the_papers_shots(tmp_path: Path, extras: None
     assert main(argv) == 0
     s = json.loads((out / "sine.json").read_text())["summary"]
     assert (s["maml"]["5"]["published_mse"], s["metasgd"]["5"]["published_mse"]) == (1.13, 0.90)
-    assert main(argv + ["--unroll", "2", "--out", str(tmp_path / "sine5j2")]) == 0  # not the papers' J: nothing to compare
+    # J = 2 is not the papers' setting: nothing to compare with
+    assert main(argv + ["--unroll", "2", "--out", str(tmp_path / "sine5j2")]) == 0
     s = json.loads((tmp_path / "sine5j2" / "sine.json").read_text())["summary"]
     assert s["maml"]["5"]["published_mse"] is None
 

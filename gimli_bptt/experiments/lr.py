@@ -408,7 +408,8 @@ def run_lr_sweep(cfg: LRConfig, rates: list[float], log: Optional[Callable[[str]
 
 def sweep_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     """The sweep as a Markdown table: one row per initial rate, final and best accuracy per variant."""
-    lines = ["| initial rate | fixed: final | fixed: best | meta-learned: final | meta-learned: best | diverged (fixed / meta) |",
+    lines = ["| initial rate | fixed: final | fixed: best | meta-learned: final | meta-learned: best "
+             "| diverged (fixed / meta) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for rate, s in summary.items():
         cells = [f"{100 * s[v][k + '_mean']:.2f} ± {100 * s[v][k + '_std']:.2f}%"

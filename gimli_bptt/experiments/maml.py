@@ -346,9 +346,9 @@ def run_maml(cfg: MAMLConfig, log: Optional[Callable[[str], None]] = print) -> d
             f"after J={cfg.unroll} inner steps; mean ± standard deviation over seeds {cfg.seeds}.\n")
     seen = ""
     if cfg.holdout == "classes":
-        seen = ("\nOn tasks from held-out examples of the training classes (seen classes): " + "; ".join(
-            f"{o} {k}-shot {100 * summary[o][str(k)]['seen_acc_mean']:.2f} ± {100 * summary[o][str(k)]['seen_acc_std']:.2f}%"
-            for o in cfg.optimizers for k in cfg.shots) + ".\n")
+        cells = [f"{o} {k}-shot {100 * summary[o][str(k)]['seen_acc_mean']:.2f} ± "
+                 f"{100 * summary[o][str(k)]['seen_acc_std']:.2f}%" for o in cfg.optimizers for k in cfg.shots]
+        seen = "\nOn tasks from held-out examples of the training classes (seen classes): " + "; ".join(cells) + ".\n"
     (out / "maml.md").write_text(table + "\n" + note + seen + "\n" + protocol(cfg) + "\n")
     for opt_name in cfg.optimizers if cfg.learn_rates else ():
         first = next(r for r in runs if r["optimizer"] == opt_name)

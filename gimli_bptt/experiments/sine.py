@@ -361,7 +361,8 @@ def markdown_table(cfg: SineConfig, summary: dict[str, dict[str, dict[str, Any]]
         for k in cfg.shots:
             s = summary[method][str(k)]
             cells.append(f"{s['test_mse']:.3f} ± {s['test_ci95']:.3f}")
-            cells.append("—" if s["published_mse"] is None else f"{s['published_mse']:.2f} ± {s['published_ci95']:.2f}")
+            pub = "—" if s["published_mse"] is None else f"{s['published_mse']:.2f} ± {s['published_ci95']:.2f}"
+            cells.append(pub)
         lines.append(f"| {LABELS[method]} ({LEARNED[method]}) | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
@@ -441,5 +442,5 @@ def protocol(cfg: SineConfig) -> str:
 
 
 __all__ = ["LABELS", "METHODS", "PUBLISHED", "PUBLISHED_SOURCE", "SineConfig", "SineTasks", "adapt", "build",
-           "evaluate", "make_mlp", "markdown_table", "mse", "predict", "run_sine", "sample_tasks", "summarize", "task_mse", "fixed_test_tasks",
-           "train_sine"]
+           "evaluate", "fixed_test_tasks", "make_mlp", "markdown_table", "mse", "predict", "run_sine", "sample_tasks",
+           "sanitize_curve", "summarize", "task_mse", "train_sine"]
