@@ -27,11 +27,18 @@ def _step_size_used(theta: Tensor, state: State, hyper: Hyper) -> Tensor:
 
 
 def _clamp(x: Tensor, lo: Any, hi: Any) -> Tensor:
-    """``torch.clamp``, with both bounds as tensors where either is (torch takes no mix)."""
-    if isinstance(lo, Tensor) or isinstance(hi, Tensor):
-        lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
-        hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
-    return torch.clamp(x, min=lo, max=hi)
+    """``torch.clamp(x, lo, hi)``'s values (``min(max(x, lo), hi)``), whose derivative gives a tie at a
+    bound to ``x`` (inside) on every torch.
+
+    Rprop's step sizes settle exactly on a bound and meet it again, so ties are common. torch 2.13
+    differentiates ``clamp`` so; torch 2.14 splits a tie with a tensor bound in halves and gives one
+    with a number bound to the bound. Selecting with ``where`` keeps the convention of
+    :func:`rprop_step_vjp` and :func:`rprop_step_jvp` for autograd through :func:`rprop_step` too.
+    """
+    lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
+    hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
+    above = torch.where(x < lo, lo, x)
+    return torch.where(above > hi, hi, above)
 
 
 def _signs(G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,8 +91,8 @@ def rprop_step_vjp(
     them, so :math:`\\bar G` is only the pass-through into :math:`g_{prev}'`, and the previous
     gradient gets no cotangent. The learning rate (through the first step size, Note [Lazy first
     step size]), ``etaplus`` and ``etaminus`` reach the output through the step sizes: every one is
-    a product of them, clamped. The clamp is differentiated as ``torch.clamp`` is (a tie at a bound
-    counts as inside: the cotangent goes to the step size, not the bound), so ``step_size_min`` and
+    a product of them, clamped. The clamp (:func:`_clamp`) counts a tie at a bound as inside (the
+    cotangent goes to the step size, not the bound; torch 2.13's ``clamp`` does so), so ``step_size_min`` and
     ``step_size_max`` are learnable too: they get the cotangent where they clamp. All these
     derivatives are exact away from sign changes and clamp ties.
     """
