@@ -25,8 +25,9 @@ EXAMPLES = max(3, settings().max_examples // 5)
 ADJOINT_TOL = 1e-10
 #: Directions of the vmap test.
 M = 3
-#: torch.func.jvp goes through torch.jit.script inside torch, which warns that it is deprecated.
-JIT_WARNING = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+#: torch.func.jvp goes through torch.jit.script inside torch, which warns that it is deprecated
+#: (a DeprecationWarning in torch 2.13, a FutureWarning in 2.14).
+JIT_WARNING = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 pytestmark = JIT_WARNING
 
 #: ``(theta_dot, G_dot, state_dot, hyper_dot)``.

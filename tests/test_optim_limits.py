@@ -19,8 +19,9 @@ from optim_checks import assert_vjp_matches, autograd_vjp, check_vjp, out_keys, 
 from optim_table import DTYPE, Row, assert_rel, learn, params, random_like, row, rows
 from problems import build_model, ce_loss, make_batches
 
-#: torch.func.jvp goes through torch.jit.script inside torch, which warns that it is deprecated.
-JIT_WARNING = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+#: torch.func.jvp goes through torch.jit.script inside torch, which warns that it is deprecated
+#: (a DeprecationWarning in torch 2.13, a FutureWarning in 2.14).
+JIT_WARNING = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 
 def _torch_differentiable_G_bar(r: Row, theta: Tensor, G: Tensor, state: dict[str, Any], tb: Tensor,

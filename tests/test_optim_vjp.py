@@ -24,8 +24,9 @@ from optim_table import params as row_params
 WARMUPS = {"first_step": 0, "after_3_steps": 3}
 #: Random examples per row (a share of the profile's, at least 3).
 EXAMPLES = max(3, settings().max_examples // 5)
-#: torch.func.jvp goes through torch.jit.script inside torch, which warns that it is deprecated.
-JIT_WARNING = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+#: torch.func.jvp goes through torch.jit.script inside torch, which warns that it is deprecated
+#: (a DeprecationWarning in torch 2.13, a FutureWarning in 2.14).
+JIT_WARNING = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 
 def _learn_sets() -> list[Any]:
