@@ -89,7 +89,9 @@ def test_the_jit_build_is_announced(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     library = ops._jit_build(verbose=False)
-    err = capsys.readouterr().err.splitlines()
+    # ours only: a CUDA build of torch (2.14.1 from the registry) on a machine without a GPU also logs
+    # "No CUDA runtime is found, using CUDA_HOME=..." to stderr when cpp_extension is first imported
+    err = [line for line in capsys.readouterr().err.splitlines() if "torch/utils/cpp_extension.py" not in line]
     assert len(err) == 2, err
     assert err[0].startswith(f"gimli_bptt: compiling the fused optimizer kernels once for torch {torch.__version__}")
     assert f"(about {ops.estimated_build_seconds(False)} s); cached in {tmp_path}" in err[0]
