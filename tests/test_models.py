@@ -87,12 +87,13 @@ def _assert_exact(errors: dict[str, float]) -> None:
 #: The smallest square input (batch of 2) each model accepts, measured with torchvision 0.29.1
 #: (others: probed among PROBE_SIZES). Inception-v3 runs without its auxiliary head, which alone
 #: needs 299x299 (the rest of the network runs at 75x75); MaxViT's partition size 7 needs 224x224.
-#: ResNet-101 takes 16x16 and ResNet-152 32x32: at 8x8 the 23 and 36 blocks of their layer3 run on
-#: 1x1 maps, each BatchNorm normalising 4 values, and rounding grows through them to a relative
-#: error of 1e-7 (ResNet-101: 1e-10 at 16x16, 7e-15 at 32x32; ResNet-152: 1e-7 at 16x16).
+#: ResNet-101 takes 16x16, ResNet-152 and Wide ResNet-101 32x32: at 8x8 the 23 and 36 blocks of
+#: their layer3 run on 1x1 maps, each BatchNorm normalising 4 values, and rounding grows through
+#: them to a relative error of 1e-7 (ResNet-101: 1e-10 at 16x16, 7e-15 at 32x32; ResNet-152: 1e-7
+#: at 16x16, 5e-12 at 32x32).
 TV_INPUT = {
     "alexnet": 64, "googlenet": 16, "inception_v3": 75, "maxvit_t": 224, "squeezenet1_0": 24, "squeezenet1_1": 24,
-    "resnet101": 16, "resnet152": 32,
+    "resnet101": 16, "resnet152": 32, "wide_resnet101_2": 32,
     **{n: 32 for n in ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "densenet121",
                        "densenet161", "densenet169", "densenet201", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16",
                        "vgg16_bn", "vgg19", "vgg19_bn")},
