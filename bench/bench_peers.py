@@ -420,29 +420,12 @@ def zygote(args) -> None:
     loaded machine. A forked child's ``VmHWM`` starts at its RSS at the fork; the row's
     memory is its growth over one run, measured inside the child.
     """
-    torch.set_num_threads(args.threads)
-    from sklearn.datasets import load_digits  # noqa: F401  (import once, before forking)
+    import benchlib  # here, not at the top: benchlib imports this module
 
-    for line in sys.stdin:
-        req = json.loads(line)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            try:
-                res = measure_in_child(req, args)
-            except BaseException as e:  # noqa: BLE001
-                res = {"error": short_error(e)}
-            with os.fdopen(w, "w") as f:
-                f.write(json.dumps(res))
-            os._exit(0)
-        os.close(w)
-        with os.fdopen(r) as f:
-            data = f.read()
-        _, status = os.waitpid(pid, 0)
-        if not data:
-            data = json.dumps({"error": f"child died (exit status {os.waitstatus_to_exitcode(status)})"})
-        print(data, flush=True)
+    def preload() -> None:
+        from sklearn.datasets import load_digits  # noqa: F401  (import once, before forking)
+
+    benchlib.serve(lambda req: measure_in_child(req, args), args.threads, preload)
 
 
 class MemoryServer:
