@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import engine
 from .problem import InnerProblem, StepGradient, replay_rng
-from .second_order import explain_missing_derivatives, second_order_safe
+from .second_order import explain_missing_derivatives
 from .tape import TapeEntry
 
 HVP_MODES = ("rev", "fwd")
@@ -120,7 +120,7 @@ class StepSecondOrder:
         n = len(primals)
         with fwAD.dual_level(), replay_rng(entry.rng, problem.cuda_devices), torch.enable_grad():
             duals = [fwAD.make_dual(p, torch.zeros_like(p) if gb is None else gb) for p, gb in zip(primals, G_bar)]
-            with second_order_safe():  # Note [Second-order-safe passes]
+            with problem.safe_mode.second_order_pass():  # Note [Second-order-safe passes]
                 loss = problem.loss(duals, problem.fresh_buffers(entry.buffers), entry.batch, entry.j)
             with explain_missing_derivatives(problem.module, self._loss_again,
                                              f"the forward-over-reverse Hessian-vector product of inner step {entry.j}"):

@@ -15,7 +15,7 @@ from .distributed import Reducer
 from .errors import NonFiniteError
 from .functional import FunctionalModel, ModuleSlots, clone_buffers
 from .optim.base import DiffOptimizer
-from .second_order import explain_missing_derivatives, second_order_safe
+from .second_order import SafeModeLatch, explain_missing_derivatives
 from .stepping import SegmentBars, gradient_list
 from .tasks import vmapped_losses
 
@@ -56,6 +56,13 @@ def same_rng(a: RngState, b: RngState) -> bool:
     return torch.equal(a.cpu, b.cpu) and all(torch.equal(a.cuda[d], b.cuda[d]) for d in a.cuda)
 
 
+def restore_rng(rng: RngState) -> None:
+    """Sets the generators back to ``rng`` (to compute a meta step again from its start)."""
+    torch.set_rng_state(rng.cpu)
+    for d, s in rng.cuda.items():
+        torch.cuda.set_rng_state(s, d)
+
+
 @contextmanager
 def replay_rng(rng: Optional[RngState], cuda_devices: Sequence[int]) -> Iterator[None]:
     """Runs the body with the generators set to ``rng`` and restores them afterwards.
@@ -68,9 +75,7 @@ def replay_rng(rng: Optional[RngState], cuda_devices: Sequence[int]) -> Iterator
         yield
         return
     with torch.random.fork_rng(devices=list(cuda_devices)):
-        torch.set_rng_state(rng.cpu)
-        for d, s in rng.cuda.items():
-            torch.cuda.set_rng_state(s, d)
+        restore_rng(rng)
         yield
 
 
@@ -134,6 +139,9 @@ class InnerProblem:
             ranks (:mod:`gimli_bptt.distributed`); None on a single process.
         tasks: T, the number of tasks stacked along a leading dimension of every inner tensor
             (Note [The task dimension] in :mod:`gimli_bptt.tasks`), or None.
+        safe_mode: Whether the passes whose graphs are differentiated again need the
+            second-order-safe mode (the updater's latch: Note [Skipping the safe mode]); every
+            such pass runs under the mode where none is given.
     """
 
     module: nn.Module
@@ -153,6 +161,7 @@ class InnerProblem:
     _inner_only: bool = field(default=False, repr=False)
     reducer: Optional[Reducer] = None
     tasks: Optional[int] = None
+    safe_mode: SafeModeLatch = field(default_factory=lambda: SafeModeLatch(learns=False))
 
     def all_reduce_mean(self, tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor],
                         what: str) -> list[Optional[Tensor]]:
@@ -296,7 +305,10 @@ class InnerProblem:
         """
         leaves = [t.detach().requires_grad_(True) for t in theta]
         with replay_rng(rng, self.cuda_devices), torch.enable_grad():
-            with second_order_safe(keep_graph):  # a graph to differentiate again: Note [Second-order-safe passes]
+            if keep_graph:  # a graph to differentiate again: Note [Second-order-safe passes]
+                with self.safe_mode.second_order_pass():
+                    loss = self.loss(leaves, buffers, batch, j)
+            else:
                 loss = self.loss(leaves, buffers, batch, j)
             if not loss.requires_grad:
                 raise ValueError(
@@ -321,4 +333,4 @@ class InnerProblem:
         return clone_buffers(buffers) if buffers else {}
 
 
-__all__ = ["InnerProblem", "RngState", "StepGradient", "capture_rng", "check_scalar_loss", "replay_rng", "same_rng"]
+__all__ = ["InnerProblem", "RngState", "StepGradient", "capture_rng", "check_scalar_loss", "replay_rng", "restore_rng", "same_rng"]

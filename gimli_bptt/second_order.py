@@ -13,7 +13,9 @@ Hessian-vector product; the forward-over-reverse pass of ``hvp="fwd"``; the refe
 of :mod:`gimli_bptt.testing`) runs the loss inside :func:`second_order_safe`, a
 ``TorchFunctionMode`` that replaces each function of the registry by its equivalent. Outside
 those passes (the tape's plain forward pass, ``train_step``, the validation loss) nothing is
-replaced and the fused kernels run.
+replaced and the fused kernels run. An updater whose first such pass replaced nothing runs the
+later ones without the mode, which costs 10-20% on small models (:class:`SafeModeLatch`, Note
+[Skipping the safe mode]).
 
 The mode sees every call that goes through ``__torch_function__``: the functions of
 ``torch``, ``torch.nn.functional`` and the tensor methods, also where one of them calls another
@@ -49,8 +51,9 @@ import re
 import threading
 import types
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +93,7 @@ class Equivalent:
 
 
 _REGISTRY: dict[Any, Equivalent] = {}
+_changes = 0  # edits of the registry, so that a SafeModeLatch learned before one is not trusted after it
 
 
 def _qualified_name(function: Any) -> str:
@@ -165,6 +169,8 @@ def register_equivalent(function: Callable[..., Any], replacement: Callable[...,
 
 
 def _register(function: Callable[..., Any], replacement: Callable[..., Any], how: str, aten: Sequence[str]) -> None:
+    global _changes
+    _changes += 1
     _REGISTRY[function] = Equivalent(function, replacement, _qualified_name(function), how or "a registered equivalent",
                                      tuple(a.removeprefix("aten::") for a in aten))
 
@@ -177,6 +183,8 @@ def unregister_equivalent(function: Callable[..., Any]) -> None:
     """
     if function not in _REGISTRY:
         raise KeyError(f"{_qualified_name(function)} has no second-order equivalent to remove")
+    global _changes
+    _changes += 1
     del _REGISTRY[function]
 
 
@@ -316,12 +324,14 @@ class SecondOrderSafeMode(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self._inside: list[Any] = []  # Python-level torch functions whose body runs with the mode on
+        self.replaced = 0  # calls that ran as their equivalent
 
     def __torch_function__(self, func: Any, types_: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
         if kwargs is None:
             kwargs = {}
         entry = _REGISTRY.get(func)
         if entry is not None:
+            self.replaced += 1
             return entry.replacement(*args, **kwargs)  # the mode is off inside
         if _redispatch is not None and isinstance(func, types.FunctionType) and func not in self._inside:
             # A torch function written in Python (F.multi_head_attention_forward, Tensor.unflatten): run
@@ -345,13 +355,18 @@ class second_order_safe:
 
     Entering it where it is already active does nothing (one mode, not a stack of them).
     ``with second_order_safe(enabled=False)`` is a no-op, for code that decides at run time.
+
+    Attributes:
+        replaced: After the body, how many calls it ran as their equivalents; None where this
+            context added no mode of its own (disabled, nested in another, or an empty registry).
     """
 
-    __slots__ = ("_mode", "_enabled")
+    __slots__ = ("_mode", "_enabled", "replaced")
 
     def __init__(self, enabled: bool = True) -> None:
         self._enabled = enabled
         self._mode: Optional[SecondOrderSafeMode] = None
+        self.replaced: Optional[int] = None
 
     def __enter__(self) -> "second_order_safe":
         if not self._enabled:
@@ -370,6 +385,56 @@ class second_order_safe:
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(*exc)
+            self.replaced = mode.replaced
+
+
+class SafeModeLatch:
+    """Whether the second-order passes of one updater need :func:`second_order_safe`, learned by a first pass.
+
+    Note [Skipping the safe mode]: the mode intercepts every torch call of a pass in Python, which
+    costs 10-20% of a hypergradient on a small MLP whose loss calls nothing of the registry. So the
+    first second-order pass runs under the mode and counts the calls it replaced; if there were
+    none, the passes after it (this meta step's and the next ones') run without the mode. A
+    registry edit makes the latch learn again. A model whose later passes take another branch and
+    call a registered function without the mode fails its double backward with
+    :class:`MissingDoubleBackwardError`; :meth:`GimliUpdater.hypergradient` then :meth:`needs` the
+    mode and computes the meta step again from its start (same generator state), so the skip can
+    cost a recomputation, never a result. Passes outside an updater's reverse sweep (forward mode,
+    distributed runs, the reference unroll of :mod:`gimli_bptt.testing`) always run under the mode.
+
+    Args:
+        learns: False for a latch that keeps every pass under the mode.
+
+    Attributes:
+        needed: True (the mode replaced a call), False (it replaced none), None (not known yet).
+    """
+
+    __slots__ = ("needed", "_changes")
+
+    def __init__(self, learns: bool = True) -> None:
+        self.needed: Optional[bool] = None if learns else True
+        self._changes = _changes
+
+    @property
+    def skipping(self) -> bool:
+        """Whether passes now run without the mode."""
+        return self.needed is False and self._changes == _changes
+
+    def needs(self) -> None:
+        """From now on every pass runs under the mode."""
+        self.needed, self._changes = True, _changes
+
+    @contextmanager
+    def second_order_pass(self) -> Iterator[None]:
+        """The body (a pass whose graph is differentiated again) under the mode, unless :attr:`skipping`."""
+        if self.skipping:
+            yield
+            return
+        safe = second_order_safe()
+        with safe:
+            yield
+        if safe.replaced is not None and (self.needed is None or self._changes != _changes):
+            self.needed, self._changes = safe.replaced > 0, _changes
 
 
 # ---------------------------------------------------------------------------- errors
@@ -602,6 +667,7 @@ class explain_missing_derivatives:
 __all__ = [
     "Equivalent",
     "MissingDoubleBackwardError",
+    "SafeModeLatch",
     "SecondOrderSafeMode",
     "attention_math",
     "embedding_bag_gathered",

@@ -19,11 +19,12 @@ from .optim import get_optimizer
 from .options import (MetaOptFactory, build_meta_optimizer, check_batches, check_callables, check_loss_params,
                       inner_parameters, validate_options)
 from .optim.base import State
-from .problem import InnerProblem, LossFn
+from .problem import InnerProblem, LossFn, capture_rng, restore_rng
 from .progress import Progress
 from .stepping import step_all
 from .tasks import stack, stack_state
 from .reverse import reverse_hypergradient
+from .second_order import MissingDoubleBackwardError, SafeModeLatch
 from .sweep import validation_gradient
 from .forward import (Directions, Tangents, as_hypergrads, check_learnable, directional_hypergradients, directions,
                       forward_unroll)
@@ -215,6 +216,7 @@ class GimliUpdater:
         self._online_losses: list[Tensor] = []
         self.last_tape_stats: Optional[TapeStats] = None
         self._hvp_fallback = False
+        self._safe_mode = SafeModeLatch()  # Note [Skipping the safe mode]
         self._sizes: dict[tuple, int] = {}
         self.process_group = resolve_process_group(process_group)
         self._reducer = Reducer(self.process_group, self._ref.device) if self.process_group is not None else None
@@ -259,11 +261,12 @@ class GimliUpdater:
     def tasks(self) -> Optional[int]:
         return self.options.tasks
 
-    def _problem(self, tasks: Optional[int] = None) -> InnerProblem:
+    def _problem(self, tasks: Optional[int] = None, safe_mode: Optional[SafeModeLatch] = None) -> InnerProblem:
         """[Alg.1 L2]: what this meta step holds fixed, with φ split into φ_opt (per tensor) and φ_loss.
 
         With tasks the inner loops of the ranks are independent: their collectives are the final
-        average of the hypergradients (:meth:`_compute`), not the inner gradients'."""
+        average of the hypergradients (:meth:`_compute`), not the inner gradients'. Without
+        ``safe_mode`` every second-order pass runs under the second-order-safe mode."""
         frozen = {n: (p if self.learn_init else p.detach()) for n, p in self.model.named_parameters()
                   if n in set(self._frozen_names)}
         leaves = list(self.loss_params.values()) + (list(frozen.values()) if self.learn_init else [])
@@ -272,7 +275,7 @@ class GimliUpdater:
                             cuda_devices=self._cuda_devices, check_finite=self.options.check_finite,
                             kernels=self.options.kernels, hvp_fallback=self._hvp_fallback,
                             lr_schedule=self.options.lr_schedule, reducer=None if tasks else self._reducer,
-                            tasks=tasks)
+                            tasks=tasks, safe_mode=safe_mode if safe_mode is not None else SafeModeLatch(learns=False))
 
     def _initial_state(self, tasks: Optional[int] = None) -> tuple[list[Tensor], list[State], dict[str, Tensor]]:
         """[Alg.1 L3]: copies of θ_t, the optimizer state and the buffers (one per task with ``tasks``)."""
@@ -298,13 +301,22 @@ class GimliUpdater:
             self._reducer.reset()
         if self.options.mode == "forward":
             return self._compute_forward(batches, val_batch)
-        problem = self._problem(self.tasks)  # [Alg.1 L2]
+        latch = self._safe_mode if self._reducer is None else None  # ranks never skip: Note [Skipping the safe mode]
+        rng = capture_rng(self._cuda_devices) if latch is not None and latch.skipping else None
+        problem = self._problem(self.tasks, latch)  # [Alg.1 L2]
         start = InnerState(*self._initial_state(self.tasks))  # [Alg.1 L3]
         budget = self._budget if self._reducer is not None else resolve_budget(self.memory, self._ref.device)
-        swept, end, self.last_tape_stats = reverse_hypergradient(  # [Alg.1 L4]-[Alg.1 L15]
-            problem, start, batches, self.hyper, self.val_loss, val_batch, memory=self.memory, budget=budget,
-            state_bytes=lambda keep_G: self._state_bytes(start, problem, keep_G), hvp=self.hvp,
-            first_order=self.options.first_order, window=self.options.window, progress=self.options.progress)
+        try:
+            swept, end, self.last_tape_stats = reverse_hypergradient(  # [Alg.1 L4]-[Alg.1 L15]
+                problem, start, batches, self.hyper, self.val_loss, val_batch, memory=self.memory, budget=budget,
+                state_bytes=lambda keep_G: self._state_bytes(start, problem, keep_G), hvp=self.hvp,
+                first_order=self.options.first_order, window=self.options.window, progress=self.options.progress)
+        except MissingDoubleBackwardError:
+            if rng is None:
+                raise
+            self._safe_mode.needs()  # a registered function ran in a pass without the mode: again, with it
+            restore_rng(rng)
+            return self._compute(train_batches, val_batch)
         self._hvp_fallback = problem.hvp_fallback
         theta0_bar = swept.theta0_bar if self.tasks is None else [b.sum(0) for b in swept.theta0_bar]
         hypergrads = self.phi.hypergradients(swept.A_opt, swept.A_loss, theta0_bar)

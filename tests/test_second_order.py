@@ -320,6 +320,106 @@ def test_a_meta_step_with_tasks_uses_the_equivalents() -> None:
     assert torch.allclose(ours, expected, rtol=1e-9, atol=0)
 
 
+# --------------------------------------------------------------------------- skipping the mode
+class Branchy(nn.Module):
+    """An MLP with dropout whose activation is F.hardsigmoid only while ``gate`` is set: a branch
+    that the passes of one meta step take and those of an earlier one did not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(5, 8), nn.Dropout(0.2), nn.Linear(8, 3)
+        self.gate = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        return self.fc2(self.drop(F.hardsigmoid(h) if self.gate else torch.tanh(h)))
+
+
+def _branchy_updater(model: Branchy, **options: Any) -> GimliUpdater:
+    opt = torch.optim.SGD([{"params": model.fc1.parameters()}, {"params": model.fc2.parameters()}], lr=0.1,
+                          momentum=0.9)
+    return GimliUpdater(model, opt, _ce, _ce, unroll=3, learn={"lr": "group"}, memory=None, **options)
+
+
+class _CountedModes:
+    """Counts the second-order-safe modes entered (monkeypatched over so.SecondOrderSafeMode)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = 0
+        counter = self
+
+        class Counted(so.SecondOrderSafeMode):
+            def __init__(self) -> None:
+                super().__init__()
+                counter.entered += 1
+
+        monkeypatch.setattr(so, "SecondOrderSafeMode", Counted)
+
+
+def _branchy() -> Branchy:
+    torch.manual_seed(0)
+    return Branchy().double()
+
+
+def test_a_model_that_calls_nothing_of_the_registry_skips_the_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Skipping the safe mode]: the first pass learns, the others run without the mode, and the
+    hypergradient is the one of passes that all run under it, bit for bit."""
+    modes = _CountedModes(monkeypatch)
+    batches, val = _batches((5,), J=3)
+    up = _branchy_updater(_branchy())
+    assert up._safe_mode.needed is None
+    torch.manual_seed(1)
+    first = up.hypergradient(batches, val).hypergrads["lr"]
+    assert modes.entered == 1 and up._safe_mode.needed is False  # three recomputations with a graph, one mode
+    torch.manual_seed(1)
+    again = up.hypergradient(batches, val).hypergrads["lr"]
+    assert modes.entered == 1
+    always = _branchy_updater(_branchy())
+    always._safe_mode = so.SafeModeLatch(learns=False)
+    torch.manual_seed(1)
+    reference = always.hypergradient(batches, val).hypergrads["lr"]
+    assert modes.entered == 4  # every pass under the mode
+    assert torch.equal(first, reference) and torch.equal(again, reference)
+
+
+def test_a_branch_the_first_pass_did_not_take_is_computed_again_under_the_mode() -> None:
+    """A registered function in a pass without the mode: the meta step runs again from its start,
+    with the same dropout masks, as an updater that knew from the start; and it is exact."""
+    batches, val = _batches((5,), J=3)
+    up = _branchy_updater(_branchy())
+    up.hypergradient(batches, val)
+    assert up._safe_mode.needed is False
+    up.model.gate = True
+    torch.manual_seed(3)
+    ours = up.hypergradient(batches, val).hypergrads["lr"]
+    after = torch.get_rng_state()
+    assert up._safe_mode.needed is True
+    fresh = _branchy_updater(_branchy())
+    fresh.model.gate = True
+    torch.manual_seed(3)
+    expected = fresh.hypergradient(batches, val).hypergrads["lr"]
+    assert torch.equal(ours, expected) and torch.equal(after, torch.get_rng_state())
+    errors = check_hypergradients(up, batches, val)
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_an_edit_of_the_registry_makes_the_latch_learn_again(registry: None) -> None:
+    batches, val = _batches((5,), J=3)
+    up = _branchy_updater(_branchy())
+    up.hypergradient(batches, val)
+    assert up._safe_mode.skipping
+    calls: list[int] = []
+
+    def counted_tanh(x: Tensor) -> Tensor:
+        calls.append(1)
+        return torch.tanh(x)
+
+    register_equivalent(torch.tanh, counted_tanh)
+    assert not up._safe_mode.skipping
+    up.hypergradient(batches, val)
+    assert len(calls) == 3 and up._safe_mode.needed is True
+
+
 # --------------------------------------------------------------------------- errors that name the fix
 class Gate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
