@@ -14,7 +14,7 @@ of :mod:`gimli_bptt.testing`) runs the loss inside :func:`second_order_safe`, a
 ``TorchFunctionMode`` that replaces each function of the registry by its equivalent. Outside
 those passes (the tape's plain forward pass, ``train_step``, the validation loss) nothing is
 replaced and the fused kernels run. An updater whose first such pass replaced nothing runs the
-later ones without the mode, which costs 10-20% on small models (:class:`SafeModeLatch`, Note
+later ones without the mode, which saves 5-9% on small models (:class:`SafeModeLatch`, Note
 [Skipping the safe mode]).
 
 The mode sees every call that goes through ``__torch_function__``: the functions of
@@ -392,11 +392,12 @@ class SafeModeLatch:
     """Whether the second-order passes of one updater need :func:`second_order_safe`, learned by a first pass.
 
     Note [Skipping the safe mode]: the mode intercepts every torch call of a pass in Python, which
-    costs 10-20% of a hypergradient on a small MLP whose loss calls nothing of the registry. So the
-    first second-order pass runs under the mode and counts the calls it replaced; if there were
-    none, the passes after it (this meta step's and the next ones') run without the mode. A
-    registry edit makes the latch learn again. A model whose later passes take another branch and
-    call a registered function without the mode fails its double backward with
+    costs 5-9% of a hypergradient on a small MLP whose loss calls nothing of the registry (measured by
+    ``bench/ab_safe_mode.py``). So the first second-order pass runs under the mode and counts the
+    calls it replaced; if there were none, the passes after it (this meta step's and the next
+    ones') run without the mode. A registry edit makes the latch learn again. A model whose later
+    passes take another branch and call a registered function without the mode fails its double
+    backward with
     :class:`MissingDoubleBackwardError`; :meth:`GimliUpdater.hypergradient` then :meth:`needs` the
     mode and computes the meta step again from its start (same generator state), so the skip can
     cost a recomputation, never a result. Passes outside an updater's reverse sweep (forward mode,
