@@ -19,11 +19,14 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+SECTION = "## Long unrolls: full tape vs binomial checkpointing"
 
 
 def _rss_mib() -> float:
@@ -68,8 +71,8 @@ def worker(J: int, slots: int, hidden: int, batch: int, threads: int) -> dict[st
         "slots": slots,
         "seconds": seconds,
         "peak_mib": peak,
-        "forward_steps": stats["forward_steps"],
-        "max_slots_used": stats["max_slots_used"],
+        "forward_steps": stats.forward_steps,
+        "max_slots_used": stats.max_slots_used,
         "theory_forward_steps": J if slots == 0 or slots >= J else min_forward_steps(J, slots),
         "state_kib": state_bytes / 1024,
         "hypergrad": [float(x) for x in result.hypergrads["lr"]],
@@ -128,7 +131,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="J = 50, 200 with 4 and 16 slots")
-    p.add_argument("--out", default=None, help="append the table to this Markdown file")
+    p.add_argument("--out", default=None, help="write the section into this Markdown file (replacing its own)")
     p.add_argument("--worker", nargs=2, type=int, metavar=("J", "SLOTS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -142,17 +145,18 @@ def main() -> None:
     if args.out:
         command = "python bench/bench_checkpoint.py " + " ".join(sys.argv[1:]).replace(f"--out {args.out}", "").strip()
         state_kib = next((r["state_kib"] for r in rows if "state_kib" in r), 0.0)
-        with open(args.out, "a") as fh:
-            fh.write(
-                f"\n## Long unrolls: full tape vs binomial checkpointing\n\n"
-                f"Command: `{command.strip()} --out {args.out}`  \n"
-                f"Date: {datetime.date.today()}; machine: {platform.machine()}, {os.cpu_count()} cores, "
-                f"torch {torch.__version__}, {args.threads} thread(s) per worker.  \n"
-                f"Problem: per-group learning rates of SGD(momentum=0.9) on an MLP 32-{args.hidden}-{args.hidden}-10 "
-                f"(float32), batch {args.batch}, hvp='rev'; one inner state (θ and the momentum buffer) is "
-                f"{state_kib:.1f} KiB. Each row runs in a fresh subprocess; memory is the growth of peak resident "
-                f"memory during `hypergradient()` after a warm-up; time is one call.\n\n{text}\n"
-            )
+        import benchlib  # only to write: benchlib imports bench_peers and its peers
+
+        benchlib.write_section(
+            Path(args.out), SECTION,
+            f"{SECTION}\n\n"
+            f"Command: `{command.strip()} --out {args.out}`  \n"
+            f"Date: {datetime.date.today()}; machine: {platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {args.threads} thread(s) per worker.  \n"
+            f"Problem: per-group learning rates of SGD(momentum=0.9) on an MLP 32-{args.hidden}-{args.hidden}-10 "
+            f"(float32), batch {args.batch}, hvp='rev'; one inner state (θ and the momentum buffer) is "
+            f"{state_kib:.1f} KiB. Each row runs in a fresh subprocess; memory is the growth of peak resident "
+            f"memory during `hypergradient()` after a warm-up; time is one call.\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import socket
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -31,6 +32,8 @@ from torch import nn  # noqa: E402
 
 import gimli_bptt.distributed as gd  # noqa: E402
 from gimli_bptt import GimliUpdater  # noqa: E402
+
+SECTION = "## Distributed meta-updates"
 
 
 def _loss(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -55,9 +58,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
     comm = [0.0]
     real = gd.Reducer._all_reduce
 
-    def timed(self: Any, buf: torch.Tensor, what: str) -> None:
+    def timed(self: Any, buf: torch.Tensor, what: str, op: Any = None) -> None:
         t = time.perf_counter()
-        real(self, buf, what)
+        real(self, buf, what, op)
         comm[0] += time.perf_counter() - t
 
     gd.Reducer._all_reduce = timed  # type: ignore[method-assign]
@@ -132,7 +135,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--repeats", type=int, default=7, help="timed meta steps per round")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of 1 rank, 2 ranks")
-    p.add_argument("--out", default=None, help="append the section to this Markdown file")
+    p.add_argument("--out", default=None, help="write the section into this Markdown file (replacing its own)")
     args = p.parse_args()
     load0 = os.getloadavg()[0]
     start = time.time()
@@ -142,26 +145,27 @@ def main() -> None:
     print(text)
     if args.out:
         argv = " ".join(a for a in sys.argv[1:])
-        with open(args.out, "a") as fh:
-            fh.write(
-                f"\n## Distributed meta-updates\n\n"
-                f"Command: `python bench/bench_distributed.py {argv}`  \n"
-                f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; the run took "
-                f"{time.time() - start:.0f} s  \n"
-                f"Machine: `{platform.platform()}`, {os.cpu_count()} CPUs, torch {torch.__version__}, gloo on "
-                f"loopback, {args.threads} torch thread(s) per rank; 1-min load average {load0:.1f} at the start, "
-                f"{load1:.1f} at the end (other processes share the machine).  \n"
-                f"Problem: MLP 64-{args.hidden}-{args.hidden}-10 (tanh, float32), cross-entropy, global batch "
-                f"{args.batch} split evenly over the ranks, J = {args.unroll}, SGD(momentum=0.9) with 3 learned "
-                f"per-group learning rates, hvp='{args.hvp}'. Time: one `step()` (meta lr 0, so every repeat is the "
-                f"same step), median of {args.repeats * args.rounds} ({args.rounds} alternating rounds of "
-                f"{args.repeats}) after a warm-up, measured on rank 0 after a barrier; all-reduce time is the time "
-                f"rank 0 spent inside the collectives (waiting for the other rank included).\n\n{text}\n\n"
-                f"The machine has {os.cpu_count()} cores shared by both ranks and by other processes: this measures "
-                f"the overhead of the communication and the per-rank work on half the batch, not a scaling result. "
-                f"On separate machines or GPUs each rank has its own device. NCCL on GPU runs the same code path; "
-                f"it is not yet measured.\n"
-            )
+        import benchlib  # only to write: benchlib imports bench_peers and its peers
+
+        benchlib.write_section(
+            Path(args.out), SECTION,
+            f"{SECTION}\n\n"
+            f"Command: `python bench/bench_distributed.py {argv}`  \n"
+            f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; the run took "
+            f"{time.time() - start:.0f} s  \n"
+            f"Machine: `{platform.platform()}`, {os.cpu_count()} CPUs, torch {torch.__version__}, gloo on "
+            f"loopback, {args.threads} torch thread(s) per rank; 1-min load average {load0:.1f} at the start, "
+            f"{load1:.1f} at the end (other processes share the machine).  \n"
+            f"Problem: MLP 64-{args.hidden}-{args.hidden}-10 (tanh, float32), cross-entropy, global batch "
+            f"{args.batch} split evenly over the ranks, J = {args.unroll}, SGD(momentum=0.9) with 3 learned "
+            f"per-group learning rates, hvp='{args.hvp}'. Time: one `step()` (meta lr 0, so every repeat is the "
+            f"same step), median of {args.repeats * args.rounds} ({args.rounds} alternating rounds of "
+            f"{args.repeats}) after a warm-up, measured on rank 0 after a barrier; all-reduce time is the time "
+            f"rank 0 spent inside the collectives (waiting for the other rank included).\n\n{text}\n\n"
+            f"The machine has {os.cpu_count()} cores shared by both ranks and by other processes: this measures "
+            f"the overhead of the communication and the per-rank work on half the batch, not a scaling result. "
+            f"On separate machines or GPUs each rank has its own device. NCCL on GPU runs the same code path; "
+            f"it is not yet measured.\n")
 
 
 if __name__ == "__main__":

@@ -626,17 +626,6 @@ def accel_note() -> str:
                 f"to its pure-Python implementation of the fused op, which is what the `torchopt accel` rows time")
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces this benchmark's section in ``path`` (other sections are kept) or appends it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -751,7 +740,9 @@ def main(argv=None) -> None:
     if img_dir is not None:
         print("plots:", [str(p) for p in plots(rows, img_dir)])
     if out_path is not None:
-        write_section(out_path, section)
+        import benchlib  # here, not at the top: benchlib imports this module
+
+        benchlib.write_section(out_path, SECTION, section)
         print(f"written to {out_path}")
 
 

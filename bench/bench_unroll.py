@@ -37,7 +37,6 @@ import gc
 import json
 import os
 import platform
-import re
 import resource
 import shlex
 import statistics
@@ -351,18 +350,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces this benchmark's section in ``path`` (other sections are kept) or appends it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -434,7 +421,10 @@ def main(argv=None) -> None:
     print()
     print(section)
     if out_path is not None:
-        write_section(out_path, section)
+        import benchlib  # only to write: benchlib imports bench_peers and its peers
+
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        benchlib.write_section(out_path, SECTION, section)
         print(f"written to {out_path}")
 
 

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Measurement helpers shared by ``bench_tasks.py`` and ``bench_modes.py``.
+"""Measurement helpers shared by ``bench_tasks.py`` and ``bench_modes.py`` (and the writer of every script's section).
 
 They sit on top of ``bench_peers.py``'s own helpers, which are imported from it, not copied
 (``short_error``, ``vm_hwm_mib``, ``reset_peak``, ``cpu_times``, ``cpu_model``, ``versions``,
