@@ -1,0 +1,39 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The benchmark scripts that need no peer library still run against the library as it is, and each
+replaces its own section of a results file (the other sections kept). Tiny sizes: this checks that
+they work, not what they measure (benchmarks are not tests)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OTHER = "## Some other benchmark\n\nIts table, kept as it is.\n"
+
+SCRIPTS = {
+    "bench_checkpoint.py": ("## Long unrolls: full tape vs binomial checkpointing",
+                            ["--unrolls", "10", "--slots", "3", "--hidden", "16", "--batch", "8"]),
+    "bench_distributed.py": ("## Distributed meta-updates",
+                             ["--repeats", "1", "--rounds", "1", "--unroll", "3", "--hidden", "16", "--batch", "16"]),
+    "bench_unroll.py": ("## Core engine vs a full autograd unroll", ["--quick"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_a_benchmark_script_runs_and_replaces_its_own_section(script: str, tmp_path: Path) -> None:
+    title, args = SCRIPTS[script]
+    out = tmp_path / "RESULTS.md"
+    out.write_text(f"# Benchmarks\n\n{title}\n\nAn older run, to be replaced.\n\n{OTHER}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = out.read_text()
+    assert text.count(title) == 1 and "An older run" not in text
+    assert OTHER in text and "failed:" not in text
+    assert text.index(title) < text.index("## Some other benchmark")  # replaced where it was
