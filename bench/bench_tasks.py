@@ -327,15 +327,34 @@ def check(problem: str, J: int, T: int, impls: list[str], dtype: torch.dtype) ->
     for impl, hg in got.items():
         others = [relative_error(hg, o) for k, o in got.items() if k != impl]
         out[impl]["pairwise"] = max(others, default=0.0)
+        twin = "gimli tasks" if impl == "vmap unroll" else "vmap unroll"
+        if impl in VECTORISED and twin in got:
+            out[impl]["to_twin"] = relative_error(hg, got[twin])
     return out
 
 
+#: The implementations that vectorise the tasks (torch.func.vmap), each with a twin among them:
+#: gimli's rows and the vmap unroll check each other in float32 (see :func:`verdict`).
+VECTORISED = ("gimli tasks", "gimli tasks tape", "gimli tasks ckpt", "vmap unroll")
+
+
 def verdict(e64: Optional[dict[str, Any]], e32: Optional[dict[str, Any]]) -> tuple[str, bool]:
-    """(status, timed)."""
+    """(status, timed).
+
+    A vectorised row that is exact in float64 but outside the float32 tolerance of the per-task
+    reference, while within it of its vectorised twin (gimli tasks <-> the vmap unroll), is timed
+    and marked: that float32 difference is torch's batched kernels (at c-maml T=32, both
+    vectorised rows differ from the per-task loops by 1.4e-3 and from each other by 2.5e-7; in
+    float64 all agree to 5e-16), not the hypergradient.
+    """
     for e in (e64, e32):
         if e is not None and "error" in e:
             return "error: " + e["error"], False
-    if (e64 is not None and not e64["err"] <= TOL_F64) or (e32 is not None and not e32["err"] <= TOL_F32):
+    if e64 is not None and not e64["err"] <= TOL_F64:
+        return "MISMATCH", False
+    if e32 is not None and not e32["err"] <= TOL_F32:
+        if e32.get("to_twin", float("inf")) <= TOL_F32:
+            return "ok; float32 as the other vmapped row's, not the per-task loops'", True
         return "MISMATCH", False
     return "ok", True
 
@@ -522,7 +541,9 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, l
                f"size ({'; '.join(f'{p} T={check64_size(p, args)[0]} J={check64_size(p, args)[1]}' for p in args.problems)}; "
                f"tolerance {TOL_F64:g}) and in float32 at each timed size ({TOL_F32:g}), "
                f"and against every other implementation (the largest relative difference is shown); a row outside "
-               f"the tolerance is not timed. Time: median of {args.repeats} runs after one warm-up [min-max], all "
+               f"the tolerance is not timed, except a vectorised one exact in float64 whose float32 result is within "
+               f"the tolerance of the other vectorised implementation's (gimli tasks and the vmap unroll: torch's "
+               f"batched kernels round otherwise than its per-task ones), which is timed and marked. Time: median of {args.repeats} runs after one warm-up [min-max], all "
                f"implementations of one size interleaved round-robin in one process. Memory: peak RSS (`VmHWM`, "
                f"reset through `/proc/self/clear_refs` just before the run) minus the RSS before it, in a fresh "
                f"process per row forked from a server that only imported the libraries, after set-up and a J=1 "
