@@ -423,7 +423,6 @@ def main(argv=None) -> None:
     if out_path is not None:
         import benchlib  # only to write: benchlib imports bench_peers and its peers
 
-        out_path.parent.mkdir(parents=True, exist_ok=True)
         benchlib.write_section(out_path, SECTION, section)
         print(f"written to {out_path}")
 

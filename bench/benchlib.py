@@ -111,6 +111,7 @@ def write_section(path: Path, title: str, section: str) -> None:
 
     ``section`` starts with ``title``; every other section of the file is kept as it was.
     """
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     pattern = re.compile(re.escape(title) + r"\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):

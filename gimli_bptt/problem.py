@@ -333,4 +333,5 @@ class InnerProblem:
         return clone_buffers(buffers) if buffers else {}
 
 
-__all__ = ["InnerProblem", "RngState", "StepGradient", "capture_rng", "check_scalar_loss", "replay_rng", "restore_rng", "same_rng"]
+__all__ = ["InnerProblem", "RngState", "StepGradient", "capture_rng", "check_scalar_loss", "replay_rng", "restore_rng",
+           "same_rng"]
