@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import engine
 from .hyper import OptimizerHyperparameters
-from .optim.base import Hyper, State
+from ._typing import Hyper, State
 from .problem import InnerProblem, StepGradient
 from .stepping import step_all
 

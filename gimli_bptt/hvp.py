@@ -20,13 +20,13 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import engine
+from ._typing import Grads
 from .problem import InnerProblem, StepGradient, replay_rng
 from .second_order import explain_missing_derivatives
 from .tape import TapeEntry
 
 HVP_MODES = ("rev", "fwd")
 
-Grads = list[Optional[Tensor]]
 
 
 class StepSecondOrder:
@@ -65,7 +65,7 @@ class StepSecondOrder:
             return h_theta, h_loss
         n = len(h_theta)
         like = [t.detach() for t in self.entry.theta] + list(self.problem.loss_leaves)
-        out = self.problem.all_reduce_mean(h_theta + h_loss, like,
+        out = self.problem.all_reduce_mean([*h_theta, *h_loss], like,
                                            f"H_{self.entry.j}·Ḡ_{self.entry.j} and the mixed terms (inner step {self.entry.j})")
         return out[:n], out[n:]
 

@@ -27,11 +27,11 @@ from torch import Tensor
 
 from .kernels import get_op
 from .kernels.flat import Bucket, FlatOutputs, Plan, cached_plan, owned_indices, slot_kind
-from .optim.base import DiffOptimizer, FlatLayout, Hyper, State
+from ._typing import Grads, Hyper, State
+from .optim.base import DiffOptimizer, FlatLayout
 
 KERNEL_MODES = ("auto", "fused", "reference", "loop")
 
-Grads = Sequence[Optional[Tensor]]
 
 
 class SegmentBars:

@@ -42,7 +42,7 @@ from . import engine
 from .errors import NonFiniteError
 from .hvp import StepSecondOrder
 from .hyper import OptimizerHyperparameters
-from .optim.base import State
+from ._typing import State
 from .problem import InnerProblem, check_scalar_loss
 from .stepping import add_second_order, step_vjp_all
 from .tape import TapeEntry, TapeResult

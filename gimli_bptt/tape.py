@@ -22,12 +22,11 @@ from torch import Tensor
 
 from .checkpoint import Op
 from .memory import SavedGraphMeter, TapePlan, graphs_that_fit, tensors_in
-from .optim.base import State
+from ._typing import Grads, State
 from .problem import InnerProblem, RngState, StepGradient, capture_rng, same_rng
 from .progress import Progress
 from .stepping import step_all
 
-Grads = list[Optional[Tensor]]
 
 
 @dataclass

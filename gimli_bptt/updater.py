@@ -18,7 +18,7 @@ from .metaparams import Hypergrad, MetaParameters
 from .optim import get_optimizer
 from .options import (MetaOptFactory, build_meta_optimizer, check_batches, check_callables, check_loss_params,
                       inner_parameters, validate_options)
-from .optim.base import State
+from ._typing import State
 from .problem import InnerProblem, LossFn, capture_rng, restore_rng
 from .progress import Progress
 from .stepping import step_all

@@ -33,16 +33,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .._typing import Hyper, HyperValue, State
 from .derived import derive_step_jvp
 from .scalars import export_scalar, scalar_state_dtype, torch_scalar_dtype
 
-#: A hyperparameter value for one parameter tensor: a Python float (fixed), a 0-d tensor
-#: (learned per group or per tensor) or a tensor shaped like the parameter (learned per element).
-HyperValue = Any
-#: The hyperparameters of one parameter tensor: float values and flags by name.
-Hyper = Mapping[str, Any]
-#: The optimizer state of one parameter tensor, as a plain dict (``torch.optim`` naming).
-State = dict[str, Any]
 
 StepFn = Callable[[Tensor, Tensor, State, Hyper], "tuple[Tensor, State]"]
 StepVjpFn = Callable[

@@ -7,10 +7,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-# base.py imports this module (``DiffOptimizer.jvp`` derives a JVP that is not given), so the
-# contract's types are spelled out here instead of imported from it.
-State = dict[str, Any]
-Hyper = Mapping[str, Any]
+from .._typing import Hyper, State
+
 StepFn = Callable[[Tensor, Tensor, State, Hyper], "tuple[Tensor, State]"]
 StepVjpFn = Callable[[Tensor, Tensor, State, Hyper, Tensor, State], "tuple[Tensor, Tensor, State, dict[str, Tensor]]"]
 StepJvpFn = Callable[[Tensor, Tensor, State, Hyper, Tensor, Tensor, State, Mapping[str, Tensor]], "tuple[Tensor, State]"]
