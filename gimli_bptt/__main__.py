@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 from .demo import DemoConfig, run_demo
+from .errors import GimliError
 
 DIGITS_MIN_CLASS_SIZE = 174  # the smallest class of sklearn's digits (the 8s)
 SWEEP_EPOCHS = 10  # epochs of every run of `lr --sweep` unless --epochs says otherwise
+#: the optional packages a subcommand may import, and how to install each
+OPTIONAL_PACKAGES = {
+    "sklearn": "pip install 'gimli_bptt[experiments]'  (or: pip install scikit-learn)",
+    "matplotlib": "pip install 'gimli_bptt[experiments]'  (or: pip install matplotlib)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: the problem and where the usage is (exit status 2).
+
+    Subcommands' parsers are of this class too (``add_subparsers`` makes them with the parent's class).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive(kind: type) -> Callable[[str], object]:
@@ -125,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments.maml import MAMLConfig
     from .experiments.sine import SineConfig
 
-    parser = argparse.ArgumentParser(prog="gimli-bptt", description="Exact hypergradients through unrolled training.")
+    parser = _Parser(prog="gimli-bptt", description="Exact hypergradients through unrolled training.")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="meta-learn per-layer learning rates of a small MLP on a synthetic task")
     defaults = DemoConfig()
@@ -376,10 +392,39 @@ def _distributed(run: Callable[[], None], timeout_s: float) -> int:
     return 0
 
 
+def _fail(command: str, problem: str) -> int:
+    """Prints ``problem`` as one line on stderr (its own line breaks joined) and returns exit status 2."""
+    print(f"gimli-bptt {command}: error: {' '.join(problem.split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``gimli-bptt``; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Entry point of ``gimli-bptt``; returns the exit status.
+
+    Every subcommand's failures that are the user's to fix end in one line on stderr and exit
+    status 2, with no traceback: a bad flag value (argparse, :class:`_Parser`), an error the
+    package raises on purpose (:class:`~gimli_bptt.errors.GimliError`: a run state it cannot
+    read, missing extras, a non-finite loss, ...; the compiled kernels' ``KernelsUnavailable``),
+    and a missing optional package (:data:`OPTIONAL_PACKAGES`). Anything else is a bug and keeps
+    its traceback.
+    """
+    from .kernels.ops import KernelsUnavailable
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (GimliError, KernelsUnavailable) as exc:
+        return _fail(args.command, str(exc))
+    except ImportError as exc:
+        package = (exc.name or "").split(".")[0]
+        if package not in OPTIONAL_PACKAGES:
+            raise
+        return _fail(args.command, f"the optional package {package} is not installed ({exc}); "
+                                   f"install it: {OPTIONAL_PACKAGES[package]}")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Runs the subcommand ``args.command``; returns the exit status."""
     if args.command == "demo":
         cfg = DemoConfig(meta_steps=args.meta_steps, unroll=args.unroll, lr=args.lr, meta_lr=args.meta_lr,
                          hidden=args.hidden, optimizer=args.optimizer, hvp=args.hvp, seed=args.seed)
@@ -387,13 +432,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.command == "build-kernels":
         return _run_build_kernels(args)
-    from .experiments import MissingExtraError, require_extras
+    from .experiments import require_extras
 
-    try:
-        require_extras()
-    except MissingExtraError as exc:
-        print(f"gimli-bptt {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    require_extras()  # MissingExtraError (a GimliError) names every missing package at once
     if args.command == "lr":
         return _distributed(lambda: _run_lr(args), args.dist_timeout)
     elif args.command == "maml":

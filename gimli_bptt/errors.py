@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 
-class NonFiniteError(FloatingPointError):
+class GimliError(Exception):
+    """Base of the errors the package raises on purpose: each message names the problem and the fix.
+
+    The command line prints one of them as a single line and exits with status 2 (no traceback).
+    """
+
+
+class NonFiniteError(GimliError, FloatingPointError):
     """A loss, gradient or hypergradient is NaN or infinite.
 
     The message names the quantity, the inner step and, where known, the meta-parameter.
@@ -11,7 +18,7 @@ class NonFiniteError(FloatingPointError):
     """
 
 
-class DistributedError(RuntimeError):
+class DistributedError(GimliError, RuntimeError):
     """A collective of a data-parallel meta step failed, timed out, or found the ranks out of step.
 
     Raised on a rank whose peer raised, exited or did not reach the same all-reduce within the
@@ -20,4 +27,4 @@ class DistributedError(RuntimeError):
     """
 
 
-__all__ = ["DistributedError", "NonFiniteError"]
+__all__ = ["DistributedError", "GimliError", "NonFiniteError"]

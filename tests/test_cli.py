@@ -127,9 +127,87 @@ def test_missing_extras(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     real = experiments.importlib.util.find_spec
     monkeypatch.setattr(experiments.importlib.util, "find_spec",
                         lambda name, *a: None if name == "sklearn" else real(name, *a))
-    assert main(["lr", "--epochs", "1"]) == 1
+    assert main(["lr", "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert "scikit-learn" in err and "pip install 'gimli_bptt[experiments]'" in err
+    assert len(err.splitlines()) == 1, err
+
+
+def _one_line_error(err: str) -> str:
+    """The single stderr line of a command that failed for a reason the user can fix."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lr", "--epochs", "0"], "gimli-bptt lr: error: argument --epochs: must be positive, got 0"),
+    (["maml", "--queries", "180"], "gimli-bptt maml: error: argument --shots/--queries: a digit class has only 174"),
+    (["nope"], "gimli-bptt: error: argument command: invalid choice"),
+])
+def test_a_bad_flag_value_is_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's own errors and the checks after it: one line that names the flag and says where the usage is."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    line = _one_line_error(capsys.readouterr().err)
+    assert exc.value.code == 2 and line.startswith(message) and line.endswith("--help)"), line
+
+
+def test_an_unreadable_run_state_is_one_line(tmp_path: Path, extras: None) -> None:
+    """``--resume`` on a corrupt state file: one line naming the file and the fix, status 2, no traceback
+    (run as a user runs it, in its own process)."""
+    state = tmp_path / "out" / "state" / "fixed-0.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"not a run state")
+    done = subprocess.run([sys.executable, "-m", "gimli_bptt", "lr", "--epochs", "1", "--unroll", "1", "--width", "4",
+                           "--batch-size", "128", "--seeds", "1", "--no-progress", "--out", str(tmp_path / "out"),
+                           "--resume"], capture_output=True, text=True, timeout=600)
+    line = _one_line_error(done.stderr)
+    assert done.returncode == 2, done.stderr
+    assert line.startswith("gimli-bptt lr: error: cannot read the saved run state") and str(state) in line, line
+    assert "run without --resume" in line, line
+
+
+def test_a_missing_optional_package_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """An optional package that a subcommand imports and that is not there (here matplotlib, hidden
+    after the up-front check): one line naming it and the install command, status 2."""
+    import builtins
+
+    import gimli_bptt.__main__ as cli
+    import gimli_bptt.experiments as experiments
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    def run_sine(args: Any) -> None:
+        import matplotlib.pyplot  # noqa: F401  (what an experiment's plotting does)
+
+    monkeypatch.setattr(experiments, "require_extras", lambda: None)
+    monkeypatch.setattr(cli, "_run_sine", run_sine)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert main(["sine", "--iterations", "1"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert line.startswith("gimli-bptt sine: error: the optional package matplotlib is not installed"), line
+    assert "pip install 'gimli_bptt[experiments]'" in line, line
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the errors the user can fix are shortened: any other exception propagates unchanged."""
+    import gimli_bptt.__main__ as cli
+    import gimli_bptt.experiments as experiments
+
+    def broken(args: Any) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(experiments, "require_extras", lambda: None)
+    monkeypatch.setattr(cli, "_run_sine", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(["sine", "--iterations", "1"])
 
 
 def test_demo_still_runs(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 
+from ..errors import GimliError
+
 EXTRAS = ("sklearn", "matplotlib")
 INSTALL_HINT = "pip install 'gimli_bptt[experiments]'  (or: pip install scikit-learn matplotlib)"
 
 
-class MissingExtraError(RuntimeError):
+class MissingExtraError(GimliError, RuntimeError):
     """An optional dependency of the experiments (scikit-learn, matplotlib) is not installed."""
 
 

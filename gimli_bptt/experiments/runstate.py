@@ -11,8 +11,10 @@ from typing import Any, Optional
 
 import torch
 
+from ..errors import GimliError
 
-class RunStateError(RuntimeError):
+
+class RunStateError(GimliError, RuntimeError):
     """A saved run state that cannot be read (corrupted, truncated, or not a run state)."""
 
 
