@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import benchlib
+
 SECTION = "## Long unrolls: full tape vs binomial checkpointing"
 
 
@@ -145,8 +147,6 @@ def main() -> None:
     if args.out:
         command = "python bench/bench_checkpoint.py " + " ".join(sys.argv[1:]).replace(f"--out {args.out}", "").strip()
         state_kib = next((r["state_kib"] for r in rows if "state_kib" in r), 0.0)
-        import benchlib  # only to write: benchlib imports bench_peers and its peers
-
         benchlib.write_section(
             Path(args.out), SECTION,
             f"{SECTION}\n\n"

@@ -33,6 +33,8 @@ from torch import nn  # noqa: E402
 import gimli_bptt.distributed as gd  # noqa: E402
 from gimli_bptt import GimliUpdater  # noqa: E402
 
+import benchlib
+
 SECTION = "## Distributed meta-updates"
 
 
@@ -145,8 +147,6 @@ def main() -> None:
     print(text)
     if args.out:
         argv = " ".join(a for a in sys.argv[1:])
-        import benchlib  # only to write: benchlib imports bench_peers and its peers
-
         benchlib.write_section(
             Path(args.out), SECTION,
             f"{SECTION}\n\n"

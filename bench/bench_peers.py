@@ -62,6 +62,9 @@ import gimli_bptt
 from gimli_bptt import GimliUpdater, Memory
 from gimli_bptt.testing import reference_hypergradients, relative_error
 
+import benchlib
+from benchlib import cpu_model, cpu_times, fmt_time, reset_peak, short_error, vm_hwm_mib
+
 try:  # benchmark-only dependencies: pip install -e ".[bench]"
     import higher
 except Exception as e:  # noqa: BLE001
@@ -332,11 +335,6 @@ def reference(P: Problem) -> torch.Tensor:
     return P.flat(reference_hypergradients(upd, P.batches, P.val)[1])
 
 
-def short_error(e: BaseException) -> str:
-    msg = f"{type(e).__name__}: {e}".strip().splitlines()[0]
-    return msg[:160] + ("..." if len(msg) > 160 else "")
-
-
 # ----------------------------------------------------------------------------- checks
 def check(problem: str, J: int, impls: list[str], args, f64: bool) -> dict[str, dict[str, Any]]:
     """Each implementation's hypergradient vs the autograd reference at J, in float32 or float64."""
@@ -377,23 +375,6 @@ def verdict(e64: dict[str, Any] | None, e32: dict[str, Any] | None) -> tuple[str
 
 
 # ----------------------------------------------------------------------------- memory (fresh subprocess)
-def vm_hwm_mib(key: str = "VmHWM") -> float:
-    """Peak RSS (``VmHWM``) or current RSS (``VmRSS``) of this process, from /proc/self/status."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
-
-
-def reset_peak() -> bool:
-    """Resets ``VmHWM`` to the current RSS (``echo 5 > /proc/self/clear_refs``); False where refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure_in_child(req: dict[str, Any], args) -> dict[str, Any]:
     impl, problem, J = UNSLUG[req["impl"]], req["problem"], req["J"]
     with warnings.catch_warnings():
@@ -420,8 +401,6 @@ def zygote(args) -> None:
     loaded machine. A forked child's ``VmHWM`` starts at its RSS at the fork; the row's
     memory is its growth over one run, measured inside the child.
     """
-    import benchlib  # here, not at the top: benchlib imports this module
-
     def preload() -> None:
         from sklearn.datasets import load_digits  # noqa: F401  (import once, before forking)
 
@@ -491,10 +470,6 @@ def profile_gimli(args, J: int = 50, top: int = 14) -> str:
 
 
 # ----------------------------------------------------------------------------- report
-def fmt_time(s: float) -> str:
-    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
-
-
 def label(impl: str, r: dict[str, Any]) -> str:
     return impl + (" (different optimizer)" if r.get("status") == "different optimizer" else "")
 
@@ -583,35 +558,13 @@ def plots(rows: list[dict[str, Any]], img_dir: Path) -> list[Path]:
     return paths
 
 
-def cpu_times() -> tuple[int, int]:
-    """``(steal, total)`` jiffies of all CPUs since boot, from /proc/stat (0, 0 where unreadable)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def versions() -> str:
-    hv = _dist_version("higher") if higher is not None else f"not importable ({HIGHER_ERR})"
-    tv = torchopt.__version__ if torchopt is not None else f"not importable ({TORCHOPT_ERR})"
-    return f"torch {torch.__version__}, higher {hv}, torchopt {tv}, gimli_bptt {gimli_bptt.__version__}"
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
+    """:func:`benchlib.versions`, with the reason a peer library that is installed does not import."""
+    failed = {"higher": None if higher is not None else HIGHER_ERR,
+              "torchopt": None if torchopt is not None else TORCHOPT_ERR}
+    notes = [f"{name} not importable ({err})" for name, err in failed.items()
+             if err is not None and not err.startswith("ModuleNotFoundError")]
+    return "; ".join([benchlib.versions()] + notes)
 
 
 def accel_note() -> str:
@@ -740,8 +693,6 @@ def main(argv=None) -> None:
     if img_dir is not None:
         print("plots:", [str(p) for p in plots(rows, img_dir)])
     if out_path is not None:
-        import benchlib  # here, not at the top: benchlib imports this module
-
         benchlib.write_section(out_path, SECTION, section)
         print(f"written to {out_path}")
 

@@ -75,6 +75,8 @@ import gimli_bptt  # noqa: E402
 from gimli_bptt import GimliUpdater, Memory  # noqa: E402
 from gimli_bptt.testing import check_hypergradients, reference_hypergradients, relative_error  # noqa: E402
 
+import benchlib
+
 IMPLS = ("gimli rev", "gimli fwd", "gimli keep_graphs", "autograd unroll", "plain training")
 GIMLI = {"gimli rev": dict(hvp="rev"), "gimli fwd": dict(hvp="fwd"), "gimli keep_graphs": dict(hvp="rev", keep_graphs=True)}
 SLUG = {"gimli rev": "gimli_rev", "gimli fwd": "gimli_fwd", "gimli keep_graphs": "gimli_keep",
@@ -300,7 +302,7 @@ def render(rows, unrolls, args, command, started, elapsed, loads) -> str:
     out.append(f"Command: `{command}`  ")
     out.append(f"Date: {started:%Y-%m-%d %H:%M} UTC; the whole run took {elapsed / 60:.1f} min  ")
     out.append(f"Machine: `{platform.platform()}`, {platform.machine()}, {os.cpu_count()} CPUs "
-               f"(`{cpu_model()}`), Python {platform.python_version()}, torch {torch.__version__}, "
+               f"(`{benchlib.cpu_model()}`), Python {platform.python_version()}, torch {torch.__version__}, "
                f"`torch.set_num_threads({args.threads})`, gimli_bptt {gimli_bptt.__version__}; "
                f"1-min load average at the start and after each J: {', '.join(f'{x:.1f}' for x in loads)}  ")
     out.append(f"Problem: MLP {IN_DIM} -> {args.hidden} -> {args.hidden} -> {CLASSES} (tanh, {nparams:,} parameters), "
@@ -338,16 +340,6 @@ def render(rows, unrolls, args, command, started, elapsed, loads) -> str:
                f"each J, so the ratios at one J are less affected. Memory growth does not depend on load.")
     out.append("")
     return "\n".join(out)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ----------------------------------------------------------------------------- main
@@ -421,8 +413,6 @@ def main(argv=None) -> None:
     print()
     print(section)
     if out_path is not None:
-        import benchlib  # only to write: benchlib imports bench_peers and its peers
-
         benchlib.write_section(out_path, SECTION, section)
         print(f"written to {out_path}")
 

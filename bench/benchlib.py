@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Measurement helpers shared by ``bench_tasks.py`` and ``bench_modes.py`` (and the writer of every script's section).
 
-They sit on top of ``bench_peers.py``'s own helpers, which are imported from it, not copied
-(``short_error``, ``vm_hwm_mib``, ``reset_peak``, ``cpu_times``, ``cpu_model``, ``versions``,
-``fmt_time``); what is here is what those two scripts need beyond them:
+Imports run one way: every script (``bench_peers.py`` included) imports this module, and this
+module imports no script. It holds:
+
+- the machine and process readings every script shares: :func:`short_error`, :func:`fmt_time`,
+  :func:`vm_hwm_mib`, :func:`reset_peak`, :func:`cpu_times`, :func:`cpu_model`, :func:`versions`;
 
 - :class:`RunLog`: the date, the load average after each measured group, the CPU steal over
   the run, and the Markdown header that records the machine and the versions;
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -41,10 +44,65 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-import bench_peers as peers
 
-short_error = peers.short_error
-fmt_time = peers.fmt_time
+
+# ----------------------------------------------------------------------------- machine and process
+def short_error(e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return msg[:160] + ("..." if len(msg) > 160 else "")
+
+
+def fmt_time(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def vm_hwm_mib(key: str = "VmHWM") -> float:
+    """Peak RSS (``VmHWM``) or current RSS (``VmRSS``) of this process, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
+
+
+def reset_peak() -> bool:
+    """Resets ``VmHWM`` to the current RSS (``echo 5 > /proc/self/clear_refs``); False where refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_times() -> tuple[int, int]:
+    """``(steal, total)`` jiffies of all CPUs since boot, from /proc/stat (0, 0 where unreadable)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions() -> str:
+    """torch's, gimli_bptt's and the installed peer libraries' versions (read from their metadata, not imported)."""
+    import gimli_bptt
+
+    out = [f"torch {torch.__version__}"]
+    for name in ("higher", "torchopt"):
+        try:
+            out.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{name} not installed")
+    return ", ".join(out + [f"gimli_bptt {gimli_bptt.__version__}"])
 
 
 # ----------------------------------------------------------------------------- the run's record
@@ -55,7 +113,7 @@ class RunLog:
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.t0 = time.perf_counter()
         self.loads: list[float] = [os.getloadavg()[0]]
-        self.steal0 = peers.cpu_times()
+        self.steal0 = cpu_times()
 
     def mark(self) -> float:
         """Records the current 1-min load average and returns it."""
@@ -64,7 +122,7 @@ class RunLog:
 
     def steal(self) -> float:
         """The share of CPU time the hypervisor took since the start (``/proc/stat``; 0 where unreadable)."""
-        s1 = peers.cpu_times()
+        s1 = cpu_times()
         return (s1[0] - self.steal0[0]) / max(1, s1[1] - self.steal0[1])
 
     def elapsed(self) -> float:
@@ -75,9 +133,9 @@ class RunLog:
         return [
             f"Command: `{command}`  ",
             f"Date: {self.started:%Y-%m-%d %H:%M} UTC; the whole run took {self.elapsed() / 60:.1f} min  ",
-            f"Machine: `{platform.platform()}`, {os.cpu_count()} CPUs (`{peers.cpu_model()}`), shared with other "
+            f"Machine: `{platform.platform()}`, {os.cpu_count()} CPUs (`{cpu_model()}`), shared with other "
             f"processes; Python {platform.python_version()}, `torch.set_num_threads({threads})`  ",
-            f"Versions: {peers.versions()}; library source: {library_source()}  ",
+            f"Versions: {versions()}; library source: {library_source()}  ",
             f"1-min load average at the start and after each measured group: "
             f"{', '.join(f'{x:.1f}' for x in self.loads)}; CPU time taken by the hypervisor (steal, /proc/stat) "
             f"during the run: {100 * self.steal():.0f}%",
@@ -85,7 +143,7 @@ class RunLog:
 
     def banner(self, threads: int) -> str:
         """One line for the console at the start."""
-        return (f"{peers.versions()}; {threads} threads, {os.cpu_count()} CPUs; "
+        return (f"{versions()}; {threads} threads, {os.cpu_count()} CPUs; "
                 f"load {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
@@ -162,15 +220,15 @@ def median(xs: Sequence[float]) -> float:
 def peak_growth(fn: Callable[[], Any]) -> dict[str, Any]:
     """Peak RSS over one call of ``fn`` minus the RSS just before it, in MiB (this process).
 
-    ``VmHWM`` is reset to the current RSS first (``bench_peers.reset_peak``), so an earlier
+    ``VmHWM`` is reset to the current RSS first (:func:`reset_peak`), so an earlier
     peak (a warm-up's) cannot hide this run's; where the kernel refuses the reset, the growth
     is measured from the peak so far (a lower bound) and ``reset`` is False.
     """
     gc.collect()
-    reset = peers.reset_peak()
-    before = peers.vm_hwm_mib("VmRSS") if reset else peers.vm_hwm_mib()
+    reset = reset_peak()
+    before = vm_hwm_mib("VmRSS") if reset else vm_hwm_mib()
     out = fn()
-    after = peers.vm_hwm_mib()
+    after = vm_hwm_mib()
     del out
     return {"before_mib": before, "after_mib": after, "growth_mib": after - before, "reset": reset}
 

@@ -37,3 +37,16 @@ def test_a_benchmark_script_runs_and_replaces_its_own_section(script: str, tmp_p
     assert text.count(title) == 1 and "An older run" not in text
     assert OTHER in text and "failed:" not in text
     assert text.index(title) < text.index("## Some other benchmark")  # replaced where it was
+
+
+def test_benchlib_imports_no_benchmark_script() -> None:
+    """Imports in ``bench/`` run one way: the scripts import ``benchlib``, and ``benchlib`` imports no script."""
+    import ast
+
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")} - {"benchlib"}
+    tree = ast.parse((ROOT / "bench" / "benchlib.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & scripts, f"bench/benchlib.py imports the scripts {sorted(imported & scripts)}"
