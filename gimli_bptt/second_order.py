@@ -59,11 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-
-try:  # torch >= 2.1: call a function's body with the mode still on (nested calls are seen)
-    from torch.overrides import redispatch_function as _redispatch
-except ImportError:  # pragma: no cover - older torch: nested calls are not seen
-    _redispatch = None
+from torch.overrides import redispatch_function as _redispatch  # a function's body with the mode still on
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -333,7 +329,7 @@ class SecondOrderSafeMode(TorchFunctionMode):
         if entry is not None:
             self.replaced += 1
             return entry.replacement(*args, **kwargs)  # the mode is off inside
-        if _redispatch is not None and isinstance(func, types.FunctionType) and func not in self._inside:
+        if isinstance(func, types.FunctionType) and func not in self._inside:
             # A torch function written in Python (F.multi_head_attention_forward, Tensor.unflatten): run
             # its body with the mode on, so that the registered functions it calls are replaced too; a
             # second dispatch of the same function from its own body (Tensor.unflatten -> super()) is
