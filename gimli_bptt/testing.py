@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -234,4 +234,94 @@ def check_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any], va
     return {name: relative_error(ours.hypergrads[name], ref[name], floor) for name in ref}
 
 
-__all__ = ["check_hypergradients", "converted_copy", "reference_hypergradients", "relative_error"]
+# --------------------------------------------------------------------------- tolerances
+#: float64's unit round-off doubled: the gap between 1 and the next float64, 2.2e-16
+EPS64: float = torch.finfo(torch.float64).eps
+
+#: how many rounded operations one term or step stands for (a step of an optimizer is a few
+#: flops per element; a dot product or sum adds one rounding per term): the constant c of
+#: :func:`float64_rtol`, the same for every tolerance so that each reads as "J terms of a
+#: problem of condition κ"
+ROUNDING_SAFETY: float = 16.0
+
+
+def float64_rtol(terms: int, condition: float = 1.0) -> float:
+    """The relative tolerance between two float64 computations of one quantity that round differently.
+
+    Two correct computations of the same value (another summation order, a fused kernel, FMA
+    contraction on another CPU, a vmapped twin) differ by their forward errors. A result built
+    from ``terms`` rounded steps (inner steps, summed terms, chained operations), each with a
+    relative error of at most :data:`EPS64`, and whose condition number (relative change of
+    the output per relative change of its inputs) is ``condition``, has a forward error of at
+    most about ``terms * condition * EPS64`` to first order (Higham, *Accuracy and Stability
+    of Numerical Algorithms*, 2nd ed., §1.6 and §3.1). The tolerance is that bound times
+    :data:`ROUNDING_SAFETY`: it holds on any IEEE machine and sits orders of magnitude below
+    the error of a wrong derivative (a dropped term, a wrong sign, a 1e-8 relative slip).
+
+    Take ``condition`` from the problem, never from the difference one machine showed: bound
+    it (1 for a sum of same-signed terms or one element-wise update), or measure the whole
+    growth with :func:`rounding_amplification` and round it up to a power of ten (then
+    ``terms=1``: the measurement already counts them).
+
+    Args:
+        terms: How many rounded steps or terms accumulate into the compared values (>= 1).
+        condition: The condition number κ of the compared values (>= 1).
+
+    Returns:
+        ``ROUNDING_SAFETY * terms * condition * EPS64``.
+    """
+    if terms < 1 or not condition >= 1.0:
+        raise ValueError(f"float64_rtol needs terms >= 1 and condition >= 1, got terms={terms}, "
+                         f"condition={condition}")
+    return ROUNDING_SAFETY * terms * condition * EPS64
+
+
+def rounding_amplification(fn: Callable[[torch.dtype], Any], floor: float = 0.0) -> float:
+    """How many times the unit round-off grows into the outputs of ``fn``, measured in float32.
+
+    ``fn(dtype)`` computes the outputs (a tensor or a nested list/tuple/dict of them) with the
+    model, data and hyperparameters in ``dtype``. The float32 result differs from the float64
+    one by float32's rounding, grown by everything the computation does: the number of steps
+    and summed terms, the cancellation inside them (BatchNorm's variance, a backward pass's
+    sums), the conditioning of each step (Adam's division by a small second moment). The
+    ratio ``relative_error(fn(float32), fn(float64), floor) / eps32`` is that growth; the
+    same computation in float64 grows float64's round-off by the same factor, to first order,
+    so it is the ``condition`` to give :func:`float64_rtol` (with ``terms=1``: it already
+    counts them). A perturbation of the inputs alone misses the rounding of intermediates,
+    which is why this probe runs the whole computation in the lower precision.
+
+    Measure it once per test problem and write the value, rounded up to a power of ten, beside
+    the tolerance with the command that measured it: it is a property of the problem (the
+    same on every machine to within a small factor, which the rounding up and
+    :data:`ROUNDING_SAFETY` absorb), not of one machine's rounding.
+
+    Args:
+        fn: Computes the outputs in the given dtype.
+        floor: Relative to the largest entry of all float64 outputs: the smallest scale an
+            output tensor is measured against, as the comparison it serves does (an output
+            that is zero in exact arithmetic is round-off and has no relative error).
+
+    Returns:
+        ``max over output tensors of max |out32 - out64| / max(max |out64|, floor * largest) / eps32``.
+    """
+    def flat(out: Any) -> list[Tensor]:
+        if isinstance(out, Tensor):
+            return [out.detach().double()]
+        if isinstance(out, Mapping):
+            return [t for v in out.values() for t in flat(v)]
+        return [t for v in out for t in flat(v)]
+
+    ref, low = flat(fn(torch.float64)), flat(fn(torch.float32))
+    if len(ref) != len(low):
+        raise ValueError(f"fn gave {len(low)} tensors in float32 and {len(ref)} in float64")
+    largest = max((t.abs().max().item() for t in ref if t.numel()), default=0.0)
+    worst = 0.0
+    for a, b in zip(low, ref):
+        scale = max(b.abs().max().item() if b.numel() else 0.0, floor * largest)
+        if scale > 0:
+            worst = max(worst, (a - b).abs().max().item() / scale)
+    return worst / torch.finfo(torch.float32).eps
+
+
+__all__ = ["EPS64", "ROUNDING_SAFETY", "check_hypergradients", "converted_copy",
+           "float64_rtol", "reference_hypergradients", "relative_error", "rounding_amplification"]

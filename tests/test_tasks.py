@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from gimli_bptt import GimliUpdater, Memory
 from gimli_bptt.metaparams import flat_list
+from gimli_bptt.testing import float64_rtol
 
 from optim_table import ROWS, Row
 from problems import build_model, ce_loss
@@ -225,7 +226,11 @@ def test_one_task_equals_no_task_dimension() -> None:
     ours = _updater(row, "conv_bn", 3, 1, {"lr": "element"}).hypergradient(batches, val)
     single = _updater(row, "conv_bn", 3, None, {"lr": "element"}).hypergradient(
         [_task(b, 0) for b in batches], _task(val, 0))
-    _assert_close(ours.hypergrads, {k: flat_list(v) for k, v in single.hypergrads.items()}, tol=1e-12)
+    # Not bitwise: the vmapped sweep sums and multiplies in other orders than the single-task one.
+    # Its rounding grows 2.3e3 times (gimli_bptt.testing.rounding_amplification of the single-task
+    # hypergradient, floor=1e-4: Adam over a BatchNorm conv net, J = 3), so 1e4 bounds it.
+    _assert_close(ours.hypergrads, {k: flat_list(v) for k, v in single.hypergrads.items()},
+                  tol=float64_rtol(terms=1, condition=1e4))
 
 
 def test_dropout_draws_per_task_masks_and_replays_them() -> None:
