@@ -323,5 +323,21 @@ def rounding_amplification(fn: Callable[[torch.dtype], Any], floor: float = 0.0)
     return worst / torch.finfo(torch.float32).eps
 
 
+def hypergradient_amplification(updater: GimliUpdater, train_batches: Sequence[Any], val_batch: Any,
+                                floor: float = 0.0) -> float:
+    """:func:`rounding_amplification` of ``updater.hypergradient(train_batches, val_batch)``.
+
+    Runs the hypergradient on copies of the model, the optimizer and the loss parameters in
+    float32 and in float64 (:func:`converted_copy`), the batches cast alike; nothing of the
+    updater changes. ``floor`` as in :func:`rounding_amplification`.
+    """
+    def fn(dtype: torch.dtype) -> Any:
+        twin = converted_copy(updater, dtype)
+        with _loss_params_as(list(updater.loss_params.values()), dtype):
+            return twin.hypergradient(_cast_tree(list(train_batches), dtype), _cast_tree(val_batch, dtype)).hypergrads
+
+    return rounding_amplification(fn, floor)
+
+
 __all__ = ["EPS64", "ROUNDING_SAFETY", "check_hypergradients", "converted_copy",
-           "float64_rtol", "reference_hypergradients", "relative_error", "rounding_amplification"]
+           "float64_rtol", "hypergradient_amplification", "reference_hypergradients", "relative_error", "rounding_amplification"]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from gimli_bptt import GimliUpdater
-from gimli_bptt.testing import check_hypergradients, reference_hypergradients, relative_error
+from gimli_bptt.testing import check_hypergradients, float64_rtol, reference_hypergradients, relative_error
 
 from optim_table import Row, row
 from optim_table import params as row_params
@@ -181,8 +181,12 @@ def test_rev_and_fwd_agree() -> None:
                          unroll=5)
         results.append(updater.hypergradient(*make_batches(5, seed=3)))
     floor = 1e-4 * float(results[0].val_loss)  # init.1.bias is round-off: a bias followed by BatchNorm
+    # The two modes take the HVP by reverse-over-reverse and forward-over-reverse: other roundings. The
+    # hypergradient grows its rounding 2e2 (rev) and 3e2 (fwd) times (hypergradient_amplification,
+    # floor=1e-4: Adam with BatchNorm, J = 5), bounded by 1e3.
+    tol = float64_rtol(terms=1, condition=1e3)
     for name, value in results[0].hypergrads.items():
-        assert relative_error(results[1].hypergrads[name], value, floor) <= 1e-11, name
+        assert relative_error(results[1].hypergrads[name], value, floor) <= tol, name
 
 
 def test_fwd_mode_falls_back_where_forward_ad_fails() -> None:
@@ -201,7 +205,8 @@ def test_fwd_mode_falls_back_where_forward_ad_fails() -> None:
                 grads[hvp] = up.hypergradient(batches, batches[0]).hypergrads["lr"]
         else:
             grads[hvp] = up.hypergradient(batches, batches[0]).hypergrads["lr"]
-    assert torch.allclose(grads["rev"], grads["fwd"], rtol=1e-12, atol=0)
+    # one learning rate of SGD through a tanh MLP, J = 3: its rounding grows 2 times (hypergradient_amplification)
+    assert relative_error(grads["fwd"], grads["rev"]) <= float64_rtol(terms=1, condition=10)
 
 
 def test_frozen_parameters_and_unused_parameters() -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gimli_bptt import GimliUpdater, kernels
+from gimli_bptt.testing import float64_rtol, relative_error
 from gimli_bptt.kernels import _reference as ref
 from gimli_bptt.kernels import ops
 from gimli_bptt.optim import ADAM, ADAMW, SGD
@@ -503,4 +504,5 @@ def test_auto_runs_small_cpu_sgd_steps_per_tensor(monkeypatch: pytest.MonkeyPatc
         for name, ref_value in out["loop"].items():
             for x, y in zip(out[mode][name] if isinstance(out[mode][name], list) else [out[mode][name]],
                             ref_value if isinstance(ref_value, list) else [ref_value]):
-                assert torch.allclose(x, y, rtol=1e-12, atol=1e-15), (mode, name)
+                # SGD through a tanh MLP, J = 3: the rounding grows 4 times (hypergradient_amplification)
+                assert relative_error(x, y) <= float64_rtol(terms=1, condition=10), (mode, name)

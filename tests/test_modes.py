@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gimli_bptt import GimliUpdater, Memory
 from gimli_bptt.metaparams import flat_list
-from gimli_bptt.testing import check_hypergradients
+from gimli_bptt.testing import check_hypergradients, float64_rtol, relative_error
 
 from optim_table import ROWS, Row
 from problems import build_model, ce_loss, make_batches
@@ -79,7 +79,9 @@ def test_fomaml_with_plain_sgd_is_the_validation_gradient_at_the_end() -> None:
     t_opt.zero_grad()
     ce_loss(twin, val).backward()
     for (name, p) in twin.named_parameters():
-        assert torch.allclose(result.hypergrads[f"init.{name}"], p.grad, rtol=1e-12, atol=1e-15), name
+        # torch.optim.SGD's steps and our own round differently; SGD on the MLP, J = 3, grows the
+        # rounding 1.2 times (hypergradient_amplification of this first-order hypergradient)
+        assert relative_error(result.hypergrads[f"init.{name}"], p.grad) <= float64_rtol(terms=1, condition=10), name
 
 
 def test_truncate_to_the_whole_unroll_is_the_full_hypergradient_bit_for_bit() -> None:

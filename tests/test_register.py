@@ -12,7 +12,7 @@ from torch import Tensor
 from gimli_bptt import GimliUpdater, register_optimizer, unregister_optimizer
 from gimli_bptt.optim import get_optimizer
 from gimli_bptt.optim.base import add_bar
-from gimli_bptt.testing import check_hypergradients
+from gimli_bptt.testing import check_hypergradients, float64_rtol, relative_error
 
 from problems import build_model, ce_loss, make_batches
 
@@ -109,7 +109,9 @@ def test_derived_and_hand_written_vjps_agree() -> None:
         finally:
             unregister_optimizer(Lion)
     for name, value in results[0].items():
-        assert torch.allclose(value, results[1][name], rtol=1e-12, atol=1e-18), name
+        # the derived VJP (autograd through lion_step) and the hand-written one round differently; Lion on
+        # the MLP, J = 3, grows the rounding 3.5 times (hypergradient_amplification)
+        assert relative_error(value, results[1][name]) <= float64_rtol(terms=1, condition=10), name
 
 
 def test_registration_errors() -> None:
