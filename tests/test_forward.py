@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from gimli_bptt import GimliUpdater, NonFiniteError
+from gimli_bptt.testing import float64_rtol, relative_error
 
 from optim_table import ROWS, Row
 from problems import build_model, ce_loss, make_batches
@@ -116,8 +117,9 @@ def test_online_hypergradient_is_reverse_mode_over_the_same_trajectory(cls: type
         opt.zero_grad()
         ce_loss(twin, batch).backward()
         opt.step()
+    # J = 5 steps of SGD with momentum over BatchNorm: the rounding grows 1.03 times (rounding_amplification)
     for a, b in zip(online.model.state_dict().values(), twin.state_dict().values()):
-        assert torch.allclose(a.double(), b.double(), rtol=1e-12, atol=1e-14)
+        assert relative_error(a, b) <= float64_rtol(terms=1, condition=10)
 
 
 def test_online_step_updates_and_resets_or_decays() -> None:

@@ -79,8 +79,8 @@ def test_registered_step_matches_the_class(lion: str) -> None:
         twin_opt.zero_grad()
         ce_loss(twin, batch).backward()
         twin_opt.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+    for a, b in zip(model.parameters(), twin.parameters()):  # J = 4 Lion steps: rounding grows 1.8 times
+        assert relative_error(a, b) <= float64_rtol(terms=1, condition=10)
 
 
 @pytest.mark.parametrize("gran", ["group", "tensor", "element"])

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from gimli_bptt import FunctionalModel, GimliUpdater
-from gimli_bptt.testing import check_hypergradients
+from gimli_bptt.testing import check_hypergradients, float64_rtol, relative_error
 
 from optim_table import row
 from problems import build_model, ce_loss, make_batches
@@ -91,12 +91,17 @@ def test_commit_continues_from_the_unrolled_state(arch: str, row_id: str) -> Non
     batches, val = make_batches(4, seed=9)
     up.step(batches, val)
     _torch_unroll(twin, twin_opt, batches)
-    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), name  # includes BatchNorm running statistics
-    for p, q in zip(model.parameters(), twin.parameters()):
-        for key, value in twin_opt.state[q].items():
-            assert torch.allclose(torch.as_tensor(opt.state[p][key]).double(), torch.as_tensor(value).double(),
-                                  rtol=1e-12, atol=1e-14), key
+    # Ours and torch.optim's steps round differently. J = 6 steps grow the rounding of the parameters, the
+    # buffers and the state 2.8e3 times for sgd-heavy_nesterov over BatchNorm (the momentum of the bias
+    # before BatchNorm is round-off: measured against 1e-4 of the largest entry) and 2.2 times for
+    # adamw-amsgrad (testing.rounding_amplification of torch.optim's run), so 1e4 bounds both.
+    tol = float64_rtol(terms=1, condition=1e4)
+    pairs = [(name, a, b) for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values())]
+    pairs += [(key, torch.as_tensor(opt.state[p][key]), torch.as_tensor(value))
+              for p, q in zip(model.parameters(), twin.parameters()) for key, value in twin_opt.state[q].items()]
+    floor = 1e-4 * max(float(b.double().abs().max()) for _, _, b in pairs if b.numel())
+    for name, a, b in pairs:  # includes BatchNorm running statistics
+        assert relative_error(a, b, floor) <= tol, name
 
 
 def test_buffers_evolve_through_the_inner_loop() -> None:
@@ -115,7 +120,8 @@ def test_buffers_evolve_through_the_inner_loop() -> None:
     up.hypergradient(batches, val)
     twin = copy.deepcopy(model)
     _torch_unroll(twin, row("sgd-plain").for_model(twin, grouped=False), batches)
-    assert torch.allclose(seen["mean"], twin.state_dict()["2.running_mean"], rtol=1e-12)
+    # the running mean after J = 3 steps of SGD: its rounding grows 1.2 times (rounding_amplification)
+    assert relative_error(seen["mean"], twin.state_dict()["2.running_mean"]) <= float64_rtol(terms=1, condition=10)
     assert torch.equal(model.state_dict()["2.running_mean"], torch.zeros(5, dtype=torch.float64))
 
 
@@ -157,9 +163,10 @@ def test_train_step_applies_learned_rates_like_torch_optim(gran: str) -> None:
         twin_loss = ce_loss(twin, batch)
         twin_loss.backward()
         twin_opt.step()
-        assert float(loss) == pytest.approx(float(twin_loss), rel=1e-12)
+        # a mean over the batch at θ_j, and θ_J, J = 3: the rounding grows 1.02 times (rounding_amplification)
+        assert float(loss) == pytest.approx(float(twin_loss), rel=float64_rtol(terms=1, condition=10))
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), name
+        assert relative_error(a, b) <= float64_rtol(terms=1, condition=10), name
 
 
 def test_the_model_view_exposes_inner_parameters() -> None:
