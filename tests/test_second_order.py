@@ -14,7 +14,7 @@ from gimli_bptt import second_order as so
 from gimli_bptt.second_order import (MissingDoubleBackwardError, attention_math, hardsigmoid_relu6, missing_derivative,
                                      register_equivalent, registered_equivalents, second_order_safe,
                                      unregister_equivalent)
-from gimli_bptt.testing import check_hypergradients
+from gimli_bptt.testing import check_hypergradients, float64_rtol, relative_error
 
 D = torch.float64
 TOL = 1e-9
@@ -102,12 +102,16 @@ def test_attention_equivalent_matches_the_fused_kernel(case: str) -> None:
     q, k, v = (t.requires_grad_(True) for t in _qkv(S=5 if case == "causal" else 4))
     fused = F.scaled_dot_product_attention(q, k, v, **kwargs)
     math = attention_math(q, k, v, **kwargs)
-    assert torch.allclose(fused, math, rtol=0, atol=1e-14)
+    # Torch's kernel and the equivalent sum in other orders. The attention and its gradients grow
+    # their rounding at most 2.4 times over these cases (testing.rounding_amplification of
+    # attention_math and its gradients, float32 vs float64), bounded by 10.
+    tol = float64_rtol(terms=1, condition=10)
+    assert relative_error(fused, math) <= tol
     w = torch.randn_like(fused)
     g_fused = torch.autograd.grad((fused * w).sum(), (q, k, v))
     g_math = torch.autograd.grad((math * w).sum(), (q, k, v), create_graph=True)
     for a, b in zip(g_fused, g_math):
-        assert torch.allclose(a, b, rtol=0, atol=1e-13)
+        assert relative_error(a, b) <= tol
     h = torch.autograd.grad(sum((g * g).sum() for g in g_math), (q, k, v))  # the double backward exists
     assert all(t is not None and torch.isfinite(t).all() for t in h)
 
@@ -118,7 +122,7 @@ def test_attention_equivalent_with_dropout_draws_the_same_mask() -> None:
     a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.4)
     torch.manual_seed(3)
     b = attention_math(q, k, v, dropout_p=0.4)
-    assert torch.allclose(a, b, rtol=0, atol=1e-14)
+    assert relative_error(a, b) <= float64_rtol(terms=1, condition=10)  # as the attention without dropout
 
 
 def test_attention_equivalent_is_twice_differentiable() -> None:
@@ -145,7 +149,8 @@ def test_the_mode_replaces_attention_inside_multi_head_attention() -> None:
     with second_order_safe():
         safe = mha(x, x, x, need_weights=False)[0]
         h = second()
-    assert torch.allclose(plain, safe, rtol=0, atol=1e-14) and torch.isfinite(h).all()
+    # torch's attention and the equivalents inside MultiheadAttention: as the attention alone (condition 10)
+    assert relative_error(safe, plain) <= float64_rtol(terms=1, condition=10) and torch.isfinite(h).all()
 
 
 def test_the_mode_is_off_outside_and_inside_an_equivalent(registry: None) -> None:
@@ -485,8 +490,10 @@ def test_a_users_own_entry_makes_the_model_exact(registry: None) -> None:
                        match=r"register_equivalent\(torch.nn.functional.multi_margin_loss") as info:
         updater.hypergradient(batches, val)
     assert info.value.op == "multi_margin_loss_backward" and info.value.module_path is None  # in the loss, not the model
-    assert torch.allclose(_multi_margin(model(val[0]), val[1]), F.multi_margin_loss(model(val[0]), val[1]),
-                          rtol=1e-15, atol=0)
+    # a mean of clamped margins, all >= 0 (condition 1): one rounding per term
+    terms = val[0].shape[0] * 3
+    assert relative_error(_multi_margin(model(val[0]), val[1]), F.multi_margin_loss(model(val[0]), val[1])) <= \
+        float64_rtol(terms=terms)
     register_equivalent(F.multi_margin_loss, _multi_margin, how="as a masked sum of clamped margins",
                         aten=("multi_margin_loss_backward",))
     errors = check_hypergradients(updater, batches, val)
