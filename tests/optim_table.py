@@ -92,7 +92,8 @@ one class share their fields through a family helper::
         _muon("muon-no_nesterov", dict(lr=0.02, nesterov=False), dict(momentum=0.9)),
     ]
 
-and a tolerance that must differ says why beside it: ``tol=Tolerances(step=1e-11)``.
+and a tolerance that must differ says why beside it, from the row's conditioning (CONTRIBUTING.md,
+"How a tolerance is chosen"): ``tol=Tolerances(step=float64_rtol(terms=1, condition=1e4))``.
 """
 from __future__ import annotations
 
