@@ -432,6 +432,14 @@ UPDATER_CASES = [
     (torch.optim.Adam, dict(lr=0.01, amsgrad=True), {"lr": "element", "beta1": "group", "beta2": "tensor"}),
     (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1), {"lr": "group", "weight_decay": "tensor", "eps": "group"}),
 ]
+#: The condition of each case's hypergradients: their rounding growth measured with
+#: testing.hypergradient_amplification (float32 vs float64, kernels="loop"), rounded up to a power of ten.
+#: SGD 2.6; AdamW 12; Adam at most 1.7e2, except β2's hypergradient, 1.3e6: its terms scale with
+#: 1 / (1 - β2) = 1e3 and cancel (g² - v), so a change of summation order there moves it by up to
+#: ~1e6 eps relative, on any machine.
+UPDATER_CONDITION: dict[type, dict[str, float]] = {
+    torch.optim.SGD: {"": 10.0}, torch.optim.AdamW: {"": 100.0}, torch.optim.Adam: {"": 1e3, "beta2": 1e7},
+}
 
 
 @pytest.mark.parametrize("case", range(len(UPDATER_CASES)), ids=lambda i: UPDATER_CASES[i][0].__name__)
@@ -453,7 +461,9 @@ def test_updater_hypergradients_same_either_way(device: str, case: int) -> None:
             a = out[mode][name]
             for x, y in zip(a if isinstance(a, list) else [a], ref_value if isinstance(ref_value, list) else [ref_value]):
                 err = float((x - y).abs().max()) / max(float(y.abs().max()), 1e-30)
-                assert err <= 1e-12, f"{mode} {name}: relative error {err:.3g}"
+                cond = UPDATER_CONDITION[cls]
+                tol = float64_rtol(terms=1, condition=cond.get(name, cond[""]))
+                assert err <= tol, f"{mode} {name}: relative error {err:.3g} > {tol:.1e}"
 
 
 def test_auto_runs_small_cpu_sgd_steps_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
