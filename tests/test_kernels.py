@@ -1,10 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Oracle 4: the fused kernels against their pure-PyTorch twin, and both against the per-tensor optimizers.
 
-Tolerances (issue 4): element-wise outputs agree to 1e-14 relative in float64 and to 2 ulp in
-float32 (by construction they agree bit for bit: Note [One source of truth]); hyperparameter
-partials summed over a segment agree to 1e-14 of the sum of the magnitudes of their terms (the
-summation order differs, which is all a sum's condition number allows).
+Tolerances: element-wise float64 outputs agree bit for bit on the CPU (by construction: Note [One
+source of truth]), to float64_rtol(terms=4, condition=10) relative on CUDA, and to 2 ulp in
+float32; hyperparameter partials summed over a segment agree to 1e-14 of the sum of the
+magnitudes of their terms (the summation order differs, which is all a sum's condition number allows).
 """
 from __future__ import annotations
 
@@ -52,12 +52,17 @@ def _ulp(x: Tensor) -> Tensor:
 
 def assert_elementwise(a: Tensor, b: Tensor, what: str) -> None:
     assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+    on_cuda = a.is_cuda or b.is_cuda
     a, b = a.cpu(), b.cpu()
     assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{what}: NaN pattern differs"
     a, b = torch.nan_to_num(a), torch.nan_to_num(b)
     err = (a - b).abs()
     if b.dtype == torch.float64:
-        bound = 1e-14 * b.abs()
+        # CPU: bit for bit by construction (Note [One source of truth]: the same operations in the same
+        # order, no FMA contraction, a correctly rounded sqrt and the C library's pow on both sides).
+        # CUDA: its pow is within 2 ulp of the C library's, through the few products of one step
+        # (condition <= 10: no cancellation in an element-wise update of a state entry).
+        bound = (float64_rtol(terms=4, condition=10) if on_cuda else 0.0) * b.abs()
     else:
         bound = 2 * _ulp(b)
     bad = err > bound
