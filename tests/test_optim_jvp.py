@@ -26,6 +26,12 @@ EXAMPLES = max(3, settings().max_examples // 5)
 ADJOINT_TOL = 1e-10
 #: Directions of the vmap test.
 M = 3
+#: ``torch.func.vmap`` over M tangents against M separate calls: the same operations, batched.
+#: Element-wise ones batch bit for bit (the gap is 0 on all 84 rows at every warm-up here); the
+#: reductions inside a step (Adafactor's row and column means, Muon's Newton-Schulz products) may be
+#: blocked differently by another BLAS, which changes their order only: the step oracle's bound
+#: (its measured growth <= 8.7 over 20 steps, bounded by 1e3) covers a tangent of one step.
+VMAP_TOL = float64_rtol(terms=1, condition=1e3)
 #: torch.func.jvp goes through torch.jit.script inside torch, which warns that it is deprecated
 #: (a DeprecationWarning in torch 2.13, a FutureWarning in 2.14).
 JIT_WARNING = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -305,7 +311,7 @@ def test_jvp_under_vmap(row: Row, granularity: str, phase: str) -> None:
         theta, G, state, hyper = point(row, shape, WARMUPS[phase], gen)
         hyper = learn(hyper, row.impl.hyper_names, granularity, theta)
         err = vmap_gap(row.impl.step_jvp, theta, G, state, hyper, gen)
-        assert err <= 1e-13, f"{row.id}, shape {shape}: vmap differs from separate calls by {err:.2e}"
+        assert err <= VMAP_TOL, f"{row.id}, shape {shape}: vmap differs from separate calls by {err:.2e}"
 
 
 @pytest.mark.parametrize("row", row_params("jvp"))
@@ -344,7 +350,7 @@ def test_jvp_random(row: Row, data: st.DataObject, warmup: int, granularity: str
     hyper = learn(hyper, variant.impl.hyper_names, granularity, theta)
     assert_jvp_matches(variant, theta, G, state, hyper, random_dots(theta, G, state, hyper, gen), "random")
     assert_adjoint(variant, theta, G, state, hyper, gen, "random")
-    assert vmap_gap(variant.impl.step_jvp, theta, G, state, hyper, gen) <= 1e-13
+    assert vmap_gap(variant.impl.step_jvp, theta, G, state, hyper, gen) <= VMAP_TOL
 
 
 # ---------------------------------------------------------------------------- a registered optimizer
@@ -405,7 +411,7 @@ def test_registered_jvp_derived_and_hand_written(granularity: str) -> None:
                 assert_rel(ours[0], ref[0], tol, f"{row.id}: theta")
                 assert_rel(ours[1]["exp_avg"], ref[1]["exp_avg"], tol, f"{row.id}: exp_avg")
                 with torch.no_grad():
-                    assert vmap_gap(impl.jvp, theta, G, state, hyper, gen) <= 1e-13
+                    assert vmap_gap(impl.jvp, theta, G, state, hyper, gen) <= VMAP_TOL
                 # the adjoint test between impl.jvp and the hand-written VJP
                 v = random_dots(theta, G, state, hyper, gen)
                 u = random_like(shape, gen), {"exp_avg": random_like(shape, gen)}
