@@ -3,8 +3,9 @@
 
 Tolerances: element-wise float64 outputs agree bit for bit on the CPU (by construction: Note [One
 source of truth]), to float64_rtol(terms=4, condition=10) relative on CUDA, and to 2 ulp in
-float32; hyperparameter partials summed over a segment agree to 1e-14 of the sum of the
-magnitudes of their terms (the summation order differs, which is all a sum's condition number allows).
+float32; hyperparameter partials summed over a segment of n elements agree to float64_rtol(terms=n)
+of the sum of the magnitudes of their terms (the summation order differs, which is all a sum's
+condition number allows).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def assert_elementwise(a: Tensor, b: Tensor, what: str) -> None:
 def assert_segment_sums(a: Tensor, b: Tensor, scale: Tensor, what: str) -> None:
     assert a.shape == b.shape and a.dtype == torch.float64 == b.dtype, what
     err = (a - b).abs().cpu()
-    bound = 1e-14 * scale.cpu() + 1e-300
+    bound = float64_rtol(terms=1) * scale.cpu() + 1e-300  # scale: n * sum |terms| (_scales)
     assert (err <= bound).all(), f"{what}: segment sums differ by {err.max():.3g} (bound {bound.min():.3g})"
 
 
@@ -117,7 +118,9 @@ def _compare_outputs(fused: Any, twin: Any, names: list[str], hyper_scale: Optio
 
 def _scales(op: str, args: list[Any], hyper_index: int, elementwise_index: int, learned: int,
             offsets: Tensor, n: int) -> list[Optional[Tensor]]:
-    """Per slot: the sum over each segment of |element-wise partial| (the twin, element-wise)."""
+    """Per slot: n times the sum over each segment of |element-wise partial| (the twin, element-wise),
+    n the segment's length: a sum of n terms in any order is within (n - 1) eps/2 of that sum of
+    magnitudes, whatever its cancellation (Higham, Accuracy and Stability, §4.2)."""
     args = list(args)
     hyper, elementwise = args[hyper_index], args[elementwise_index]
     counts = offsets[1:] - offsets[:-1]
@@ -125,8 +128,8 @@ def _scales(op: str, args: list[Any], hyper_index: int, elementwise_index: int, 
                          enumerate(hyper)]
     args[elementwise_index] = (1 << len(hyper)) - 1
     parts = getattr(ref, op)(*args)[-1]
-    return [ref._segment_sum(p.abs(), offsets) if (learned >> k & 1 and not elementwise >> k & 1) else None
-            for k, p in enumerate(parts)]
+    return [ref._segment_sum(p.abs(), offsets) * counts.to(p) if (learned >> k & 1 and not elementwise >> k & 1)
+            else None for k, p in enumerate(parts)]
 
 
 # ------------------------------------------------------------------- op level: fused vs twin
