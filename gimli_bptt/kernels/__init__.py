@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _reference, ops
+from . import _fake, _reference, ops
 from .ops import KernelInfo, info
 
 IMPLS = ("auto", "fused", "reference")
@@ -28,8 +28,11 @@ _REGISTERED: dict[str, bool] = {}
 def is_available(device: torch.device | str = "cpu") -> bool:
     """Whether the compiled ops can run on ``device`` (loading or JIT-building them if needed).
 
-    Once the ops are loaded, which device types have kernels never changes: the answer per
-    dispatch key is cached (this runs on every inner step).
+    Once the ops are loaded, their fake kernels are registered (Note [Fake kernels] in
+    ``_fake.py``), and which device types have kernels never changes: the answer per dispatch
+    key is cached (this runs on every inner step). The first call for a device runs the
+    self-check there (Note [Kernel self-check] in ``selfcheck.py``); a device that failed it
+    has no fused ops from then on.
     """
     if not ops.load():
         return False
@@ -38,6 +41,7 @@ def is_available(device: torch.device | str = "cpu") -> bool:
     if key is None:
         return False
     if key not in _REGISTERED:
+        _fake.register()
         _REGISTERED[key] = all(
             torch._C._dispatch_has_kernel_for_dispatch_key(f"gimli::{name}", key) for name in ops.OP_NAMES
         )

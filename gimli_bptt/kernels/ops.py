@@ -7,7 +7,7 @@ Note [Loading the kernels]: :func:`load` tries, once per process,
 2. the library that ``setup.py`` built at install time next to this package
    (``gimli_bptt/_C_torch_<version>.so``, see :func:`prebuilt_filename`); one built for another
    torch is skipped, since a C++ extension only runs with the torch it was compiled against;
-3. the JIT build of the sources (:data:`CSRC`, Note [Where the sources are]), cached in
+3. the JIT build of the sources (:data:`CSRC`, Note [Building the kernels] in setup.py), cached in
    torch's extension directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
    under a name that digests the torch version, the sources and the flags
    (:func:`jit_build_dir`): a cached library is loaded as it is, and a missing one is compiled
@@ -20,12 +20,6 @@ If all fail, :func:`load` returns False and warns once, naming why (no compiler,
 compiler's error); the pure-PyTorch twin (:mod:`gimli_bptt.kernels._reference`) then runs.
 ``GIMLI_DISABLE_KERNELS=1`` skips loading. :func:`info` says what is loaded, from where, for
 which devices, and why not; ``python -m gimli_bptt build-kernels`` builds ahead of time.
-
-Note [Where the sources are]: the C++/CUDA sources are tracked once, in the checkout's top-level
-``csrc/``. Every sdist carries that folder (``MANIFEST.in``) and every wheel or install copies it
-into the package as ``gimli_bptt/csrc/`` (``setup.py``'s ``build_py``), so the JIT build works from
-site-packages. :data:`CSRC` is the installed package's ``csrc/`` when it holds the sources, else
-the checkout's ``csrc/`` beside the package (an editable install or a run from the checkout).
 
 This module imports nothing from the package: ``setup.py`` loads it by path for the sources and
 the flags, so that the install-time and the JIT build compile the same thing.
@@ -58,14 +52,12 @@ _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def _source_dir() -> Path:
-    """Where the kernel sources are: Note [Where the sources are]."""
+    """The installed package's ``csrc/`` when it holds the sources, else the checkout's top-level ``csrc/``."""
     installed = _PACKAGE_DIR / "csrc"
-    if (installed / "gimli.cpp").is_file():
-        return installed
-    return _PACKAGE_DIR.parent / "csrc"
+    return installed if (installed / "gimli.cpp").is_file() else _PACKAGE_DIR.parent / "csrc"
 
 
-#: The kernel sources: ``gimli_bptt/csrc/`` in an installed package, else the checkout's ``csrc/``.
+#: The kernel sources (Note [Building the kernels] in setup.py): copied into an installed package, else the checkout's.
 CSRC = _source_dir()
 #: Compile flags: Note [One source of truth] in csrc/include/gimli/optim_math.h.
 #: Tuples: torch's build appends to the lists it is given, so each call gets fresh ones.
@@ -89,10 +81,7 @@ def disabled() -> bool:
 
 
 def _registered() -> bool:
-    try:
-        return all(hasattr(torch.ops.gimli, name) for name in OP_NAMES)
-    except (AttributeError, RuntimeError):
-        return False
+    return all(hasattr(torch.ops.gimli, name) for name in OP_NAMES)
 
 
 def sources(with_cuda: bool = False) -> list[str]:
@@ -209,8 +198,7 @@ def jit_build_dir(with_cuda: Optional[bool] = None) -> Path:
 
 
 def _jit_library(with_cuda: bool) -> Path:
-    name = jit_name(with_cuda)
-    return jit_build_dir(with_cuda) / f"{name}.so"
+    return jit_build_dir(with_cuda) / f"{jit_name(with_cuda)}.so"
 
 
 def estimated_build_seconds(with_cuda: bool = False) -> int:
