@@ -4,7 +4,8 @@
 Note [Building the kernels]: the kernel sources are tracked once, in the top-level ``csrc/``; the
 sdist carries that folder (``MANIFEST.in``) and :class:`BuildPy` copies it into the package as
 ``gimli_bptt/csrc/`` in every wheel and install, so every install can compile them (an editable
-install reads the checkout's ``csrc/``: Note [Where the sources are] in ``kernels/ops.py``). Where torch is importable at build time
+install reads the checkout's ``csrc/``: ``kernels/ops.py`` takes the installed package's
+``csrc/`` when it holds the sources, else the checkout's). Where torch is importable at build time
 (``pip install --no-build-isolation .`` or ``-e .`` with torch installed first), the extension
 is compiled here, at install, into ``gimli_bptt/_C_torch_<version>.so`` (the torch version is in
 the name: a C++ extension runs only with the torch it was compiled against). Under pip's

@@ -44,7 +44,7 @@ def test_every_kernel_source_reaches_the_package(tmp_path: Path) -> None:
 
 def test_sources_are_found_installed_first_else_in_the_checkout(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Note [Where the sources are]: the package's own csrc/ when it has them, else the checkout's."""
+    """The installed package's csrc/ when it holds the sources, else the checkout's (Note [Building the kernels])."""
     package = tmp_path / "site" / "gimli_bptt"
     (package / "csrc").mkdir(parents=True)
     monkeypatch.setattr(ops, "_PACKAGE_DIR", package)

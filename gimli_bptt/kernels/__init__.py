@@ -7,6 +7,9 @@ tensors' device and the tensors suit them (dense, float32/float64, one dtype and
 ``"reference"`` otherwise; ``GIMLI_DISABLE_KERNELS=1`` forces ``"reference"``. An explicit
 ``impl="fused"`` that cannot run raises instead of falling back. :func:`info` says what is
 loaded, from where, for which devices, and why not (Note [Loading the kernels] in ``ops.py``).
+The first use on each device runs every op once against its twin and falls back to the twin
+there on a mismatch, warning once (Note [Kernel self-check] in ``selfcheck.py``;
+``GIMLI_KERNEL_SELFCHECK=0`` skips it).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _fake, _reference, ops
+from . import _fake, _reference, ops, selfcheck
 from .ops import KernelInfo, info
 
 IMPLS = ("auto", "fused", "reference")
@@ -45,7 +48,7 @@ def is_available(device: torch.device | str = "cpu") -> bool:
         _REGISTERED[key] = all(
             torch._C._dispatch_has_kernel_for_dispatch_key(f"gimli::{name}", key) for name in ops.OP_NAMES
         )
-    return _REGISTERED[key]
+    return _REGISTERED[key] and selfcheck.passed(device)
 
 
 def unsuitable(tensors: Sequence[Tensor]) -> str | None:
@@ -79,7 +82,7 @@ def select_impl(tensors: Sequence[Tensor], impl: str = "auto") -> str:
         if ops.disabled():
             why = "GIMLI_DISABLE_KERNELS is set"
         elif not is_available(tensors[0].device):
-            err = ops.load_error()
+            err = ops.load_error() or selfcheck.failure(tensors[0].device)
             why = f"no compiled kernels for {tensors[0].device}" + (f" ({err})" if err is not None else "")
     if why is None:
         return "fused"
