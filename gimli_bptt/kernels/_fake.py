@@ -21,7 +21,7 @@ against the compiled ops. This module imports nothing from the package.
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -83,7 +83,7 @@ def adam_step_vjp(theta: Tensor, G: Tensor, m: Tensor, v: Tensor, vmax: Optional
             _hyper_bar(theta, offsets, ADAM_SLOTS, elementwise, learned))
 
 
-FAKES = {"sgd_step": sgd_step, "sgd_step_vjp": sgd_step_vjp, "adam_step": adam_step, "adam_step_vjp": adam_step_vjp}
+FAKES: dict[str, Callable[..., Any]] = {"sgd_step": sgd_step, "sgd_step_vjp": sgd_step_vjp, "adam_step": adam_step, "adam_step_vjp": adam_step_vjp}
 
 
 def register() -> None:

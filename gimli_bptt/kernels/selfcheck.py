@@ -74,7 +74,8 @@ def passed(device: torch.device) -> bool:
         pass
     with _lock:
         if key not in _results:
-            _results[key] = _check(torch.device(key[0], key[1])) if enabled() else None
+            where = torch.device(key[0]) if key[1] is None else torch.device(key[0], key[1])
+            _results[key] = _check(where) if enabled() else None
     return _results[key] is None
 
 
