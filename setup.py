@@ -1,8 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Build script: package metadata lives in pyproject.toml; this file adds the compiled kernels when torch is importable.
 
-Note [Building the kernels]: the kernel sources ship inside the package (``gimli_bptt/csrc/``,
-package data), so every install can compile them. Where torch is importable at build time
+Note [Building the kernels]: the kernel sources are tracked once, in the top-level ``csrc/``; the
+sdist carries that folder (``MANIFEST.in``) and :class:`BuildPy` copies it into the package as
+``gimli_bptt/csrc/`` in every wheel and install, so every install can compile them (an editable
+install reads the checkout's ``csrc/``: ``kernels/ops.py`` takes the installed package's
+``csrc/`` when it holds the sources, else the checkout's). Where torch is importable at build time
 (``pip install --no-build-isolation .`` or ``-e .`` with torch installed first), the extension
 is compiled here, at install, into ``gimli_bptt/_C_torch_<version>.so`` (the torch version is in
 the name: a C++ extension runs only with the torch it was compiled against). Under pip's
@@ -16,11 +19,40 @@ pure-PyTorch path.
 """
 import importlib.util
 import os
+import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: The kernel sources in the checkout (or the unpacked sdist), and where they go in the package.
+CSRC = os.path.join(HERE, "csrc")
+PACKAGE_CSRC = os.path.join("gimli_bptt", "csrc")
+
+
+class BuildPy(build_py):
+    """``build_py`` that also copies the top-level ``csrc/`` into ``<build_lib>/gimli_bptt/csrc``
+    (Note [Building the kernels]); an editable install skips the copy (it reads ``csrc/`` in place)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        if not os.path.isfile(os.path.join(CSRC, "gimli.cpp")):
+            raise SystemExit(f"gimli_bptt: the kernel sources are missing ({CSRC}); build from a full checkout or sdist")
+        target = os.path.join(self.build_lib, PACKAGE_CSRC)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(CSRC, target, ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
+
+    def get_outputs(self, include_bytecode=1):
+        outputs = super().get_outputs(include_bytecode)
+        if not getattr(self, "editable_mode", False):
+            for root, _, files in os.walk(CSRC):
+                rel = os.path.relpath(root, CSRC)
+                outputs += [os.path.normpath(os.path.join(self.build_lib, PACKAGE_CSRC, rel, f)) for f in files
+                            if not f.endswith((".o", ".so"))]
+        return outputs
 
 
 def _kernel_ops():
@@ -35,14 +67,14 @@ def _kernel_ops():
 
 def _ext_modules():
     if os.environ.get("GIMLI_BUILD_KERNELS", "1") == "0":
-        return [], {}
+        return [], {"build_py": BuildPy}
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
         print("gimli_bptt: torch is not importable at build time; the kernels will be compiled on first use",
               file=sys.stderr)
-        return [], {}
+        return [], {"build_py": BuildPy}
     ops = _kernel_ops()
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     sources = [os.path.relpath(s, HERE) for s in ops.sources(with_cuda)]
@@ -73,7 +105,7 @@ def _ext_modules():
                 print(f"gimli_bptt: compiling the kernels at install failed ({e}); they will be compiled on first use",
                       file=sys.stderr)
 
-    return [ext], {"build_ext": BuildExt.with_options(no_python_abi_suffix=True)}
+    return [ext], {"build_ext": BuildExt.with_options(no_python_abi_suffix=True), "build_py": BuildPy}
 
 
 ext_modules, cmdclass = _ext_modules()

@@ -8,8 +8,9 @@ source tree is not on ``sys.path``)::
         --expect jit|prebuilt
 
 ``--built-from``: the clean clone the sdist and wheel were built from, deleted before this runs
-(the check asserts it is gone); ``--checkout`` gives the ``pyproject.toml`` and the list of
-kernel sources to compare the installed metadata and package data with.
+(the check asserts it is gone); ``--checkout`` gives the ``pyproject.toml`` and the kernel
+sources (its top-level ``csrc/``, which the build maps into the package as ``gimli_bptt/csrc/``)
+to compare the installed metadata and files with.
 
 ``--expect jit``: the kernels are compiled on first use from the sources inside the installed
 package; the check runs that first use in a child process with an empty ``TORCH_EXTENSIONS_DIR``
@@ -83,10 +84,17 @@ def check_metadata(checkout: Path, gimli_bptt: Any) -> None:
     check(classifiers == project["classifiers"], f"{len(classifiers)} classifiers")
     extras = set(meta.get_all("Provides-Extra") or [])
     check(set(project["optional-dependencies"]) <= extras, f"extras {sorted(extras)}")
+    # The sources are tracked once, in the checkout's top-level csrc/; the build maps them into the
+    # package (setup.py's build_py), so the installed package carries each as gimli_bptt/csrc/<path>.
     files = {str(f) for f in md.files("gimli_bptt") or []}
-    shipped = {f"gimli_bptt/{p.relative_to(checkout / 'gimli_bptt').as_posix()}"
-               for p in (checkout / "gimli_bptt" / "csrc").rglob("*") if p.is_file()}
-    check(bool(shipped) and shipped <= files, f"the {len(shipped)} kernel sources are installed as package data")
+    shipped = {f"gimli_bptt/csrc/{p.relative_to(checkout / 'csrc').as_posix()}"
+               for p in (checkout / "csrc").rglob("*") if p.is_file()}
+    check(bool(shipped) and shipped <= files,
+          f"the {len(shipped)} kernel sources of the checkout's csrc/ are installed as gimli_bptt/csrc/")
+    site_csrc = Path(gimli_bptt.__file__).resolve().parent / "csrc"
+    same = all((site_csrc / p.relative_to(checkout / "csrc")).read_bytes() == p.read_bytes()
+               for p in (checkout / "csrc").rglob("*") if p.is_file())
+    check(same, f"the installed sources ({site_csrc}) are byte for byte the checkout's csrc/")
     entry = [e for e in md.entry_points(group="console_scripts") if e.name == "gimli-bptt"]
     check(len(entry) == 1 and entry[0].value == "gimli_bptt.__main__:main", "console script gimli-bptt")
 

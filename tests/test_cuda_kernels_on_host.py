@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The CUDA kernels' logic, run on the CPU: Note [Kernels on the host] in gimli_bptt/csrc/cuda/optim_kernels.cuh.
+"""The CUDA kernels' logic, run on the CPU: Note [Kernels on the host] in csrc/cuda/optim_kernels.cuh.
 
 No GPU runs in CI, so the kernels themselves (grid-stride indexing, vectorised loads and stores,
 the segment walk, the tails, the coefficient caching) are compiled with g++ as host code by
@@ -25,7 +25,7 @@ CXX = shutil.which("g++") or shutil.which("c++")
 def test_cuda_kernels_match_the_per_element_math(tmp_path: Path) -> None:
     exe = tmp_path / "kernels_on_host"
     build = subprocess.run(
-        [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-I", str(ROOT / "gimli_bptt" / "csrc" / "include"), str(HARNESS), "-o", str(exe)],
+        [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-I", str(ROOT / "csrc" / "include"), str(HARNESS), "-o", str(exe)],
         capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr[-4000:]

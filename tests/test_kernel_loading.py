@@ -6,12 +6,10 @@ venv, the source tree deleted) is checked by ``.ci/check_install.py``, run by ``
 """
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,13 +28,31 @@ def _fresh_state() -> dict[str, Any]:
     return {"tried": False, "loaded": False, "error": None, "source": None, "library": None, "notes": []}
 
 
-def test_every_kernel_source_is_package_data() -> None:
-    """pyproject's package-data patterns ship every file under csrc/ (the JIT build needs them all)."""
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["gimli_bptt"]
-    package = ROOT / "gimli_bptt"
-    shipped = {Path(f) for pat in patterns for f in glob.glob(str(package / pat), recursive=True)}  # as setuptools
-    files = {p for p in ops.CSRC.rglob("*") if p.is_file()}
-    assert files and not files - shipped, f"not covered by [tool.setuptools.package-data]: {sorted(files - shipped)}"
+def test_every_kernel_source_reaches_the_package(tmp_path: Path) -> None:
+    """The sources are tracked once in the top-level csrc/: the sdist grafts it (MANIFEST.in) and
+    setup.py's build_py copies every file of it into the package as gimli_bptt/csrc/ (wheels, installs)."""
+    assert "graft csrc" in (ROOT / "MANIFEST.in").read_text().splitlines()
+    assert not (ROOT / "gimli_bptt" / "csrc").exists(), "a second copy of the sources inside the package"
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT,
+                           env={**os.environ, "GIMLI_BUILD_KERNELS": "0"}, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-4000:]
+    files = {p.relative_to(ROOT / "csrc") for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    copied = {p.relative_to(tmp_path / "gimli_bptt" / "csrc") for p in (tmp_path / "gimli_bptt" / "csrc").rglob("*")
+              if p.is_file()}
+    assert files and files == copied, f"not copied: {sorted(files - copied)}; extra: {sorted(copied - files)}"
+
+
+def test_sources_are_found_installed_first_else_in_the_checkout(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The installed package's csrc/ when it holds the sources, else the checkout's (Note [Building the kernels])."""
+    package = tmp_path / "site" / "gimli_bptt"
+    (package / "csrc").mkdir(parents=True)
+    monkeypatch.setattr(ops, "_PACKAGE_DIR", package)
+    assert ops._source_dir() == tmp_path / "site" / "csrc"  # an empty csrc/ in the package is not the sources
+    (package / "csrc" / "gimli.cpp").write_text("")
+    assert ops._source_dir() == package / "csrc"
+    monkeypatch.undo()
+    assert ops.CSRC == ops._source_dir() and (ops.CSRC / "gimli.cpp").is_file()
 
 
 def test_sources_exist_and_cover_every_cpu_file() -> None:

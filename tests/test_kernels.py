@@ -142,7 +142,7 @@ SGD_FLAGS = [  # nesterov, maximize, use_momentum, has_wd, has_buf, has_buf_bar
     (True, True, True, True, True, True),
     (True, False, True, True, True, False),
 ]
-# Note [Static flags] in gimli_bptt/csrc/cpu/loops.h: every combination that gets its own compiled loop
+# Note [Static flags] in csrc/cpu/loops.h: every combination that gets its own compiled loop
 # (per-segment hyperparameters, buffer and carried cotangent present) is checked once.
 SGD_FLAGS += [(n and u, m, u, w, u, u) for n, m, u, w in itertools.product((False, True), repeat=4)
               if (n and u, m, u, w, u, u) not in SGD_FLAGS]

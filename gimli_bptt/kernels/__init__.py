@@ -7,6 +7,9 @@ tensors' device and the tensors suit them (dense, float32/float64, one dtype and
 ``"reference"`` otherwise; ``GIMLI_DISABLE_KERNELS=1`` forces ``"reference"``. An explicit
 ``impl="fused"`` that cannot run raises instead of falling back. :func:`info` says what is
 loaded, from where, for which devices, and why not (Note [Loading the kernels] in ``ops.py``).
+The first use on each device runs every op once against its twin and falls back to the twin
+there on a mismatch, warning once (Note [Kernel self-check] in ``selfcheck.py``;
+``GIMLI_KERNEL_SELFCHECK=0`` skips it).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _reference, ops
+from . import _fake, _reference, ops, selfcheck
 from .ops import KernelInfo, info
 
 IMPLS = ("auto", "fused", "reference")
@@ -28,8 +31,11 @@ _REGISTERED: dict[str, bool] = {}
 def is_available(device: torch.device | str = "cpu") -> bool:
     """Whether the compiled ops can run on ``device`` (loading or JIT-building them if needed).
 
-    Once the ops are loaded, which device types have kernels never changes: the answer per
-    dispatch key is cached (this runs on every inner step).
+    Once the ops are loaded, their fake kernels are registered (Note [Fake kernels] in
+    ``_fake.py``), and which device types have kernels never changes: the answer per dispatch
+    key is cached (this runs on every inner step). The first call for a device runs the
+    self-check there (Note [Kernel self-check] in ``selfcheck.py``); a device that failed it
+    has no fused ops from then on.
     """
     if not ops.load():
         return False
@@ -38,10 +44,11 @@ def is_available(device: torch.device | str = "cpu") -> bool:
     if key is None:
         return False
     if key not in _REGISTERED:
+        _fake.register()
         _REGISTERED[key] = all(
             torch._C._dispatch_has_kernel_for_dispatch_key(f"gimli::{name}", key) for name in ops.OP_NAMES
         )
-    return _REGISTERED[key]
+    return _REGISTERED[key] and selfcheck.passed(device)
 
 
 def unsuitable(tensors: Sequence[Tensor]) -> str | None:
@@ -75,7 +82,7 @@ def select_impl(tensors: Sequence[Tensor], impl: str = "auto") -> str:
         if ops.disabled():
             why = "GIMLI_DISABLE_KERNELS is set"
         elif not is_available(tensors[0].device):
-            err = ops.load_error()
+            err = ops.load_error() or selfcheck.failure(tensors[0].device)
             why = f"no compiled kernels for {tensors[0].device}" + (f" ({err})" if err is not None else "")
     if why is None:
         return "fused"

@@ -15,7 +15,7 @@ element-wise slot, the element-wise partial (``(N,)``, the element dtype); an em
 the other slots. State cotangents that do not exist (no momentum buffer, no amsgrad maximum)
 are empty tensors, as are missing outputs.
 
-Note [One source of truth] in ``gimli_bptt/csrc/include/gimli/optim_math.h`` explains why the operations
+Note [One source of truth] in ``csrc/include/gimli/optim_math.h`` explains why the operations
 below are written as they are: scalar coefficients in double then rounded, plain element
 operations (no ``torch.lerp``/``addcmul``, whose vectorised CPU loops fuse a multiply-add), and
 bias-correction powers from the C library's ``pow`` (``math.pow``), as the kernels compute them.

@@ -7,7 +7,7 @@ Note [Loading the kernels]: :func:`load` tries, once per process,
 2. the library that ``setup.py`` built at install time next to this package
    (``gimli_bptt/_C_torch_<version>.so``, see :func:`prebuilt_filename`); one built for another
    torch is skipped, since a C++ extension only runs with the torch it was compiled against;
-3. the JIT build of the sources shipped inside the package (``gimli_bptt/csrc/``), cached in
+3. the JIT build of the sources (:data:`CSRC`, Note [Building the kernels] in setup.py), cached in
    torch's extension directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
    under a name that digests the torch version, the sources and the flags
    (:func:`jit_build_dir`): a cached library is loaded as it is, and a missing one is compiled
@@ -49,8 +49,16 @@ OP_NAMES = ("sgd_step", "sgd_step_vjp", "adam_step", "adam_step_vjp")
 JIT_NAME = "gimli_bptt_kernels_v1"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
-#: The kernel sources, shipped inside the package (package data).
-CSRC = _PACKAGE_DIR / "csrc"
+
+
+def _source_dir() -> Path:
+    """The installed package's ``csrc/`` when it holds the sources, else the checkout's top-level ``csrc/``."""
+    installed = _PACKAGE_DIR / "csrc"
+    return installed if (installed / "gimli.cpp").is_file() else _PACKAGE_DIR.parent / "csrc"
+
+
+#: The kernel sources (Note [Building the kernels] in setup.py): copied into an installed package, else the checkout's.
+CSRC = _source_dir()
 #: Compile flags: Note [One source of truth] in csrc/include/gimli/optim_math.h.
 #: Tuples: torch's build appends to the lists it is given, so each call gets fresh ones.
 CXX_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp")
@@ -73,10 +81,7 @@ def disabled() -> bool:
 
 
 def _registered() -> bool:
-    try:
-        return all(hasattr(torch.ops.gimli, name) for name in OP_NAMES)
-    except (AttributeError, RuntimeError):
-        return False
+    return all(hasattr(torch.ops.gimli, name) for name in OP_NAMES)
 
 
 def sources(with_cuda: bool = False) -> list[str]:
@@ -193,8 +198,7 @@ def jit_build_dir(with_cuda: Optional[bool] = None) -> Path:
 
 
 def _jit_library(with_cuda: bool) -> Path:
-    name = jit_name(with_cuda)
-    return jit_build_dir(with_cuda) / f"{name}.so"
+    return jit_build_dir(with_cuda) / f"{jit_name(with_cuda)}.so"
 
 
 def estimated_build_seconds(with_cuda: bool = False) -> int:

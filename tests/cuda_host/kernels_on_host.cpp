@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// The CUDA kernels of gimli_bptt/csrc/cuda/optim_kernels.cuh, run on the host: Note [Kernels on the host].
+// The CUDA kernels of csrc/cuda/optim_kernels.cuh, run on the host: Note [Kernels on the host].
 //
 // The CUDA keywords are defined away and blockIdx/threadIdx/blockDim/gridDim are host variables;
 // launch() runs every (block, thread) of a grid one after another. The element-wise kernels do
@@ -13,7 +13,7 @@
 // one thread per block (it cooperates through shared memory) against a plain double sum.
 //
 // Build and run (tests/test_cuda_kernels_on_host.py does this):
-//   g++ -std=c++17 -O1 -ffp-contract=off -I gimli_bptt/csrc/include tests/cuda_host/kernels_on_host.cpp && ./a.out
+//   g++ -std=c++17 -O1 -ffp-contract=off -I csrc/include tests/cuda_host/kernels_on_host.cpp && ./a.out
 // Prints "mismatches: 0" and exits 0 when every value agrees.
 #include <cmath>
 #include <cstdint>
@@ -39,7 +39,7 @@ inline double atomicAdd(double* p, double v) {
   return old;
 }
 
-#include "../../gimli_bptt/csrc/cuda/optim_kernels.cuh"
+#include "../../csrc/cuda/optim_kernels.cuh"
 
 namespace {
 

@@ -7,6 +7,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(gimli, m) {
+  // The fake (meta) kernels, for torch.compile and FakeTensor, are registered from Python by this
+  // module (torch.library.register_fake; torch requires the C++ side to name the module).
+  m.set_python_module("gimli_bptt.kernels._fake");
   m.def(
       "sgd_step(Tensor theta, Tensor G, Tensor? buf, Tensor offsets, Tensor[] hyper, int elementwise, "
       "bool nesterov, bool maximize, bool use_momentum, bool has_wd) -> (Tensor, Tensor)");

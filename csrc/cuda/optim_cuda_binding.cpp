@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// CUDA bindings: checks, output allocation and launch on torch's current stream (TORCH_LIBRARY_IMPL CUDA).
+// CUDA bindings: the shared checks (gimli/checks.h), output allocation and launch on torch's current stream
+// (TORCH_LIBRARY_IMPL CUDA).
 //
 // Host code compiled by the C++ compiler against a CUDA build of torch; the kernels themselves
 // are in optim_cuda.cu, reached through the raw-pointer launchers of gimli/cuda_launch.h.
@@ -65,10 +66,10 @@ std::tuple<at::Tensor, at::Tensor> sgd_step_cuda(const at::Tensor& theta, const 
                                                  const c10::optional<at::Tensor>& buf, const at::Tensor& offsets,
                                                  at::TensorList hyper_list, int64_t elementwise, bool nesterov,
                                                  bool maximize, bool use_momentum, bool has_wd) {
-  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kSgdNumHyper, elementwise);
-  const int64_t nseg = op.nseg;
-  const std::vector<at::Tensor>& hyper = op.hyper;
-  const bool has_buf = check_optional(buf, theta, "buf");
+  const SgdStepArgs a = check_sgd_step(theta, G, buf, offsets, hyper_list, elementwise);
+  const int64_t nseg = a.nseg;
+  const std::vector<at::Tensor>& hyper = a.hyper;
+  const bool has_buf = a.has_buf;
   const c10::cuda::CUDAGuard guard(theta.device());
   const SgdFlags f{nesterov, maximize, use_momentum, has_wd, has_buf, false};
   at::Tensor theta_next = at::empty_like(theta);
@@ -88,12 +89,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> sgd_step
     const at::Tensor& theta_next_bar, const c10::optional<at::Tensor>& buf_next_bar, const at::Tensor& offsets,
     at::TensorList hyper_list, int64_t elementwise, int64_t learned, bool nesterov, bool maximize,
     bool use_momentum, bool has_wd) {
-  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kSgdNumHyper, elementwise);
-  const int64_t nseg = op.nseg;
-  const std::vector<at::Tensor>& hyper = op.hyper;
-  check_flat(theta_next_bar, theta, "theta_next_bar");
-  const bool has_buf = check_optional(buf, theta, "buf");
-  const bool has_buf_bar = check_optional(buf_next_bar, theta, "buf_next_bar");
+  const SgdStepVjpArgs a =
+      check_sgd_step_vjp(theta, G, buf, theta_next_bar, buf_next_bar, offsets, hyper_list, elementwise, learned);
+  const int64_t nseg = a.nseg;
+  const std::vector<at::Tensor>& hyper = a.hyper;
+  const bool has_buf = a.has_buf, has_buf_bar = a.has_buf_bar;
   const c10::cuda::CUDAGuard guard(theta.device());
   const SgdFlags f{nesterov, maximize, use_momentum, has_wd, has_buf, has_buf_bar};
   const bool buf_bar_out = use_momentum && has_buf;
@@ -118,10 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
     const at::Tensor& theta, const at::Tensor& G, const at::Tensor& m, const at::Tensor& v,
     const c10::optional<at::Tensor>& vmax, const at::Tensor& offsets, at::TensorList hyper_list,
     int64_t elementwise, double step, bool amsgrad, bool maximize, bool decoupled, bool has_wd) {
-  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kAdamNumHyper, elementwise);
-  const int64_t nseg = op.nseg;
-  const std::vector<at::Tensor>& hyper = op.hyper;
-  check_adam_state(theta, m, v, vmax, amsgrad, "gimli::adam_step");
+  const AdamStepArgs a = check_adam_step(theta, G, m, v, vmax, offsets, hyper_list, elementwise, amsgrad);
+  const int64_t nseg = a.nseg;
+  const std::vector<at::Tensor>& hyper = a.hyper;
   const c10::cuda::CUDAGuard guard(theta.device());
   const AdamFlags f{amsgrad, maximize, decoupled, has_wd, false, false, false};
   at::Tensor theta_next = at::empty_like(theta), m_next = at::empty_like(theta), v_next = at::empty_like(theta);
@@ -143,13 +142,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vect
     const c10::optional<at::Tensor>& v_next_bar, const c10::optional<at::Tensor>& vmax_next_bar,
     const at::Tensor& offsets, at::TensorList hyper_list, int64_t elementwise, int64_t learned, double step,
     bool amsgrad, bool maximize, bool decoupled, bool has_wd) {
-  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kAdamNumHyper, elementwise);
-  const int64_t nseg = op.nseg;
-  const std::vector<at::Tensor>& hyper = op.hyper;
-  check_flat(theta_next_bar, theta, "theta_next_bar");
-  check_adam_state(theta, m, v, vmax, amsgrad, "gimli::adam_step_vjp");
-  const AdamCarried carried = check_adam_carried(theta, m_next_bar, v_next_bar, vmax_next_bar, amsgrad);
-  const bool has_m_bar = carried.m_bar, has_v_bar = carried.v_bar, has_vmax_bar = carried.vmax_bar;
+  const AdamStepVjpArgs a = check_adam_step_vjp(theta, G, m, v, vmax, theta_next_bar, m_next_bar, v_next_bar,
+                                                vmax_next_bar, offsets, hyper_list, elementwise, learned, amsgrad);
+  const int64_t nseg = a.nseg;
+  const std::vector<at::Tensor>& hyper = a.hyper;
+  const bool has_m_bar = a.carried.m_bar, has_v_bar = a.carried.v_bar, has_vmax_bar = a.carried.vmax_bar;
   const c10::cuda::CUDAGuard guard(theta.device());
   const AdamFlags f{amsgrad, maximize, decoupled, has_wd, has_m_bar, has_v_bar, has_vmax_bar};
   at::Tensor theta_bar = at::empty_like(theta), G_bar = at::empty_like(theta);

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Argument checks shared by the CPU and CUDA bindings, and the hyperparameter view of checked
-// arguments (host code; includes ATen).
+// Argument checks shared by the CPU and CUDA bindings (one function per op, written once for
+// both devices), and the hyperparameter view of checked arguments (host code; includes ATen).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -115,6 +115,84 @@ inline AdamCarried check_adam_carried(const at::Tensor& theta, const c10::option
   c.v_bar = check_optional(v_next_bar, theta, "v_next_bar");
   c.vmax_bar = check_optional(vmax_next_bar, theta, "vmax_next_bar") && amsgrad;
   return c;
+}
+
+/// A bit mask over the op's hyperparameter slots (``elementwise``, ``learned``): no bit past the last slot.
+inline void check_mask(int64_t mask, int64_t num_slots, const char* name) {
+  TORCH_CHECK(mask >= 0 && (mask >> num_slots) == 0, "gimli: ", name, " = ", mask, " sets a bit past the ",
+              num_slots, " hyperparameter slots of this op");
+}
+
+// ------------------------------------------------------------------------------------------
+// One check per op: every binding (cpu/optim_cpu.cpp, cuda/optim_cuda_binding.cpp) calls the
+// op's check first and reads what is present from its result, so the two devices accept and
+// reject exactly the same arguments with the same messages. The CPU binding also validates the
+// offsets' values (check_offsets_values), which on CUDA would cost a synchronisation.
+
+struct SgdStepArgs : CheckedOp {
+  bool has_buf;  // a momentum buffer was passed
+};
+
+inline SgdStepArgs check_sgd_step(const at::Tensor& theta, const at::Tensor& G, const c10::optional<at::Tensor>& buf,
+                                  const at::Tensor& offsets, at::TensorList hyper, int64_t elementwise) {
+  check_mask(elementwise, kSgdNumHyper, "elementwise");
+  SgdStepArgs a{check_op(theta, G, offsets, hyper, kSgdNumHyper, elementwise), false};
+  a.has_buf = check_optional(buf, theta, "buf");
+  return a;
+}
+
+struct SgdStepVjpArgs : CheckedOp {
+  bool has_buf;      // a momentum buffer was passed
+  bool has_buf_bar;  // a cotangent of the next buffer was passed
+};
+
+inline SgdStepVjpArgs check_sgd_step_vjp(const at::Tensor& theta, const at::Tensor& G,
+                                         const c10::optional<at::Tensor>& buf, const at::Tensor& theta_next_bar,
+                                         const c10::optional<at::Tensor>& buf_next_bar, const at::Tensor& offsets,
+                                         at::TensorList hyper, int64_t elementwise, int64_t learned) {
+  check_mask(elementwise, kSgdNumHyper, "elementwise");
+  check_mask(learned, kSgdNumHyper, "learned");
+  SgdStepVjpArgs a{check_op(theta, G, offsets, hyper, kSgdNumHyper, elementwise), false, false};
+  check_flat(theta_next_bar, theta, "theta_next_bar");
+  a.has_buf = check_optional(buf, theta, "buf");
+  a.has_buf_bar = check_optional(buf_next_bar, theta, "buf_next_bar");
+  return a;
+}
+
+struct AdamStepArgs : CheckedOp {
+  bool has_vmax;  // amsgrad's running maximum was passed
+};
+
+inline AdamStepArgs check_adam_step(const at::Tensor& theta, const at::Tensor& G, const at::Tensor& m,
+                                    const at::Tensor& v, const c10::optional<at::Tensor>& vmax,
+                                    const at::Tensor& offsets, at::TensorList hyper, int64_t elementwise,
+                                    bool amsgrad) {
+  check_mask(elementwise, kAdamNumHyper, "elementwise");
+  AdamStepArgs a{check_op(theta, G, offsets, hyper, kAdamNumHyper, elementwise), false};
+  a.has_vmax = check_adam_state(theta, m, v, vmax, amsgrad, "gimli::adam_step");
+  return a;
+}
+
+struct AdamStepVjpArgs : CheckedOp {
+  bool has_vmax;
+  AdamCarried carried;  // which cotangents of the next state were passed
+};
+
+inline AdamStepVjpArgs check_adam_step_vjp(const at::Tensor& theta, const at::Tensor& G, const at::Tensor& m,
+                                           const at::Tensor& v, const c10::optional<at::Tensor>& vmax,
+                                           const at::Tensor& theta_next_bar,
+                                           const c10::optional<at::Tensor>& m_next_bar,
+                                           const c10::optional<at::Tensor>& v_next_bar,
+                                           const c10::optional<at::Tensor>& vmax_next_bar, const at::Tensor& offsets,
+                                           at::TensorList hyper, int64_t elementwise, int64_t learned,
+                                           bool amsgrad) {
+  check_mask(elementwise, kAdamNumHyper, "elementwise");
+  check_mask(learned, kAdamNumHyper, "learned");
+  AdamStepVjpArgs a{check_op(theta, G, offsets, hyper, kAdamNumHyper, elementwise), false, {}};
+  check_flat(theta_next_bar, theta, "theta_next_bar");
+  a.has_vmax = check_adam_state(theta, m, v, vmax, amsgrad, "gimli::adam_step_vjp");
+  a.carried = check_adam_carried(theta, m_next_bar, v_next_bar, vmax_next_bar, amsgrad);
+  return a;
 }
 
 /// The kernels' view of checked hyperparameter tensors (float64 data pointers).

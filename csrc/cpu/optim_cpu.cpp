@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// CPU bindings of the fused SGD and Adam/AdamW steps and VJPs: checks, outputs, the loops of kernels.h (TORCH_LIBRARY_IMPL CPU).
+// CPU bindings of the fused SGD and Adam/AdamW steps and VJPs: the shared checks (gimli/checks.h), outputs,
+// the loops of kernels.h (TORCH_LIBRARY_IMPL CPU).
 //
 // The loops themselves are in sgd_kernels.cpp, adam_step_kernels.cpp and adam_vjp_f32/_f64.cpp
 // (adam_vjp_kernels.h), translation units of their own that compile in parallel; loops.h has
@@ -55,10 +56,10 @@ std::tuple<at::Tensor, at::Tensor> sgd_step_cpu(const at::Tensor& theta, const a
                                                 const c10::optional<at::Tensor>& buf, const at::Tensor& offsets,
                                                 at::TensorList hyper_list, int64_t elementwise, bool nesterov,
                                                 bool maximize, bool use_momentum, bool has_wd) {
-  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kSgdNumHyper, elementwise);
-  const int64_t nseg = op.nseg;
-  const std::vector<at::Tensor>& hyper = op.hyper;
-  const bool has_buf = check_optional(buf, theta, "buf");
+  const SgdStepArgs a = check_sgd_step(theta, G, buf, offsets, hyper_list, elementwise);
+  const int64_t nseg = a.nseg;
+  const std::vector<at::Tensor>& hyper = a.hyper;
+  const bool has_buf = a.has_buf;
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
@@ -84,14 +85,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> sgd_step
     const at::Tensor& theta_next_bar, const c10::optional<at::Tensor>& buf_next_bar, const at::Tensor& offsets,
     at::TensorList hyper_list, int64_t elementwise, int64_t learned, bool nesterov, bool maximize,
     bool use_momentum, bool has_wd) {
-  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kSgdNumHyper, elementwise);
-  const int64_t nseg = op.nseg;
-  const std::vector<at::Tensor>& hyper = op.hyper;
-  check_flat(theta_next_bar, theta, "theta_next_bar");
-  const bool has_buf = check_optional(buf, theta, "buf");
+  const SgdStepVjpArgs a =
+      check_sgd_step_vjp(theta, G, buf, theta_next_bar, buf_next_bar, offsets, hyper_list, elementwise, learned);
+  const int64_t nseg = a.nseg;
+  const std::vector<at::Tensor>& hyper = a.hyper;
+  const bool has_buf = a.has_buf;
   // The last sweep step carries no cotangent of the buffer: as in adam_step_vjp_cpu, the static
   // loop on zeros instead of the generic loop (the same values).
-  const bool carried = check_optional(buf_next_bar, theta, "buf_next_bar");
+  const bool carried = a.has_buf_bar;
   const bool zero_carried = elementwise == 0 && use_momentum && has_buf && !carried;
   const at::Tensor zeros = zero_carried ? at::zeros_like(theta) : at::Tensor();
   const at::Tensor& cb_t = zero_carried ? zeros : (carried ? *buf_next_bar : theta);
@@ -132,10 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
     const at::Tensor& theta, const at::Tensor& G, const at::Tensor& m, const at::Tensor& v,
     const c10::optional<at::Tensor>& vmax, const at::Tensor& offsets, at::TensorList hyper_list,
     int64_t elementwise, double step, bool amsgrad, bool maximize, bool decoupled, bool has_wd) {
-  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kAdamNumHyper, elementwise);
-  const int64_t nseg = op.nseg;
-  const std::vector<at::Tensor>& hyper = op.hyper;
-  check_adam_state(theta, m, v, vmax, amsgrad, "gimli::adam_step");
+  const AdamStepArgs a = check_adam_step(theta, G, m, v, vmax, offsets, hyper_list, elementwise, amsgrad);
+  const int64_t nseg = a.nseg;
+  const std::vector<at::Tensor>& hyper = a.hyper;
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
@@ -165,12 +165,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vect
     const c10::optional<at::Tensor>& v_next_bar, const c10::optional<at::Tensor>& vmax_next_bar,
     const at::Tensor& offsets, at::TensorList hyper_list, int64_t elementwise, int64_t learned, double step,
     bool amsgrad, bool maximize, bool decoupled, bool has_wd) {
-  const CheckedOp op = check_op(theta, G, offsets, hyper_list, kAdamNumHyper, elementwise);
-  const int64_t nseg = op.nseg;
-  const std::vector<at::Tensor>& hyper = op.hyper;
-  check_flat(theta_next_bar, theta, "theta_next_bar");
-  check_adam_state(theta, m, v, vmax, amsgrad, "gimli::adam_step_vjp");
-  const AdamCarried carried = check_adam_carried(theta, m_next_bar, v_next_bar, vmax_next_bar, amsgrad);
+  const AdamStepVjpArgs a = check_adam_step_vjp(theta, G, m, v, vmax, theta_next_bar, m_next_bar, v_next_bar,
+                                                vmax_next_bar, offsets, hyper_list, elementwise, learned, amsgrad);
+  const int64_t nseg = a.nseg;
+  const std::vector<at::Tensor>& hyper = a.hyper;
+  const AdamCarried carried = a.carried;
   const int64_t n = theta.numel();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, nseg, n);
