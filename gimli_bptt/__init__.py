@@ -52,8 +52,9 @@ from __future__ import annotations
 from .errors import DistributedError, NonFiniteError
 from .functional import FunctionalModel
 from .memory import Checkpointing, Memory, TapeStats
+from .metaparams import Hyperparameter
 from .optim import get_optimizer, register_optimizer, supported_optimizers, unregister_optimizer
-from .optim.base import Flag, Hyperparameter, StateEntry
+from .optim.declarations import Flag, StateEntry
 from .updater import GimliUpdater, MetaStepResult
 
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import engine
-from .hyper import OptimizerHyperparameters
+from .metaparams import OptimizerHyperparameters
 from ._typing import Hyper, State
 from .problem import InnerProblem, StepGradient
 from .stepping import step_all

@@ -28,7 +28,8 @@ from torch import Tensor
 from .kernels import get_op
 from .kernels.flat import Bucket, FlatOutputs, Plan, cached_plan, owned_indices, slot_kind
 from ._typing import Grads, Hyper, State
-from .optim.base import DiffOptimizer, FlatLayout
+from .optim.base import DiffOptimizer
+from .optim.declarations import FlatLayout
 
 KERNEL_MODES = ("auto", "fused", "reference", "loop")
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .hyper import OptimizerHyperparameters
+from .metaparams import OptimizerHyperparameters
 
 
 class Transaction:

@@ -12,9 +12,8 @@ from . import saving
 from .distributed import Reducer, agree, check_replicas, resolve_process_group
 from .errors import DistributedError, NonFiniteError
 from .functional import clone_buffers
-from .hyper import OptimizerHyperparameters, parse_learn
 from .memory import Memory, TapeStats, resolve_budget, state_bytes
-from .metaparams import Hypergrad, MetaParameters
+from .metaparams import Hypergrad, MetaParameters, OptimizerHyperparameters, parse_learn
 from .optim import get_optimizer
 from .options import (MetaOptFactory, build_meta_optimizer, check_batches, check_callables, check_loss_params,
                       inner_parameters, validate_options)

@@ -10,7 +10,7 @@ import torch.optim._muon as torch_muon
 from torch import Tensor, nn
 
 from gimli_bptt import GimliUpdater
-from gimli_bptt.hyper import parse_learn
+from gimli_bptt.metaparams import parse_learn
 from gimli_bptt.optim import ADAFACTOR, MUON
 from gimli_bptt.optim.muon import LrAdjustment, lr_ratio
 from gimli_bptt.optim.muon import _forward as muon_forward

@@ -47,8 +47,12 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots, dense_dot,
-                   hyper_dot_of, is_active, is_learned, lr, mul_dot, state_dot_of, weight_decay, zero_missing_bars)
+from .._typing import Hyper, State
+from ..metaparams.declaration import Hyperparameter
+from .adjoints import (add_bar, add_dots, dense_dot, hyper_dot_of, is_active, is_learned, mul_dot, state_dot_of,
+                       zero_missing_bars)
+from .base import DiffOptimizer
+from .declarations import MAXIMIZE, StateEntry, lr, weight_decay
 
 _HYPER = ("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay")
 

@@ -1,15 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
-"""φ_opt: the inner optimizer's learned hyperparameters, at group, tensor or element granularity."""
+"""φ_opt: the inner optimizer's learned hyperparameters, at group, tensor or element granularity: the ``learn=``
+option parsed against the optimizer's declaration, their values, their cotangents' accumulation, projection and
+write-back."""
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .optim.base import DiffOptimizer
-from .stepping import SegmentBars
+if TYPE_CHECKING:  # φ stands below the optimizers' contract and the stepping that produces its cotangents
+    from ..optim.base import DiffOptimizer
+    from ..stepping import SegmentBars
 
 GRANULARITIES = ("group", "tensor", "element")
 
@@ -150,7 +153,7 @@ class OptimizerHyperparameters:
         one; elsewhere (where ``index_add_`` may add concurrently, in no fixed order) and for
         element granularity it is :meth:`accumulate` per parameter.
         """
-        if isinstance(hyper_bar, SegmentBars):
+        if not isinstance(hyper_bar, Sequence):  # SegmentBars
             self._accumulate_segments(acc, hyper_bar.segments)
             hyper_bar = hyper_bar.per_tensor
         for name, gran in self.learn.items():

@@ -12,7 +12,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .hyper import OptimizerHyperparameters
+from .phi_opt import OptimizerHyperparameters
 
 Hypergrad = Union[Tensor, list[Tensor]]
 
