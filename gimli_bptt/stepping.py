@@ -8,7 +8,7 @@ flat-buffer ops (``kernels/``), so neither imports the other:
 
 - ``"loop"``: the optimizer's per-tensor ``step``/``step_vjp``, one call per tensor (the
   reference; also whenever autograd records the step, see Note [Flat ops under autograd]);
-- ``"reference"``: its :class:`~gimli_bptt.optim.base.FlatLayout`'s ops from the pure-PyTorch
+- ``"reference"``: its :class:`~gimli_bptt.optim.declarations.FlatLayout`'s ops from the pure-PyTorch
   twin (:mod:`gimli_bptt.kernels._reference`), one call per bucket of flat buffers;
 - ``"fused"``: the same ops compiled (``torch.ops.gimli``), raising if they cannot run;
 - ``"auto"`` (default): fused where the kernels are available and suit the tensors, else the
