@@ -13,15 +13,16 @@ entry point).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.overrides import has_torch_function
 
-try:  # the function torch.autograd.grad ends in (torch >= 2.1)
+_engine_run_backward: Optional[Callable[..., tuple[Tensor, ...]]]
+try:  # the function torch.autograd.grad ends in
     from torch.autograd.graph import _engine_run_backward
-except ImportError:  # pragma: no cover - older or changed torch: the public path
+except ImportError:  # pragma: no cover - a torch that moved it: the public path
     _engine_run_backward = None
 
 _ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}

@@ -201,7 +201,7 @@ def _plan(layout: FlatLayout, theta: Sequence[Tensor], G: Grads, state: Sequence
     refs = [v for h in hyper for v in h.values()]
 
     def build() -> Plan:
-        keys = []
+        keys: list[Any] = []  # None for a tensor without a gradient
         for t, g, s, h in zip(theta, G, state, hyper):
             if g is None:
                 keys.append(None)

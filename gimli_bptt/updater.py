@@ -197,7 +197,7 @@ class GimliUpdater(OnlineMode):
         self.process_group = resolve_process_group(process_group)
         self._reducer = Reducer(self.process_group, self._ref.device) if self.process_group is not None else None
         if self._reducer is not None:
-            named = [(f"parameter {n!r}", p) for n, p in model.named_parameters()]
+            named: list[tuple[str, Tensor]] = [(f"parameter {n!r}", p) for n, p in model.named_parameters()]
             named += [(f"meta-parameter {n!r}", t) for n, t in self.phi.named() if not n.startswith("init.")]
             check_replicas(named, self.process_group)
             self._budget = resolve_budget(self.memory, self._ref.device, self._reducer)  # Note [Agreeing on a budget]

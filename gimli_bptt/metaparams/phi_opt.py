@@ -124,13 +124,7 @@ class OptimizerHyperparameters:
         for k, (g, fixed) in enumerate(zip(self.group_of, self.fixed)):
             h = dict(fixed)
             for name, gran in self.learn.items():
-                v = values[name]
-                if gran == "group":
-                    t = v[g]  # type: ignore[index]
-                elif gran == "tensor":
-                    t = v[k]  # type: ignore[index]
-                else:
-                    t = v[k]  # type: ignore[index]
+                t = values[name][g if gran == "group" else k]  # a row of (num_groups,) or (num_params,), or a tensor
                 h[name] = t.detach() if detach else t
             out.append(h)
         return out
@@ -203,11 +197,11 @@ class OptimizerHyperparameters:
                 continue
             a = acc[name]
             if gran == "group":
-                a[self.group_of[k]] += bar  # type: ignore[index]
+                a[self.group_of[k]] += bar
             elif gran == "tensor":
-                a[k] += bar  # type: ignore[index]
+                a[k] += bar
             else:  # a cotangent with a leading (task) dimension sums over it
-                a[k].add_(bar if bar.shape == a[k].shape else bar.sum_to_size(a[k].shape))  # type: ignore[index]
+                a[k].add_(bar if bar.shape == a[k].shape else bar.sum_to_size(a[k].shape))
 
     @torch.no_grad()
     def project(self) -> None:
@@ -227,7 +221,7 @@ class OptimizerHyperparameters:
             if gran != "group":
                 continue
             for g, group in enumerate(groups):
-                value = float(self.values[name][g].detach())  # type: ignore[index]
+                value = float(self.values[name][g].detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"learned {name} of group {g} is {value}")
                 self.impl.write_hyper(group, name, value)

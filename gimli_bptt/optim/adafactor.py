@@ -42,7 +42,7 @@ and column statistic with its own decay. For a decay shared by the tensor it is 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -65,7 +65,7 @@ class Eps1(Hyperparameter):
         value = group.get(self.key, (None,))[0]
         if value is not None:
             return float(value)
-        params = group.get("params") or ()
+        params: Sequence[Any] = group.get("params") or ()
         dtype = params[0].dtype if len(params) and isinstance(params[0], Tensor) else torch.get_default_dtype()
         return float(torch.finfo(dtype).eps)
 

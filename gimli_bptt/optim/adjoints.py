@@ -4,7 +4,7 @@ hyperparameter's shape, the coupled weight-decay gradient and its derivatives, a
 tangent known to be zero is None (Note [Forward-mode derivatives of a step] in :mod:`gimli_bptt.optim.base`)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, overload
 
 import torch
 from torch import Tensor
@@ -100,6 +100,14 @@ def state_dot_of(state: Mapping[str, Any], state_dot: Mapping[str, Any], name: s
     return state_dot.get(name)
 
 
+@overload
+def add_dots(first: Tensor, /, *terms: Dot) -> Tensor: ...
+
+
+@overload
+def add_dots(*terms: Dot) -> Dot: ...
+
+
 def add_dots(*terms: Dot) -> Dot:
     """The sum of the tangents that are present (None where none is)."""
     out: Dot = None
@@ -107,6 +115,14 @@ def add_dots(*terms: Dot) -> Dot:
         if term is not None:
             out = term if out is None else out + term
     return out
+
+
+@overload
+def mul_dot(x: Tensor, coefficient: Any) -> Tensor: ...
+
+
+@overload
+def mul_dot(x: Dot, coefficient: Any) -> Dot: ...
 
 
 def mul_dot(x: Dot, coefficient: Any) -> Dot:

@@ -229,12 +229,12 @@ class explain_missing_derivatives:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> None:
         if exc is None or not self.enabled:
-            return False
+            return
         op = missing_derivative(exc)
         if op is None:
-            return False
+            return
         site = _locate(self.module, self.rerun, _forward_candidates(op))
         error = MissingDoubleBackwardError(
             _message(op, site, self.where), op, site.forward_op if site else None, site.module_path if site else None,
