@@ -39,7 +39,7 @@ cotangent from step j'+1 to j' (:mod:`gimli_bptt.sweep`). Code cites these lines
 - L3: ``GimliUpdater._initial_state`` (copies of θ, ``opt.state`` and the buffers);
 - L4-L15 in reverse mode, put together: :func:`gimli_bptt.reverse.reverse_hypergradient`
   (the memory plan of :mod:`gimli_bptt.memory`, the tape, the sweep); in forward mode,
-  :mod:`gimli_bptt.forward`;
+  :mod:`gimli_bptt.online` (the updater's forward/online half) with the math of :mod:`gimli_bptt.forward`;
 - L4-L7: :mod:`gimli_bptt.tape` (L5: ``InnerProblem.step_gradient``; L6: ``stepping.step_all``);
   "retain gradient graph state" is what :mod:`gimli_bptt.memory` decides;
 - L8-L15: :mod:`gimli_bptt.sweep` (L11-L12: ``stepping.step_vjp_all``, the optimizer's
@@ -52,9 +52,11 @@ from __future__ import annotations
 from .errors import DistributedError, NonFiniteError
 from .functional import FunctionalModel
 from .memory import Checkpointing, Memory, TapeStats
+from .metaparams import Hyperparameter
 from .optim import get_optimizer, register_optimizer, supported_optimizers, unregister_optimizer
-from .optim.base import Flag, Hyperparameter, StateEntry
-from .updater import GimliUpdater, MetaStepResult
+from .optim.declarations import Flag, StateEntry
+from .result import MetaStepResult
+from .updater import GimliUpdater
 
 __version__ = "0.1.0"
 

@@ -22,12 +22,13 @@ holds both paths bit-equal, with the private symbol removed as a newer torch mig
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.overrides import has_torch_function
 
+_engine_run_backward: Optional[Callable[..., tuple[Tensor, ...]]]
 try:  # the function torch.autograd.grad ends in; private, so a newer torch may rename it
     from torch.autograd.graph import _engine_run_backward
 except ImportError:  # pragma: no cover - the public path (tests/test_engine.py runs it)

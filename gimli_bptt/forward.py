@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from . import engine
-from .hyper import OptimizerHyperparameters
+from .metaparams import OptimizerHyperparameters
+from .optim.adjoints import dense_dot
 from ._typing import Hyper, State
 from .problem import InnerProblem, StepGradient
 from .stepping import step_all
@@ -143,9 +144,9 @@ def _derived_jvp(step: Callable[..., Any]) -> JvpFn:
             tn, sn = step(t, g, {**state, **dict(zip(skeys, svals))}, {**hyper, **dict(zip(hkeys, hvals))})
             return tn, {k: v for k, v in sn.items() if _differentiable(v)}
 
-        _, (tn_dot, sn_dot) = torch.func.jvp(
+        tn_dot, sn_dot = torch.func.jvp(
             f, (theta, G, [state[k] for k in skeys], [hyper[k] for k in hkeys]),
-            (theta_dot, G_dot, [state_dot[k] for k in skeys], [hyper_dot[k] for k in hkeys]))
+            (theta_dot, G_dot, [state_dot[k] for k in skeys], [hyper_dot[k] for k in hkeys]))[1]  # the tangents
         return tn_dot, sn_dot
 
     return step_jvp
@@ -219,9 +220,10 @@ def forward_step(problem: InnerProblem, theta: list[Tensor], state: list[State],
     with torch.no_grad():
         theta_next, state_next = step_all(problem.impl, theta, grad.G, state, hyper, problem.kernels)
     scale = problem.lr_scale(j)
-    stepped = [k for k, g in enumerate(grad.G) if g is not None]  # the others keep their tensor, state and tangents
-    primals = [(theta[k], grad.G[k], state[k], hyper[k]) for k in stepped]
-    dotted = [(Z[k], HZ[k] if HZ[k] is not None else torch.zeros_like(Z[k]),
+    G = {k: g for k, g in enumerate(grad.G) if g is not None}
+    stepped = list(G)  # the others keep their tensor, state and tangents
+    primals = [(theta[k], G[k], state[k], hyper[k]) for k in stepped]
+    dotted = [(Z[k], dense_dot(HZ[k], Z[k]),
                {key: v for key, v in S[k].items() if _differentiable(state[k].get(key))},
                {name: (d * scale if name == "lr" else d) for name, d in dirs.hyper_dot[k].items()})
               for k in stepped]

@@ -21,18 +21,18 @@ from torch import Tensor
 
 from . import engine
 from ._typing import Grads
+from .options import HVP_MODES
 from .problem import InnerProblem, StepGradient, replay_rng
 from .second_order import explain_missing_derivatives
 from .tape import TapeEntry
-
-HVP_MODES = ("rev", "fwd")
-
 
 
 class StepSecondOrder:
     """The recomputed step j: its gradient G_j, and :meth:`apply` for the second-order terms."""
 
     def __init__(self, problem: InnerProblem, entry: TapeEntry, mode: str):
+        if mode not in HVP_MODES:
+            raise ValueError(f"hvp must be one of {HVP_MODES}, got {mode!r}")
         self.problem = problem
         self.entry = entry
         self.mode = mode
@@ -129,4 +129,4 @@ class StepSecondOrder:
         return tangents[:n], tangents[n:]
 
 
-__all__ = ["HVP_MODES", "StepSecondOrder"]
+__all__ = ["StepSecondOrder"]

@@ -10,7 +10,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .hvp import HVP_MODES
 from .memory import Memory, memory_from_deprecated
 from .optim.base import DiffOptimizer
 from .stepping import check_kernel_mode
@@ -18,6 +17,10 @@ from .tasks import check_task_batch
 
 #: How the hypergradient is computed: Algorithm 1's reverse sweep, or tangents carried forwards.
 MODES = ("reverse", "forward")
+
+#: How the second-order terms of a step are computed (:mod:`gimli_bptt.hvp`): reverse-over-reverse or
+#: forward-over-reverse.
+HVP_MODES = ("rev", "fwd")
 
 #: What a non-finite loss or hypergradient does (Note [Non-finite values] below).
 ON_NONFINITE = ("raise", "skip", "ignore")
@@ -271,6 +274,7 @@ def build_meta_optimizer(meta_opt: Optional[MetaOptFactory], leaves: Sequence[Te
 
 
 __all__ = [
+    "HVP_MODES",
     "InnerParameters",
     "MetaOptFactory",
     "MODES",

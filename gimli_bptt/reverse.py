@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .hyper import OptimizerHyperparameters
+from .metaparams import OptimizerHyperparameters
 from .memory import Memory, TapeStats, plan_tape
 from .problem import InnerProblem
 from .progress import Progress

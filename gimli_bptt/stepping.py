@@ -8,7 +8,7 @@ flat-buffer ops (``kernels/``), so neither imports the other:
 
 - ``"loop"``: the optimizer's per-tensor ``step``/``step_vjp``, one call per tensor (the
   reference; also whenever autograd records the step, see Note [Flat ops under autograd]);
-- ``"reference"``: its :class:`~gimli_bptt.optim.base.FlatLayout`'s ops from the pure-PyTorch
+- ``"reference"``: its :class:`~gimli_bptt.optim.declarations.FlatLayout`'s ops from the pure-PyTorch
   twin (:mod:`gimli_bptt.kernels._reference`), one call per bucket of flat buffers;
 - ``"fused"``: the same ops compiled (``torch.ops.gimli``), raising if they cannot run;
 - ``"auto"`` (default): fused where the kernels are available and suit the tensors, else the
@@ -28,7 +28,8 @@ from torch import Tensor
 from .kernels import get_op
 from .kernels.flat import Bucket, FlatOutputs, Plan, cached_plan, owned_indices, slot_kind
 from ._typing import Grads, Hyper, State
-from .optim.base import DiffOptimizer, FlatLayout
+from .optim.base import DiffOptimizer
+from .optim.declarations import FlatLayout
 
 KERNEL_MODES = ("auto", "fused", "reference", "loop")
 
@@ -200,7 +201,7 @@ def _plan(layout: FlatLayout, theta: Sequence[Tensor], G: Grads, state: Sequence
     refs = [v for h in hyper for v in h.values()]
 
     def build() -> Plan:
-        keys = []
+        keys: list[Any] = []  # None for a tensor without a gradient
         for t, g, s, h in zip(theta, G, state, hyper):
             if g is None:
                 keys.append(None)

@@ -41,7 +41,7 @@ from torch import Tensor
 from . import engine
 from .errors import NonFiniteError
 from .hvp import StepSecondOrder
-from .hyper import OptimizerHyperparameters
+from .metaparams import OptimizerHyperparameters
 from ._typing import State
 from .problem import InnerProblem, check_scalar_loss
 from .stepping import add_second_order, step_vjp_all

@@ -49,10 +49,10 @@ def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any]
            if not name.startswith(("loss.", "init."))}
     hyper = []
     for k, (pname, p) in enumerate(inner):
-        g = group_of[id(p)]
-        h = impl.read_hyper(opt.param_groups[g])
+        group = group_of[id(p)]
+        h = impl.read_hyper(opt.param_groups[group])
         for name, gran in updater.learn.items():
-            h[name] = phi[f"{name}.{pname}"] if gran == "element" else phi[name][g if gran == "group" else k]
+            h[name] = phi[f"{name}.{pname}"] if gran == "element" else phi[name][group if gran == "group" else k]
         hyper.append(h)
     fixed = [impl.read_hyper(opt.param_groups[group_of[id(p)]]) for _, p in inner]
     state = [impl.import_state(opt.state.get(p, {}), p, h) for (_, p), h in zip(inner, fixed)]
@@ -99,11 +99,14 @@ def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any]
             wrt += [(f"init.{n}", init[n]) for n, _ in named]
         grads = torch.autograd.grad(L, [t for _, t in wrt], allow_unused=True)
     out: dict[str, Hypergrad] = {}
+    elements: dict[str, list[Tensor]] = {}  # element granularity: one list per name, in the parameters' order
     for (name, t), g in zip(wrt, grads):
         g = torch.zeros_like(t) if g is None else g
         base, _, pname = name.partition(".")
         if updater.learn.get(base) == "element" and not name.startswith(("loss.", "init.")):
-            out.setdefault(base, []).append(g)  # type: ignore[union-attr]
+            if base not in elements:
+                out[base] = elements[base] = []
+            elements[base].append(g)
         else:
             out[name] = g
     return L.detach(), out
@@ -169,7 +172,8 @@ def converted_copy(updater: GimliUpdater, dtype: torch.dtype) -> GimliUpdater:
         g = {k: v for k, v in group.items() if k != "params"}
         g["params"] = [new_params[index[id(p)]] for p in group["params"]]
         groups.append(g)
-    opt = type(updater.opt)(groups)
+    opt_cls: Callable[..., torch.optim.Optimizer] = type(updater.opt)  # every torch.optim class takes (params, **options)
+    opt = opt_cls(groups)
     for p_old, state in updater.opt.state.items():
         p_new = new_params[index[id(p_old)]]
         opt.state[p_new] = {k: (v.detach().clone().to(dtype) if isinstance(v, Tensor) and k != "step" else copy.deepcopy(v))

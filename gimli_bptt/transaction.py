@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .hyper import OptimizerHyperparameters
+from .metaparams import OptimizerHyperparameters
 
 
 class Transaction:
@@ -59,23 +59,23 @@ class Transaction:
             self._model = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()))
         return self
 
-    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: Optional[TracebackType]) -> bool:
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        """Restores everything saved if the body raised; the exception propagates either way."""
         if exc_type is None:
-            return False
+            return
         with torch.no_grad():
             for t, v, g in zip(self.leaves, self._values, self._grads):
                 t.copy_(v)
                 t.grad = g
         self.meta_opt.load_state_dict(self._meta)
-        for g, saved in zip(self.opt.param_groups, self._groups):
-            g.update(saved)
+        for group, saved in zip(self.opt.param_groups, self._groups):
+            group.update(saved)
         self.phi_opt.fixed = self._fixed
         if self._model is not None and self.model is not None:
             self.model.load_state_dict(self._model[0])
             self.opt.load_state_dict(self._model[1])
         if self.on_failure is not None:
             self.on_failure()
-        return False
 
 
 __all__ = ["Transaction"]

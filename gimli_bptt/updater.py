@@ -1,8 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""GimliUpdater: the outer loop of Algorithm 1 ([Alg.1 L1]-[Alg.1 L3] and [Alg.1 L16]) around a stock module and optimizer."""
+"""GimliUpdater: the outer loop of Algorithm 1 ([Alg.1 L1]-[Alg.1 L3] and [Alg.1 L16]) around a stock module and optimizer.
+
+This module is the updater and its reverse mode; its forward/online half (``mode="forward"``: ``online_hypergradient``,
+``online_step``, ``reset_tangents`` and the tangents ``train_step`` carries) is the mixin
+:class:`~gimli_bptt.online.OnlineMode`.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -12,53 +16,25 @@ from . import saving
 from .distributed import Reducer, agree, check_replicas, resolve_process_group
 from .errors import DistributedError, NonFiniteError
 from .functional import clone_buffers
-from .hyper import OptimizerHyperparameters, parse_learn
 from .memory import Memory, TapeStats, resolve_budget, state_bytes
-from .metaparams import Hypergrad, MetaParameters
+from .metaparams import MetaParameters, OptimizerHyperparameters, parse_learn
+from .online import OnlineMode
 from .optim import get_optimizer
 from .options import (MetaOptFactory, build_meta_optimizer, check_batches, check_callables, check_loss_params,
                       inner_parameters, validate_options)
 from ._typing import State
 from .problem import InnerProblem, LossFn, capture_rng, restore_rng
-from .progress import Progress
 from .stepping import step_all
 from .tasks import stack, stack_state
 from .reverse import reverse_hypergradient
 from .second_order import MissingDoubleBackwardError, SafeModeLatch
-from .sweep import validation_gradient
-from .forward import (Directions, Tangents, as_hypergrads, check_learnable, directional_hypergradients, directions,
-                      forward_unroll)
+from .forward import Tangents, check_learnable
 from .tape import InnerState, TapeResult
+from .result import MetaStepResult
 from .transaction import Transaction
 
 
-@dataclass
-class MetaStepResult:
-    """What one meta step computed.
-
-    Attributes:
-        val_loss: L_val(θ'_J), detached.
-        hypergrads: The gradient of ``val_loss`` with respect to every meta-parameter: the
-            learned hyperparameter names (``"lr"``, ``"beta1"``, ...; a tensor of shape
-            ``(num_groups,)`` for ``"group"``, ``(num_params,)`` for ``"tensor"``, a list of
-            tensors shaped like the inner parameters for ``"element"``), ``"loss.<name>"`` for
-            each loss parameter and ``"init.<parameter name>"`` with ``learn_init``.
-        train_losses: ℓ_j(θ'_j) of the J inner steps, shape ``(J,)``.
-        skipped: True when a non-finite value made ``step()`` skip the update (``on_nonfinite="skip"``).
-        nonfinite: What was not finite (hypergradient names, or the error's message).
-        task_val_losses: With ``tasks=T``, each task's L_val, shape ``(T,)`` (``val_loss`` is their
-            mean, and ``train_losses`` has shape ``(J, T)``); else None.
-    """
-
-    val_loss: Tensor
-    hypergrads: dict[str, Hypergrad]
-    train_losses: Tensor
-    skipped: bool = False
-    nonfinite: list[str] = field(default_factory=list)
-    task_val_losses: Optional[Tensor] = None
-
-
-class GimliUpdater:
+class GimliUpdater(OnlineMode):
     """Exact hypergradients through J unrolled steps of a stock module and ``torch.optim`` optimizer.
 
     One call of :meth:`step` is one iteration of Algorithm 1 (Grefenstette et al., 2019): copy
@@ -212,7 +188,7 @@ class GimliUpdater:
         self.meta_opt = build_meta_optimizer(meta_opt, self.phi.leaves())
         self.meta_steps = 0
         self.skipped_steps = 0
-        self._online: Optional[Tangents] = None  # the tangents train_step carries (mode="forward")
+        self._online: Optional[Tangents] = None  # the tangents train_step carries (mode="forward"; online.py)
         self._online_losses: list[Tensor] = []
         self.last_tape_stats: Optional[TapeStats] = None
         self._hvp_fallback = False
@@ -221,7 +197,7 @@ class GimliUpdater:
         self.process_group = resolve_process_group(process_group)
         self._reducer = Reducer(self.process_group, self._ref.device) if self.process_group is not None else None
         if self._reducer is not None:
-            named = [(f"parameter {n!r}", p) for n, p in model.named_parameters()]
+            named: list[tuple[str, Tensor]] = [(f"parameter {n!r}", p) for n, p in model.named_parameters()]
             named += [(f"meta-parameter {n!r}", t) for n, t in self.phi.named() if not n.startswith("init.")]
             check_replicas(named, self.process_group)
             self._budget = resolve_budget(self.memory, self._ref.device, self._reducer)  # Note [Agreeing on a budget]
@@ -326,67 +302,6 @@ class GimliUpdater:
         nonfinite = MetaParameters.nonfinite(hypergrads) if self.options.check_finite else []
         return MetaStepResult(val_loss, hypergrads, end.losses, nonfinite=nonfinite,
                               task_val_losses=swept.task_val_losses), end
-
-    # ----------------------------------------------------------------- forward mode
-    def _forward_result(self, problem: InnerProblem, end: TapeResult, tangents: Tangents, dirs: Directions,
-                        val_batch: Any) -> MetaStepResult:
-        L, _, B, _ = validation_gradient(problem, end, self.val_loss, val_batch, len(end.losses))  # [Alg.1 L9]
-        hypergrads: dict[str, Hypergrad] = dict(as_hypergrads(directional_hypergradients(B, tangents), dirs, self.hyper))
-        nonfinite = MetaParameters.nonfinite(hypergrads) if self.options.check_finite else []
-        return MetaStepResult(L, hypergrads, end.losses, nonfinite=nonfinite)
-
-    def _compute_forward(self, batches: list[Any], val_batch: Any) -> tuple[MetaStepResult, TapeResult]:
-        problem = self._problem()
-        theta, state, buffers = self._initial_state()
-        dirs = directions(self.hyper, self._ref)
-        show = self.options.progress if self.options.progress is not None else (None if self.unroll >= 100 else False)
-        with Progress(self.unroll, "forward mode", enabled=show) as bar:
-            theta, state, buffers, tangents, losses = forward_unroll(
-                problem, theta, state, buffers, batches, dirs, not self.options.first_order, tick=bar.update)
-        end = TapeResult(theta, state, buffers, losses)
-        self.last_tape_stats = TapeStats(schedule="forward", forward_steps=self.unroll, max_slots_used=1,
-                                         graphs_kept=0, graph_bytes=None, state_bytes=None, budget=None)
-        return self._forward_result(problem, end, tangents, dirs, val_batch), end
-
-    def reset_tangents(self) -> None:
-        """Forgets the trajectory that :meth:`online_hypergradient` differentiates (mode="forward")."""
-        self._online = None
-        self._online_losses = []
-
-    def online_hypergradient(self, val_batch: Any) -> MetaStepResult:
-        """dL_val/dφ at the model's current parameters, through every :meth:`train_step` since the
-        last :meth:`reset_tangents` (mode="forward"; Note [Forward-mode hypergradients]).
-
-        Equals reverse mode over the same trajectory: ``hypergradient(batches, val_batch)`` from
-        the model and optimizer state of the reset, with the batches ``train_step`` took.
-        Changes nothing.
-        """
-        if self.options.mode != "forward":
-            raise RuntimeError("online_hypergradient needs GimliUpdater(..., mode='forward')")
-        problem = self._problem()
-        theta, state, buffers = self._initial_state()
-        tangents = self._online if self._online is not None else Tangents.zeros(theta, state, directions(
-            self.hyper, self._ref).m)
-        losses = torch.stack(self._online_losses) if self._online_losses else torch.zeros(0, dtype=self._ref.dtype)
-        return self._forward_result(problem, TapeResult(theta, state, buffers, losses), tangents,
-                                    directions(self.hyper, self._ref), val_batch)
-
-    def online_step(self, val_batch: Any, decay: float = 0.0) -> MetaStepResult:
-        """One meta update from :meth:`online_hypergradient` ([Alg.1 L16], a transaction), then the
-        tangents are multiplied by ``decay`` (0: reset, the default; between 0 and 1: Franceschi
-        et al.'s real-time hyperparameter optimisation, which forgets the trajectory gradually)."""
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {decay}")
-        result = self.online_hypergradient(val_batch)
-        if result.nonfinite:
-            raise NonFiniteError(f"non-finite online hypergradient for {', '.join(result.nonfinite)}; nothing was updated")
-        self._apply(result, None)
-        self.meta_steps += 1
-        if decay == 0.0 or self._online is None:
-            self.reset_tangents()
-        else:
-            self._online = self._online.scaled(decay)
-        return result
 
     def _state_bytes(self, start: InnerState, problem: InnerProblem, keep_G: bool) -> int:
         """:func:`~gimli_bptt.memory.state_bytes`, computed once for the shapes, dtypes and buffers it sees
@@ -515,16 +430,9 @@ class GimliUpdater:
         buffers = {n: b for n, b in self.model.named_buffers() if b is not None}
         theta = [p.detach() for p in self._params]
         state = [self.impl.import_state(self.opt.state.get(p, {}), p, h) for p, h in zip(self._params, self.hyper.fixed)]
-        if self.options.mode == "forward":  # carry the tangents along the real training steps
-            dirs = directions(self.hyper, self._ref)
-            theta_next, state_next, stepped, self._online, losses = forward_unroll(
-                problem, theta, state, buffers, [batch], dirs, not self.options.first_order, self._online)
-            with torch.no_grad():
-                for name, b in stepped.items():  # the running statistics move as in training
-                    buffers[name].copy_(b)
-            self._online_losses.append(losses[0])
-            loss = losses[0]
-            G = [None if tn is t else tn for tn, t in zip(theta_next, theta)]  # untouched: not in the loss
+        G: list[Optional[Tensor]]
+        if self.options.mode == "forward":  # carry the tangents along the real training steps (online.py)
+            theta_next, state_next, loss, G = self._carry_tangents(problem, theta, state, buffers, batch)
         else:
             grad = problem.step_gradient(theta, buffers, batch, 0)
             with torch.no_grad():

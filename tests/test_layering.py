@@ -82,6 +82,9 @@ def test_no_import_cycle() -> None:
     ("gimli_bptt.tape", "gimli_bptt.kernels"),
     ("gimli_bptt.checkpoint", "gimli_bptt.tape"),
     ("gimli_bptt.memory", "gimli_bptt.tape"),
+    ("gimli_bptt.options", "gimli_bptt.hvp"),     # the options' allowed values stand below the engine
+    ("gimli_bptt.metaparams.declaration", "gimli_bptt.optim"),  # φ's declaration knows no optimizer
+    ("gimli_bptt.second_order.registry", "gimli_bptt.second_order.safe_mode"),  # the mode reads the registry
 ])
 def test_layers_run_one_way(low: str, high: str) -> None:
     for module in GRAPH:
@@ -95,3 +98,5 @@ def test_the_graph_is_read() -> None:
     assert "gimli_bptt.optim.base" in GRAPH["gimli_bptt.optim.sgd"]
     assert "gimli_bptt.kernels.flat" in GRAPH["gimli_bptt.stepping"]
     assert "gimli_bptt.optim.base" in GRAPH["gimli_bptt.stepping"]
+    assert "gimli_bptt.options" in GRAPH["gimli_bptt.hvp"]
+    assert "gimli_bptt.metaparams.declaration" in GRAPH["gimli_bptt.optim.declarations"]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from gimli_bptt import GimliUpdater
 from gimli_bptt.testing import float64_rtol
-from gimli_bptt.hyper import parse_learn
+from gimli_bptt.metaparams import parse_learn
 from gimli_bptt.optim import ADAFACTOR, MUON
 from gimli_bptt.optim.muon import LrAdjustment, lr_ratio
 from gimli_bptt.optim.muon import _forward as muon_forward

@@ -10,7 +10,7 @@ import torch
 
 from gimli_bptt import GimliUpdater
 from gimli_bptt.testing import float64_rtol
-from gimli_bptt.hyper import parse_learn
+from gimli_bptt.metaparams import parse_learn
 from gimli_bptt.optim import ASGD, NADAM, get_optimizer
 
 from optim_checks import check_vjp, run_against_torch, run_steps

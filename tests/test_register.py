@@ -11,7 +11,7 @@ from torch import Tensor
 
 from gimli_bptt import GimliUpdater, register_optimizer, unregister_optimizer
 from gimli_bptt.optim import get_optimizer
-from gimli_bptt.optim.base import add_bar
+from gimli_bptt.optim.adjoints import add_bar
 from gimli_bptt.testing import check_hypergradients, float64_rtol, relative_error
 
 from problems import build_model, ce_loss, make_batches

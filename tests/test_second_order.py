@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gimli_bptt import GimliUpdater, Memory
-from gimli_bptt import second_order as so
+from gimli_bptt.second_order import diagnosis, registry as so_registry, safe_mode
 from gimli_bptt.second_order import (MissingDoubleBackwardError, attention_math, hardsigmoid_relu6, missing_derivative,
                                      register_equivalent, registered_equivalents, second_order_safe,
                                      unregister_equivalent)
@@ -23,12 +23,12 @@ TOL = 1e-9
 @pytest.fixture
 def registry() -> Iterator[None]:
     """Restores the registry as it was after a test that changes it."""
-    saved = dict(so._REGISTRY)
+    saved = dict(so_registry._REGISTRY)
     try:
         yield
     finally:
-        so._REGISTRY.clear()
-        so._REGISTRY.update(saved)
+        so_registry._REGISTRY.clear()
+        so_registry._REGISTRY.update(saved)
 
 
 def _second_derivative(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -203,7 +203,7 @@ def test_missing_derivative_reads_both_messages() -> None:
     assert missing_derivative(RuntimeError("the derivative for '_cdist_backward' is not implemented.")) == \
         "_cdist_backward"
     assert missing_derivative(RuntimeError("double backwards on roi_align not supported")) == "_roi_align_backward"
-    assert so._forward_candidates("_roi_align_backward")[-1] == "roi_align"  # torchvision's names
+    assert diagnosis._forward_candidates("_roi_align_backward")[-1] == "roi_align"  # torchvision's names
     assert missing_derivative(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert missing_derivative(ValueError("derivative for aten::x is not implemented")) is None
 
@@ -347,18 +347,18 @@ def _branchy_updater(model: Branchy, **options: Any) -> GimliUpdater:
 
 
 class _CountedModes:
-    """Counts the second-order-safe modes entered (monkeypatched over so.SecondOrderSafeMode)."""
+    """Counts the second-order-safe modes entered (monkeypatched over safe_mode.SecondOrderSafeMode)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered = 0
         counter = self
 
-        class Counted(so.SecondOrderSafeMode):
+        class Counted(safe_mode.SecondOrderSafeMode):
             def __init__(self) -> None:
                 super().__init__()
                 counter.entered += 1
 
-        monkeypatch.setattr(so, "SecondOrderSafeMode", Counted)
+        monkeypatch.setattr(safe_mode, "SecondOrderSafeMode", Counted)
 
 
 def _branchy() -> Branchy:
@@ -380,7 +380,7 @@ def test_a_model_that_calls_nothing_of_the_registry_skips_the_mode(monkeypatch: 
     again = up.hypergradient(batches, val).hypergrads["lr"]
     assert modes.entered == 1
     always = _branchy_updater(_branchy())
-    always._safe_mode = so.SafeModeLatch(learns=False)
+    always._safe_mode = safe_mode.SafeModeLatch(learns=False)
     torch.manual_seed(1)
     reference = always.hypergradient(batches, val).hypergrads["lr"]
     assert modes.entered == 4  # every pass under the mode

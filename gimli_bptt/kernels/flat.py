@@ -2,7 +2,7 @@
 """Flat buffers: many parameter tensors laid end to end, in buckets that one fused op call updates.
 
 This module knows buffers, buckets and hyperparameter slots, never an optimizer: what an
-optimizer's state and options mean for its op is its own ``FlatLayout`` (``optim/base.py``),
+optimizer's state and options mean for its op is its own ``FlatLayout`` (``optim/declarations.py``),
 and :mod:`gimli_bptt.stepping` puts the two together.
 
 Note [Flat buffers]: the parameter tensors that take a step are bucketed by what the op must

@@ -12,14 +12,16 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .._typing import Hyper, State
+from ..metaparams.declaration import Hyperparameter
 from .adadelta import ADADELTA
 from .adafactor import ADAFACTOR
 from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
 from .adamax import ADAMAX
 from .asgd import ASGD
-from .base import (DiffOptimizer, Flag, FlatLayout, Hyper, Hyperparameter, State, StateEntry, StepFn, StepJvpFn, StepVjpFn,
-                   declared)
+from .base import DiffOptimizer, StepFn, StepJvpFn, StepVjpFn
+from .declarations import Flag, FlatLayout, StateEntry, declared
 from .derived import derive_step_jvp, derive_step_vjp
 from .muon import MUON
 from .nadam import NADAM

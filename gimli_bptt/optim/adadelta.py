@@ -8,9 +8,11 @@ import torch
 from torch import Tensor
 
 from .adam import _sqrt, _sqrt_jvp
-from .base import (MAXIMIZE, DiffOptimizer, Hyper, State, StateEntry, add_bar, add_dots, coupled_gradient,
-                   coupled_gradient_jvp, coupled_gradient_vjp, dense_dot, eps, hyper_dot_of, lr, mul_dot, state_dot_of,
-                   unit_interval, weight_decay)
+from .._typing import Hyper, State
+from .adjoints import (add_bar, add_dots, coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot,
+                       hyper_dot_of, mul_dot, state_dot_of)
+from .base import DiffOptimizer
+from .declarations import MAXIMIZE, StateEntry, eps, lr, unit_interval, weight_decay
 
 
 def adadelta_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:

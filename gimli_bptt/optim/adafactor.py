@@ -42,13 +42,17 @@ and column statistic with its own decay. For a decay shared by the tensor it is 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots, dense_dot,
-                   hyper_dot_of, is_active, is_learned, lr, mul_dot, state_dot_of, weight_decay, zero_missing_bars)
+from .._typing import Hyper, State
+from ..metaparams.declaration import Hyperparameter
+from .adjoints import (add_bar, add_dots, dense_dot, hyper_dot_of, is_active, is_learned, mul_dot, state_dot_of,
+                       zero_missing_bars)
+from .base import DiffOptimizer
+from .declarations import MAXIMIZE, StateEntry, lr, weight_decay
 
 _HYPER = ("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay")
 
@@ -61,7 +65,7 @@ class Eps1(Hyperparameter):
         value = group.get(self.key, (None,))[0]
         if value is not None:
             return float(value)
-        params = group.get("params") or ()
+        params: Sequence[Any] = group.get("params") or ()
         dtype = params[0].dtype if len(params) and isinstance(params[0], Tensor) else torch.get_default_dtype()
         return float(torch.finfo(dtype).eps)
 

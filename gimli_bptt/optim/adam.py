@@ -7,9 +7,11 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Flag, FlatLayout, Hyper, State, StateEntry, add_bar, add_dots, betas,
-                   coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot, eps, hyper_dot_of, is_active,
-                   is_learned, lr, mul_dot, state_dot_of, weight_decay)
+from .._typing import Hyper, State
+from .adjoints import (add_bar, add_dots, coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot,
+                       hyper_dot_of, is_active, is_learned, mul_dot, state_dot_of)
+from .base import DiffOptimizer
+from .declarations import MAXIMIZE, Flag, FlatLayout, StateEntry, betas, eps, lr, weight_decay
 
 
 def _sqrt(v: Tensor) -> Tensor:

@@ -7,9 +7,11 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Hyper, State, StateEntry, add_bar, add_dots, betas, coupled_gradient,
-                   coupled_gradient_jvp, coupled_gradient_vjp, dense_dot, eps, hyper_dot_of, is_learned, lr, mul_dot,
-                   state_dot_of, weight_decay)
+from .._typing import Hyper, State
+from .adjoints import (add_bar, add_dots, coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot,
+                       hyper_dot_of, is_learned, mul_dot, state_dot_of)
+from .base import DiffOptimizer
+from .declarations import MAXIMIZE, StateEntry, betas, eps, lr, weight_decay
 
 
 def adamax_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, State]:

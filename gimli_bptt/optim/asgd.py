@@ -8,9 +8,12 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots,
-                   coupled_gradient_jvp, dense_dot, hyper_dot_of, is_active, is_learned, lr, mul_dot, reduce_like,
-                   state_dot_of, weight_decay, zero_missing_bars)
+from .._typing import Hyper, State
+from ..metaparams.declaration import Hyperparameter
+from .adjoints import (add_bar, add_dots, coupled_gradient_jvp, dense_dot, hyper_dot_of, is_active, is_learned, mul_dot,
+                       reduce_like, state_dot_of, zero_missing_bars)
+from .base import DiffOptimizer
+from .declarations import MAXIMIZE, Flag, StateEntry, lr, weight_decay
 from .scalars import round_to_torch_scalar, scalar_state_dtype
 
 HYPER = (lr(), Hyperparameter("lambd", doc="decay term"),

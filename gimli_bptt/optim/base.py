@@ -16,6 +16,10 @@ An optimizer is math plus a declaration (Note [One declaration per optimizer]):
   (:class:`StateEntry`). Reading and writing param groups, importing and exporting
   ``opt.state[p]`` and projecting learned values into range are generated from it.
 
+The declarations live in :mod:`gimli_bptt.optim.declarations` (and :class:`Hyperparameter` with the rest of φ in
+:mod:`gimli_bptt.metaparams`); the pieces the hand-written derivatives are built from in
+:mod:`gimli_bptt.optim.adjoints`.
+
 Note [One declaration per optimizer]: everything the engine needs to know about an optimizer
 beyond its math lives in its ``DiffOptimizer`` row, in the optimizer's own file, and the
 registry (``optim/__init__.py``) is one tuple of rows. How a fused flat-buffer op implements
@@ -25,17 +29,18 @@ per-tensor loop, the pure-PyTorch twin or the compiled kernels) is decided by
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .._typing import Hyper, HyperValue, State
+from .._typing import Hyper, State
+from ..metaparams.declaration import Hyperparameter
+from .declarations import Flag, FlatLayout, StateEntry
 from .derived import derive_step_jvp
-from .scalars import export_scalar, scalar_state_dtype, torch_scalar_dtype
+from .scalars import export_scalar, torch_scalar_dtype
 
 
 StepFn = Callable[[Tensor, Tensor, State, Hyper], "tuple[Tensor, State]"]
@@ -47,177 +52,6 @@ StepJvpFn = Callable[
     [Tensor, Tensor, State, Hyper, Tensor, Tensor, State, Mapping[str, Tensor]],
     "tuple[Tensor, State]",
 ]
-#: A tangent inside a JVP: a tensor, or None for a tangent that is known to be zero (no term).
-Dot = Optional[Tensor]
-
-
-# ---------------------------------------------------------------------------- the declaration
-@dataclass(frozen=True)
-class Hyperparameter:
-    """A float option of a param group that can be meta-learned.
-
-    Attributes:
-        name: Our name, the key of ``hyper`` in ``step`` (Adam's ``betas`` are ``beta1``, ``beta2``).
-        option: The param-group key that holds it (default: ``name``).
-        index: Its position when the option is a tuple (``betas[0]``), else None.
-        low: The lowest valid value (None: unbounded).
-        high: The highest valid value (None: unbounded).
-        open_low: ``low`` itself is invalid (eps > 0): projection stops just above it.
-        open_high: ``high`` itself is invalid (beta < 1): projection stops just below it.
-        default: The value when a param group lacks the option (None: the option is required).
-        doc: What it is, for error messages and the README's table.
-    """
-
-    name: str
-    option: Optional[str] = None
-    index: Optional[int] = None
-    low: Optional[float] = 0.0
-    high: Optional[float] = None
-    open_low: bool = False
-    open_high: bool = False
-    default: Optional[float] = None
-    doc: str = ""
-
-    @property
-    def key(self) -> str:
-        """The param-group key."""
-        return self.option or self.name
-
-    def read(self, group: Mapping[str, Any]) -> float:
-        """The value in a ``torch.optim`` param group, as a float."""
-        if self.key not in group:
-            if self.default is None:
-                raise KeyError(f"the param group has no option {self.key!r}")
-            return float(self.default)
-        value = group[self.key]
-        if self.index is not None:
-            value = value[self.index]
-        return float(value)
-
-    def write(self, group: dict[str, Any], value: float) -> None:
-        """Stores ``value`` into a param group (inside its tuple option when ``index`` is set)."""
-        if self.index is None:
-            group[self.key] = value
-            return
-        values = list(group[self.key])
-        values[self.index] = value
-        group[self.key] = tuple(values)
-
-    @torch.no_grad()
-    def project_(self, t: Tensor) -> None:
-        """Clamps ``t`` in place into the valid range (projected gradient descent on φ_opt)."""
-        finfo = torch.finfo(t.dtype)
-        if self.low is not None:
-            low = max(self.low + abs(self.low) * finfo.eps, self.low + finfo.tiny) if self.open_low else self.low
-            t.clamp_(min=low)
-        if self.high is not None:
-            high = self.high - max(abs(self.high), 1.0) * finfo.eps if self.open_high else self.high
-            t.clamp_(max=high)
-
-
-@dataclass(frozen=True)
-class Flag:
-    """An option of a param group that the step reads but that is not meta-learned.
-
-    Attributes:
-        name: The param-group key (and the key in ``hyper``).
-        default: The value when a param group lacks the option.
-        kind: How it is read (``bool``, or ``float``/``int`` for a fixed number such as ASGD's ``t0``).
-        why: Why it cannot be learned, for the error message of ``learn={name: ...}``.
-    """
-
-    name: str
-    default: Any = False
-    kind: type = bool
-    why: str = ""
-
-    def read(self, group: Mapping[str, Any]) -> Any:
-        return self.kind(group.get(self.name, self.default))
-
-
-#: Makes the fresh value of one state entry from the parameter and its hyperparameters.
-StateInit = Callable[[Tensor, Hyper], Tensor]
-
-
-@dataclass(frozen=True)
-class StateEntry:
-    """One tensor entry of ``opt.state[p]``.
-
-    Attributes:
-        name: Its key, in ``torch.optim``'s naming (``exp_avg``).
-        init: Its value in a fresh state: a fill value (0.0: zeros like the parameter), or a
-            function ``init(param, hyper)``.
-        scalar: A 0-d entry that ``torch.optim`` keeps in its scalar dtype (NAdam's
-            ``mu_product``); a fill value then makes a 0-d tensor.
-        lazy: Absent until the first step creates it (SGD's momentum buffer): a fresh state
-            holds None.
-        when: The entry exists only for these options (amsgrad's ``max_exp_avg_sq``).
-    """
-
-    name: str
-    init: Union[float, StateInit] = 0.0
-    scalar: bool = False
-    lazy: bool = False
-    when: Optional[Callable[[Hyper], bool]] = None
-
-    def fresh(self, param: Tensor, hyper: Hyper) -> Optional[Tensor]:
-        if self.lazy:
-            return None
-        if callable(self.init):
-            return self.init(param, hyper).detach()
-        if self.scalar:
-            return torch.full((), float(self.init), dtype=scalar_state_dtype(param), device=param.device)
-        return torch.full_like(param, float(self.init), memory_format=torch.preserve_format).detach()
-
-    def copy(self, value: Any, param: Tensor) -> Tensor:
-        if self.scalar:
-            return torch.as_tensor(value).detach().to(dtype=scalar_state_dtype(param), device=param.device).clone()
-        return value.detach().clone()
-
-
-@dataclass(frozen=True)
-class FlatLayout:
-    """How one optimizer's per-tensor contract maps onto a pair of fused flat-buffer ops.
-
-    The ops ``<op>_step`` and ``<op>_step_vjp`` (``torch.ops.gimli`` and their pure-PyTorch twin
-    in :mod:`gimli_bptt.kernels._reference`) take many tensors laid end to end; a *bucket* of
-    tensors shares the op's static options (Note [Flat buffers] in ``kernels/flat.py``).
-    The step op is called as ``step(θ, G, *state_in, offsets, hyper, elementwise, *args)`` and
-    returns ``(θ', *state_out)``; the VJP op as ``vjp(θ, G, *state_in, θ̄', *bar_in, offsets,
-    hyper, elementwise, learned, *args)`` and returns ``(θ̄, Ḡ, *bar_out, hyper_bars)``. A
-    name of None in those lists is an absent buffer (passed as None, ignored on return).
-
-    Attributes:
-        op: The op pair's name stem (``"adam"``).
-        hyper: The hyperparameter slots, in the op's order.
-        options: ``options(hyper, state)`` of one tensor: the op's static options (a tuple);
-            tensors with different options go to different buckets.
-        state_in: ``state_in(options)``: the state entries the ops read.
-        state_out: ``state_out(options)``: the state entries the step op returns.
-        bar_in: ``bar_in(options)``: the carried state cotangents the VJP op reads.
-        bar_out: ``bar_out(options)``: the state cotangents it returns.
-        args: ``args(options, t)``: the trailing scalar arguments (``t`` is the step count of
-            the step being taken when ``counter`` is set, else None).
-        counter: The state's step count (``"step"``), read per call and advanced by one, or None.
-        cpu_loop_below: Under ``kernels="auto"``, a call on CPU tensors that hold fewer elements
-            than this in all runs the per-tensor functions instead of the flat ops (0: never),
-            if ``cpu_loop_if`` holds for every tensor's hyperparameters.
-            See Note [Small steps run per tensor] in :mod:`gimli_bptt.stepping`.
-        cpu_loop_if: ``cpu_loop_if(hyper)``: whether a tensor with these hyperparameters is cheap
-            enough per tensor for ``cpu_loop_below`` (None: always).
-    """
-
-    op: str
-    hyper: tuple[str, ...]
-    options: Callable[[Hyper, State], tuple]
-    state_in: Callable[[tuple], tuple[Optional[str], ...]]
-    state_out: Callable[[tuple], tuple[Optional[str], ...]]
-    bar_in: Callable[[tuple], tuple[Optional[str], ...]]
-    bar_out: Callable[[tuple], tuple[Optional[str], ...]]
-    args: Callable[[tuple, Optional[float]], tuple]
-    counter: Optional[str] = None
-    cpu_loop_below: int = 0
-    cpu_loop_if: Optional[Callable[[Hyper], bool]] = None
 
 
 @dataclass(frozen=True)
@@ -392,236 +226,10 @@ class DiffOptimizer:
         return self
 
 
-# ---------------------------------------------------------------------------- helpers for the math
-def reduce_like(x: Tensor, like: HyperValue) -> Tensor:
-    """Sums an element-wise cotangent ``x`` down to the shape of the hyperparameter ``like``.
-
-    A hyperparameter learned per group or per tensor is a 0-d tensor broadcast over the whole
-    parameter, so its cotangent is the sum of the element-wise one; one learned per element
-    keeps the element-wise cotangent, summed over any leading dimension it was broadcast over.
-    """
-    if isinstance(like, Tensor) and like.dim() > 0:
-        return x if x.shape == like.shape else x.sum_to_size(like.shape)
-    return x.sum()
-
-
-def is_learned(value: HyperValue) -> bool:
-    """Whether a hyperparameter value is a tensor (and therefore gets a cotangent)."""
-    return isinstance(value, Tensor)
-
-
-def is_active(value: HyperValue) -> bool:
-    """Whether a term scaled by this hyperparameter takes part: learned, or a nonzero float."""
-    return is_learned(value) or value != 0
-
-
-def add_bar(bars: dict[str, Tensor], hyper: Hyper, name: str, elementwise: Tensor | Callable[[], Tensor]) -> None:
-    """Adds the cotangent of hyperparameter ``name`` to ``bars`` if it is learned.
-
-    ``elementwise`` is the element-wise cotangent, or a thunk producing it so that fixed
-    hyperparameters cost nothing.
-    """
-    value = hyper[name]
-    if not is_learned(value):
-        return
-    x = elementwise() if callable(elementwise) else elementwise
-    bar = reduce_like(x, value)
-    bars[name] = bars[name] + bar if name in bars else bar
-
-
-def zero_missing_bars(bars: dict[str, Tensor], hyper: Hyper, names: Sequence[str]) -> dict[str, Tensor]:
-    """Zero cotangents for learned hyperparameters that had no path at this step (the contract:
-    one entry per tensor hyperparameter)."""
-    for name in names:
-        if is_learned(hyper[name]) and name not in bars:
-            bars[name] = torch.zeros_like(hyper[name])
-    return bars
-
-
-def coupled_gradient(theta: Tensor, G: Tensor, hyper: Hyper) -> Tensor:
-    """g = ±G + λθ: the gradient a step uses after ``maximize`` and coupled (L2) weight decay,
-    formed as ``torch.optim`` forms it ([Alg.1 L6])."""
-    wd = hyper["weight_decay"]
-    g = -G if hyper["maximize"] else G
-    if is_active(wd):
-        g = g + wd * theta
-    return g
-
-
-def coupled_gradient_vjp(theta: Tensor, g_bar: Tensor, theta_bar: Tensor, hyper: Hyper,
-                         bars: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """The VJP of :func:`coupled_gradient` ([Alg.1 L11]): ``(θ̄ + λ ḡ, ±ḡ)``, with λ's partial
-    θ·ḡ added into ``bars``; ``theta_bar`` is θ's cotangent from the rest of the step."""
-    wd = hyper["weight_decay"]
-    if is_active(wd):
-        theta_bar = theta_bar + wd * g_bar
-        add_bar(bars, hyper, "weight_decay", lambda: theta * g_bar)
-    return theta_bar, (-g_bar if hyper["maximize"] else g_bar)
-
-
-# ---------------------------------------------------------------------------- helpers for the JVPs
-def hyper_dot_of(hyper: Hyper, hyper_dot: Mapping[str, Any], name: str) -> Dot:
-    """The tangent of hyperparameter ``name``: None (zero) for a float, or where ``hyper_dot``
-    has no entry."""
-    if not is_learned(hyper[name]):
-        return None
-    return hyper_dot.get(name)
-
-
-def state_dot_of(state: Mapping[str, Any], state_dot: Mapping[str, Any], name: str) -> Dot:
-    """The tangent of state entry ``name``: None (zero) where the entry is not a tensor (absent,
-    None, the step count) or ``state_dot`` has no entry."""
-    if not isinstance(state.get(name), Tensor):
-        return None
-    return state_dot.get(name)
-
-
-def add_dots(*terms: Dot) -> Dot:
-    """The sum of the tangents that are present (None where none is)."""
-    out: Dot = None
-    for term in terms:
-        if term is not None:
-            out = term if out is None else out + term
-    return out
-
-
-def mul_dot(x: Dot, coefficient: Any) -> Dot:
-    """``coefficient * x``, None where ``x`` is; ``coefficient`` may be a thunk, evaluated only
-    when ``x`` is present (as :func:`add_bar` takes its cotangent)."""
-    if x is None:
-        return None
-    return x * (coefficient() if callable(coefficient) else coefficient)
-
-
-def where_dot(condition: Tensor, x: Dot, y: Dot, like: Tensor) -> Dot:
-    """``torch.where(condition, x, y)`` of two tangents, either of which may be None (zero): None
-    where both are. A missing one is a 0-d zero of ``like``'s dtype (a ``where`` of two Python
-    zeros would make a tensor of the default dtype, which would then win the type promotion)."""
-    if x is None and y is None:
-        return None
-    zero = torch.zeros((), dtype=like.dtype, device=like.device)
-    return torch.where(condition, zero if x is None else x, zero if y is None else y)
-
-
-def dense_dot(x: Dot, like: Tensor) -> Tensor:
-    """The tangent ``x`` as a tensor shaped like the primal ``like``: zeros for None, and a
-    tangent that depends only on 0-d inputs (a learned lr) broadcast to ``like``'s shape."""
-    if x is None:
-        return torch.zeros_like(like)
-    if x.shape != like.shape:
-        return torch.broadcast_to(x, like.shape).clone()
-    return x
-
-
-def carried_dots(state_next_dot: dict[str, Tensor], state: Mapping[str, Any], state_dot: Mapping[str, Any],
-                 state_next: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Adds to ``state_next_dot`` the tangents of the state entries a step carries unchanged (those
-    of ``state_next`` that ``state_next_dot`` lacks: their tangent is their own, zero if missing)."""
-    for key, value in state_next.items():
-        if key not in state_next_dot and isinstance(value, Tensor) and value.is_floating_point():
-            state_next_dot[key] = dense_dot(state_dot_of(state, state_dot, key), value)
-    return state_next_dot
-
-
-def coupled_gradient_jvp(theta: Tensor, theta_dot: Tensor, G_dot: Tensor, hyper: Hyper,
-                         hyper_dot: Mapping[str, Any]) -> Tensor:
-    """The JVP of :func:`coupled_gradient`: :math:`\\dot g = \\pm \\dot G + \\lambda \\dot\\theta
-    + \\dot\\lambda \\theta` (the transpose of :func:`coupled_gradient_vjp`)."""
-    wd = hyper["weight_decay"]
-    g_dot = -G_dot if hyper["maximize"] else G_dot
-    if is_active(wd):
-        g_dot = g_dot + wd * theta_dot
-        g_dot = add_dots(g_dot, mul_dot(hyper_dot_of(hyper, hyper_dot, "weight_decay"), theta))
-    return g_dot
-
 
 def clone_state(state: Mapping[str, Any]) -> State:
     """A copy of one tensor's state whose tensors are detached clones."""
     return {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
 
 
-# ---------------------------------------------------------------------------- common declarations
-def lr(**kw: Any) -> Hyperparameter:
-    return Hyperparameter("lr", doc="learning rate", **kw)
-
-
-def weight_decay(**kw: Any) -> Hyperparameter:
-    return Hyperparameter("weight_decay", doc="weight decay", **kw)
-
-
-def eps(**kw: Any) -> Hyperparameter:
-    return Hyperparameter("eps", open_low=True, doc="the term that keeps a denominator away from 0", **kw)
-
-
-def betas(first: str = "beta1", second: str = "beta2") -> tuple[Hyperparameter, Hyperparameter]:
-    """Adam-style ``betas=(beta1, beta2)``, each in [0, 1)."""
-    return (Hyperparameter(first, option="betas", index=0, high=1.0, open_high=True, doc="first-moment decay"),
-            Hyperparameter(second, option="betas", index=1, high=1.0, open_high=True, doc="second-moment decay"))
-
-
-MAXIMIZE = Flag("maximize")
-
-#: The domain a hyperparameter registered by name alone gets (register_optimizer), by convention.
-CONVENTIONAL: dict[str, Hyperparameter] = {
-    h.name: h for h in (lr(), weight_decay(), eps(), *betas(),
-                        Hyperparameter("momentum", high=1.0), Hyperparameter("dampening", high=1.0))
-}
-
-
-def unit_interval(name: str, **kw: Any) -> Hyperparameter:
-    """A decay rate in [0, 1] (momentum, rho, alpha)."""
-    return Hyperparameter(name, high=1.0, **kw)
-
-
-def declared(names: Sequence[Union[str, Hyperparameter]]) -> tuple[Hyperparameter, ...]:
-    """Hyperparameters from declarations or bare names: a bare name is read as ``group[name]``
-    and gets :data:`CONVENTIONAL`'s range when it has one (``beta1`` in [0, 1)), else no bound."""
-    out = []
-    for n in names:
-        if isinstance(n, Hyperparameter):
-            out.append(n)
-        elif n in CONVENTIONAL:
-            out.append(dataclasses.replace(CONVENTIONAL[n], option=None, index=None))
-        else:
-            out.append(Hyperparameter(n, low=None))
-    return tuple(out)
-
-
-__all__ = [
-    "CONVENTIONAL",
-    "DiffOptimizer",
-    "Dot",
-    "Flag",
-    "FlatLayout",
-    "Hyper",
-    "HyperValue",
-    "Hyperparameter",
-    "MAXIMIZE",
-    "State",
-    "StateEntry",
-    "StepFn",
-    "StepJvpFn",
-    "StepVjpFn",
-    "add_bar",
-    "add_dots",
-    "betas",
-    "carried_dots",
-    "clone_state",
-    "coupled_gradient",
-    "coupled_gradient_jvp",
-    "coupled_gradient_vjp",
-    "declared",
-    "dense_dot",
-    "eps",
-    "hyper_dot_of",
-    "is_active",
-    "is_learned",
-    "lr",
-    "mul_dot",
-    "reduce_like",
-    "state_dot_of",
-    "unit_interval",
-    "weight_decay",
-    "where_dot",
-    "zero_missing_bars",
-]
+__all__ = ["DiffOptimizer", "StepFn", "StepJvpFn", "StepVjpFn", "clone_state"]

@@ -41,9 +41,8 @@ def derive_step_vjp(step: StepFn) -> StepVjpFn:
             theta_next, state_next = step(theta, G, st, hy)
             return theta_next, {k: v for k, v in state_next.items() if isinstance(v, Tensor) and v.is_floating_point()}
 
-        (theta_next, state_next), pullback = torch.func.vjp(
-            f, theta, G, [state[k] for k in state_keys], [hyper[k] for k in hyper_keys]
-        )
+        out = torch.func.vjp(f, theta, G, [state[k] for k in state_keys], [hyper[k] for k in hyper_keys])
+        (theta_next, state_next), pullback = out[0], out[1]  # (no has_aux: no third item)
         bar = {k: state_next_bar[k] if state_next_bar.get(k) is not None else torch.zeros_like(v)
                for k, v in state_next.items()}
         theta_bar, G_bar, state_bar, hyper_bar = pullback((theta_next_bar, bar))
@@ -89,12 +88,12 @@ def derive_step_jvp(step: StepFn) -> StepJvpFn:
             return torch.zeros_like(like) if value is None else value
 
         with torch.enable_grad():  # Note [Derived JVPs under no_grad]
-            _, (theta_next_dot, state_next_dot) = torch.func.jvp(
+            theta_next_dot, state_next_dot = torch.func.jvp(
                 f,
                 (theta, G, [state[k] for k in state_keys], [hyper[k] for k in hyper_keys]),
                 (theta_dot, G_dot, [tangent(state_dot, k, state[k]) for k in state_keys],
                  [tangent(hyper_dot, k, hyper[k]) for k in hyper_keys]),
-            )
+            )[1]  # (primals, tangents): the tangents
         return theta_next_dot, dict(state_next_dot)
 
     return step_jvp

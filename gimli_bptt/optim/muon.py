@@ -42,8 +42,11 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .base import (DiffOptimizer, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots, dense_dot, eps,
-                   hyper_dot_of, is_learned, lr, mul_dot, state_dot_of, unit_interval, weight_decay, zero_missing_bars)
+from .._typing import Hyper, State
+from ..metaparams.declaration import Hyperparameter
+from .adjoints import add_bar, add_dots, dense_dot, hyper_dot_of, is_learned, mul_dot, state_dot_of, zero_missing_bars
+from .base import DiffOptimizer
+from .declarations import Flag, StateEntry, eps, lr, unit_interval, weight_decay
 
 _HYPER = ("lr", "weight_decay", "momentum", "eps", "ns_a", "ns_b", "ns_c")
 _ADJUSTMENTS = ("original", "match_rms_adamw")

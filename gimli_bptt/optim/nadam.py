@@ -9,9 +9,12 @@ import torch
 from torch import Tensor
 
 from .adam import _moments_jvp, _prepare, _prepare_jvp, _prepare_vjp, _sqrt, _sqrt_jvp
-from .base import (MAXIMIZE, DiffOptimizer, Dot, Flag, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots, betas,
-                   dense_dot, eps, hyper_dot_of, is_learned, lr, mul_dot, reduce_like, state_dot_of, weight_decay,
-                   zero_missing_bars)
+from .._typing import Hyper, State
+from ..metaparams.declaration import Hyperparameter
+from .adjoints import (Dot, add_bar, add_dots, dense_dot, hyper_dot_of, is_learned, mul_dot, reduce_like, state_dot_of,
+                       zero_missing_bars)
+from .base import DiffOptimizer
+from .declarations import MAXIMIZE, Flag, StateEntry, betas, eps, lr, weight_decay
 from .scalars import round_to_torch_scalar
 
 HYPER = (lr(), *betas(), eps(), weight_decay(), Hyperparameter("momentum_decay", doc="momentum decay"))

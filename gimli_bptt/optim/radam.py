@@ -8,8 +8,10 @@ import torch
 from torch import Tensor
 
 from .adam import _moments_jvp, _prepare, _prepare_jvp, _prepare_vjp, _sqrt, _sqrt_jvp
-from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, State, StateEntry, add_bar, add_dots, betas, dense_dot, eps,
-                   hyper_dot_of, is_learned, lr, mul_dot, weight_decay, zero_missing_bars)
+from .._typing import Hyper, State
+from .adjoints import add_bar, add_dots, dense_dot, hyper_dot_of, is_learned, mul_dot, zero_missing_bars
+from .base import DiffOptimizer
+from .declarations import MAXIMIZE, Flag, StateEntry, betas, eps, lr, weight_decay
 
 HYPER = (lr(), *betas(), eps(), weight_decay())
 _HYPER_NAMES = tuple(h.name for h in HYPER)

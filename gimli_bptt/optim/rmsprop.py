@@ -8,9 +8,11 @@ import torch
 from torch import Tensor
 
 from .adam import _sqrt, _sqrt_jvp
-from .base import (MAXIMIZE, DiffOptimizer, Flag, Hyper, State, StateEntry, add_bar, add_dots, coupled_gradient,
-                   coupled_gradient_jvp, coupled_gradient_vjp, dense_dot, eps, hyper_dot_of, is_learned, lr, mul_dot,
-                   state_dot_of, unit_interval, weight_decay)
+from .._typing import Hyper, State
+from .adjoints import (add_bar, add_dots, coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot,
+                       hyper_dot_of, is_learned, mul_dot, state_dot_of)
+from .base import DiffOptimizer
+from .declarations import MAXIMIZE, Flag, StateEntry, eps, lr, unit_interval, weight_decay
 
 
 def _uses_momentum(hyper: Hyper) -> bool:

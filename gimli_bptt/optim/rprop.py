@@ -7,8 +7,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Hyper, Hyperparameter, State, StateEntry, add_bar, add_dots, dense_dot,
-                   hyper_dot_of, lr, mul_dot, state_dot_of, where_dot, zero_missing_bars)
+from .._typing import Hyper, State
+from ..metaparams.declaration import Hyperparameter
+from .adjoints import add_bar, add_dots, dense_dot, hyper_dot_of, mul_dot, state_dot_of, where_dot, zero_missing_bars
+from .base import DiffOptimizer
+from .declarations import MAXIMIZE, StateEntry, lr
 
 HYPER = (lr(),
          Hyperparameter("etaminus", option="etas", index=0, high=1.0, doc="step-size factor after a sign change"),

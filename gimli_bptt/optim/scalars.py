@@ -2,7 +2,7 @@
 """Scalar state entries as ``torch.optim`` keeps them (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``)."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Union, overload
 
 import torch
 from torch import Tensor
@@ -14,6 +14,14 @@ Scalar = Union[float, Tensor]
 def torch_scalar_dtype() -> torch.dtype:
     """The dtype ``torch.optim`` keeps scalar state in (float32 unless the default dtype is float64)."""
     return _get_scalar_dtype()
+
+
+@overload
+def round_to_torch_scalar(x: float) -> float: ...
+
+
+@overload
+def round_to_torch_scalar(x: Tensor) -> Tensor: ...
 
 
 def round_to_torch_scalar(x: Scalar) -> Scalar:
@@ -30,7 +38,7 @@ def round_to_torch_scalar(x: Scalar) -> Scalar:
     if dtype == torch.float64:
         return x
     if not isinstance(x, Tensor):
-        return torch.tensor(x, dtype=dtype).item()
+        return float(torch.tensor(x, dtype=dtype).item())
     if torch.finfo(x.dtype).bits <= torch.finfo(dtype).bits:
         return x
     rounded = x.detach().to(dtype).to(x.dtype)

@@ -7,9 +7,11 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .base import (MAXIMIZE, DiffOptimizer, Flag, FlatLayout, Hyper, State, StateEntry, add_bar, add_dots, carried_dots,
-                   coupled_gradient_jvp, dense_dot, hyper_dot_of, is_active, is_learned, lr, mul_dot, state_dot_of,
-                   unit_interval, weight_decay)
+from .._typing import Hyper, State
+from .adjoints import (add_bar, add_dots, carried_dots, coupled_gradient_jvp, dense_dot, hyper_dot_of, is_active,
+                       is_learned, mul_dot, state_dot_of)
+from .base import DiffOptimizer
+from .declarations import MAXIMIZE, Flag, FlatLayout, StateEntry, lr, unit_interval, weight_decay
 
 
 def _uses_momentum(hyper: Hyper) -> bool:

@@ -1,15 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
-"""φ_opt: the inner optimizer's learned hyperparameters, at group, tensor or element granularity."""
+"""φ_opt: the inner optimizer's learned hyperparameters, at group, tensor or element granularity: the ``learn=``
+option parsed against the optimizer's declaration, their values, their cotangents' accumulation, projection and
+write-back."""
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .optim.base import DiffOptimizer
-from .stepping import SegmentBars
+if TYPE_CHECKING:  # φ stands below the optimizers' contract and the stepping that produces its cotangents
+    from ..optim.base import DiffOptimizer
+    from ..stepping import SegmentBars
 
 GRANULARITIES = ("group", "tensor", "element")
 
@@ -121,13 +124,7 @@ class OptimizerHyperparameters:
         for k, (g, fixed) in enumerate(zip(self.group_of, self.fixed)):
             h = dict(fixed)
             for name, gran in self.learn.items():
-                v = values[name]
-                if gran == "group":
-                    t = v[g]  # type: ignore[index]
-                elif gran == "tensor":
-                    t = v[k]  # type: ignore[index]
-                else:
-                    t = v[k]  # type: ignore[index]
+                t = values[name][g if gran == "group" else k]  # a row of (num_groups,) or (num_params,), or a tensor
                 h[name] = t.detach() if detach else t
             out.append(h)
         return out
@@ -150,7 +147,7 @@ class OptimizerHyperparameters:
         one; elsewhere (where ``index_add_`` may add concurrently, in no fixed order) and for
         element granularity it is :meth:`accumulate` per parameter.
         """
-        if isinstance(hyper_bar, SegmentBars):
+        if not isinstance(hyper_bar, Sequence):  # SegmentBars
             self._accumulate_segments(acc, hyper_bar.segments)
             hyper_bar = hyper_bar.per_tensor
         for name, gran in self.learn.items():
@@ -200,11 +197,11 @@ class OptimizerHyperparameters:
                 continue
             a = acc[name]
             if gran == "group":
-                a[self.group_of[k]] += bar  # type: ignore[index]
+                a[self.group_of[k]] += bar
             elif gran == "tensor":
-                a[k] += bar  # type: ignore[index]
+                a[k] += bar
             else:  # a cotangent with a leading (task) dimension sums over it
-                a[k].add_(bar if bar.shape == a[k].shape else bar.sum_to_size(a[k].shape))  # type: ignore[index]
+                a[k].add_(bar if bar.shape == a[k].shape else bar.sum_to_size(a[k].shape))
 
     @torch.no_grad()
     def project(self) -> None:
@@ -224,7 +221,7 @@ class OptimizerHyperparameters:
             if gran != "group":
                 continue
             for g, group in enumerate(groups):
-                value = float(self.values[name][g].detach())  # type: ignore[index]
+                value = float(self.values[name][g].detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"learned {name} of group {g} is {value}")
                 self.impl.write_hyper(group, name, value)

@@ -12,7 +12,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .hyper import OptimizerHyperparameters
+from .phi_opt import OptimizerHyperparameters
 
 Hypergrad = Union[Tensor, list[Tensor]]
 
@@ -78,9 +78,11 @@ class MetaParameters:
         out: list[Tensor] = []
         for name in self.phi_opt.values:
             out.extend(flat_list(hypergrads[name]))
-        out += [hypergrads[f"loss.{n}"] for n in self.loss_params]  # type: ignore[misc]
+        for n in self.loss_params:
+            out.extend(flat_list(hypergrads[f"loss.{n}"]))
         if self.learn_init:
-            out += [hypergrads[f"init.{n}"] for n, _ in self.model.named_parameters()]  # type: ignore[misc]
+            for n, _ in self.model.named_parameters():
+                out.extend(flat_list(hypergrads[f"init.{n}"]))
         return out
 
     def mean_over_ranks(self, reducer: Any, hypergrads: dict[str, Hypergrad], val_loss: Tensor
@@ -94,7 +96,7 @@ class MetaParameters:
         result: dict[str, Hypergrad] = {}
         for name, value in hypergrads.items():
             result[name] = ([by_leaf[n] for n in names if n.startswith(name + ".")] if isinstance(value, list)
-                            else by_leaf[name])  # type: ignore[assignment]
+                            else by_leaf[name])
         assert mean_val is not None
         return result, mean_val
 
