@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from .errors import DistributedError, NonFiniteError
 from .functional import FunctionalModel
-from .memory import Checkpointing, Memory, TapeStats
+from .memory import Memory, TapeStats
 from .optim import get_optimizer, register_optimizer, supported_optimizers, unregister_optimizer
 from .optim.base import Flag, Hyperparameter, StateEntry
 from .updater import GimliUpdater, MetaStepResult
@@ -59,7 +59,6 @@ from .updater import GimliUpdater, MetaStepResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "Checkpointing",
     "DistributedError",
     "Flag",
     "FunctionalModel",

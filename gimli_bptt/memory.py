@@ -42,7 +42,6 @@ rank keeps the same steps' graphs. ``last_tape_stats`` reports the budget and wh
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
@@ -174,59 +173,6 @@ def as_memory(memory: Union[int, str, Memory, None]) -> Memory:
     if memory < 1:
         raise ValueError(f"memory must be at least 1 byte, got {memory}")
     return Memory(budget=memory)
-
-
-def memory_from_deprecated(memory: Union[int, str, Memory, None], checkpoint: Any, memory_budget: Any,
-                           keep_graphs: Any) -> Memory:
-    """``memory=`` from it or from one of its deprecated spellings (each warns once per call).
-
-    ``checkpoint=k`` is ``Memory(slots=k)``, ``checkpoint=Memory(...)`` is that policy,
-    ``memory_budget=B`` is ``memory=B`` and ``keep_graphs=True`` is ``Memory(keep_graphs=True)``.
-
-    Raises:
-        TypeError, ValueError: as :func:`as_memory`; or more than one of them given.
-    """
-    given = [name for name, v in (("memory", None if memory == "auto" else memory), ("checkpoint", checkpoint),
-                                   ("memory_budget", memory_budget), ("keep_graphs", keep_graphs or None))
-             if v is not None]
-    if len(given) > 1:
-        names = [f"{n}=" for n in given]
-        listed = " and ".join(names) if len(names) == 2 else ", ".join(names[:-1]) + " and " + names[-1]
-        raise ValueError(
-            f"{listed} {'both' if len(names) == 2 else 'all'} say how much memory the tape keeps: give one, as "
-            "memory= (bytes, or gimli_bptt.Memory(slots=..., every=..., keep_graphs=..., verify=...))"
-        )
-    for name, replacement in (("checkpoint", "memory=Memory(slots=k)"), ("memory_budget", "memory=B"),
-                              ("keep_graphs", "memory=Memory(keep_graphs=True)")):
-        if name in given:
-            warnings.warn(f"GimliUpdater({name}=...) is deprecated and will be removed in the next release: "
-                          f"use {replacement}", DeprecationWarning, stacklevel=3)
-    if checkpoint is not None:
-        if isinstance(checkpoint, bool) or not isinstance(checkpoint, (int, Memory)):
-            raise TypeError(
-                "checkpoint must be None, a number of slots, or gimli_bptt.Memory(...), "
-                f"got {type(checkpoint).__name__}"
-            )
-        return as_memory(checkpoint if isinstance(checkpoint, Memory) else Memory(slots=checkpoint))
-    if memory_budget is not None:
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
-            raise TypeError(f"memory_budget must be a number of bytes (an int), got {type(memory_budget).__name__}")
-        return as_memory(memory_budget)
-    if keep_graphs:
-        return Memory(keep_graphs=True)
-    return as_memory(memory)
-
-
-def Checkpointing(slots: Optional[int] = None, budget_bytes: Optional[int] = None, every: Optional[int] = None,
-                  verify: bool = False) -> Memory:
-    """Deprecated: ``Memory(slots=..., budget=..., every=..., verify=...)`` under its former name."""
-    warnings.warn("Checkpointing(...) is deprecated and will be removed in the next release: use "
-                  "gimli_bptt.Memory(slots=..., budget=..., every=..., verify=...)", DeprecationWarning, stacklevel=2)
-    given = [n for n, v in (("slots", slots), ("budget_bytes", budget_bytes), ("every", every)) if v is not None]
-    if len(given) != 1:
-        raise ValueError("Checkpointing takes exactly one of slots=, budget_bytes= or every=, got "
-                         + (", ".join(given) if given else "none"))
-    return Memory(budget=budget_bytes, slots=slots, every=every, verify=verify).validate()
 
 
 # ---------------------------------------------------------------------------- planning
@@ -580,7 +526,6 @@ def _unpack(t: Tensor) -> Tensor:
 
 
 __all__ = [
-    "Checkpointing",
     "Memory",
     "SavedGraphMeter",
     "TapePlan",
@@ -589,7 +534,6 @@ __all__ = [
     "as_memory",
     "available_memory",
     "graphs_that_fit",
-    "memory_from_deprecated",
     "plan_tape",
     "resolve_budget",
     "state_bytes",

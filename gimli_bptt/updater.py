@@ -158,10 +158,6 @@ class GimliUpdater:
             group. Each rank passes its shard of every batch; G_j, ℓ_j, the validation
             gradient and every second-order term are averaged over the ranks, so every rank
             computes the hypergradient of the mean of the per-rank losses and holds the same φ.
-        checkpoint: Deprecated: ``memory=Memory(slots=k)``.
-        memory_budget: Deprecated: ``memory=B``.
-        keep_graphs: Deprecated: ``memory=Memory(keep_graphs=True)``.
-        check_finite: Deprecated: ``check_finite=False`` is ``on_nonfinite="ignore"``.
 
     Attributes:
         last_tape_stats: The :class:`~gimli_bptt.memory.TapeStats` of the last meta step's tape
@@ -180,10 +176,7 @@ class GimliUpdater:
                  commit: bool = False, on_nonfinite: str = "raise", project: bool = True,
                  progress: Optional[bool] = None, lr_schedule: Optional[Callable[[int], float]] = None,
                  kernels: str = "auto", tasks: Optional[int] = None, first_order: bool = False,
-                 truncate: Optional[int] = None, mode: str = "reverse", process_group: Any = None,
-                 checkpoint: Any = None,
-                 memory_budget: Optional[int] = None, keep_graphs: Optional[bool] = None,
-                 check_finite: Optional[bool] = None):
+                 truncate: Optional[int] = None, mode: str = "reverse", process_group: Any = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(opt, torch.optim.Optimizer):
@@ -193,8 +186,7 @@ class GimliUpdater:
         self.options = validate_options(
             self.impl, unroll=unroll, hvp=hvp, commit=commit, on_nonfinite=on_nonfinite, project=project,
             memory=memory, progress=progress, lr_schedule=lr_schedule, kernels=kernels, learn_init=learn_init,
-            tasks=tasks, first_order=first_order, truncate=truncate, mode=mode, check_finite=check_finite,
-            checkpoint=checkpoint, memory_budget=memory_budget, keep_graphs=keep_graphs)
+            tasks=tasks, first_order=first_order, truncate=truncate, mode=mode)
         inner = inner_parameters(model, opt, self.impl)
         self.model, self.opt, self.train_loss, self.val_loss = model, opt, train_loss, val_loss
         self._names, self._params, self._frozen_names = inner.names, inner.params, inner.frozen_names
