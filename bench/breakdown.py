@@ -38,8 +38,8 @@ import bench_peers as peers  # noqa: E402
 from gimli_bptt import hvp as hvp_mod  # noqa: E402
 from gimli_bptt import hyper as hyper_mod  # noqa: E402
 from gimli_bptt import problem as problem_mod  # noqa: E402
-from gimli_bptt import sweep as sweep_mod  # noqa: E402
-from gimli_bptt import tape as tape_mod  # noqa: E402
+from gimli_bptt.reverse import sweep as sweep_mod  # noqa: E402
+from gimli_bptt.reverse import tape as tape_mod  # noqa: E402
 
 SPENT: dict[str, float] = defaultdict(float)
 _ACTIVE: list[str] = []

@@ -23,7 +23,7 @@ from . import engine
 from ._typing import Grads
 from .problem import InnerProblem, StepGradient, replay_rng
 from .second_order import explain_missing_derivatives
-from .tape import TapeEntry
+from .reverse.tape import TapeEntry
 
 HVP_MODES = ("rev", "fwd")
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .memory import tensors_in
+from .reverse.meter import tensors_in
 
 
 def stack(t: Tensor, tasks: int) -> Tensor:

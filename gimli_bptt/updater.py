@@ -13,7 +13,7 @@ from .distributed import Reducer, agree, check_replicas, resolve_process_group
 from .errors import DistributedError, NonFiniteError
 from .functional import clone_buffers
 from .hyper import OptimizerHyperparameters, parse_learn
-from .memory import Memory, TapeStats, resolve_budget, state_bytes
+from .memory import Memory
 from .metaparams import Hypergrad, MetaParameters
 from .optim import get_optimizer
 from .options import (MetaOptFactory, build_meta_optimizer, check_batches, check_callables, check_loss_params,
@@ -23,12 +23,14 @@ from .problem import InnerProblem, LossFn, capture_rng, restore_rng
 from .progress import Progress
 from .stepping import step_all
 from .tasks import stack, stack_state
-from .reverse import reverse_hypergradient
+from .reverse.hypergradient import reverse_hypergradient
+from .reverse.meter import TapeStats
+from .reverse.plan import resolve_budget, state_bytes
 from .second_order import MissingDoubleBackwardError, SafeModeLatch
-from .sweep import validation_gradient
+from .reverse.sweep import validation_gradient
 from .forward import (Directions, Tangents, as_hypergrads, check_learnable, directional_hypergradients, directions,
                       forward_unroll)
-from .tape import InnerState, TapeResult
+from .reverse.tape import InnerState, TapeResult
 from .transaction import Transaction
 
 
@@ -126,7 +128,7 @@ class GimliUpdater:
             (learned) lr times this factor, e.g. a warm-up ``lambda j: min(1, (j + 1) / 5)``;
             the hypergradient of lr accounts for it.
         first_order: The first-order approximation (FOMAML for MAML with SGD; Note [First order]
-            in :mod:`gimli_bptt.sweep`): H_j·Ḡ_j and the mixed second derivatives of the loss
+            in :mod:`gimli_bptt.reverse.sweep`): H_j·Ḡ_j and the mixed second derivatives of the loss
             parameters are dropped, the optimizer's own Jacobians are kept; no gradient graph is
             built. Loss parameters then get only the direct term of L_val.
         mode: ``"reverse"`` (default): Algorithm 1's tape and reverse sweep. ``"forward"``: the
@@ -160,7 +162,7 @@ class GimliUpdater:
             computes the hypergradient of the mean of the per-rank losses and holds the same φ.
 
     Attributes:
-        last_tape_stats: The :class:`~gimli_bptt.memory.TapeStats` of the last meta step's tape
+        last_tape_stats: The :class:`~gimli_bptt.reverse.meter.TapeStats` of the last meta step's tape
             (None before the first).
 
     Raises:
@@ -381,7 +383,7 @@ class GimliUpdater:
         return result
 
     def _state_bytes(self, start: InnerState, problem: InnerProblem, keep_G: bool) -> int:
-        """:func:`~gimli_bptt.memory.state_bytes`, computed once for the shapes, dtypes and buffers it sees
+        """:func:`~gimli_bptt.reverse.plan.state_bytes`, computed once for the shapes, dtypes and buffers it sees
         (the fixed hyperparameters, which decide which state entries exist, do not change)."""
         key = (keep_G, tuple((t.shape, t.dtype, t.device) for t in start.theta),
                tuple((n, b.shape, b.dtype) for n, b in start.buffers.items()))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from gimli_bptt import GimliUpdater, Memory, TapeStats
-from gimli_bptt.checkpoint import min_forward_steps
+from gimli_bptt.reverse.schedule_costs import min_forward_steps
 from gimli_bptt.testing import check_hypergradients
 
 from optim_table import row
@@ -210,9 +210,9 @@ def test_state_dict_round_trip_and_resume_under_another_budget() -> None:
 
 # --------------------------------------------------------------------------- memory="auto"
 def _with_available(monkeypatch: pytest.MonkeyPatch, nbytes: int) -> None:
-    from gimli_bptt import memory as memory_mod
+    from gimli_bptt.reverse import plan
 
-    monkeypatch.setattr(memory_mod, "available_memory", lambda device: (nbytes, "test"))
+    monkeypatch.setattr(plan, "available_memory", lambda device: (nbytes, "test"))
 
 
 def test_auto_is_the_default_and_plans_in_half_the_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -267,7 +267,7 @@ def test_auto_fraction_is_overridable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cpu_available_memory_respects_a_cgroup_limit(tmp_path: Any) -> None:
-    from gimli_bptt.memory import _cpu_available
+    from gimli_bptt.memory_probe import _cpu_available
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
@@ -283,7 +283,7 @@ def test_cpu_available_memory_respects_a_cgroup_limit(tmp_path: Any) -> None:
 def test_available_memory_is_read_afresh_at_every_call(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Note [Reading the available memory cheaply]: a file under /proc is opened once and re-read
     with pread, so its current contents are returned each time; other paths are read afresh."""
-    from gimli_bptt import memory as memory_mod
+    from gimli_bptt import memory_probe as memory_mod
 
     first = memory_mod._read_text("/proc/self/stat")
     assert first is not None and "/proc/self/stat" in memory_mod._FDS

@@ -38,13 +38,13 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from . import engine
-from .errors import NonFiniteError
-from .hvp import StepSecondOrder
-from .hyper import OptimizerHyperparameters
-from ._typing import State
-from .problem import InnerProblem, check_scalar_loss
-from .stepping import add_second_order, step_vjp_all
+from .. import engine
+from .._typing import State
+from ..errors import NonFiniteError
+from ..hvp import StepSecondOrder
+from ..hyper import OptimizerHyperparameters
+from ..problem import InnerProblem, check_scalar_loss
+from ..stepping import add_second_order, step_vjp_all
 from .tape import TapeEntry, TapeResult
 
 
