@@ -33,7 +33,6 @@ from . import engine
 from .hyper import OptimizerHyperparameters
 from ._typing import Hyper, State
 from .problem import InnerProblem, StepGradient
-from .stepping import step_all
 
 #: The most learned scalars forward mode carries tangents for (its cost grows with their number).
 MAX_DIRECTIONS = 64
@@ -217,7 +216,7 @@ def forward_step(problem: InnerProblem, theta: list[Tensor], state: list[State],
     HZ = hessian_tangents(grad, Z, problem) if second_order else [None] * len(theta)
     hyper = problem.hyper_at(j)
     with torch.no_grad():
-        theta_next, state_next = step_all(problem.impl, theta, grad.G, state, hyper, problem.kernels)
+        theta_next, state_next = problem.step(theta, grad.G, state, hyper)
     scale = problem.lr_scale(j)
     stepped = [k for k, g in enumerate(grad.G) if g is not None]  # the others keep their tensor, state and tangents
     primals = [(theta[k], grad.G[k], state[k], hyper[k]) for k in stepped]

@@ -83,6 +83,8 @@ def test_no_import_cycle() -> None:
     ("gimli_bptt.reverse.schedule_costs", "gimli_bptt.reverse.tape"),  # and measure, the tape executes
     ("gimli_bptt.reverse.plan", "gimli_bptt.reverse.tape"),
     ("gimli_bptt.reverse.meter", "gimli_bptt.reverse.tape"),
+    ("gimli_bptt.reverse", "gimli_bptt.tasks"),  # the task dimension is the inner problem's (problem.py)
+    ("gimli_bptt.stepping", "gimli_bptt.tasks"),
     ("gimli_bptt.memory", "gimli_bptt.reverse"),  # the memory option knows no plan
     ("gimli_bptt.memory_probe", "gimli_bptt.reverse"),
 ])

@@ -23,7 +23,6 @@ from torch import Tensor
 from .._typing import Grads, State
 from ..problem import InnerProblem, RngState, StepGradient, capture_rng, same_rng
 from ..progress import Progress
-from ..stepping import step_all
 from .meter import SavedGraphMeter, tensors_in
 from .plan import TapePlan, graphs_that_fit
 
@@ -201,8 +200,7 @@ class Tape:
         if self.keep_G and j in self._slots and j not in self._slot_G:
             self._slot_G[j] = grad.G  # kept beside the stored s_j, freed with it
         with torch.no_grad():
-            theta, state = step_all(problem.impl, s.theta, grad.G, s.state, problem.hyper_at(step), problem.kernels,
-                                    problem.tasks)
+            theta, state = problem.step(s.theta, grad.G, s.state, problem.hyper_at(step))  # [Alg.1 L6]
         self.forward_steps += 1
         self._tick()
         return InnerState(theta, state, buffers_next)
@@ -308,8 +306,7 @@ def advance_untaped(problem: InnerProblem, start: InnerState, batches: Sequence[
         grad = problem.step_gradient(s.theta, buffers, batch, j)
         losses.append(grad.loss)
         with torch.no_grad():
-            theta, state = step_all(problem.impl, s.theta, grad.G, s.state, problem.hyper_at(j), problem.kernels,
-                                    problem.tasks)
+            theta, state = problem.step(s.theta, grad.G, s.state, problem.hyper_at(j))
         s = InnerState(theta, state, buffers)
     return s, losses
 
