@@ -40,9 +40,10 @@ cotangent from step j'+1 to j' (:mod:`gimli_bptt.reverse.sweep`). Code cites the
 - L4-L15 in reverse mode, put together: :func:`gimli_bptt.reverse.hypergradient.reverse_hypergradient`
   (the memory plan of :mod:`gimli_bptt.reverse.plan`, the tape, the sweep); in forward mode,
   :mod:`gimli_bptt.forward`;
-- L4-L7: :mod:`gimli_bptt.reverse.tape` (L5: ``InnerProblem.step_gradient``; L6: ``stepping.step_all``);
-  "retain gradient graph state" is what :mod:`gimli_bptt.reverse.plan` decides;
-- L8-L15: :mod:`gimli_bptt.reverse.sweep` (L11-L12: ``stepping.step_vjp_all``, the optimizer's
+- L4-L7: :mod:`gimli_bptt.reverse.tape` (L5: ``InnerProblem.step_gradient``; L6:
+  ``InnerProblem.step``, that is ``stepping.step_all``); "retain gradient graph state" is what
+  :mod:`gimli_bptt.reverse.plan` decides;
+- L8-L15: :mod:`gimli_bptt.reverse.sweep` (L11-L12: ``InnerProblem.step_vjp``, the optimizer's
   hand-written VJP, which also gives the first term of L14 and, for stateful optimizers, the
   state's cotangent; L13 and the second term of L14: :mod:`gimli_bptt.hvp`);
 - L16: ``GimliUpdater._apply``, a transaction (:mod:`gimli_bptt.transaction`).

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The one memory option: from ``memory=`` to the tape's schedule and the graphs it keeps ([Alg.1 L4]-[Alg.1 L7]).
+"""The one memory option, ``memory=``: how much of the tape a hypergradient may keep ([Alg.1 L4]-[Alg.1 L7]).
 
 For each inner step j the reverse sweep needs the state s_j (parameters, optimizer state,
 buffers) and the gradient graph of G_j ([Alg.1 L5]) for its Hessian-vector product. How much
@@ -29,8 +29,9 @@ graph are not: the tape measures step 0's with :class:`~gimli_bptt.reverse.meter
 and asks :func:`~gimli_bptt.reverse.plan.graphs_that_fit` how many steps' graphs to keep.
 
 Note [The automatic budget]: at the start of each meta step, ``memory="auto"`` asks how much
-memory is available now (:func:`gimli_bptt.memory_probe.available_memory`): on CUDA the driver's free memory plus what
-PyTorch's caching allocator holds but does not use, for the parameters' device; on the CPU the
+memory is available now (:func:`gimli_bptt.memory_probe.available_memory`): on CUDA the
+driver's free memory plus what PyTorch's caching allocator holds but does not use, for the
+parameters' device; on the CPU the
 kernel's ``MemAvailable``, or less when a cgroup (a container's limit) leaves less. It plans in
 ``AUTO_FRACTION`` of that (half: the rest is left for the batches, the activations of the step
 being computed, the allocator's slack and everything else the process does); ``GIMLI_MEMORY_FRACTION``
@@ -39,8 +40,8 @@ as fit (the fastest), else every state, else binomial checkpointing, and never m
 budget; a machine short of memory gets a checkpointed plan where an autograd unroll would run
 out of memory. Distributed, every rank plans in the smallest budget of all ranks, agreed once
 when the updater is built (Note [Agreeing on a budget] in
-:func:`~gimli_bptt.reverse.plan.resolve_budget`), so that every
-rank keeps the same steps' graphs. ``last_tape_stats`` reports the budget and where it came from.
+:func:`~gimli_bptt.reverse.plan.resolve_budget`), so that every rank keeps the same steps' graphs.
+``last_tape_stats`` reports the budget and where it came from.
 """
 from __future__ import annotations
 

@@ -336,7 +336,7 @@ class InnerProblem:
 
         The tape's first pass, its recomputations from checkpoints and the sweep's recomputation
         before a Hessian-vector product all call this. ``rng`` replays the generator state of
-        the first pass (Note [Bit-identical recomputation] in ``tape.py``). With
+        the first pass (Note [Bit-identical recomputation] in ``reverse/tape.py``). With
         ``keep_graph`` the result keeps this rank's G_j with its autograd graph (for the HVP);
         the ``G`` it hands the optimizer is detached and, distributed, the mean over the ranks.
 

@@ -98,7 +98,8 @@ def _task_dims(state: State) -> dict[str, Optional[int]]:
 
 def step_per_task(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
                   hyper: Sequence[Hyper]) -> tuple[list[Tensor], list[State]]:
-    """[Alg.1 L6] of an optimizer that is not element-wise (``stepping.step_all``), task by task under ``torch.func.vmap``."""
+    """[Alg.1 L6] of an optimizer that is not element-wise (``stepping.step_all``), task by task
+    under ``torch.func.vmap``."""
     theta_next, state_next = [], []
     for t, g, s, h in zip(theta, G, state, hyper):
         if g is None:
@@ -124,8 +125,9 @@ def step_per_task(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: 
 def step_vjp_per_task(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
                       hyper: Sequence[Hyper], theta_next_bar: Sequence[Tensor], state_next_bar: Sequence[State],
                       ) -> tuple[list[Tensor], list[Optional[Tensor]], list[State], list[dict[str, Tensor]]]:
-    """[Alg.1 L11]-[Alg.1 L12] (``stepping.step_vjp_all``) task by task under ``torch.func.vmap``; φ̄_opt and the cotangents of shared
-    state entries are summed over the tasks (φ and those entries are shared by them)."""
+    """[Alg.1 L11]-[Alg.1 L12] (``stepping.step_vjp_all``) task by task under ``torch.func.vmap``;
+    φ̄_opt and the cotangents of shared state entries are summed over the tasks (φ and those
+    entries are shared by them)."""
     theta_bar: list[Tensor] = []
     G_bar: list[Optional[Tensor]] = []
     state_bar: list[State] = []

@@ -169,7 +169,7 @@ def test_keep_graphs_keeps_every_graph() -> None:
     ({"memory": Memory(slots=0)}, ValueError, "slots must be >= 1"),
     ({"memory": Memory(slots=True)}, TypeError, "slots must be an int"),
 ])
-def test_bad_memory_budgets(options: dict[str, Any], exc: type, match: str) -> None:
+def test_bad_memory_values(options: dict[str, Any], exc: type, match: str) -> None:
     with pytest.raises(exc, match=match):
         _updater("sgd", 3, **options)
 

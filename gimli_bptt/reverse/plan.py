@@ -188,7 +188,8 @@ def graphs_that_fit(bytes_left: int, num_steps: int, graph_bytes: int) -> int:
     Args:
         bytes_left: The budget left once the J states are counted (``>= 0``).
         num_steps: Number of inner steps ``J`` (``>= 1``).
-        graph_bytes: Bytes of one step's graph, as :class:`~gimli_bptt.reverse.meter.SavedGraphMeter` measured them (``>= 1``).
+        graph_bytes: Bytes of one step's graph, as
+            :class:`~gimli_bptt.reverse.meter.SavedGraphMeter` measured them (``>= 1``).
 
     Returns:
         ``k`` with ``0 <= k <= J``; the tape keeps the graphs of steps ``J - k .. J - 1``.
