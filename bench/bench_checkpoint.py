@@ -46,7 +46,7 @@ def _rss_mib() -> float:
 def worker(J: int, slots: int, hidden: int, batch: int, threads: int) -> dict[str, Any]:
     """One configuration: build, warm up on a short unroll, then time one meta step of length J."""
     from gimli_bptt import GimliUpdater, Memory
-    from gimli_bptt.checkpoint import min_forward_steps
+    from gimli_bptt.reverse.schedule_costs import min_forward_steps
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ torch.func unroll into its forward loop and its single backward pass::
 Phases (each the total over the J steps of one hypergradient, median over the repeats):
 
 - ``tape: loss + G_j``   ``InnerProblem.gradient_with_graph`` (forward and backward, [Alg.1 L5])
-- ``tape: optimizer``    ``step_all`` as the tape calls it ([Alg.1 L6])
+- ``tape: optimizer``    ``InnerProblem.step`` as the tape calls it ([Alg.1 L6])
 - ``sweep: recompute``   the sweep's recomputation of ℓ_j and G_j with a graph (``hvp="rev"``)
-- ``sweep: optimizer``   ``step_vjp_all`` ([Alg.1 L11])
+- ``sweep: optimizer``   ``InnerProblem.step_vjp`` ([Alg.1 L11])
 - ``sweep: HVP``         ``StepSecondOrder.apply`` ([Alg.1 L13-14])
 - ``sweep: A_opt``       ``OptimizerHyperparameters.accumulate_all`` ([Alg.1 L12])
 - ``other``              the rest: validation loss, tape bookkeeping, random-generator capture, ...
@@ -38,8 +38,6 @@ import bench_peers as peers  # noqa: E402
 from gimli_bptt import hvp as hvp_mod  # noqa: E402
 from gimli_bptt import hyper as hyper_mod  # noqa: E402
 from gimli_bptt import problem as problem_mod  # noqa: E402
-from gimli_bptt import sweep as sweep_mod  # noqa: E402
-from gimli_bptt import tape as tape_mod  # noqa: E402
 
 SPENT: dict[str, float] = defaultdict(float)
 _ACTIVE: list[str] = []
@@ -65,9 +63,9 @@ def _timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def instrument() -> None:
     """Wraps the phase functions where the tape and the sweep look them up."""
-    tape_mod.step_all = _timed("tape: optimizer", tape_mod.step_all)
-    sweep_mod.step_vjp_all = _timed("sweep: optimizer", sweep_mod.step_vjp_all)
     cls = problem_mod.InnerProblem
+    cls.step = _timed("tape: optimizer", cls.step)
+    cls.step_vjp = _timed("sweep: optimizer", cls.step_vjp)
     cls.step_gradient = _timed("tape: loss + G_j", cls.step_gradient)
     step = hvp_mod.StepSecondOrder
     step._recompute_with_graph = _timed("sweep: recompute", step._recompute_with_graph)

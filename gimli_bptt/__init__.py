@@ -31,18 +31,19 @@ updates I and the length of the unrolled inner loop J::
 Line 9's gradient is taken at the end of the unroll, θ'_J (the paper's subscript j there is
 the loop variable of lines 4-7 after its last step). With a stateful optimizer (momentum,
 Adam's moments) opt'_j also carries its state σ_j, so lines 11-14 also propagate σ's
-cotangent from step j'+1 to j' (:mod:`gimli_bptt.sweep`). Code cites these lines as
+cotangent from step j'+1 to j' (:mod:`gimli_bptt.reverse.sweep`). Code cites these lines as
 ``[Alg.1 L<n>]``:
 
 - L1, L17, L18: the user's loop of ``GimliUpdater.step`` calls (``updater.py``);
 - L2: ``GimliUpdater._problem`` and :mod:`gimli_bptt.metaparams` (the split of φ);
 - L3: ``GimliUpdater._initial_state`` (copies of θ, ``opt.state`` and the buffers);
-- L4-L15 in reverse mode, put together: :func:`gimli_bptt.reverse.reverse_hypergradient`
-  (the memory plan of :mod:`gimli_bptt.memory`, the tape, the sweep); in forward mode,
+- L4-L15 in reverse mode, put together: :func:`gimli_bptt.reverse.hypergradient.reverse_hypergradient`
+  (the memory plan of :mod:`gimli_bptt.reverse.plan`, the tape, the sweep); in forward mode,
   :mod:`gimli_bptt.online` (the updater's forward/online half) with the math of :mod:`gimli_bptt.forward`;
-- L4-L7: :mod:`gimli_bptt.tape` (L5: ``InnerProblem.step_gradient``; L6: ``stepping.step_all``);
-  "retain gradient graph state" is what :mod:`gimli_bptt.memory` decides;
-- L8-L15: :mod:`gimli_bptt.sweep` (L11-L12: ``stepping.step_vjp_all``, the optimizer's
+- L4-L7: :mod:`gimli_bptt.reverse.tape` (L5: ``InnerProblem.step_gradient``; L6:
+  ``InnerProblem.step``, that is ``stepping.step_all``); "retain gradient graph state" is what
+  :mod:`gimli_bptt.reverse.plan` decides;
+- L8-L15: :mod:`gimli_bptt.reverse.sweep` (L11-L12: ``InnerProblem.step_vjp``, the optimizer's
   hand-written VJP, which also gives the first term of L14 and, for stateful optimizers, the
   state's cotangent; L13 and the second term of L14: :mod:`gimli_bptt.hvp`);
 - L16: ``GimliUpdater._apply``, a transaction (:mod:`gimli_bptt.transaction`).
@@ -51,17 +52,17 @@ from __future__ import annotations
 
 from .errors import DistributedError, NonFiniteError
 from .functional import FunctionalModel
-from .memory import Checkpointing, Memory, TapeStats
+from .memory import Memory
 from .metaparams import Hyperparameter
 from .optim import get_optimizer, register_optimizer, supported_optimizers, unregister_optimizer
 from .optim.declarations import Flag, StateEntry
 from .result import MetaStepResult
+from .reverse.meter import TapeStats
 from .updater import GimliUpdater
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Checkpointing",
     "DistributedError",
     "Flag",
     "FunctionalModel",

@@ -34,7 +34,6 @@ from .metaparams import OptimizerHyperparameters
 from .optim.adjoints import dense_dot
 from ._typing import Hyper, State
 from .problem import InnerProblem, StepGradient
-from .stepping import step_all
 
 #: The most learned scalars forward mode carries tangents for (its cost grows with their number).
 MAX_DIRECTIONS = 64
@@ -218,7 +217,7 @@ def forward_step(problem: InnerProblem, theta: list[Tensor], state: list[State],
     HZ = hessian_tangents(grad, Z, problem) if second_order else [None] * len(theta)
     hyper = problem.hyper_at(j)
     with torch.no_grad():
-        theta_next, state_next = step_all(problem.impl, theta, grad.G, state, hyper, problem.kernels)
+        theta_next, state_next = problem.step(theta, grad.G, state, hyper)
     scale = problem.lr_scale(j)
     G = {k: g for k, g in enumerate(grad.G) if g is not None}
     stepped = list(G)  # the others keep their tensor, state and tangents

@@ -24,7 +24,7 @@ from ._typing import Grads
 from .options import HVP_MODES
 from .problem import InnerProblem, StepGradient, replay_rng
 from .second_order import explain_missing_derivatives
-from .tape import TapeEntry
+from .reverse.tape import TapeEntry
 
 
 class StepSecondOrder:

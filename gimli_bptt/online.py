@@ -23,14 +23,14 @@ from torch import Tensor
 from ._typing import State
 from .errors import NonFiniteError
 from .forward import Directions, Tangents, as_hypergrads, directional_hypergradients, directions, forward_unroll
-from .memory import TapeStats
+from .reverse.meter import TapeStats
 from .metaparams import Hypergrad, MetaParameters, OptimizerHyperparameters
 from .options import Options
 from .problem import InnerProblem, LossFn
 from .progress import Progress
 from .result import MetaStepResult
-from .sweep import validation_gradient
-from .tape import TapeResult
+from .reverse.sweep import validation_gradient
+from .reverse.tape import TapeResult
 
 
 class OnlineMode:

@@ -2,7 +2,6 @@
 """The options of ``GimliUpdater`` and the checks of what a user hands it: clear errors, before anything runs."""
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -10,7 +9,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .memory import Memory, memory_from_deprecated
+from .memory import Memory, as_memory
 from .optim.base import DiffOptimizer
 from .stepping import check_kernel_mode
 from .tasks import check_task_batch
@@ -71,10 +70,8 @@ class Options:
 
 def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any, on_nonfinite: Any, project: Any,
                      memory: Any, progress: Any, lr_schedule: Any, kernels: Any, learn_init: Any,
-                     tasks: Any = None, first_order: Any = False, truncate: Any = None, mode: Any = "reverse",
-                     check_finite: Any = None, checkpoint: Any = None, memory_budget: Any = None,
-                     keep_graphs: Any = None) -> Options:
-    """Checks every option and folds the deprecated ones into their replacements.
+                     tasks: Any = None, first_order: Any = False, truncate: Any = None, mode: Any = "reverse") -> Options:
+    """Checks every option.
 
     Raises:
         TypeError: an option of the wrong type.
@@ -88,14 +85,6 @@ def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any,
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
-    if check_finite is not None:
-        warnings.warn("GimliUpdater(check_finite=...) is deprecated and will be removed in the next release: "
-                      "use on_nonfinite='ignore' to check nothing", DeprecationWarning, stacklevel=3)
-        if not check_finite:
-            if on_nonfinite == "skip":
-                raise ValueError("check_finite=False and on_nonfinite='skip' contradict each other: "
-                                 "a step can only be skipped when it is checked")
-            on_nonfinite = "ignore"
     if commit and learn_init:
         raise ValueError(
             "commit=True and learn_init=True contradict each other: with learn_init the model's "
@@ -137,7 +126,7 @@ def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any,
             raise ValueError("mode='forward' carries one tangent per learned scalar, and θ_0 has as many as the model "
                              "has weights: learn θ_0 with mode='reverse'")
     check_kernel_mode(impl, kernels)
-    plan = memory_from_deprecated(memory, checkpoint, memory_budget, keep_graphs)
+    plan = as_memory(memory)
     if plan.keep_graphs and first_order:
         raise ValueError("Memory(keep_graphs=True) keeps gradient graphs, which first_order=True never builds: "
                          "drop one of them")

@@ -13,11 +13,12 @@ from torch import Tensor, nn
 from . import engine
 from .distributed import Reducer
 from .errors import NonFiniteError
+from ._typing import Grads, Hyper, State
 from .functional import FunctionalModel, ModuleSlots, clone_buffers
 from .optim.base import DiffOptimizer
 from .second_order import SafeModeLatch, explain_missing_derivatives
-from .stepping import SegmentBars, gradient_list
-from .tasks import vmapped_losses
+from .stepping import SegmentBars, gradient_list, step_all, step_vjp_all
+from .tasks import step_per_task, step_vjp_per_task, vmapped_losses
 
 LossFn = Callable[[FunctionalModel, Any], Tensor]
 
@@ -138,7 +139,9 @@ class InnerProblem:
         reducer: Data-parallel runs: averages G_j, ℓ_j and the second-order terms over the
             ranks (:mod:`gimli_bptt.distributed`); None on a single process.
         tasks: T, the number of tasks stacked along a leading dimension of every inner tensor
-            (Note [The task dimension] in :mod:`gimli_bptt.tasks`), or None.
+            (Note [The task dimension] in :mod:`gimli_bptt.tasks`), or None. It is read here
+            only: :meth:`loss`, :meth:`validation_loss`, :meth:`step` and :meth:`step_vjp`
+            handle the task dimension, so the tape and the sweep never see it.
         safe_mode: Whether the passes whose graphs are differentiated again need the
             second-order-safe mode (the updater's latch: Note [Skipping the safe mode]); every
             such pass runs under the mode where none is given.
@@ -162,6 +165,35 @@ class InnerProblem:
     reducer: Optional[Reducer] = None
     tasks: Optional[int] = None
     safe_mode: SafeModeLatch = field(default_factory=lambda: SafeModeLatch(learns=False))
+    _per_task_steps: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Note [The task dimension]: an element-wise optimizer steps the stacked tasks as one
+        # tensor (through the kernels); another runs per task under vmap. Decided once, here.
+        self._per_task_steps = self.tasks is not None and not self.impl.elementwise
+
+    def step(self, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
+             hyper: Sequence[Hyper]) -> tuple[list[Tensor], list[State]]:
+        """[Alg.1 L6]: ``(θ_{j+1}, σ_{j+1})`` from θ_j, G_j and σ_j with step j's hyperparameters
+        (:meth:`hyper_at`), over every inner parameter (:func:`~gimli_bptt.stepping.step_all`
+        with the problem's ``kernels``, or per task: Note [The task dimension])."""
+        if self._per_task_steps:
+            return step_per_task(self.impl, theta, G, state, hyper)
+        return step_all(self.impl, theta, G, state, hyper, self.kernels)
+
+    def step_vjp(self, theta: Sequence[Tensor], G: Grads, state: Sequence[State], hyper: Sequence[Hyper],
+                 theta_next_bar: Sequence[Tensor], state_next_bar: Sequence[State],
+                 ) -> tuple[list[Tensor], list[Optional[Tensor]], list[State], Any]:
+        """[Alg.1 L11]-[Alg.1 L12]: ``(θ̄', Ḡ_j, σ̄_j, φ̄_opt)``, the VJP of :meth:`step` at step j.
+
+        φ̄_opt is a :class:`~gimli_bptt.stepping.SegmentBars` from the flat ops or a list of
+        per-tensor dicts; ``OptimizerHyperparameters.accumulate_all`` takes either, after
+        :meth:`hyper_bar_at`.
+        """
+        if self._per_task_steps:
+            return step_vjp_per_task(self.impl, theta, G, state, hyper, theta_next_bar, state_next_bar)
+        return step_vjp_all(self.impl, theta, G, state, hyper, theta_next_bar, state_next_bar, self.kernels,
+                            segment_bars=True)
 
     def all_reduce_mean(self, tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor],
                         what: str) -> list[Optional[Tensor]]:
@@ -281,6 +313,15 @@ class InnerProblem:
             self._check_finite(loss, j)
         return loss
 
+    def validation_loss(self, val_loss: LossFn, theta: Sequence[Tensor], buffers: dict[str, Tensor],
+                        batch: Any) -> tuple[Tensor, Optional[Tensor]]:
+        """L_val(θ'_J) ([Alg.1 L9]'s loss, ``buffers`` updated in place) and, with tasks, each task's
+        (shape ``(T,)``; L_val is their mean: Note [The task dimension]), else None."""
+        if self.tasks is None:
+            return check_scalar_loss(val_loss(self.view(theta, buffers), batch), "val_loss"), None
+        task_L = self.task_losses(val_loss, theta, buffers, batch, "val_loss")
+        return task_L.mean(), task_L
+
     def task_losses(self, fn: LossFn, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
                     what: str) -> Tensor:
         """``fn`` of every task, vectorised over the leading task dimension (:func:`~gimli_bptt.tasks.vmapped_losses`)."""
@@ -295,7 +336,7 @@ class InnerProblem:
 
         The tape's first pass, its recomputations from checkpoints and the sweep's recomputation
         before a Hessian-vector product all call this. ``rng`` replays the generator state of
-        the first pass (Note [Bit-identical recomputation] in ``tape.py``). With
+        the first pass (Note [Bit-identical recomputation] in ``reverse/tape.py``). With
         ``keep_graph`` the result keeps this rank's G_j with its autograd graph (for the HVP);
         the ``G`` it hands the optimizer is detached and, distributed, the mean over the ranks.
 

@@ -14,6 +14,9 @@ flat-buffer ops (``kernels/``), so neither imports the other:
 - ``"auto"`` (default): fused where the kernels are available and suit the tensors, else the
   twin; the loop for optimizers without a flat layout.
 
+A stack of tasks (``tasks=T``) changes nothing here: the inner problem decides once how its
+optimizer steps them (:meth:`~gimli_bptt.problem.InnerProblem.step`).
+
 All four give the same numbers (``tests/test_kernels.py``). Tensors the flat ops do not take
 (empty ones) come back from :mod:`gimli_bptt.kernels.flat` untouched and run the per-tensor loop here.
 """
@@ -322,17 +325,14 @@ def _flat_step_vjp(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state:
 
 # ---------------------------------------------------------------------------- the entry points
 def step_all(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State], hyper: Sequence[Hyper],
-             kernels: str = "auto", tasks: Optional[int] = None) -> tuple[list[Tensor], list[State]]:
+             kernels: str = "auto") -> tuple[list[Tensor], list[State]]:
     """[Alg.1 L6] for every inner parameter: ``(θ_{j+1}, σ_{j+1})``.
 
     A tensor whose gradient is ``None`` (it did not take part in the loss) is left as it is,
     with its state, exactly as ``torch.optim`` skips parameters whose ``.grad`` is ``None``.
-    With ``tasks`` the tensors carry a leading task dimension (Note [The task dimension] in
-    :mod:`gimli_bptt.tasks`): an element-wise optimizer takes them as they are, another runs
-    per task under ``torch.func.vmap``.
+    The step is element-wise in the tensors or not, as the optimizer is: stacked tasks are the
+    inner problem's concern (``InnerProblem.step``, Note [The task dimension] in :mod:`gimli_bptt.tasks`).
     """
-    if tasks is not None and not opt.elementwise:
-        return _per_task_step(opt, theta, G, state, hyper)
     if _use_flat(opt, kernels, theta, G, hyper):
         return _flat_step(opt, theta, G, state, hyper, kernels)
     theta_next: list[Tensor] = []
@@ -350,7 +350,7 @@ def step_all(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Seque
 
 def step_vjp_all(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
                  hyper: Sequence[Hyper], theta_next_bar: Sequence[Tensor], state_next_bar: Sequence[State],
-                 kernels: str = "auto", segment_bars: bool = False, tasks: Optional[int] = None,
+                 kernels: str = "auto", segment_bars: bool = False,
                  ) -> tuple[list[Tensor], list[Optional[Tensor]], list[State], Any]:
     """[Alg.1 L11]-[Alg.1 L12] for every inner parameter: ``(θ̄', Ḡ_j, σ̄_j, φ̄_opt per tensor)``.
 
@@ -358,8 +358,6 @@ def step_vjp_all(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: S
     through unchanged and ``Ḡ`` is ``None``. With ``segment_bars`` the flat path returns φ̄_opt
     as a :class:`SegmentBars` (the per-tensor path still returns its list of dicts).
     """
-    if tasks is not None and not opt.elementwise:
-        return _per_task_step_vjp(opt, theta, G, state, hyper, theta_next_bar, state_next_bar)
     if _use_flat(opt, kernels, theta, G, hyper, theta_next_bar):
         out = _flat_step_vjp(opt, theta, G, state, hyper, theta_next_bar, state_next_bar, kernels)
         return out if segment_bars else (*out[:3], out[3].as_list())
@@ -379,70 +377,6 @@ def step_vjp_all(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: S
             G_bar.append(b)
             state_bar.append(c)
             hyper_bar.append(d)
-    return theta_bar, G_bar, state_bar, hyper_bar
-
-
-# ---------------------------------------------------------------------------- one optimizer per task
-def _task_dims(state: State) -> dict[str, Optional[int]]:
-    """vmap's in_dims of one tensor's state: its per-task tensors along 0, the rest shared."""
-    return {k: (0 if isinstance(v, Tensor) and v.dim() > 0 else None) for k, v in state.items()}
-
-
-def _per_task_step(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
-                   hyper: Sequence[Hyper]) -> tuple[list[Tensor], list[State]]:
-    """``step_all`` of an optimizer that is not element-wise, task by task under ``torch.func.vmap``."""
-    theta_next, state_next = [], []
-    for t, g, s, h in zip(theta, G, state, hyper):
-        if g is None:
-            theta_next.append(t)
-            state_next.append(s)
-            continue
-        scalars = {k: v for k, v in s.items() if not isinstance(v, Tensor)}
-        tensors = {k: v for k, v in s.items() if isinstance(v, Tensor)}
-
-        def one(t1: Tensor, g1: Tensor, s1: dict[str, Tensor], h: Hyper = h) -> tuple[Tensor, dict[str, Tensor], dict]:
-            tn, sn = opt.step(t1, g1, {**scalars, **s1}, h)
-            return tn, {k: v for k, v in sn.items() if isinstance(v, Tensor)}, {
-                k: torch.tensor(float(v)) for k, v in sn.items() if not isinstance(v, Tensor) and v is not None}
-
-        tn, sn_t, sn_s = torch.func.vmap(one, in_dims=(0, 0, _task_dims(tensors)))(t, g, tensors)
-        sn: State = dict(sn_t)
-        sn.update({k: float(v.reshape(-1)[0]) for k, v in sn_s.items()})
-        theta_next.append(tn)
-        state_next.append(sn)
-    return theta_next, state_next
-
-
-def _per_task_step_vjp(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
-                       hyper: Sequence[Hyper], theta_next_bar: Sequence[Tensor], state_next_bar: Sequence[State],
-                       ) -> tuple[list[Tensor], list[Optional[Tensor]], list[State], list[dict[str, Tensor]]]:
-    """``step_vjp_all`` task by task under ``torch.func.vmap``; φ̄_opt and the cotangents of shared
-    state entries are summed over the tasks (φ and those entries are shared by them)."""
-    theta_bar: list[Tensor] = []
-    G_bar: list[Optional[Tensor]] = []
-    state_bar: list[State] = []
-    hyper_bar: list[dict[str, Tensor]] = []
-    for t, g, s, h, tb, sb in zip(theta, G, state, hyper, theta_next_bar, state_next_bar):
-        if g is None:
-            theta_bar.append(tb)
-            G_bar.append(None)
-            state_bar.append(sb)
-            hyper_bar.append({})
-            continue
-        scalars = {k: v for k, v in s.items() if not isinstance(v, Tensor)}
-        tensors = {k: v for k, v in s.items() if isinstance(v, Tensor)}
-        bars = {k: v for k, v in sb.items() if v is not None}
-
-        def one(t1: Tensor, g1: Tensor, s1: dict[str, Tensor], tb1: Tensor, sb1: dict[str, Tensor],
-                h: Hyper = h) -> tuple:
-            return opt.step_vjp(t1, g1, {**scalars, **s1}, h, tb1, sb1)
-
-        a, b, c, d = torch.func.vmap(one, in_dims=(0, 0, _task_dims(tensors), 0, _task_dims(bars)))(t, g, tensors, tb, bars)
-        shared = {k for k, v in tensors.items() if v.dim() == 0}
-        theta_bar.append(a)
-        G_bar.append(b)
-        state_bar.append({k: (v.sum(0) if k in shared else v) for k, v in c.items()})
-        hyper_bar.append({k: v.sum(0) for k, v in d.items()})
     return theta_bar, G_bar, state_bar, hyper_bar
 
 

@@ -15,17 +15,23 @@ hypergradients (the MAML objective); θ_0, shared, gets the sum of its T slices'
 
 The element-wise optimizers (all but Adafactor and Muon) apply unchanged to stacked tensors
 (their hyperparameters broadcast over the task dimension, and a cotangent is summed back to a
-hyperparameter's shape by ``reduce_like``); the others run per task under ``torch.func.vmap``
-(:mod:`gimli_bptt.stepping`). The fused kernels see a stacked tensor as one longer segment.
+hyperparameter's shape by ``reduce_like``) and run through :mod:`gimli_bptt.stepping` like a
+single task (the fused kernels see a stacked tensor as one longer segment); the others run per
+task under ``torch.func.vmap`` (:func:`step_per_task`, :func:`step_vjp_per_task`). Which of the
+two is decided once, when the inner problem is built (``InnerProblem.step`` and ``step_vjp``),
+so the tape, the sweep and the stepping functions carry no task flag; the validation loss's mean
+over the tasks is the problem's too (``InnerProblem.validation_loss``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .memory import tensors_in
+from ._typing import Grads, Hyper, State
+from .optim.base import DiffOptimizer
+from .reverse.meter import tensors_in
 
 
 def stack(t: Tensor, tasks: int) -> Tensor:
@@ -85,4 +91,69 @@ def vmapped_losses(one: Callable[[list[Tensor], dict[str, Tensor], Any], Tensor]
         ) from exc
 
 
-__all__ = ["check_task_batch", "stack", "stack_state", "vmapped_losses"]
+def _task_dims(state: State) -> dict[str, Optional[int]]:
+    """vmap's in_dims of one tensor's state: its per-task tensors along 0, the rest shared."""
+    return {k: (0 if isinstance(v, Tensor) and v.dim() > 0 else None) for k, v in state.items()}
+
+
+def step_per_task(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
+                  hyper: Sequence[Hyper]) -> tuple[list[Tensor], list[State]]:
+    """[Alg.1 L6] of an optimizer that is not element-wise (``stepping.step_all``), task by task
+    under ``torch.func.vmap``."""
+    theta_next, state_next = [], []
+    for t, g, s, h in zip(theta, G, state, hyper):
+        if g is None:
+            theta_next.append(t)
+            state_next.append(s)
+            continue
+        scalars = {k: v for k, v in s.items() if not isinstance(v, Tensor)}
+        tensors = {k: v for k, v in s.items() if isinstance(v, Tensor)}
+
+        def one(t1: Tensor, g1: Tensor, s1: dict[str, Tensor], h: Hyper = h) -> tuple[Tensor, dict[str, Tensor], dict]:
+            tn, sn = opt.step(t1, g1, {**scalars, **s1}, h)
+            return tn, {k: v for k, v in sn.items() if isinstance(v, Tensor)}, {
+                k: torch.tensor(float(v)) for k, v in sn.items() if not isinstance(v, Tensor) and v is not None}
+
+        tn, sn_t, sn_s = torch.func.vmap(one, in_dims=(0, 0, _task_dims(tensors)))(t, g, tensors)
+        sn: State = dict(sn_t)
+        sn.update({k: float(v.reshape(-1)[0]) for k, v in sn_s.items()})
+        theta_next.append(tn)
+        state_next.append(sn)
+    return theta_next, state_next
+
+
+def step_vjp_per_task(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Sequence[State],
+                      hyper: Sequence[Hyper], theta_next_bar: Sequence[Tensor], state_next_bar: Sequence[State],
+                      ) -> tuple[list[Tensor], list[Optional[Tensor]], list[State], list[dict[str, Tensor]]]:
+    """[Alg.1 L11]-[Alg.1 L12] (``stepping.step_vjp_all``) task by task under ``torch.func.vmap``;
+    φ̄_opt and the cotangents of shared state entries are summed over the tasks (φ and those
+    entries are shared by them)."""
+    theta_bar: list[Tensor] = []
+    G_bar: list[Optional[Tensor]] = []
+    state_bar: list[State] = []
+    hyper_bar: list[dict[str, Tensor]] = []
+    for t, g, s, h, tb, sb in zip(theta, G, state, hyper, theta_next_bar, state_next_bar):
+        if g is None:
+            theta_bar.append(tb)
+            G_bar.append(None)
+            state_bar.append(sb)
+            hyper_bar.append({})
+            continue
+        scalars = {k: v for k, v in s.items() if not isinstance(v, Tensor)}
+        tensors = {k: v for k, v in s.items() if isinstance(v, Tensor)}
+        bars = {k: v for k, v in sb.items() if v is not None}
+
+        def one(t1: Tensor, g1: Tensor, s1: dict[str, Tensor], tb1: Tensor, sb1: dict[str, Tensor],
+                h: Hyper = h) -> tuple:
+            return opt.step_vjp(t1, g1, {**scalars, **s1}, h, tb1, sb1)
+
+        a, b, c, d = torch.func.vmap(one, in_dims=(0, 0, _task_dims(tensors), 0, _task_dims(bars)))(t, g, tensors, tb, bars)
+        shared = {k for k, v in tensors.items() if v.dim() == 0}
+        theta_bar.append(a)
+        G_bar.append(b)
+        state_bar.append({k: (v.sum(0) if k in shared else v) for k, v in c.items()})
+        hyper_bar.append({k: v.sum(0) for k, v in d.items()})
+    return theta_bar, G_bar, state_bar, hyper_bar
+
+
+__all__ = ["check_task_batch", "stack", "stack_state", "step_per_task", "step_vjp_per_task", "vmapped_losses"]

@@ -16,7 +16,7 @@ from . import saving
 from .distributed import Reducer, agree, check_replicas, resolve_process_group
 from .errors import DistributedError, NonFiniteError
 from .functional import clone_buffers
-from .memory import Memory, TapeStats, resolve_budget, state_bytes
+from .memory import Memory
 from .metaparams import MetaParameters, OptimizerHyperparameters, parse_learn
 from .online import OnlineMode
 from .optim import get_optimizer
@@ -26,10 +26,12 @@ from ._typing import State
 from .problem import InnerProblem, LossFn, capture_rng, restore_rng
 from .stepping import step_all
 from .tasks import stack, stack_state
-from .reverse import reverse_hypergradient
+from .reverse.hypergradient import reverse_hypergradient
+from .reverse.meter import TapeStats
+from .reverse.plan import resolve_budget, state_bytes
 from .second_order import MissingDoubleBackwardError, SafeModeLatch
 from .forward import Tangents, check_learnable
-from .tape import InnerState, TapeResult
+from .reverse.tape import InnerState, TapeResult
 from .result import MetaStepResult
 from .transaction import Transaction
 
@@ -102,7 +104,7 @@ class GimliUpdater(OnlineMode):
             (learned) lr times this factor, e.g. a warm-up ``lambda j: min(1, (j + 1) / 5)``;
             the hypergradient of lr accounts for it.
         first_order: The first-order approximation (FOMAML for MAML with SGD; Note [First order]
-            in :mod:`gimli_bptt.sweep`): H_j·Ḡ_j and the mixed second derivatives of the loss
+            in :mod:`gimli_bptt.reverse.sweep`): H_j·Ḡ_j and the mixed second derivatives of the loss
             parameters are dropped, the optimizer's own Jacobians are kept; no gradient graph is
             built. Loss parameters then get only the direct term of L_val.
         mode: ``"reverse"`` (default): Algorithm 1's tape and reverse sweep. ``"forward"``: the
@@ -134,13 +136,9 @@ class GimliUpdater(OnlineMode):
             group. Each rank passes its shard of every batch; G_j, ℓ_j, the validation
             gradient and every second-order term are averaged over the ranks, so every rank
             computes the hypergradient of the mean of the per-rank losses and holds the same φ.
-        checkpoint: Deprecated: ``memory=Memory(slots=k)``.
-        memory_budget: Deprecated: ``memory=B``.
-        keep_graphs: Deprecated: ``memory=Memory(keep_graphs=True)``.
-        check_finite: Deprecated: ``check_finite=False`` is ``on_nonfinite="ignore"``.
 
     Attributes:
-        last_tape_stats: The :class:`~gimli_bptt.memory.TapeStats` of the last meta step's tape
+        last_tape_stats: The :class:`~gimli_bptt.reverse.meter.TapeStats` of the last meta step's tape
             (None before the first).
 
     Raises:
@@ -156,10 +154,7 @@ class GimliUpdater(OnlineMode):
                  commit: bool = False, on_nonfinite: str = "raise", project: bool = True,
                  progress: Optional[bool] = None, lr_schedule: Optional[Callable[[int], float]] = None,
                  kernels: str = "auto", tasks: Optional[int] = None, first_order: bool = False,
-                 truncate: Optional[int] = None, mode: str = "reverse", process_group: Any = None,
-                 checkpoint: Any = None,
-                 memory_budget: Optional[int] = None, keep_graphs: Optional[bool] = None,
-                 check_finite: Optional[bool] = None):
+                 truncate: Optional[int] = None, mode: str = "reverse", process_group: Any = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(opt, torch.optim.Optimizer):
@@ -169,8 +164,7 @@ class GimliUpdater(OnlineMode):
         self.options = validate_options(
             self.impl, unroll=unroll, hvp=hvp, commit=commit, on_nonfinite=on_nonfinite, project=project,
             memory=memory, progress=progress, lr_schedule=lr_schedule, kernels=kernels, learn_init=learn_init,
-            tasks=tasks, first_order=first_order, truncate=truncate, mode=mode, check_finite=check_finite,
-            checkpoint=checkpoint, memory_budget=memory_budget, keep_graphs=keep_graphs)
+            tasks=tasks, first_order=first_order, truncate=truncate, mode=mode)
         inner = inner_parameters(model, opt, self.impl)
         self.model, self.opt, self.train_loss, self.val_loss = model, opt, train_loss, val_loss
         self._names, self._params, self._frozen_names = inner.names, inner.params, inner.frozen_names
@@ -304,7 +298,7 @@ class GimliUpdater(OnlineMode):
                               task_val_losses=swept.task_val_losses), end
 
     def _state_bytes(self, start: InnerState, problem: InnerProblem, keep_G: bool) -> int:
-        """:func:`~gimli_bptt.memory.state_bytes`, computed once for the shapes, dtypes and buffers it sees
+        """:func:`~gimli_bptt.reverse.plan.state_bytes`, computed once for the shapes, dtypes and buffers it sees
         (the fixed hyperparameters, which decide which state entries exist, do not change)."""
         key = (keep_G, tuple((t.shape, t.dtype, t.device) for t in start.theta),
                tuple((n, b.shape, b.dtype) for n, b in start.buffers.items()))

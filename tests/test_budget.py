@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from gimli_bptt.memory import Memory, SavedGraphMeter, graphs_that_fit, plan_tape, tensors_in
-from gimli_bptt.checkpoint import binomial_schedule, store_all_schedule
+from gimli_bptt import Memory
+from gimli_bptt.reverse.meter import SavedGraphMeter, tensors_in
+from gimli_bptt.reverse.plan import graphs_that_fit, plan_tape
+from gimli_bptt.reverse.schedules import binomial_schedule, store_all_schedule
 
 N = 10  # elements of the test tensors (float64: 80 bytes each)
 

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Tests for gimli_bptt.checkpoint: schedule validity, optimality against brute force, validation."""
+"""The checkpoint schedules (gimli_bptt.reverse.schedules), their costs (.schedule_costs) and the slots of a
+budget (.plan): schedule validity, optimality against brute force, validation."""
 from __future__ import annotations
 
 import heapq
@@ -10,18 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gimli_bptt.checkpoint import (
-    Op,
+from gimli_bptt.reverse.plan import slots_for_budget
+from gimli_bptt.reverse.schedule_costs import (
     ScheduleStats,
-    binomial_schedule,
     every_k_forward_steps,
-    every_k_schedule,
     every_k_slots,
     min_forward_steps,
     simulate,
-    slots_for_budget,
-    store_all_schedule,
 )
+from gimli_bptt.reverse.schedules import Op, binomial_schedule, every_k_schedule, store_all_schedule
 
 # --------------------------------------------------------------------------------------------
 # Brute-force references, written independently of the module.

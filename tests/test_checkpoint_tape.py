@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from gimli_bptt import GimliUpdater, Memory, TapeStats
-from gimli_bptt.checkpoint import every_k_forward_steps, min_forward_steps
+from gimli_bptt.reverse.schedule_costs import every_k_forward_steps, min_forward_steps
 
 from optim_table import row
 from problems import build_model, ce_loss, make_batches

@@ -166,7 +166,7 @@ def _lopsided_loss(w: Tensor, model: Any, batch: tuple[Tensor, Tensor]) -> Tenso
     return _train_loss(w, model, batch) + extra
 
 
-def _check_memory_budget(rank: int, world: int, out: str) -> None:
+def _check_budget_plans_alike(rank: int, world: int, out: str) -> None:
     batches, val = _data()
     shards, val_shard = [_shard(b, rank, world) for b in batches], _shard(val, rank, world)
     config = CONFIGS["sgd rev"]
@@ -183,11 +183,11 @@ def _check_memory_budget(rank: int, world: int, out: str) -> None:
     ref = _updater(config, process_group=False, loss=_lopsided_loss).hypergradient(batches, val)
     for key in ref.hypergrads:
         err = relative_error(got.hypergrads[key], ref.hypergrads[key], floor=1e-12)
-        assert err <= TOL, f"memory_budget rank {rank}/{world}: {key} relative error {err:.2e}"
+        assert err <= TOL, f"budget rank {rank}/{world}: {key} relative error {err:.2e}"
 
 
-def test_memory_budget_keeps_the_same_graphs_on_every_rank(tmp_path: Any) -> None:
-    _spawn(_check_memory_budget, 2, str(tmp_path))
+def test_a_budget_keeps_the_same_graphs_on_every_rank(tmp_path: Any) -> None:
+    _spawn(_check_budget_plans_alike, 2, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- failures

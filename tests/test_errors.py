@@ -257,14 +257,12 @@ def test_ignore_checks_nothing() -> None:
     assert torch.isnan(result.train_losses[1]) and torch.isnan(result.val_loss)
 
 
-def test_check_finite_is_a_deprecated_spelling() -> None:
-    with pytest.warns(DeprecationWarning, match="on_nonfinite='ignore'"):
-        up = _updater(check_finite=False)
-    assert up.options.on_nonfinite == "ignore" and not up.options.check_finite
-    with pytest.warns(DeprecationWarning):
-        assert _updater(check_finite=True).options.on_nonfinite == "raise"
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="contradict"):
-        _updater(check_finite=False, on_nonfinite="skip")
+@pytest.mark.parametrize("keyword", ["check_finite", "checkpoint", "memory_budget", "keep_graphs", "unrol"])
+def test_an_unknown_keyword_is_a_type_error_naming_it(keyword: str) -> None:
+    """GimliUpdater's options are plain keyword-only parameters: a keyword it does not take (a
+    misspelling, or a spelling it never had) fails as any Python call does, naming the keyword."""
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{keyword}'"):
+        _updater(**{keyword: 2})
 
 
 @pytest.mark.parametrize("mode", [{}, {"memory": Memory(keep_graphs=True)}, {"memory": Memory(slots=2)},

@@ -78,13 +78,18 @@ def test_no_import_cycle() -> None:
     ("gimli_bptt.kernels", "gimli_bptt.optim"),   # kernels never call an optimizer
     ("gimli_bptt.optim", "gimli_bptt.kernels"),   # optimizers declare their flat layout, never dispatch
     ("gimli_bptt.optim", "gimli_bptt.stepping"),
-    ("gimli_bptt.sweep", "gimli_bptt.kernels"),   # the sweep does not know the kernels' buffers
-    ("gimli_bptt.tape", "gimli_bptt.kernels"),
-    ("gimli_bptt.checkpoint", "gimli_bptt.tape"),
-    ("gimli_bptt.memory", "gimli_bptt.tape"),
     ("gimli_bptt.options", "gimli_bptt.hvp"),     # the options' allowed values stand below the engine
     ("gimli_bptt.metaparams.declaration", "gimli_bptt.optim"),  # φ's declaration knows no optimizer
     ("gimli_bptt.second_order.registry", "gimli_bptt.second_order.safe_mode"),  # the mode reads the registry
+    ("gimli_bptt.reverse", "gimli_bptt.kernels"),  # the tape and the sweep do not know the kernels' buffers
+    ("gimli_bptt.reverse.schedules", "gimli_bptt.reverse.tape"),  # the plan, the schedules and the meter plan
+    ("gimli_bptt.reverse.schedule_costs", "gimli_bptt.reverse.tape"),  # and measure, the tape executes
+    ("gimli_bptt.reverse.plan", "gimli_bptt.reverse.tape"),
+    ("gimli_bptt.reverse.meter", "gimli_bptt.reverse.tape"),
+    ("gimli_bptt.reverse", "gimli_bptt.tasks"),  # the task dimension is the inner problem's (problem.py)
+    ("gimli_bptt.stepping", "gimli_bptt.tasks"),
+    ("gimli_bptt.memory", "gimli_bptt.reverse"),  # the memory option knows no plan
+    ("gimli_bptt.memory_probe", "gimli_bptt.reverse"),
 ])
 def test_layers_run_one_way(low: str, high: str) -> None:
     for module in GRAPH:
@@ -100,3 +105,5 @@ def test_the_graph_is_read() -> None:
     assert "gimli_bptt.optim.base" in GRAPH["gimli_bptt.stepping"]
     assert "gimli_bptt.options" in GRAPH["gimli_bptt.hvp"]
     assert "gimli_bptt.metaparams.declaration" in GRAPH["gimli_bptt.optim.declarations"]
+    assert "gimli_bptt.reverse.schedules" in GRAPH["gimli_bptt.reverse.plan"]
+    assert "gimli_bptt.reverse.tape" in GRAPH["gimli_bptt.reverse.sweep"]

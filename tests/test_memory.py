@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
 from typing import Any
 
 import pytest
@@ -13,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 
-from gimli_bptt import Checkpointing, GimliUpdater, Memory, TapeStats
-from gimli_bptt.checkpoint import min_forward_steps
+from gimli_bptt import GimliUpdater, Memory, TapeStats
+from gimli_bptt.reverse.schedule_costs import min_forward_steps
 from gimli_bptt.testing import check_hypergradients
 
 from optim_table import row
@@ -161,58 +160,18 @@ def test_keep_graphs_keeps_every_graph() -> None:
     assert stats is not None and (stats.schedule, stats.graphs_kept, stats.graph_bytes) == ("graphs", 3, None)
 
 
-@pytest.mark.parametrize("old, new", [
-    (lambda b: {"memory_budget": b}, lambda b: {"memory": b}),
-    (lambda b: {"checkpoint": Checkpointing(budget_bytes=b, verify=True)},
-     lambda b: {"memory": Memory(budget=b, verify=True)}),
-    (lambda b: {"checkpoint": 2}, lambda b: {"memory": Memory(slots=2)}),
-    (lambda b: {"keep_graphs": True}, lambda b: {"memory": Memory(keep_graphs=True)}),
-], ids=["memory_budget", "Checkpointing(budget_bytes)", "checkpoint=k", "keep_graphs"])
-def test_the_deprecated_memory_options_warn_and_plan_as_memory(old: Any, new: Any) -> None:
-    J = 4
-    _, state, graph = _baseline("adam", J, torch.float64)
-    for budget in (HUGE, J * state + 2 * graph, J * state, 2 * state + 1):
-        with pytest.warns(DeprecationWarning, match="deprecated"):
-            by_old = _updater("adam", J, **old(budget))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", DeprecationWarning)
-            by_new = _updater("adam", J, **new(budget))
-        assert bit_identical(_hypergrads(by_new, J), _hypergrads(by_old, J))
-        assert by_new.last_tape_stats == by_old.last_tape_stats, budget
-        assert by_new.memory == by_old.memory
-
-
 # --------------------------------------------------------------------------- errors
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("options, exc, match", [
-    ({"memory": 2**20, "checkpoint": 2}, ValueError, "memory= and checkpoint= both say"),
-    ({"memory_budget": 2**20, "checkpoint": 2}, ValueError, "checkpoint= and memory_budget= both say"),
-    ({"memory_budget": 2**20, "checkpoint": Memory(budget=2**20)}, ValueError, "checkpoint= and memory_budget="),
-    ({"memory_budget": 2**20, "keep_graphs": True}, ValueError, "memory_budget= and keep_graphs= both say"),
-    ({"memory": Memory(slots=2), "keep_graphs": True}, ValueError, "memory= and keep_graphs= both say"),
-    ({"memory_budget": 1.5e6}, TypeError, "memory_budget must be a number of bytes"),
-    ({"memory_budget": True}, TypeError, "memory_budget must be a number of bytes"),
-    ({"memory_budget": "1GB"}, TypeError, "memory_budget must be a number of bytes"),
-    ({"memory_budget": 0}, ValueError, "memory must be at least 1 byte"),
     ({"memory": 0}, ValueError, "memory must be at least 1 byte"),
     ({"memory": 1.5e6}, TypeError, "memory must be 'auto', a number of bytes"),
     ({"memory": True}, TypeError, "memory must be 'auto', a number of bytes"),
-    ({"checkpoint": "1GB"}, TypeError, "checkpoint must be"),
-    ({"checkpoint": True}, TypeError, "checkpoint must be"),
-    ({"checkpoint": 0}, ValueError, "slots"),
+    ({"memory": "1GB"}, ValueError, "memory must be 'auto', a number of bytes"),
+    ({"memory": Memory(slots=0)}, ValueError, "slots must be >= 1"),
+    ({"memory": Memory(slots=True)}, TypeError, "slots must be an int"),
 ])
-def test_bad_memory_budgets(options: dict[str, Any], exc: type, match: str) -> None:
+def test_bad_memory_values(options: dict[str, Any], exc: type, match: str) -> None:
     with pytest.raises(exc, match=match):
         _updater("sgd", 3, **options)
-
-
-def test_checkpointing_spellings_are_validated() -> None:
-    with pytest.warns(DeprecationWarning):
-        with pytest.raises(ValueError, match="exactly one of"):
-            Checkpointing()
-    with pytest.warns(DeprecationWarning):
-        with pytest.raises(ValueError, match="exactly one of"):
-            Checkpointing(slots=2, every=3)
 
 
 def test_a_budget_below_one_state_says_so() -> None:
@@ -251,9 +210,9 @@ def test_state_dict_round_trip_and_resume_under_another_budget() -> None:
 
 # --------------------------------------------------------------------------- memory="auto"
 def _with_available(monkeypatch: pytest.MonkeyPatch, nbytes: int) -> None:
-    from gimli_bptt import memory as memory_mod
+    from gimli_bptt.reverse import plan
 
-    monkeypatch.setattr(memory_mod, "available_memory", lambda device: (nbytes, "test"))
+    monkeypatch.setattr(plan, "available_memory", lambda device: (nbytes, "test"))
 
 
 def test_auto_is_the_default_and_plans_in_half_the_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,7 +267,7 @@ def test_auto_fraction_is_overridable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cpu_available_memory_respects_a_cgroup_limit(tmp_path: Any) -> None:
-    from gimli_bptt.memory import _cpu_available
+    from gimli_bptt.memory_probe import _cpu_available
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
@@ -324,7 +283,7 @@ def test_cpu_available_memory_respects_a_cgroup_limit(tmp_path: Any) -> None:
 def test_available_memory_is_read_afresh_at_every_call(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Note [Reading the available memory cheaply]: a file under /proc is opened once and re-read
     with pread, so its current contents are returned each time; other paths are read afresh."""
-    from gimli_bptt import memory as memory_mod
+    from gimli_bptt import memory_probe as memory_mod
 
     first = memory_mod._read_text("/proc/self/stat")
     assert first is not None and "/proc/self/stat" in memory_mod._FDS

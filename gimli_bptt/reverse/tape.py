@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The forward tape ([Alg.1 L4]-[Alg.1 L7]) and the checkpoint-schedule executor that feeds the sweep.
 
-A :class:`Tape` carries out a schedule of :mod:`gimli_bptt.checkpoint` operations literally:
+A :class:`Tape` carries out a schedule of :mod:`gimli_bptt.reverse.schedules` operations literally:
 the full tape is the schedule that stores every state, a checkpointed tape one that stores
 a few and recomputes the others. The reverse sweep asks for the entries j = J-1 ... 0 and
 never knows which schedule produced them.
@@ -20,14 +20,11 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .checkpoint import Op
-from .memory import SavedGraphMeter, TapePlan, graphs_that_fit, tensors_in
-from ._typing import Grads, State
-from .problem import InnerProblem, RngState, StepGradient, capture_rng, same_rng
-from .progress import Progress
-from .stepping import step_all
-
-
+from .._typing import Grads, State
+from ..problem import InnerProblem, RngState, StepGradient, capture_rng, same_rng
+from ..progress import Progress
+from .meter import SavedGraphMeter, tensors_in
+from .plan import TapePlan, graphs_that_fit
 
 @dataclass
 class InnerState:
@@ -93,13 +90,13 @@ class Tape:
         problem: The inner problem.
         start: s_0 (copies: [Alg.1 L3]).
         batches: The J inner batches (referenced, never copied).
-        plan: The memory plan (:func:`gimli_bptt.memory.plan_tape`): the checkpoint schedule of
+        plan: The memory plan (:func:`gimli_bptt.reverse.plan.plan_tape`): the checkpoint schedule of
             the states, and which steps' gradient graphs to keep from the first forward pass so
             that the sweep need not recompute them: from ``keep_graphs_from`` on (0: every
             step's, the memory of all J steps' activations, as an autograd unroll), or, with
-            ``graph_bytes_left``, the last :func:`~gimli_bptt.memory.graphs_that_fit` steps'
+            ``graph_bytes_left``, the last :func:`~gimli_bptt.reverse.plan.graphs_that_fit` steps'
             once step 0's graph has been measured under
-            :class:`~gimli_bptt.memory.SavedGraphMeter` (step 0's own is dropped when it is not
+            :class:`~gimli_bptt.reverse.meter.SavedGraphMeter` (step 0's own is dropped when it is not
             among them). The last steps' graphs are the ones kept since the sweep reaches them
             first and frees each after its HVP. Kept graphs need the store-all schedule.
             ``verify`` checks that every recomputed state equals, bit for bit, the state of the
@@ -203,8 +200,7 @@ class Tape:
         if self.keep_G and j in self._slots and j not in self._slot_G:
             self._slot_G[j] = grad.G  # kept beside the stored s_j, freed with it
         with torch.no_grad():
-            theta, state = step_all(problem.impl, s.theta, grad.G, s.state, problem.hyper_at(step), problem.kernels,
-                                    problem.tasks)
+            theta, state = problem.step(s.theta, grad.G, s.state, problem.hyper_at(step))  # [Alg.1 L6]
         self.forward_steps += 1
         self._tick()
         return InnerState(theta, state, buffers_next)
@@ -310,8 +306,7 @@ def advance_untaped(problem: InnerProblem, start: InnerState, batches: Sequence[
         grad = problem.step_gradient(s.theta, buffers, batch, j)
         losses.append(grad.loss)
         with torch.no_grad():
-            theta, state = step_all(problem.impl, s.theta, grad.G, s.state, problem.hyper_at(j), problem.kernels,
-                                    problem.tasks)
+            theta, state = problem.step(s.theta, grad.G, s.state, problem.hyper_at(j))
         s = InnerState(theta, state, buffers)
     return s, losses
 

@@ -1,11 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Checkpoint schedules (store-all, every-k, optimal binomial "revolve") for the reverse sweep, and their simulator.
+"""Checkpoint schedules for the reverse sweep: store-all, every-k and the optimal binomial one ("revolve").
 
 The reverse sweep of a hypergradient walks inner steps ``j = J-1, ..., 0`` and at each ``j``
 needs the inner state ``s_j`` (parameters + optimizer state).  This module only *plans*: every
-function returns a flat list of :class:`Op` that an executor carries out literally.
+function returns a flat list of :class:`Op` that an executor (:class:`~gimli_bptt.reverse.tape.Tape`)
+carries out literally; what a schedule costs is :mod:`gimli_bptt.reverse.schedule_costs`'s.
 
-Executor model (the semantics that :func:`simulate` checks):
+Executor model (the semantics that :func:`~gimli_bptt.reverse.schedule_costs.simulate` checks):
 
 * There is one *current* register and ``num_slots`` checkpoint slots.  Initially the current
   register holds ``s_0`` and every slot is free.
@@ -35,7 +36,7 @@ and ``r`` the least integer with ``beta(S, r) >= J + 1`` (the repetition number)
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 #: The operation kinds an :class:`Op` may carry.
 OP_KINDS: tuple[str, ...] = ("advance", "store", "restore", "free", "reverse")
@@ -55,21 +56,7 @@ class Op(NamedTuple):
     to: int = -1
 
 
-class ScheduleStats(NamedTuple):
-    """What :func:`simulate` measured on a valid schedule.
-
-    Attributes:
-        forward_steps: Total forward steps run, the first sweep ``0 -> J`` included.
-        max_slots_used: Largest number of states held in slots at any one time.
-        recomputed_steps: ``forward_steps - num_steps``.
-    """
-
-    forward_steps: int
-    max_slots_used: int
-    recomputed_steps: int
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
+def check_int(name: str, value: object, minimum: int) -> None:
     """Checks that ``value`` is an ``int`` (not ``bool``) and at least ``minimum``.
 
     Args:
@@ -87,7 +74,7 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
-def _beta(s: int, r: int) -> int:
+def beta(s: int, r: int) -> int:
     """Returns ``beta(s, r) = C(s + r, s)``, with ``beta(s, r) = 0`` for ``r < 0``.
 
     Args:
@@ -102,7 +89,7 @@ def _beta(s: int, r: int) -> int:
     return math.comb(s + r, s)
 
 
-def _repetition_number(length: int, snaps: int) -> int:
+def repetition_number(length: int, snaps: int) -> int:
     """Returns the least ``r >= 0`` with ``beta(snaps, r) >= length``.
 
     Args:
@@ -117,33 +104,6 @@ def _repetition_number(length: int, snaps: int) -> int:
         r += 1
         beta = beta * (snaps + r) // r
     return r
-
-
-def min_forward_steps(num_steps: int, num_slots: int) -> int:
-    """Returns the fewest forward steps any valid schedule needs (closed form).
-
-    Counts the first sweep ``0 -> J`` too, under the module's convention (``s_0`` occupies a
-    slot).  Equals ``t(J + 1, S) = r (J + 1) - beta(S + 1, r - 1)`` where ``r`` is the least
-    integer with ``beta(S, r) >= J + 1``.  Gives ``J`` when ``num_slots >= num_steps`` and
-    ``J (J + 1) / 2`` when ``num_slots == 1``.
-
-    Args:
-        num_steps: Number of inner steps ``J`` (``>= 1``).
-        num_slots: Number of checkpoint slots ``S`` (``>= 1``).
-
-    Returns:
-        The minimal total number of forward steps.
-
-    Raises:
-        TypeError: If an argument is not an ``int``.
-        ValueError: If an argument is below 1.
-    """
-    _check_int("num_steps", num_steps, 1)
-    _check_int("num_slots", num_slots, 1)
-    length = num_steps + 1
-    snaps = min(num_slots, length)
-    r = _repetition_number(length, snaps)
-    return r * length - _beta(snaps + 1, r - 1)
 
 
 def store_all_schedule(num_steps: int) -> list[Op]:
@@ -161,7 +121,7 @@ def store_all_schedule(num_steps: int) -> list[Op]:
         TypeError: If ``num_steps`` is not an ``int``.
         ValueError: If ``num_steps < 1``.
     """
-    _check_int("num_steps", num_steps, 1)
+    check_int("num_steps", num_steps, 1)
     ops: list[Op] = []
     for i in range(num_steps):
         ops.append(Op("store", i))
@@ -186,57 +146,6 @@ def _segments(num_steps: int, k: int) -> list[tuple[int, int]]:
     return [(b, min(b + k, num_steps)) for b in range(0, num_steps, k)]
 
 
-def every_k_slots(num_steps: int, k: int) -> int:
-    """Returns the exact peak slot usage of :func:`every_k_schedule`.
-
-    With ``n = ceil(J / k)`` segments, segment ``i`` (0-based, length ``L_i``) is reversed while
-    the ``i + 1`` segment starts ``s_0, s_k, ..., s_{ik}`` are held plus ``max(0, L_i - 2)``
-    temporaries (the segment's last state stays in the current register).  The peak is therefore
-    ``max(n + max(0, L - 2), n - 1 + max(0, k - 2))`` for ``n >= 2`` (``L`` the last segment's
-    length), and ``max(1, J - 1)`` for ``n == 1``.
-
-    Args:
-        num_steps: Number of inner steps ``J`` (``>= 1``).
-        k: Checkpoint spacing (``>= 1``).
-
-    Returns:
-        The peak number of occupied slots.
-
-    Raises:
-        TypeError: If an argument is not an ``int``.
-        ValueError: If an argument is below 1.
-    """
-    _check_int("num_steps", num_steps, 1)
-    _check_int("k", k, 1)
-    n = -(-num_steps // k)
-    last = num_steps - (n - 1) * k
-    if n == 1:
-        return 1 + max(0, last - 2)
-    return max(n + max(0, last - 2), n - 1 + max(0, k - 2))
-
-
-def every_k_forward_steps(num_steps: int, k: int) -> int:
-    """Returns the forward-step count of :func:`every_k_schedule`: ``2 J - ceil(J / k)``.
-
-    The first sweep costs ``J``; each segment of length ``L`` is recomputed from its start up to
-    its last state, ``L - 1`` steps.
-
-    Args:
-        num_steps: Number of inner steps ``J`` (``>= 1``).
-        k: Checkpoint spacing (``>= 1``).
-
-    Returns:
-        The total number of forward steps.
-
-    Raises:
-        TypeError: If an argument is not an ``int``.
-        ValueError: If an argument is below 1.
-    """
-    _check_int("num_steps", num_steps, 1)
-    _check_int("k", k, 1)
-    return 2 * num_steps - -(-num_steps // k)
-
-
 def every_k_schedule(num_steps: int, k: int) -> list[Op]:
     """Returns the every-``k`` schedule (uniform checkpoints, recompute within each segment).
 
@@ -244,7 +153,8 @@ def every_k_schedule(num_steps: int, k: int) -> list[Op]:
     ``[b, e)`` from last to first: restore ``s_b``, advance one step at a time to ``s_{e-1}``
     storing ``s_{b+1} .. s_{e-2}`` temporarily, reverse ``e-1`` from the current register, then
     restore/reverse/free the rest down to ``b`` (freeing ``s_b`` too).  Forward steps:
-    :func:`every_k_forward_steps`; peak slots: :func:`every_k_slots`.  ``k = 1`` gives the
+    :func:`~gimli_bptt.reverse.schedule_costs.every_k_forward_steps`; peak slots:
+    :func:`~gimli_bptt.reverse.schedule_costs.every_k_slots`.  ``k = 1`` gives the
     store-all forward count ``J`` with ``J`` slots.
 
     Args:
@@ -258,8 +168,8 @@ def every_k_schedule(num_steps: int, k: int) -> list[Op]:
         TypeError: If an argument is not an ``int``.
         ValueError: If an argument is below 1.
     """
-    _check_int("num_steps", num_steps, 1)
-    _check_int("k", k, 1)
+    check_int("num_steps", num_steps, 1)
+    check_int("k", k, 1)
     segs = _segments(num_steps, k)
     ops: list[Op] = []
     for b, e in segs:
@@ -301,15 +211,15 @@ def _binomial_split(length: int, snaps: int) -> int:
     Returns:
         The split ``m`` with ``1 <= m <= length - 1``.
     """
-    r = _repetition_number(length, snaps)
-    hi = min(_beta(snaps, r - 1), length - _beta(snaps - 1, r - 1), length - 1)
+    r = repetition_number(length, snaps)
+    hi = min(beta(snaps, r - 1), length - beta(snaps - 1, r - 1), length - 1)
     return max(hi, 1)
 
 
 def binomial_schedule(num_steps: int, num_slots: int) -> list[Op]:
     """Returns the optimal (binomial, "revolve") schedule for ``J`` steps and ``S`` slots.
 
-    Reaches :func:`min_forward_steps` forward steps and never holds more than ``num_slots``
+    Reaches :func:`~gimli_bptt.reverse.schedule_costs.min_forward_steps` forward steps and never holds more than ``num_slots``
     states (``s_0`` included).  Built with an explicit stack, so depth is bounded and
     ``num_steps = 100_000`` is fine.  With one slot it stores ``s_0`` and re-advances from it for
     every reverse (``J (J + 1) / 2`` forward steps); with ``num_slots >= num_steps`` it never
@@ -326,8 +236,8 @@ def binomial_schedule(num_steps: int, num_slots: int) -> list[Op]:
         TypeError: If an argument is not an ``int``.
         ValueError: If an argument is below 1.
     """
-    _check_int("num_steps", num_steps, 1)
-    _check_int("num_slots", num_slots, 1)
+    check_int("num_steps", num_steps, 1)
+    check_int("num_slots", num_slots, 1)
     end = num_steps  # index J: reached once, never stored, its "reverse" is implicit
     ops: list[Op] = [Op("store", 0)]
     current: int | None = 0
@@ -381,135 +291,13 @@ def binomial_schedule(num_steps: int, num_slots: int) -> list[Op]:
     return ops
 
 
-def simulate(schedule: Sequence[Op], num_steps: int, num_slots: int) -> ScheduleStats:
-    """Validates ``schedule`` under the module's executor semantics and measures it.
-
-    Args:
-        schedule: The ops, in order.
-        num_steps: Number of inner steps ``J`` (``>= 1``).
-        num_slots: Number of checkpoint slots (``>= 1``).
-
-    Returns:
-        The forward-step count, peak slot usage and recomputed-step count.
-
-    Raises:
-        TypeError: If an argument or an op has the wrong type.
-        ValueError: If an op breaks a rule (the message names the op index and the rule), or
-            the schedule ends before every step ``J-1 .. 0`` is reversed.
-    """
-    _check_int("num_steps", num_steps, 1)
-    _check_int("num_slots", num_slots, 1)
-    current: int | None = 0
-    stored: set[int] = set()
-    next_reverse = num_steps - 1
-    reached_end = False
-    forward = 0
-    peak = 0
-    for idx, op in enumerate(schedule):
-        if not isinstance(op, Op):
-            raise TypeError(f"op {idx}: schedule entries must be Op, got {type(op).__name__} {op!r}")
-        kind, step, to = op
-        where = f"op {idx} {op!r}"
-        if kind not in OP_KINDS:
-            raise ValueError(f"{where}: unknown kind {kind!r}, expected one of {OP_KINDS}")
-        if isinstance(step, bool) or not isinstance(step, int) or isinstance(to, bool) or not isinstance(to, int):
-            raise ValueError(f"{where}: step and to must be ints")
-        if not 0 <= step <= num_steps:
-            raise ValueError(f"{where}: step {step} outside 0..{num_steps}")
-        if kind != "advance" and to != -1:
-            raise ValueError(f"{where}: only 'advance' takes a target, got to={to}")
-        if kind == "advance":
-            if current != step:
-                raise ValueError(f"{where}: advance needs current to hold s_{step}, it holds {_held(current)}")
-            if not step < to <= num_steps:
-                raise ValueError(f"{where}: advance target must satisfy {step} < to <= {num_steps}, got {to}")
-            if to == num_steps:
-                if reached_end:
-                    raise ValueError(f"{where}: advance to J={num_steps} may happen only once")
-                reached_end = True
-            forward += to - step
-            current = to
-        elif kind == "store":
-            if current != step:
-                raise ValueError(f"{where}: store needs current to hold s_{step}, it holds {_held(current)}")
-            if step in stored:
-                raise ValueError(f"{where}: s_{step} is already stored")
-            if len(stored) >= num_slots:
-                raise ValueError(f"{where}: no free slot, all {num_slots} slots are in use")
-            stored.add(step)
-            peak = max(peak, len(stored))
-        elif kind == "restore":
-            if step not in stored:
-                raise ValueError(f"{where}: restore of s_{step}, which is not stored")
-            current = step
-        elif kind == "free":
-            if step not in stored:
-                raise ValueError(f"{where}: free of s_{step}, which is not stored")
-            stored.remove(step)
-        else:  # reverse
-            if not reached_end:
-                raise ValueError(f"{where}: reverse before the advance to J={num_steps}")
-            if step != next_reverse:
-                expected = f"step {next_reverse}" if next_reverse >= 0 else "no further reverse"
-                raise ValueError(f"{where}: reverses must go J-1 .. 0 in order, expected {expected}")
-            if current != step:
-                raise ValueError(f"{where}: reverse needs current to hold s_{step}, it holds {_held(current)}")
-            next_reverse -= 1
-            current = None
-    if next_reverse >= 0:
-        raise ValueError(
-            f"schedule ended with steps {next_reverse}..0 not reversed (every step J-1..0 must be reversed)"
-        )
-    return ScheduleStats(forward, peak, forward - num_steps)
-
-
-def _held(current: int | None) -> str:
-    """Describes the current register for error messages.
-
-    Args:
-        current: The held state index, or ``None``.
-
-    Returns:
-        ``"s_i"`` or ``"nothing"``.
-    """
-    return "nothing" if current is None else f"s_{current}"
-
-
-def slots_for_budget(budget_bytes: int, state_bytes: int) -> int:
-    """Returns how many checkpoint slots a memory budget allows: ``budget_bytes // state_bytes``.
-
-    Args:
-        budget_bytes: Memory available for checkpoints, in bytes (``>= 0``).
-        state_bytes: Size of one inner state, in bytes (``>= 1``).
-
-    Returns:
-        The number of slots (``>= 1``).
-
-    Raises:
-        TypeError: If an argument is not an ``int``.
-        ValueError: If an argument is out of range or the budget allows no slot at all.
-    """
-    _check_int("budget_bytes", budget_bytes, 0)
-    _check_int("state_bytes", state_bytes, 1)
-    slots = budget_bytes // state_bytes
-    if slots < 1:
-        raise ValueError(
-            f"budget_bytes={budget_bytes} allows no checkpoint slot for state_bytes={state_bytes}; "
-            f"at least {state_bytes} bytes are needed (s_0 alone takes one slot)"
-        )
-    return slots
-
-
 __all__ = [
     "OP_KINDS",
     "Op",
-    "ScheduleStats",
+    "beta",
     "binomial_schedule",
-    "every_k_forward_steps",
+    "check_int",
     "every_k_schedule",
-    "every_k_slots",
-    "min_forward_steps",
-    "simulate",
-    "slots_for_budget",
+    "repetition_number",
     "store_all_schedule",
 ]

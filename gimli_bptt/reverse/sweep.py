@@ -25,8 +25,8 @@ included), line 12 and the direct term of L_val::
 For MAML with plain SGD (∂θ'/∂θ = I) this is FOMAML: ∇_{θ_0} ≈ ∇_θ L_val(θ'_J). No gradient
 graph is built or kept: the cost is the forward pass plus the optimizer's VJPs.
 
-The sweep knows no
-optimizer and no kernel: ``step_vjp`` runs through :mod:`gimli_bptt.stepping`, and the
+The sweep knows no optimizer, no kernel and no task dimension: ``step_vjp`` is the inner
+problem's (``InnerProblem.step_vjp``, through :mod:`gimli_bptt.stepping`), and the
 second-order terms come from :mod:`gimli_bptt.hvp`.
 """
 from __future__ import annotations
@@ -38,13 +38,13 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from . import engine
-from .errors import NonFiniteError
-from .hvp import StepSecondOrder
-from .metaparams import OptimizerHyperparameters
-from ._typing import State
-from .problem import InnerProblem, check_scalar_loss
-from .stepping import add_second_order, step_vjp_all
+from .. import engine
+from .._typing import State
+from ..errors import NonFiniteError
+from ..hvp import StepSecondOrder
+from ..metaparams import OptimizerHyperparameters
+from ..problem import InnerProblem
+from ..stepping import add_second_order
 from .tape import TapeEntry, TapeResult
 
 
@@ -79,12 +79,7 @@ def validation_gradient(problem: InnerProblem, end: TapeResult, val_loss: Callab
     """
     theta_J = [t.detach().requires_grad_(True) for t in end.theta]
     with torch.enable_grad():
-        if problem.tasks is None:
-            L = check_scalar_loss(val_loss(problem.view(theta_J, problem.fresh_buffers(end.buffers)), val_batch),
-                                  "val_loss")
-        else:  # the mean over the tasks: Note [The task dimension]
-            task_L = problem.task_losses(val_loss, theta_J, problem.fresh_buffers(end.buffers), val_batch, "val_loss")
-            L = task_L.mean()
+        L, task_L = problem.validation_loss(val_loss, theta_J, problem.fresh_buffers(end.buffers), val_batch)
         if problem.reducer is None and problem.check_finite and not math.isfinite(L.item()):
             raise NonFiniteError(f"val_loss is {L.item()} after {unroll} inner steps")
         if not L.requires_grad:
@@ -98,7 +93,7 @@ def validation_gradient(problem: InnerProblem, end: TapeResult, val_loss: Callab
             raise NonFiniteError(f"val_loss (the mean over the ranks) is {L.item()} after {unroll} inner steps")
     n = len(theta_J)
     B_J = [torch.zeros_like(t) if g is None else g for t, g in zip(theta_J, grads[:n])]
-    return L.detach(), None if problem.tasks is None else task_L.detach(), B_J, grads[n:]
+    return L.detach(), None if task_L is None else task_L.detach(), B_J, grads[n:]
 
 
 def reverse_sweep(problem: InnerProblem, phi_opt: OptimizerHyperparameters, end: TapeResult,
@@ -127,9 +122,8 @@ def reverse_sweep(problem: InnerProblem, phi_opt: OptimizerHyperparameters, end:
         step = StepSecondOrder(problem, entry, hvp) if second_order else None
         G = step.G if step is not None else entry.G
         with torch.no_grad():  # a hand-written VJP: nothing to record
-            theta_bar, G_bar, state_bar, phi_bar = step_vjp_all(  # [Alg.1 L11]
-                problem.impl, entry.theta, G, entry.state, problem.hyper_at(entry.j), B, state_bar, problem.kernels,
-                segment_bars=True, tasks=problem.tasks)
+            theta_bar, G_bar, state_bar, phi_bar = problem.step_vjp(  # [Alg.1 L11]
+                entry.theta, G, entry.state, problem.hyper_at(entry.j), B, state_bar)
         phi_opt.accumulate_all(A_opt, problem.hyper_bar_at(entry.j, phi_bar))  # [Alg.1 L12]
         if step is None:  # first order: H_j·Ḡ_j and the mixed term are zero
             B = theta_bar

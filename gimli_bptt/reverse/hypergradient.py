@@ -2,9 +2,9 @@
 """One reverse-mode hypergradient, [Alg.1 L4]-[Alg.1 L15]: the memory plan, the tape, the sweep.
 
 The updater hands over the inner problem ([Alg.1 L2]) and the copied state s_0 ([Alg.1 L3]);
-this runs the tape under the plan ``memory=`` gives (:mod:`gimli_bptt.memory`), after the
+this runs the tape under the plan ``memory=`` gives (:mod:`gimli_bptt.reverse.plan`), after the
 untaped first J - K steps of a truncated unroll, and the reverse sweep over the K steps of the
-window, first order or not (:mod:`gimli_bptt.sweep`), and reports what the tape did.
+window, first order or not (:mod:`gimli_bptt.reverse.sweep`), and reports what the tape did.
 """
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .metaparams import OptimizerHyperparameters
-from .memory import Memory, TapeStats, plan_tape
-from .problem import InnerProblem
-from .progress import Progress
+from ..metaparams import OptimizerHyperparameters
+from ..memory import Memory
+from ..problem import InnerProblem
+from ..progress import Progress
+from .meter import TapeStats
+from .plan import plan_tape
 from .sweep import SweepResult, reverse_sweep
 from .tape import InnerState, Tape, TapeResult, advance_untaped
 
