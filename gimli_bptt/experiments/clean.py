@@ -99,7 +99,7 @@ class CleanConfig:
         return CleanConfig(**{**asdict(self), "lr": lr})
 
 
-def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+def optimizer_class(name: str) -> Callable[..., torch.optim.Optimizer]:
     """The ``torch.optim`` class named ``name`` (case-insensitive), which gimli_bptt must support."""
     from ..optim import supported_optimizers
 
@@ -109,9 +109,10 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return getattr(torch.optim, by_lower[name.lower()])  # type: ignore[no-any-return]
 
 
-def hypergradient_options(name: str, unroll: int) -> dict[str, Any]:
+def hypergradient_options(name: str, unroll: Optional[int]) -> dict[str, Any]:
     """The ``GimliUpdater`` options of a hypergradient: ``exact`` ({}), ``first-order``
-    (``first_order=True``) or ``truncate:K`` (``truncate=K``, 1 ≤ K ≤ J)."""
+    (``first_order=True``) or ``truncate:K`` (``truncate=K``, 1 ≤ K ≤ J; with ``unroll=None``
+    only K ≥ 1 is checked)."""
     if name == "exact":
         return {}
     if name == "first-order":
@@ -121,7 +122,9 @@ def hypergradient_options(name: str, unroll: int) -> dict[str, Any]:
             k = int(name.split(":", 1)[1])
         except ValueError:
             k = 0
-        if not 1 <= k <= unroll:
+        if unroll is None and k < 1:
+            raise ValueError(f"hypergradient {name!r}: K must be a positive int")
+        if unroll is not None and not 1 <= k <= unroll:
             raise ValueError(f"hypergradient {name!r}: K must be an int between 1 and J = {unroll}")
         return {"truncate": k}
     raise ValueError(f"unknown hypergradient {name!r}: use exact, first-order or truncate:K")

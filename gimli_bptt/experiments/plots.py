@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import require_extras
 
@@ -196,7 +196,7 @@ def plot_clean_weights(runs: Sequence[dict[str, Any]], path: Path, threshold: fl
     plt.close(fig)
 
 
-def plot_clean_curves(runs: dict[str, Sequence[dict[str, Any]]], per_seed: Sequence[dict[str, float]],
+def plot_clean_curves(runs: Mapping[str, Sequence[dict[str, Any]]], per_seed: Sequence[dict[str, float]],
                       path: Path) -> None:
     """Validation loss at θ'_J and test accuracy of the retrained model against meta steps, one
     line per hypergradient (mean over seeds), with the baseline's and oracle's accuracy as references."""
