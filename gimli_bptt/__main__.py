@@ -126,7 +126,8 @@ def _hypergradient_list(text: str) -> list[str]:
 
     values = [t.strip().lower() for t in text.split(",") if t.strip()]
     if not values:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of exact, first-order, truncate:K; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of exact, first-order, truncate:K; got {text!r}")
     for v in values:
         try:
             hypergradient_options(v, None)  # K is checked against --unroll in _run_clean
@@ -167,8 +168,8 @@ def _add_clean(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     c.add_argument("--meta-steps", type=_positive(int), default=cc.meta_steps,
                    help=f"meta updates per run (default {cc.meta_steps})")
     c.add_argument("--threshold", type=_fraction, default=cc.threshold,
-                   help=f"flag an example as corrupted when its learned weight is below this (default {cc.threshold:g}, "
-                        "where every weight starts)")
+                   help="flag an example as corrupted when its learned weight is below this "
+                        f"(default {cc.threshold:g}, where every weight starts)")
     c.add_argument("--hypergradient", type=_hypergradient_list, default=cc.hypergradients,
                    help="comma-separated from exact, first-order, truncate:K; several add a comparison table "
                         "(default exact)")

@@ -319,7 +319,8 @@ def summarize(per_seed: list[dict[str, float]], runs: dict[str, list[dict[str, A
 
     out: dict[str, Any] = {row: ms([r[row] for r in per_seed]) for row in ("baseline", "oracle")}
     out["hypergradients"] = {
-        name: {key: ms([r[key] for r in recs]) for key in ("cleaned", "f1", "precision", "recall", "seconds", "cpu_seconds")}
+        name: {key: ms([r[key] for r in recs])
+               for key in ("cleaned", "f1", "precision", "recall", "seconds", "cpu_seconds")}
         for name, recs in runs.items()}
     return out
 
@@ -346,7 +347,8 @@ def hypergradient_table(summary: dict[str, Any]) -> str:
              "| --- | --- | --- | --- |"]
     for name, h in summary["hypergradients"].items():
         lines.append(f"| {name} | {100 * h['cleaned']['mean']:.2f} ± {100 * h['cleaned']['std']:.2f}% | "
-                     f"{h['f1']['mean']:.3f} ± {h['f1']['std']:.3f} | {h['seconds']['mean']:.1f} / {h['cpu_seconds']['mean']:.1f} |")
+                     f"{h['f1']['mean']:.3f} ± {h['f1']['std']:.3f} | "
+                     f"{h['seconds']['mean']:.1f} / {h['cpu_seconds']['mean']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -404,10 +406,11 @@ def run_clean(cfg: CleanConfig, log: Optional[Callable[[str], None]] = print) ->
     check_finite(result)
     (out / "clean.json").write_text(json.dumps(result, indent=1))
     table = main_table(summary, first)
-    md = [f"# Data hyper-cleaning on the digits\n",
+    md = ["# Data hyper-cleaning on the digits\n",
           f"{cfg.train} training digits with {100 * cfg.noise:g}% of their labels replaced by a different class, "
-          f"{cfg.val} clean validation digits, {len(y) - cfg.train - cfg.val} test digits; {cfg.model} model trained by "
-          f"J = {cfg.unroll} full-batch {cfg.optimizer} steps (lr {cfg.lr:g}) from a fixed initial point; one weight per "
+          f"{cfg.val} clean validation digits, {len(y) - cfg.train - cfg.val} test digits; {cfg.model} model "
+          f"trained by J = {cfg.unroll} full-batch {cfg.optimizer} steps (lr {cfg.lr:g}) from a fixed initial "
+          "point; one weight per "
           f"training example (the sigmoid of a logit, learned by Adam, lr {cfg.meta_lr:g}, over {cfg.meta_steps} meta "
           f"steps). Test accuracy, mean ± std over seeds {cfg.seeds}.\n", table,
           f"An example is flagged as corrupted when its learned weight is below {cfg.threshold:g}; every weight starts "
