@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``gimli-bptt`` command line (also ``python -m gimli_bptt``): ``demo``, ``lr``, ``maml``, ``sine`` and ``build-kernels``."""
+"""The ``gimli-bptt`` command line (also ``python -m gimli_bptt``): ``demo``, ``clean``, ``lr``, ``maml``, ``sine`` and
+``build-kernels``."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from .demo import DemoConfig, run_demo
 from .errors import GimliError
 
 DIGITS_MIN_CLASS_SIZE = 174  # the smallest class of sklearn's digits (the 8s)
+DIGITS_TOTAL = 1797  # sklearn's digits
 SWEEP_EPOCHS = 10  # epochs of every run of `lr --sweep` unless --epochs says otherwise
 #: the optional packages a subcommand may import, and how to install each
 OPTIONAL_PACKAGES = {
@@ -135,6 +137,75 @@ def _common(p: argparse.ArgumentParser, out: str, seeds: int) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
 
 
+def _hypergradient_list(text: str) -> list[str]:
+    from .experiments.clean import hypergradient_options
+
+    values = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of exact, first-order, truncate:K; got {text!r}")
+    for v in values:
+        try:
+            hypergradient_options(v, None)  # K is checked against --unroll in _run_clean
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return values
+
+
+def _add_clean(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from .experiments.clean import MODELS, CleanConfig
+
+    cc = CleanConfig()
+    c = sub.add_parser(
+        "clean", help="data hyper-cleaning on the digits: one learned weight per training example, half the labels "
+                      "corrupted (Franceschi et al., 2017)",
+        description="Corrupts a fraction --noise of the labels of --train digits, learns one weight per training "
+                    "example (the sigmoid of a logit) by exact hypergradients of the loss on --val clean digits "
+                    "through J full-batch training steps from a fixed initial point, and compares the model "
+                    "retrained with the learned weights against training on every example (baseline) and on the "
+                    "clean examples only (oracle). Writes clean.md, clean.json, clean_weights.png and "
+                    "clean_curves.png.")
+    c.add_argument("--train", type=_positive(int), default=cc.train, help=f"training digits (default {cc.train})")
+    c.add_argument("--val", type=_positive(int), default=cc.val, help=f"clean validation digits (default {cc.val})")
+    c.add_argument("--noise", type=_fraction, default=cc.noise,
+                   help=f"fraction of the training labels replaced by a different class (default {cc.noise})")
+    c.add_argument("--model", choices=MODELS, default=cc.model,
+                   help="linear: softmax regression (default); mlp: 64-hidden-10 with tanh")
+    c.add_argument("--hidden", type=_positive(int), default=cc.hidden, help=f"MLP hidden width (default {cc.hidden})")
+    c.add_argument("--unroll", "-J", type=_positive(int), default=cc.unroll,
+                   help=f"J: full-batch training steps, unrolled at every meta step (default {cc.unroll})")
+    c.add_argument("--optimizer", default=cc.optimizer,
+                   help="inner torch.optim optimizer by name: sgd (default), adam, rmsprop, adamw, ...")
+    c.add_argument("--lr", type=_positive(float), help="inner learning rate (default 1.0 for sgd, else 0.01)")
+    c.add_argument("--weight-decay", type=float, default=cc.weight_decay,
+                   help=f"inner weight decay, an L2 on the model (default {cc.weight_decay:g})")
+    c.add_argument("--meta-lr", type=_positive(float), default=cc.meta_lr,
+                   help=f"Adam learning rate of the meta step on the example logits (default {cc.meta_lr:g})")
+    c.add_argument("--meta-steps", type=_positive(int), default=cc.meta_steps,
+                   help=f"meta updates per run (default {cc.meta_steps})")
+    c.add_argument("--threshold", type=_fraction, default=cc.threshold,
+                   help="flag an example as corrupted when its learned weight is below this "
+                        f"(default {cc.threshold:g}, where every weight starts)")
+    c.add_argument("--hypergradient", type=_hypergradient_list, default=cc.hypergradients,
+                   help="comma-separated from exact, first-order, truncate:K; several add a comparison table "
+                        "(default exact)")
+    c.add_argument("--eval-every", type=_positive(int), default=cc.eval_every,
+                   help=f"meta steps between test-accuracy points of clean_curves.png (default {cc.eval_every})")
+    c.add_argument("--seed", type=_nonnegative_int, default=0, help="first seed")
+    c.add_argument("--seeds", type=_positive(int), default=len(cc.seeds),
+                   help=f"number of seeds: --seed, --seed+1, ... (default {len(cc.seeds)})")
+    c.add_argument("--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:N (default cpu)")
+    c.add_argument("--threads", type=_positive(int), default=1, help="torch CPU threads (default 1)")
+    c.add_argument("--out", default=cc.out, help=f"output folder (default {cc.out})")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the states saved (atomically, every --save-every meta steps "
+                        "and after every run) in OUT/state/")
+    c.add_argument("--save-every", type=_positive(int), default=cc.save_every,
+                   help=f"meta steps between saved run states (default {cc.save_every})")
+    c.set_defaults(subparser=c)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command line."""
     from .experiments.lr import DEFAULT_SWEEP, LRConfig
@@ -153,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--optimizer", choices=["sgd", "adam"], default=defaults.optimizer, help="inner optimizer")
     d.add_argument("--hvp", choices=["rev", "fwd"], default=defaults.hvp, help="Hessian-vector product mode")
     d.add_argument("--seed", type=int, default=defaults.seed)
+
+    _add_clean(sub)
 
     lc = LRConfig()
     lr = sub.add_parser(
@@ -305,6 +378,31 @@ def _run_build_kernels(args: argparse.Namespace) -> int:
     return 0 if report.loaded else 1
 
 
+def _run_clean(args: argparse.Namespace) -> None:
+    from .experiments.clean import CleanConfig, hypergradient_options, optimizer_class, run_clean
+
+    parser: argparse.ArgumentParser = args.subparser
+    try:
+        optimizer_class(args.optimizer)
+    except ValueError as exc:
+        parser.error(f"argument --optimizer: {exc}")
+    for h in args.hypergradient:
+        try:
+            hypergradient_options(h, args.unroll)
+        except ValueError as exc:
+            parser.error(f"argument --hypergradient: {exc}")
+    if args.train + args.val >= DIGITS_TOTAL:
+        parser.error(f"argument --train/--val: {args.train} + {args.val} leaves no test digits of the {DIGITS_TOTAL}")
+    cfg = CleanConfig(train=args.train, val=args.val, noise=args.noise, model=args.model, hidden=args.hidden,
+                      unroll=args.unroll, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                      meta_lr=args.meta_lr, meta_steps=args.meta_steps, threshold=args.threshold,
+                      hypergradients=args.hypergradient, eval_every=args.eval_every,
+                      seeds=list(range(args.seed, args.seed + args.seeds)), device=args.device, threads=args.threads,
+                      out=args.out, progress=False if args.no_progress else None, resume=args.resume,
+                      save_every=args.save_every)
+    run_clean(cfg)
+
+
 def _run_lr(args: argparse.Namespace) -> None:
     from .experiments.lr import LRConfig, run_lr, run_lr_sweep
 
@@ -437,6 +535,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     require_extras()  # MissingExtraError (a GimliError) names every missing package at once
     if args.command == "lr":
         return _distributed(lambda: _run_lr(args), args.dist_timeout)
+    elif args.command == "clean":
+        _run_clean(args)
     elif args.command == "maml":
         _run_maml(args)
     elif args.command == "sine":

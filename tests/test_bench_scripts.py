@@ -17,6 +17,7 @@ OTHER = "## Some other benchmark\n\nIts table, kept as it is.\n"
 SCRIPTS = {
     "bench_checkpoint.py": ("## Long unrolls: full tape vs binomial checkpointing",
                             ["--unrolls", "10", "--slots", "3", "--hidden", "16", "--batch", "8"]),
+    "bench_clean.py": ("## Data hyper-cleaning: gimli against an autograd unroll through J = 100 to 1000s", ["--quick"]),
     "bench_distributed.py": ("## Distributed meta-updates",
                              ["--repeats", "1", "--rounds", "1", "--unroll", "3", "--hidden", "16", "--batch", "16"]),
     "bench_unroll.py": ("## Core engine vs a full autograd unroll", ["--quick"]),

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The experiments: ``gimli-bptt lr`` and ``maml`` (the paper's Section 5 on the scikit-learn
-digits) and ``gimli-bptt sine`` (K-shot sinusoid regression, beside the published numbers)."""
+"""The experiments: ``gimli-bptt clean`` (data hyper-cleaning on the scikit-learn digits),
+``gimli-bptt lr`` and ``maml`` (the paper's Section 5 on the digits) and ``gimli-bptt sine``
+(K-shot sinusoid regression, beside the published numbers)."""
 from __future__ import annotations
 
 import importlib.util

@@ -80,6 +80,31 @@ def sample_batches(data: Batch, n: int, batch_size: int, gen: torch.Generator) -
     return out
 
 
+def corrupt_labels(y: Tensor, fraction: float, gen: torch.Generator, num_classes: int = 10) -> tuple[Tensor, Tensor]:
+    """Replaces the labels of exactly ``round(fraction * len(y))`` examples by a different class.
+
+    The corrupted examples are drawn without replacement from ``gen``; each one's new label is
+    drawn uniformly from the ``num_classes - 1`` classes other than its true one (so every
+    corrupted label is wrong).
+
+    Returns:
+        ``(noisy_y, corrupted)``: the new labels and the boolean mask of the corrupted examples.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the fraction of corrupted labels must be in [0, 1], got {fraction}")
+    if num_classes < 2:
+        raise ValueError(f"corrupting a label needs at least 2 classes, got {num_classes}")
+    n = len(y)
+    k = int(round(fraction * n))
+    idx = torch.randperm(n, generator=gen)[:k].to(y.device)
+    shift = torch.randint(1, num_classes, (k,), generator=gen).to(y.device)
+    noisy = y.clone()
+    noisy[idx] = (y[idx] + shift) % num_classes
+    corrupted = torch.zeros(n, dtype=torch.bool, device=y.device)
+    corrupted[idx] = True
+    return noisy, corrupted
+
+
 @dataclass
 class Task:
     """One N-way K-shot task: a support set to adapt on and a query set to score, labels 0..N-1."""
@@ -130,5 +155,5 @@ class TaskSampler:
         return Task((self.x[s_idx], torch.cat(sy).to(dev)), (self.x[q_idx], torch.cat(qy).to(dev)))
 
 
-__all__ = ["Batch", "Splits", "Task", "TaskSampler", "load_digits_tensors", "minibatches", "sample_batches",
-           "split_digits"]
+__all__ = ["Batch", "Splits", "Task", "TaskSampler", "corrupt_labels", "load_digits_tensors", "minibatches",
+           "sample_batches", "split_digits"]

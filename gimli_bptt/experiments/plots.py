@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import require_extras
 
@@ -174,6 +174,58 @@ def plot_lr_sweep_worst(runs: dict[str, list[dict[str, Any]]], path: Path, title
     plt.close(fig)
 
 
+def plot_clean_weights(runs: Sequence[dict[str, Any]], path: Path, threshold: float) -> None:
+    """Histograms of the learned example weights, clean against corrupted examples (all seeds pooled)."""
+    import numpy as np
+
+    plt = _pyplot()
+    w = np.concatenate([np.asarray(r["weights"], dtype=float) for r in runs])
+    bad = np.concatenate([np.asarray(r["corrupted"], dtype=bool) for r in runs])
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    bins = np.linspace(0.0, 1.0, 41)
+    ax.hist(w[~bad], bins=bins, color="tab:blue", alpha=0.6, label=f"clean labels ({int((~bad).sum())})")
+    ax.hist(w[bad], bins=bins, color="tab:red", alpha=0.6, label=f"corrupted labels ({int(bad.sum())})")
+    ax.axvline(threshold, color="black", linestyle=(0, (4, 2)), linewidth=1.0, label=f"threshold {threshold:g}")
+    ax.set_xlabel("learned example weight")
+    ax.set_ylabel("training examples")
+    ax.set_title(f"learned weights, {len(runs)} seed{'s' if len(runs) > 1 else ''} pooled", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_clean_curves(runs: Mapping[str, Sequence[dict[str, Any]]], per_seed: Sequence[dict[str, float]],
+                      path: Path) -> None:
+    """Validation loss at θ'_J and test accuracy of the retrained model against meta steps, one
+    line per hypergradient (mean over seeds), with the baseline's and oracle's accuracy as references."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), dpi=100)
+    cmap = plt.get_cmap("tab10")
+    for i, (name, recs) in enumerate(runs.items()):
+        loss = np.array([r["val_loss"] for r in recs]).mean(0)
+        axes[0].plot(np.arange(1, len(loss) + 1), loss, color=cmap(i), label=name, linewidth=1.5)
+        acc = np.array([r["test_acc"] for r in recs]).mean(0)
+        axes[1].plot(recs[0]["eval_step"], acc, color=cmap(i), label=f"hyper-cleaned ({name})", linewidth=1.5)
+    for row, style in (("baseline", (0, (4, 2))), ("oracle", ":")):
+        axes[1].axhline(float(np.mean([r[row] for r in per_seed])), color="gray", linestyle=style, label=row)
+    axes[0].set_xlabel("meta step")
+    axes[0].set_ylabel("validation loss at θ'_J")
+    axes[1].set_xlabel("meta step")
+    axes[1].set_ylabel("test accuracy (retrained from θ_0)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"data hyper-cleaning, mean over {len(per_seed)} seed{'s' if len(per_seed) > 1 else ''}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 SINE_COLORS = {"maml": "tab:blue", "metasgd": "tab:red", "maml-adam": "tab:green", "fomaml": "tab:gray"}
 
 
@@ -241,5 +293,5 @@ def plot_sine_tasks(runs: Sequence[dict[str, Any]], path: Path, labels: dict[str
     plt.close(fig)
 
 
-__all__ = ["plot_lr_accuracy", "plot_lr_rates", "plot_lr_sweep", "plot_lr_sweep_worst", "plot_panels", "plot_rates",
-           "plot_sine_steps", "plot_sine_tasks"]
+__all__ = ["plot_clean_curves", "plot_clean_weights", "plot_lr_accuracy", "plot_lr_rates", "plot_lr_sweep",
+           "plot_lr_sweep_worst", "plot_panels", "plot_rates", "plot_sine_steps", "plot_sine_tasks"]
