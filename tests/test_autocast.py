@@ -100,6 +100,22 @@ def test_frozen_bfloat16_backbone_under_autocast() -> None:
     _assert_matches_autograd_under_autocast(updater)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_against_autograd(dtype: torch.dtype) -> None:
+    """The same check on CUDA (float16: no GradScaler; the losses here are O(1), far from float16's underflow)."""
+    def loss(model: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        with torch.autocast("cuda", dtype=dtype):
+            logits = model(x.cuda())
+        assert logits.dtype == dtype
+        return F.cross_entropy(logits.float(), y.cuda())
+
+    model = _mlp().cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    _assert_matches_autograd_under_autocast(GimliUpdater(model, opt, loss, loss, unroll=UNROLL, learn={"lr": "tensor"}))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_parameters_are_rejected_with_the_fix(dtype: torch.dtype) -> None:
     model = _mlp().to(dtype)

@@ -36,7 +36,7 @@ VOCAB, SEQ, BATCH, CLASSES = 13, 6, 3, 3
 #: two or three inner steps and their Hessian-vector products: the hypergradients here are sums
 #: whose terms exceed the result by at most about 1e3 (Adam's beta2 terms scale with
 #: 1 / (1 - beta2); Adam's 1/eps at the coordinates whose gradient is zero: the LoRA B = 0 start,
-#: attention's key biases), over some 1e3 multiply-adds per entry: a few 1e-13 at worst. A
+#: GPT-2's last position embedding), over some 1e3 multiply-adds per entry: a few 1e-13 at worst. A
 #: wrong or missing term (one step's second-order term, one group's learning rate) is O(1).
 TOL = 1e-9
 

@@ -3,8 +3,9 @@
 takes a root or a quotient of its state: the hypergradient is the finite limit, equal to central
 differences of real ``torch.optim`` training, where a plain autograd unroll gives NaN.
 
-Such coordinates are common: attention's key biases (softmax ignores a shift along the keys), the
-LoRA A matrices while B = 0, embeddings of tokens absent from the batches, the weights of an input
+Such coordinates are common: GPT-2's last position embedding (under the causal mask no earlier
+token attends to it, and its own prediction is not in the loss: bench/bench_hf.py), the LoRA A
+matrices while B = 0, embeddings of tokens absent from the batches, the weights of an input
 feature that is always zero (the case built here). Their second moment stays v = 0, and autograd
 multiplies d√v/dv = ∞ by a zero cotangent: NaN, which the next Hessian-vector product spreads to
 every hypergradient. The hand-written VJPs take the limit (Note [Adam at a zero second moment]).
