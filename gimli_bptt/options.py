@@ -167,7 +167,7 @@ def inner_parameters(model: nn.Module, opt: torch.optim.Optimizer, impl: DiffOpt
     """Checks the model and the optimizer and returns the parameters the optimizer updates.
 
     Raises:
-        TypeError: a parameter that is not real floating point, or sparse.
+        TypeError: a parameter that is not real floating point, sparse, or in float16/bfloat16.
         ValueError: an optimizer over tensors that are not the model's, or over none of them;
             a parameter the optimizer cannot take (Muon: not a matrix).
     """
@@ -189,6 +189,14 @@ def inner_parameters(model: nn.Module, opt: torch.optim.Optimizer, impl: DiffOpt
             raise TypeError(f"parameter {name!r} is {p.dtype}; only real floating-point parameters are supported")
         if p.is_sparse:
             raise TypeError(f"parameter {name!r} is sparse; sparse parameters are not supported")
+        if p.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"parameter {name!r} is stored in {p.dtype}: the inner optimizer's parameters and state must be "
+                "float32 or float64 (each step would round them to a few significant bits, a piecewise constant map "
+                "whose derivative is zero, so that training has no useful hypergradient). Keep the model in float32 and run the "
+                "losses under torch.autocast(device_type, dtype=torch.bfloat16): the hypergradient is then that "
+                "of the autocast training. Frozen parameters outside the optimizer may stay in low precision."
+            )
         if impl.check_param is not None:
             impl.check_param(name, p)
     return out

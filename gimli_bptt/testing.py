@@ -59,7 +59,9 @@ def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any]
     theta = [p.detach().clone().requires_grad_(True) for _, p in inner]
     theta0 = list(theta)
     inner_ids = {id(p) for _, p in inner}
-    frozen = {n: (p if updater.learn_init else p.detach()) for n, p in named if id(p) not in inner_ids}
+    # learn_init learns θ_0 of the parameters outside the optimizer that require grad; the others are constants
+    frozen = {n: (p if updater.learn_init and p.requires_grad else p.detach()) for n, p in named
+              if id(p) not in inner_ids}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b is not None}
     schedule = updater.options.lr_schedule
     first_order = updater.options.first_order
@@ -96,7 +98,7 @@ def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any]
         if updater.learn_init:
             init = dict(zip([n for n, _ in inner], theta0))
             init.update(frozen)
-            wrt += [(f"init.{n}", init[n]) for n, _ in named]
+            wrt += [(f"init.{n}", init[n]) for n, _ in named if init[n].requires_grad]
         grads = torch.autograd.grad(L, [t for _, t in wrt], allow_unused=True)
     out: dict[str, Hypergrad] = {}
     elements: dict[str, list[Tensor]] = {}  # element granularity: one list per name, in the parameters' order

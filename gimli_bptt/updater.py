@@ -75,8 +75,10 @@ class GimliUpdater(OnlineMode):
             weights or the parameters of a learned loss. Leaves that require grad, on the
             model's device and in its dtype.
         learn_init: Learn the initial weights θ_0 (MAML): the meta optimizer updates the
-            model's parameters. Parameters outside ``opt`` are learned too (they enter every
-            inner loss), as in ANIL.
+            model's parameters. Parameters outside ``opt`` that require grad are learned too
+            (they enter every inner loss), as in ANIL; a parameter with ``requires_grad=False``
+            (a frozen backbone, a base model under LoRA adapters) stays a constant. Without
+            ``learn_init`` every parameter outside ``opt`` is a constant of the unroll.
         meta_opt: The meta optimizer: a ``torch.optim`` class or a factory taking the list of
             meta-parameters (default ``torch.optim.Adam`` with its default settings).
         hvp: ``"rev"`` (reverse-over-reverse, default) or ``"fwd"`` (forward-over-reverse;
@@ -237,9 +239,10 @@ class GimliUpdater(OnlineMode):
         With tasks the inner loops of the ranks are independent: their collectives are the final
         average of the hypergradients (:meth:`_compute`), not the inner gradients'. Without
         ``safe_mode`` every second-order pass runs under the second-order-safe mode."""
-        frozen = {n: (p if self.learn_init else p.detach()) for n, p in self.model.named_parameters()
+        learned = set(self.phi.learned_frozen)  # the frozen parameters whose θ_0 is learned (learn_init)
+        frozen = {n: (p if n in learned else p.detach()) for n, p in self.model.named_parameters()
                   if n in set(self._frozen_names)}
-        leaves = list(self.loss_params.values()) + (list(frozen.values()) if self.learn_init else [])
+        leaves = list(self.loss_params.values()) + [frozen[n] for n in self.phi.learned_frozen]
         return InnerProblem(module=self.model, names=self._names, frozen=frozen, train_loss=self.train_loss,
                             impl=self.impl, hyper=self.hyper.per_param(), loss_leaves=leaves,
                             cuda_devices=self._cuda_devices, check_finite=self.options.check_finite,

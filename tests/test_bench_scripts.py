@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The benchmark scripts that need no peer library still run against the library as it is, and each
+"""The benchmark scripts that need no peer library (or, as bench_hf.py, report an absent one as a row) still
+run against the library as it is, and each
 replaces its own section of a results file (the other sections kept). Tiny sizes: this checks that
 they work, not what they measure (benchmarks are not tests)."""
 from __future__ import annotations
@@ -21,6 +22,8 @@ SCRIPTS = {
     "bench_distributed.py": ("## Distributed meta-updates",
                              ["--repeats", "1", "--rounds", "1", "--unroll", "3", "--hidden", "16", "--batch", "16"]),
     "bench_unroll.py": ("## Core engine vs a full autograd unroll", ["--quick"]),
+    # transformers is in the test extra; higher and TorchOpt, when absent, become rows that say so
+    "bench_hf.py": ("## A HuggingFace GPT-2: gimli, higher and TorchOpt", ["--unroll", "2", "--repeats", "1"]),
 }
 
 

@@ -26,8 +26,11 @@ class MetaParameters:
     """Every meta-parameter by name, in the order the meta optimizer holds them.
 
     Names: the learned hyperparameters (``"lr"``, or ``"lr.<parameter name>"`` per element),
-    then ``"loss.<name>"`` for each loss parameter, then ``"init.<parameter name>"`` for every
-    parameter of the model with ``learn_init``.
+    then ``"loss.<name>"`` for each loss parameter, then ``"init.<parameter name>"`` with
+    ``learn_init``: for the inner parameters, and for each parameter outside the optimizer that
+    requires grad when the updater is built. A parameter with ``requires_grad=False`` outside the
+    optimizer (a frozen backbone, the base weights under LoRA adapters) is a constant of the
+    unroll either way, as it is of the user's own training.
 
     Args:
         phi_opt: The learned hyperparameters.
@@ -46,13 +49,20 @@ class MetaParameters:
         self.inner_names = list(inner_names)
         self.frozen_names = list(frozen_names)
         self.learn_init = learn_init
+        params = dict(model.named_parameters())
+        #: The parameters outside the optimizer whose θ_0 is learned (``learn_init``: those that require grad).
+        self.learned_frozen = [n for n in self.frozen_names if learn_init and params[n].requires_grad]
+        learned = set(self.inner_names) | set(self.learned_frozen)
+        #: The names of θ_0's learned tensors, in the model's order (empty without ``learn_init``).
+        self.init_names = [n for n in params if learn_init and n in learned]
 
     def named(self) -> list[tuple[str, Tensor]]:
         """``(name, leaf)`` for every meta-parameter."""
         out = list(self.phi_opt.named_leaves(self.inner_names))
         out += [(f"loss.{n}", t) for n, t in self.loss_params.items()]
         if self.learn_init:
-            out += [(f"init.{n}", p) for n, p in self.model.named_parameters()]
+            params = dict(self.model.named_parameters())
+            out += [(f"init.{n}", params[n]) for n in self.init_names]
         return out
 
     def leaves(self) -> list[Tensor]:
@@ -61,15 +71,15 @@ class MetaParameters:
     def hypergradients(self, A_opt: dict[str, Hypergrad], A_loss: Sequence[Tensor],
                        theta0_bar: Sequence[Tensor]) -> dict[str, Hypergrad]:
         """[Alg.1 L16]'s join: ``{name: hypergradient}`` from A_opt, A_loss (loss parameters, then
-        the frozen parameters with ``learn_init``) and B_0 (the inner parameters' θ_0)."""
+        the learned frozen parameters with ``learn_init``) and B_0 (the inner parameters' θ_0)."""
         out: dict[str, Hypergrad] = dict(A_opt)
         n_loss = len(self.loss_params)
         for name, a in zip(self.loss_params, A_loss[:n_loss]):
             out[f"loss.{name}"] = a
         if self.learn_init:
             init = dict(zip(self.inner_names, theta0_bar))
-            init.update(zip(self.frozen_names, A_loss[n_loss:]))
-            for name, _ in self.model.named_parameters():
+            init.update(zip(self.learned_frozen, A_loss[n_loss:]))
+            for name in self.init_names:
                 out[f"init.{name}"] = init[name]
         return out
 
@@ -81,7 +91,7 @@ class MetaParameters:
         for n in self.loss_params:
             out.extend(flat_list(hypergrads[f"loss.{n}"]))
         if self.learn_init:
-            for n, _ in self.model.named_parameters():
+            for n in self.init_names:
                 out.extend(flat_list(hypergrads[f"init.{n}"]))
         return out
 
