@@ -55,7 +55,8 @@ def _loss(model: Callable[[Tensor], Tensor], batch: tuple[Tensor, Tensor]) -> Te
     return F.cross_entropy(model(x), y)
 
 
-def _optimizer(cfg: DemoConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _optimizer(cfg: DemoConfig, model: nn.Sequential) -> torch.optim.Optimizer:
+    """The inner optimizer, one param group per linear layer (each gets its own learned rate)."""
     groups = [{"params": layer.parameters()} for layer in model if isinstance(layer, nn.Linear)]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)

@@ -58,7 +58,7 @@ def test_count_is_clamped_and_a_zero_total_is_one_step() -> None:
 
 def test_a_jupyter_kernel_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
     class Shell:
-        config = {"IPKernelApp": {}}
+        config: dict[str, dict[str, str]] = {"IPKernelApp": {}}
 
     fake = types.ModuleType("IPython")
     fake.get_ipython = lambda: Shell()  # type: ignore[attr-defined]
