@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The progress bar (tqdm.auto): drawn on a terminal and in a notebook, silent in a log, one interface for its callers."""
+"""The progress bar (tqdm.auto): drawn on a terminal and in a notebook, silent in a log, one interface for all."""
 from __future__ import annotations
 
 import io
