@@ -63,8 +63,8 @@ def test_the_example_runs_as_written_and_prints_readable_numbers(tmp_path: Path)
 
 def test_coming_from_higher_gimli_snippets_run_as_written(tmp_path: Path) -> None:
     blocks = python_blocks(section("Coming from higher or learn2learn"))
-    gimli = [b for b in blocks if b.startswith("# gimli_bptt\n")]
-    peers = [b for b in blocks if not b.startswith("# gimli_bptt\n")]
+    gimli = [b for b in blocks if b.startswith("# gimli_bptt: runs as written")]
+    peers = [b for b in blocks if not b.startswith("# gimli_bptt: runs as written")]
     assert len(gimli) == 2, "expected the gimli counterparts of the higher and the learn2learn snippets"
     assert any("higher.innerloop_ctx" in b for b in peers) and any(".clone()" in b and ".adapt(" in b for b in peers)
     rates = run(gimli[0], tmp_path)
