@@ -134,7 +134,7 @@ def _common(p: argparse.ArgumentParser, out: str, seeds: int) -> None:
     p.add_argument("--threads", type=_positive(int), default=1,
                    help="torch CPU threads (default 1: fastest for these small nets)")
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn on a terminal or in a notebook)")
 
 
 def _hypergradient_list(text: str) -> list[str]:
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:N (default cpu)")
     sn.add_argument("--threads", type=_positive(int), default=1, help="torch CPU threads (default 1)")
     sn.add_argument("--out", default=sc.out, help=f"output folder (default {sc.out})")
-    sn.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
+    sn.add_argument("--no-progress", action="store_true", help="no progress bar (drawn on a terminal or in a notebook)")
     sn.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from the states saved (atomically, every --save-every "
                          "iterations and after every run) in OUT/state/")

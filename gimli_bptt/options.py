@@ -2,6 +2,7 @@
 """The options of ``GimliUpdater`` and the checks of what a user hands it: clear errors, before anything runs."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -142,10 +143,38 @@ def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any,
                    learn_init=bool(learn_init), tasks=tasks, first_order=first_order, truncate=truncate, mode=mode)
 
 
+#: The one-line fix the loss errors suggest.
+LOSS_FIX = "lambda m, b: F.cross_entropy(m(b[0]), b[1])"
+
+
 def check_callables(train_loss: Any, val_loss: Any) -> None:
+    """The losses are functions ``(model, batch) -> scalar tensor`` ([Alg.1 L6, L10]).
+
+    Raises:
+        TypeError: not callable; a ``torch.nn`` loss module (``nn.CrossEntropyLoss()``, which takes
+            ``(input, target)``); or a function that cannot be called with two positional arguments.
+    """
     for what, fn in (("train_loss", train_loss), ("val_loss", val_loss)):
         if not callable(fn):
             raise TypeError(f"{what} must be callable as {what}(model, batch), got {type(fn).__name__}")
+        if isinstance(fn, nn.modules.loss._Loss):
+            raise TypeError(
+                f"{what} is the loss module {type(fn).__name__}(), which takes (input, target); {what} must be a "
+                f"function (model, batch) -> scalar tensor that runs the model on the batch. Fix: {what}={LOSS_FIX} "
+                f"(or wrap your module: lambda m, b: {type(fn).__name__.lower()}(m(b[0]), b[1]))"
+            )
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # a builtin or an extension without one: nothing to check
+            continue
+        try:
+            signature.bind(None, None)
+        except TypeError:
+            raise TypeError(
+                f"{what} must be a function (model, batch) -> scalar tensor, taking two positional arguments, "
+                f"but its signature is {getattr(fn, '__name__', type(fn).__name__)}{signature}. "
+                f"Fix, e.g.: {what}={LOSS_FIX}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -231,12 +260,32 @@ def check_loss_params(loss_params: Any, ref: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def _one_batch_hint(batches: list[Any], unroll: int) -> Optional[str]:
+    """Why ``train_batches`` may be a single ``(x, y)`` batch rather than a list of J batches, or None.
+
+    Only a sequence of bare tensors can be confused with one batch (a list of J batches holds tuples,
+    dicts, or J tensors of one kind): flagged when their number is not J, or when they mix
+    floating-point and integer tensors (inputs and labels), which the J batches of one loss never do.
+    """
+    if len(batches) < 2 or not all(isinstance(b, Tensor) for b in batches):
+        return None
+    fix = "pass a list of batches, e.g. [batch] * unroll, or [(x, y)] when unroll=1"
+    if len({b.is_floating_point() for b in batches}) > 1:
+        return (f"train_batches looks like one batch ({len(batches)} tensors, floating-point and integer: inputs and "
+                f"targets), but step() takes a list of unroll={unroll} batches, one per inner step: {fix}")
+    if len(batches) != unroll:
+        return (f"got {len(batches)} tensors as train batches but unroll={unroll}: give exactly one batch per inner "
+                f"step; if these tensors are one batch (inputs and targets), {fix}")
+    return None
+
+
 def check_batches(train_batches: Any, unroll: int, tasks: Optional[int] = None, val_batch: Any = None) -> list[Any]:
     """The J training batches as a list; with ``tasks``, each (and ``val_batch``) with its task dimension.
 
     Raises:
         TypeError: not a sequence of batches.
-        ValueError: not exactly J of them, or a batch without the leading task dimension.
+        ValueError: not exactly J of them, one ``(x, y)`` batch in their place, or a batch without the
+            leading task dimension.
     """
     if isinstance(train_batches, (Tensor, str, bytes)) or not isinstance(train_batches, Iterable):
         raise TypeError(
@@ -244,6 +293,9 @@ def check_batches(train_batches: Any, unroll: int, tasks: Optional[int] = None, 
             f"got {type(train_batches).__name__}"
         )
     batches = list(train_batches)
+    hint = _one_batch_hint(batches, unroll)
+    if hint is not None:
+        raise ValueError(hint)
     if len(batches) != unroll:
         raise ValueError(
             f"got {len(batches)} train batches but unroll={unroll}: give exactly one batch per inner step"

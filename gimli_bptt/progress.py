@@ -1,20 +1,33 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A one-line progress bar on stderr (no dependency), for long unrolls and the experiments."""
+"""Progress of long unrolls and of the experiments, drawn by ``tqdm.auto``: a widget in a Jupyter
+notebook, a bar on a terminal, nothing in a log file."""
 from __future__ import annotations
 
 import sys
-import time
-from typing import Optional, TextIO
+from types import TracebackType
+from typing import Any, Optional, TextIO
+
+from tqdm.auto import tqdm
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (the test ``tqdm.autonotebook`` makes; imports nothing)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    shell = ipython.get_ipython()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 class Progress:
-    """A one-line progress bar: ``label [#####.....] 12/40 3.1s eta 7.2s  info``.
+    """A progress bar of ``total`` steps: ``label: 40%|████      | 12/30 [00:03<00:05, 3.9it/s, info]``.
 
     Args:
         total: The number of steps.
         label: Text in front of the bar.
-        enabled: Draw at all; ``None`` draws only when ``stream`` is a terminal.
-        stream: Where to draw (default ``sys.stderr``).
+        enabled: Draw at all; ``None`` draws on a terminal (``stream`` is a tty) and in a Jupyter
+            notebook (a widget), and stays silent otherwise (a log file, a pipe, CI).
+        stream: Where a terminal bar is written (default ``sys.stderr``).
     """
 
     def __init__(self, total: int, label: str = "", enabled: Optional[bool] = None,
@@ -22,45 +35,38 @@ class Progress:
         self.total = max(int(total), 1)
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
-        isatty = getattr(self.stream, "isatty", None)
-        self.enabled = bool(isatty and isatty()) if enabled is None else bool(enabled)
+        if enabled is None:
+            isatty = getattr(self.stream, "isatty", None)
+            enabled = bool(isatty and isatty()) or in_notebook()
+        self.enabled = bool(enabled)
         self.count = 0
-        self.start = time.perf_counter()
-        self._last = 0.0
-        self._info = ""
+        # mininterval: redraw at most 10 times a second; tqdm always draws the last state on close
+        self._bar: Optional[Any] = (tqdm(total=self.total, desc=label, file=self.stream, mininterval=0.1,
+                                         dynamic_ncols=True, leave=True)
+                                    if self.enabled else None)
 
     def update(self, n: int = 1, info: str = "") -> None:
-        """Advances by ``n`` steps and redraws (at most 10 times a second, always at the end)."""
-        self.count = min(self.count + n, self.total)
-        self._info = info
-        now = time.perf_counter()
-        if not self.enabled or (now - self._last < 0.1 and self.count < self.total):
+        """Advances by ``n`` steps (at most to ``total``) and shows ``info`` after the bar."""
+        step = min(n, self.total - self.count)
+        self.count += step
+        if self._bar is None:
             return
-        self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        self._last = now
-        elapsed = now - self.start
-        width = 24
-        filled = int(width * self.count / self.total)
-        eta = elapsed / self.count * (self.total - self.count) if self.count else 0.0
-        line = (f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.count}/{self.total} "
-                f"{elapsed:.1f}s eta {eta:.1f}s  {self._info}")
-        self.stream.write(line[:160].ljust(100))
-        self.stream.flush()
+        if info:
+            self._bar.set_postfix_str(info, refresh=False)
+        self._bar.update(step)
 
     def close(self) -> None:
-        """Draws the last state and ends the bar's line."""
-        if self.enabled:
-            self._draw(time.perf_counter())
-            self.stream.write("\n")
-            self.stream.flush()
+        """Draws the last state and ends the bar (idempotent)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
         self.close()
 
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "in_notebook"]

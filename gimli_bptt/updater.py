@@ -101,7 +101,8 @@ class GimliUpdater(OnlineMode):
             changes. ``"ignore"``: nothing is checked (no host sync on an accelerator).
         project: Clamp learned hyperparameters into their valid range after each meta step.
         progress: Draw a progress bar of the forward and reverse steps on stderr: True, False,
-            or ``None`` (default): when stderr is a terminal and J ≥ 100.
+            or ``None`` (default): when J ≥ 100 and stderr is a terminal or this is a Jupyter
+            notebook (a widget there).
         lr_schedule: ``lr_schedule(j) -> factor``: the learning rate of inner step j is the
             (learned) lr times this factor, e.g. a warm-up ``lambda j: min(1, (j + 1) / 5)``;
             the hypergradient of lr accounts for it.

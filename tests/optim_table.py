@@ -8,7 +8,7 @@ Adding an optimizer
 2. ``gimli_bptt/optim/__init__.py``: that row in ``BUILT_IN``.
 3. Here: its rows in :data:`ROWS` (a family helper such as ``_sgd`` below, then one line per
    configuration). ``test_every_built_in_optimizer_has_a_row`` fails until it has one.
-4. ``README.md``: its line in the table of optimizers.
+4. ``docs/GUIDE.md``: its line in the table of optimizers.
 
 No other edit: every oracle iterates over :data:`ROWS` and collects each row under its ``id``
 (``python -m pytest --collect-only -q | grep <id>`` lists them). The oracles, by the key that

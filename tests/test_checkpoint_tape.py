@@ -148,7 +148,7 @@ def test_progress_bar_of_the_unroll(monkeypatch: pytest.MonkeyPatch) -> None:
         return stream.getvalue()
 
     drawn = run(True, Tty())
-    assert "unroll [" in drawn and "6/6" in drawn and "forward 3/3 reverse 3/3" in drawn
+    assert "unroll:" in drawn and "6/6" in drawn and "forward 3/3 reverse 3/3" in drawn
     assert run(None, Tty()) == ""  # J < 100: no bar by default
     assert run(False, Tty()) == ""
     quiet = io.StringIO()  # not a terminal: nothing is drawn unless asked

@@ -210,9 +210,33 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
         main(["sine", "--iterations", "1"])
 
 
-def test_demo_still_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--meta-steps", "2", "--unroll", "2", "--hidden", "8"]) == 0
-    assert "validation loss" in capsys.readouterr().out
+def test_demo_prints_the_start_the_baseline_and_the_learned_rates(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--meta-steps", "2", "--unroll", "2", "--hidden", "8", "--lr", "0.03"]) == 0
+    out = capsys.readouterr().out
+    assert "fixed rate 0.03 (the baseline)" in out and "meta-learned from 0.03" in out
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [r[0] for r in rows] == ["0", "4"]  # training steps done: the start and after 2 meta steps of J = 2
+    start = rows[0]
+    assert start[1] == start[2] and start[3:] == ["0.0300"] * 3  # both from the same weights, every rate the start
+    assert "at the fixed rate" in out and "with the learned rates" in out
+
+
+def test_demo_baseline_is_the_same_training_at_the_fixed_rate() -> None:
+    from gimli_bptt.demo import DemoConfig, run_demo
+
+    # A meta step too small to move the rates: both runs are the same training, step for step.
+    still = run_demo(DemoConfig(meta_steps=3, unroll=2, hidden=8, meta_lr=1e-12, print_every=1), log=None)
+    assert len(still["val_loss"]) == len(still["val_loss_fixed"]) == 4
+    assert still["val_loss"][0] == still["val_loss_fixed"][0]
+    for learned, fixed in zip(still["val_loss"], still["val_loss_fixed"]):  # float32: rounding only
+        assert learned == pytest.approx(fixed, rel=1e-5)
+    assert still["val_loss_fixed"][-1] < still["val_loss_fixed"][0]  # it trains
+    assert all(r == pytest.approx(0.02, abs=1e-9) for g in range(3) for r in still[f"lr_{g}"])
+    # With a real meta step the rates move from the start after the first round, and only then.
+    moved = run_demo(DemoConfig(meta_steps=2, unroll=2, hidden=8), log=None)
+    assert [moved[f"lr_{g}"][0] for g in range(3)] == [0.02] * 3
+    assert all(moved[f"lr_{g}"][1] != 0.02 for g in range(3))
+    assert moved["val_loss_fixed"] == pytest.approx(still["val_loss_fixed"][:3], rel=1e-6)  # the same baseline
 
 
 @pytest.mark.slow

@@ -95,6 +95,65 @@ def test_wrong_number_of_batches() -> None:
         up.step(batches[0][0], val)
 
 
+@pytest.mark.parametrize("unroll", [1, 2, 3])
+def test_one_batch_where_a_list_is_expected_says_how_to_pass_it(unroll: int) -> None:
+    up = _updater(unroll=unroll)
+    batches, val = make_batches(unroll)
+    before = snapshot(up)
+    for one in (batches[0], list(batches[0])):  # (x, y) or [x, y]: inputs and labels, not two batches
+        with pytest.raises(ValueError, match=r"pass a list of batches, e\.g\. \[batch\] \* unroll, or \[\(x, y\)\]"):
+            up.step(one, val)
+    assert_unchanged(before, snapshot(up))
+    up.step(batches, val)  # the list of J (x, y) batches is still taken, for every J (J = 2 included)
+
+
+def test_a_list_of_tensor_batches_is_not_taken_for_one_batch() -> None:
+    model = nn.Linear(3, 1).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = lambda m, x: m(x).pow(2).mean()  # noqa: E731  # each batch is one tensor
+    up = GimliUpdater(model, opt, loss, loss, unroll=2, learn={"lr": "group"})
+    xs = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    up.step(xs[:2], xs[2])
+    with pytest.raises(ValueError, match="got 3 tensors as train batches but unroll=2: give exactly one batch per"):
+        up.step(xs, xs[2])
+
+
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), nn.MSELoss()])
+@pytest.mark.parametrize("which", ["train_loss", "val_loss"])
+def test_a_loss_module_names_the_signature_and_the_fix(loss: nn.Module, which: str) -> None:
+    with pytest.raises(TypeError, match=rf"{which} is the loss module {type(loss).__name__}\(\).*"
+                                        r"\(model, batch\) -> scalar tensor.*"
+                                        rf"Fix: {which}=lambda m, b: F\.cross_entropy\(m\(b\[0\]\), b\[1\]\)"):
+        _updater(**{which: loss})
+
+
+def _one_argument(batch: Any) -> Tensor:
+    return batch[0].sum()
+
+
+@pytest.mark.parametrize("loss", [_one_argument, lambda m, b, extra: m(b[0]).sum(), lambda: 0.0])
+def test_a_loss_that_cannot_take_model_and_batch_names_the_fix(loss: Any) -> None:
+    with pytest.raises(TypeError, match=r"train_loss must be a function \(model, batch\) -> scalar tensor, taking two "
+                                        r"positional arguments, but its signature is .*Fix, e\.g\.: train_loss=lambda"):
+        _updater(train_loss=loss)
+
+
+def test_losses_of_other_shapes_are_accepted() -> None:
+    class Loss(nn.Module):  # a module whose forward takes (model, batch)
+        def forward(self, model: Any, batch: Any) -> Tensor:
+            return ce_loss(model, batch)
+
+    def with_default(model: Any, batch: Any, scale: float = 1.0) -> Tensor:
+        return scale * ce_loss(model, batch)
+
+    def varargs(*args: Any) -> Tensor:
+        return ce_loss(*args)
+
+    for loss in (Loss(), with_default, varargs, functools.partial(with_default, scale=2.0)):
+        up = _updater(train_loss=loss, val_loss=loss)
+        up.step(*make_batches(3))
+
+
 @pytest.mark.parametrize(
     "loss, exc, match",
     [

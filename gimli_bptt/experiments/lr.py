@@ -45,7 +45,7 @@ class LRConfig:
         device: Torch device.
         threads: CPU threads of torch (1 is fastest for this small net, and with other load).
         out: Output folder.
-        progress: Progress bars (``None``: only when stderr is a terminal).
+        progress: Progress bars (``None``: on a terminal or in a Jupyter notebook, not in a log).
         resume: Continue from the state saved in ``out/state/`` (saved atomically after every
             epoch of every run), so an interrupted run loses at most the current epoch.
         meta_every: ``None`` (default): one meta step after every epoch. N: a meta step after

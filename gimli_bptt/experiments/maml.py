@@ -53,7 +53,7 @@ class MAMLConfig:
         device: Torch device.
         threads: CPU threads of torch.
         out: Output folder.
-        progress: Progress bars (``None``: only when stderr is a terminal).
+        progress: Progress bars (``None``: on a terminal or in a Jupyter notebook, not in a log).
         learn_rates: Meta-learn the inner hyperparameters (per-group rates; Adam's betas too).
             ``False``: only θ_0 is learned, the inner optimizer keeps its initial values.
         resume: Continue from the states saved in ``out/state/`` (atomically, every

@@ -67,7 +67,7 @@ class SineConfig:
         device: Torch device.
         threads: CPU threads of torch.
         out: Output folder.
-        progress: Progress bars (``None``: only when stderr is a terminal).
+        progress: Progress bars (``None``: on a terminal or in a Jupyter notebook, not in a log).
         resume: Continue from the states saved in ``out/state/`` (atomically, every
             ``save_every`` iterations and at the end of every run).
         save_every: Iterations between saved states.
