@@ -184,7 +184,8 @@ class InnerParameters:
     Attributes:
         names: The inner parameters' names, in the module's order.
         params: The inner parameters.
-        frozen_names: The module's other parameters (used, never changed by the inner loop).
+        frozen_names: The module's other parameters, and those with ``requires_grad=False`` that the optimizer
+            holds (torch.optim skips them): used, never changed by the inner loop.
     """
 
     names: list[str]
@@ -209,9 +210,15 @@ def inner_parameters(model: nn.Module, opt: torch.optim.Optimizer, impl: DiffOpt
             f"the optimizer holds tensors that are not parameters of the model (param groups {sorted(set(stray))}); "
             "build it over model.parameters()"
         )
-    out = InnerParameters([n for n, p in named if id(p) in in_opt], [p for _, p in named if id(p) in in_opt],
-                          [n for n, p in named if id(p) not in in_opt])
+    # torch.optim skips a parameter whose .grad is None, as it always is with requires_grad=False:
+    # such a parameter is a constant of the unroll even where the optimizer holds it.
+    inner = [(n, p) for n, p in named if id(p) in in_opt and p.requires_grad]
+    inner_ids = {id(p) for _, p in inner}
+    out = InnerParameters([n for n, _ in inner], [p for _, p in inner], [n for n, p in named if id(p) not in inner_ids])
     if not out.params:
+        if any(id(p) in in_opt for _, p in named):
+            raise ValueError("every parameter the optimizer holds has requires_grad=False, so torch.optim would never "
+                             "update one; unfreeze the parameters to train (p.requires_grad_(True))")
         raise ValueError("the optimizer holds no parameters of the model")
     for name, p in zip(out.names, out.params):
         if not p.is_floating_point() or p.is_complex():

@@ -44,7 +44,7 @@ def reference_hypergradients(updater: GimliUpdater, train_batches: Sequence[Any]
     model, opt, impl = updater.model, updater.opt, get_optimizer(updater.opt)
     group_of = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
     named = list(model.named_parameters())
-    inner = [(n, p) for n, p in named if id(p) in group_of]
+    inner = [(n, p) for n, p in named if id(p) in group_of and p.requires_grad]  # torch.optim skips the others
     phi = {name: t.detach().clone().requires_grad_(True) for name, t in updater.named_meta_parameters()
            if not name.startswith(("loss.", "init."))}
     hyper = []

@@ -96,3 +96,42 @@ def test_learn_init_hypergradient_of_the_neck_is_the_autograd_one() -> None:
     gw, gb = torch.autograd.grad(F.cross_entropy(f(val[0], *theta), val[1]), (nw, nb))
     for got, want in ((ours["init.neck.weight"], gw), (ours["init.neck.bias"], gb)):
         assert float((got - want).abs().max()) <= TOL * float(want.abs().max())
+
+
+def test_frozen_parameter_inside_the_optimizer_is_skipped_as_torch_optim_skips_it() -> None:
+    """``torch.optim.Adam(model.parameters())`` over a frozen backbone (the PEFT habit): torch.optim
+    never updates the frozen tensors (their ``.grad`` stays None), so the unroll must not either."""
+    torch.manual_seed(0)
+    model = Backbone().double()
+    model.backbone.requires_grad_(False)
+    twin = Backbone().double()
+    twin.load_state_dict(model.state_dict())
+    twin.backbone.requires_grad_(False)
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 4, dtype=D, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+    opt = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.1)  # holds the frozen backbone too
+    updater = GimliUpdater(model, opt, loss, loss, unroll=3, learn={"lr": "group"}, commit=True)
+    names = {n for n, _ in updater.named_meta_parameters()}
+    errors = check_hypergradients(updater, batches[:3], batches[3])
+    assert max(errors.values()) <= TOL, errors
+    backbone = [p.clone() for p in model.backbone.parameters()]
+    updater.step(batches[:3], batches[3])  # commit=True: the model continues from θ'_J
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=0.05, weight_decay=0.1)
+    for b in batches[:3]:
+        twin_opt.zero_grad()
+        loss(twin, b).backward()
+        twin_opt.step()
+    for p, q in zip(model.backbone.parameters(), backbone):
+        assert torch.equal(p, q)  # a weight decay step would have moved it
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=TOL, atol=0, msg=n)
+    assert names == {"lr"}
+
+
+def test_an_optimizer_over_frozen_parameters_only_is_an_error() -> None:
+    model = Backbone().double().requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        GimliUpdater(model, opt, loss, loss, unroll=2, learn={"lr": "group"})
