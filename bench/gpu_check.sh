@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 start=$(date +%s)
-echo "== build (the sources in gimli_bptt/csrc/, CUDA included when torch has CUDA and nvcc is found)"
+echo "== build (the sources in csrc/, CUDA included when torch has CUDA and nvcc is found)"
 python -m gimli_bptt build-kernels   # announces the compile, then reports what is loaded and for which devices
 python - <<'PY'
 import torch
