@@ -170,7 +170,7 @@ def _hinted(theta: Sequence[Tensor], G: Grads, state: Sequence[State], hyper: Se
         if (len(theta) != len(hint.theta) or not all(map(operator.is_, theta, hint.theta))
                 or not all(map(operator.is_, state, hint.state)) or hint.g_none != tuple(g is None for g in G)):
             return None
-    elif plan.g_none != tuple(g is None for g in G) or not _same_items(theta, state):  # type: ignore[attr-defined]
+    elif plan.g_none != tuple(g is None for g in G) or not _same_items(theta, state):
         return None
     refs = plan.refs
     k = 0
@@ -213,12 +213,12 @@ def _plan(layout: FlatLayout, theta: Sequence[Tensor], G: Grads, state: Sequence
             count = float(s[counter]) if counter is not None else None
             keys.append((t.device, t.dtype, layout.options(h, s), kinds, count))
         built = Plan(keys, theta, hyper, layout.hyper, refs)
-        built.g_none = g_none  # type: ignore[attr-defined]
+        built.g_none = g_none
         return built
 
     plan = cached_plan((layout.op, per, g_none), refs, build)
     producer = getattr(theta, "hint", None)
-    if isinstance(producer, Plan) and getattr(state, "hint", None) is producer:
+    if getattr(state, "hint", None) is producer and isinstance(producer, Plan):
         producer.successor = plan  # the outputs of ``producer`` are stepped with ``plan``
     return plan
 
@@ -280,7 +280,7 @@ def _flat_step(opt: DiffOptimizer, theta: Sequence[Tensor], G: Grads, state: Seq
         theta_next.record(None, b.idx_key, thetas, outs[0])
         for key, views, buf in entries:
             state_next.record(key, b.idx_key, views, buf)
-    hint = _Hint(plan, theta, state, plan.g_none)  # type: ignore[attr-defined]
+    hint = _Hint(plan, theta, state, plan.g_none)
     for inputs in (theta, state):
         if type(inputs) is FlatOutputs:
             inputs.hint = hint  # the sweep reverses this step with this plan

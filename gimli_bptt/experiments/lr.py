@@ -82,6 +82,7 @@ class LRConfig:
 
 
 def _make_opt(cfg: LRConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    assert cfg.lr is not None, "takes a resolved config (LRConfig.resolved)"
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -153,6 +154,7 @@ def train_variant(variant: str, cfg: LRConfig, splits: Splits, seed: int,
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     updater = None
     if variant == "meta":
+        assert cfg.meta_lr is not None, "takes a resolved config (LRConfig.resolved)"
         updater = GimliUpdater(model, opt, cross_entropy, cross_entropy, unroll=cfg.unroll, learn={"lr": "group"},
                                meta_opt=functools.partial(torch.optim.Adam, lr=cfg.meta_lr), on_nonfinite="skip")
 
@@ -252,8 +254,9 @@ def _shard(batch: Batch, rank: int, world: int) -> Batch:
     return tuple(t[:n].chunk(world)[rank] for t in batch)  # type: ignore[return-value]
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
-    """Final and best test accuracy and final test loss of every variant, mean and std over seeds."""
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Final and best test accuracy and final test loss of every variant, mean and std over seeds
+    (the loss entries are None when every seed diverged; ``diverged`` counts the seeds that did)."""
     out = {}
     for variant, recs in runs.items():
         final = mean_std([r["final_test_acc"] for r in recs])

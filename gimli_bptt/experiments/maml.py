@@ -133,7 +133,9 @@ def adapt_and_score(model: nn.Module, opt: torch.optim.Optimizer, task: Task, st
     fast = copy.deepcopy(model).train()
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [q]}
               for g, q in zip(opt.param_groups, fast.parameters())]
-    inner = type(opt)(groups)
+    # the concrete optimizer classes (SGD, Adam) default every option but the parameters
+    make: Callable[..., torch.optim.Optimizer] = type(opt)
+    inner = make(groups)
     for _ in range(steps):
         inner.zero_grad(set_to_none=True)
         cross_entropy(fast, task.support).backward()
@@ -241,8 +243,9 @@ def train_maml(cfg: MAMLConfig, data: tuple[Tensor, Tensor], optimizer: str, sho
                 continue
             losses.append(float(result.val_loss))
             for name, g in result.hypergrads.items():
-                g = g / cfg.meta_batch  # type: ignore[operator]
-                total[name] = total[name] + g if name in total else g
+                assert isinstance(g, Tensor), name  # per-group rates and θ_0: one tensor each, no element-wise list
+                share = g / cfg.meta_batch
+                total[name] = total[name] + share if name in total else share
         if losses:
             apply_hypergradients(updater, total)
             rec["query_loss"].append(sum(losses) / len(losses))
@@ -323,9 +326,9 @@ def run_maml(cfg: MAMLConfig, log: Optional[Callable[[str], None]] = print) -> d
             accs = [r["test_acc"] for r in runs if r["optimizer"] == opt_name and r["shots"] == k]
             m, s = mean_std(accs)
             summary[opt_name][str(k)] = {"test_acc_mean": m, "test_acc_std": s, "seeds": len(accs)}
-            seen = [r["seen_acc"] for r in runs if r["optimizer"] == opt_name and r["shots"] == k and "seen_acc" in r]
-            if seen:
-                summary[opt_name][str(k)]["seen_acc_mean"], summary[opt_name][str(k)]["seen_acc_std"] = mean_std(seen)
+            seen_accs = [r["seen_acc"] for r in runs if r["optimizer"] == opt_name and r["shots"] == k and "seen_acc" in r]
+            if seen_accs:
+                summary[opt_name][str(k)]["seen_acc_mean"], summary[opt_name][str(k)]["seen_acc_std"] = mean_std(seen_accs)
     table = markdown_table(cfg, summary)
     result = {
         "command": "maml",
@@ -346,9 +349,9 @@ def run_maml(cfg: MAMLConfig, log: Optional[Callable[[str], None]] = print) -> d
             f"after J={cfg.unroll} inner steps; mean ± standard deviation over seeds {cfg.seeds}.\n")
     seen = ""
     if cfg.holdout == "classes":
-        cells = [f"{o} {k}-shot {100 * summary[o][str(k)]['seen_acc_mean']:.2f} ± "
-                 f"{100 * summary[o][str(k)]['seen_acc_std']:.2f}%" for o in cfg.optimizers for k in cfg.shots]
-        seen = "\nOn tasks from held-out examples of the training classes (seen classes): " + "; ".join(cells) + ".\n"
+        seen_cells = [f"{o} {k}-shot {100 * summary[o][str(k)]['seen_acc_mean']:.2f} ± "
+                      f"{100 * summary[o][str(k)]['seen_acc_std']:.2f}%" for o in cfg.optimizers for k in cfg.shots]
+        seen = "\nOn tasks from held-out examples of the training classes (seen classes): " + "; ".join(seen_cells) + ".\n"
     (out / "maml.md").write_text(table + "\n" + note + seen + "\n" + protocol(cfg) + "\n")
     for opt_name in cfg.optimizers if cfg.learn_rates else ():
         first = next(r for r in runs if r["optimizer"] == opt_name)

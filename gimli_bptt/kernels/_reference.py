@@ -156,7 +156,11 @@ def sgd_step_vjp(theta: Tensor, G: Tensor, buf: Optional[Tensor], theta_next_bar
         if buf is None:
             g_from_buf = buf_bar
         else:
-            parts[1] = parts[1] + buf * buf_bar if nesterov else buf * buf_bar
+            if nesterov:
+                assert parts[1] is not None  # the update's buf_next term, set above
+                parts[1] = parts[1] + buf * buf_bar
+            else:
+                parts[1] = buf * buf_bar
             parts[2] = (-g) * buf_bar
             buf_bar_out = c["mom"] * buf_bar
             g_from_buf = c["omd"] * buf_bar
@@ -275,6 +279,7 @@ def adam_step_vjp(theta: Tensor, G: Tensor, m: Tensor, v: Tensor, vmax: Optional
     if has_wd:
         if decoupled:
             theta_bar = tb * c["dec"]
+            assert parts[0] is not None  # the step size's term, set above
             parts[0] = parts[0] + c["neg_wd"] * theta * tb
             parts[4] = c["neg_lr"] * theta * tb
         else:

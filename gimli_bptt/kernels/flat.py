@@ -70,7 +70,7 @@ def flat(tensors: Sequence[Tensor]) -> Tensor:
         else:
             if pos == base.storage_offset() + base.numel():
                 return base
-    return _flatten(tensors)
+    return _flatten(list(tensors))
 
 
 def _flat_planned(tensors: Sequence[Tensor], starts: list[int], total: int) -> Tensor:
@@ -83,7 +83,7 @@ def _flat_planned(tensors: Sequence[Tensor], starts: list[int], total: int) -> T
         pos = base.storage_offset()
         if [t.storage_offset() - pos for t in tensors] == starts and all(t.is_contiguous() for t in tensors):
             return base
-    return first.reshape(-1) if len(tensors) == 1 else _flatten(tensors)
+    return first.reshape(-1) if len(tensors) == 1 else _flatten(list(tensors))
 
 
 class FlatOutputs(list):
@@ -248,16 +248,15 @@ class Bucket:
                 return buffer
         if all(x is None for x in items):
             return None
-        if any(x is None for x in items):
-            items = [torch.zeros(t.shape, dtype=self.dtype, device=self.device) if x is None else x
-                     for x, t in zip(items, self.theta)]
-        return _flat_planned(items, self.starts, self.total)
+        present: list[Tensor] = [torch.zeros(t.shape, dtype=self.dtype, device=self.device) if x is None else x
+                                 for x, t in zip(items, self.theta)]
+        return _flat_planned(present, self.starts, self.total)
 
     def segment_bars(self, bars: Sequence[Tensor]) -> list[tuple[tuple[int, ...], str, int, Tensor, Optional[list[Tensor]]]]:
         """The op's hyperparameter cotangents as ``(indices, name, kind, cotangent, views)`` per
         learned slot: kind 1, the per-segment sums (shape ``(nseg,)``, in the element dtype);
         kind 2, the element-wise cotangent (flat) and its per-tensor views."""
-        out = []
+        out: list[tuple[tuple[int, ...], str, int, Tensor, Optional[list[Tensor]]]] = []
         for h, (name, kd) in enumerate(zip(self.names, self.kinds)):
             if kd == 1:
                 out.append((self.idx_key, name, 1, bars[h].to(self.dtype), None))
@@ -278,9 +277,11 @@ class Plan:
     """The buckets of one call's tensors, and the indices the flat ops do not take (``rest``:
     empty tensors), which the caller handles one at a time. ``refs`` holds the objects whose ids
     are in the cache key (Note [Plan cache]); ``successor`` is the plan the outputs of this one
-    were stepped with next, when known (Note [Plan hints] in ``stepping.py``)."""
+    were stepped with next, when known, and ``g_none`` (set by the caller that builds the plan)
+    which tensors have no gradient (Note [Plan hints] in ``stepping.py``)."""
 
     successor: Optional["Plan"] = None
+    g_none: tuple[bool, ...]
 
     def __init__(self, keys: Sequence[Optional[Hashable]], theta: Sequence[Tensor],
                  hyper: Sequence[Mapping[str, Any]], slots: Sequence[str], refs: list[Any]):

@@ -121,6 +121,7 @@ def reverse_sweep(problem: InnerProblem, phi_opt: OptimizerHyperparameters, end:
     for entry in entries_reversed:  # [Alg.1 L10]
         step = StepSecondOrder(problem, entry, hvp) if second_order else None
         G = step.G if step is not None else entry.G
+        assert G is not None, "the first-order sweep reads G_j from the tape (keep_G)"
         with torch.no_grad():  # a hand-written VJP: nothing to record
             theta_bar, G_bar, state_bar, phi_bar = problem.step_vjp(  # [Alg.1 L11]
                 entry.theta, G, entry.state, problem.hyper_at(entry.j), B, state_bar)
