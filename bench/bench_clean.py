@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import benchlib
-from gimli_bptt import GimliUpdater, Memory
+from gimli_bptt import GimliUpdater
 from gimli_bptt.experiments.clean import make_model, noisy_digits, val_loss, weighted_loss
 from gimli_bptt.experiments.data import load_digits_tensors
 
@@ -217,11 +217,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                       f"mem {benchlib.fmt_mem(r.get('mem'))} err {benchlib.fmt_err(r.get('err32'))}", flush=True)
             log.mark()
     section = render(rows, plans, f64, command, log, args.threads)
-    print()
-    print(section)
-    if out_path is not None:
-        benchlib.write_section(out_path, SECTION, section)
-        print(f"written to {out_path}")
+    benchlib.publish(out_path, SECTION, section)
 
 
 if __name__ == "__main__":

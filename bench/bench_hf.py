@@ -51,16 +51,8 @@ from torch import Tensor, nn
 import benchlib
 from gimli_bptt import GimliUpdater
 
-try:  # benchmark-only dependencies: pip install -e ".[bench]"
-    import higher
-except Exception as e:  # noqa: BLE001
-    higher = None
-    HIGHER_ERR = f"{type(e).__name__}: {e}"
-try:
-    import torchopt
-except Exception as e:  # noqa: BLE001
-    torchopt = None
-    TORCHOPT_ERR = f"{type(e).__name__}: {e}"
+higher, HIGHER_ERR = benchlib.import_optional("higher")  # benchmark-only: pip install -e ".[bench]"
+torchopt, TORCHOPT_ERR = benchlib.import_optional("torchopt")
 
 SECTION = "## A HuggingFace GPT-2: gimli, higher and TorchOpt"
 D = torch.float64

@@ -409,11 +409,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows += measure_group("forward", [f"rates-{m}" for m in args.forward_rates], list(args.forward_unrolls),
                                   list(FORWARD_IMPLS), args, log, server)
     section = render(rows, args, command, log, forward, forward_run)
-    print()
-    print(section)
-    if out_path is not None:
-        benchlib.write_section(out_path, SECTION, section)
-        print(f"written to {out_path}")
+    benchlib.publish(out_path, SECTION, section)
 
 
 if __name__ == "__main__":

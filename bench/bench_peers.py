@@ -65,16 +65,8 @@ from gimli_bptt.testing import reference_hypergradients, relative_error
 import benchlib
 from benchlib import cpu_model, cpu_times, fmt_time, reset_peak, short_error, vm_hwm_mib
 
-try:  # benchmark-only dependencies: pip install -e ".[bench]"
-    import higher
-except Exception as e:  # noqa: BLE001
-    higher = None
-    HIGHER_ERR = f"{type(e).__name__}: {e}"
-try:
-    import torchopt
-except Exception as e:  # noqa: BLE001
-    torchopt = None
-    TORCHOPT_ERR = f"{type(e).__name__}: {e}"
+higher, HIGHER_ERR = benchlib.import_optional("higher")  # benchmark-only: pip install -e ".[bench]"
+torchopt, TORCHOPT_ERR = benchlib.import_optional("torchopt")
 
 SECTION = "## Side by side with higher and TorchOpt"
 PROBLEMS = ("a-sgd", "a-adam", "b-wd", "c-maml")

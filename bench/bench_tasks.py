@@ -598,11 +598,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(log.banner(torch.get_num_threads()), flush=True)
     rows = run(args, log)
     section = render(rows, args, command, log)
-    print()
-    print(section)
-    if out_path is not None:
-        benchlib.write_section(out_path, SECTION, section)
-        print(f"written to {out_path}")
+    benchlib.publish(out_path, SECTION, section)
 
 
 if __name__ == "__main__":

@@ -410,11 +410,7 @@ def main(argv=None) -> None:
     rows.sort(key=lambda r: (IMPLS.index(r["impl"]), r["J"]))
     elapsed = time.perf_counter() - t_start
     section = render(rows, args.unrolls, args, command, started, elapsed, loads)
-    print()
-    print(section)
-    if out_path is not None:
-        benchlib.write_section(out_path, SECTION, section)
-        print(f"written to {out_path}")
+    benchlib.publish(out_path, SECTION, section)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import importlib
 import importlib.metadata
 import json
 import os
@@ -162,6 +163,24 @@ def library_source() -> str:
     if not dirty:
         return f"git {head}"
     return f"git {head} with uncommitted changes to {len(dirty)} files under gimli_bptt/"
+
+
+def import_optional(name: str) -> tuple[Any, Optional[str]]:
+    """``(module, None)``, or ``(None, "ErrorType: message")`` where a benchmark-only peer
+    (``pip install -e ".[bench]"``) does not import: its rows then say why instead of a number."""
+    try:
+        return importlib.import_module(name), None
+    except Exception as e:  # noqa: BLE001 - a peer may fail to import in many ways
+        return None, f"{type(e).__name__}: {e}"
+
+
+def publish(out_path: Optional[Path], title: str, section: str) -> None:
+    """Prints a rendered section and, with ``out_path``, writes it into that results file (:func:`write_section`)."""
+    print()
+    print(section)
+    if out_path is not None:
+        write_section(out_path, title, section)
+        print(f"written to {out_path}")
 
 
 def write_section(path: Path, title: str, section: str) -> None:
