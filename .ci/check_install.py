@@ -17,7 +17,7 @@ package; the check runs that first use in a child process with an empty ``TORCH_
 and asserts that the build is announced and that no warning is raised. ``--expect prebuilt``:
 they were compiled at install (``--no-build-isolation``) and load from site-packages without
 a build. Either way a hypergradient with ``kernels="fused"`` must equal the pure path's
-(``kernels="reference"``) to 1e-12 in float64, and the installed metadata must match
+(``kernels="reference"``) in float64, to a tolerance from the problem's conditioning, and the installed metadata must match
 ``pyproject.toml``. Exits non-zero, saying what is wrong, on the first failed check.
 """
 from __future__ import annotations
@@ -124,11 +124,18 @@ def check_first_use_builds(expect: str) -> None:
 
 
 def check_kernels_and_hypergradients(expect: str, cache: str) -> None:
-    """Kernels load from the installed package; fused and pure hypergradients agree to 1e-12 (float64)."""
+    """Kernels load from the installed package; fused and pure hypergradients agree (float64) to a tolerance
+    derived from the problem's conditioning."""
     import torch
     from torch import nn
 
     from gimli_bptt import GimliUpdater, kernels
+    from gimli_bptt.testing import float64_rtol
+
+    # The rounding of these two J = 4 hypergradients grows 1.6x (SGD) and 4.9x (Adam), measured with
+    # gimli_bptt.testing.hypergradient_amplification on this very problem (float32 against float64); rounded up
+    # to 1e2 with room for the per-entry normalisation below: 16 * 1e2 * eps64 = 3.6e-13 of the largest entry.
+    tol = float64_rtol(terms=1, condition=1e2)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*gimli_bptt")
@@ -166,7 +173,7 @@ def check_kernels_and_hypergradients(expect: str, cache: str) -> None:
         # relative to each hypergradient's largest entry (an entry near zero has no relative error of its own)
         worst = max(((fused[k] - pure[k]).abs().max() / pure[k].abs().max().clamp_min(1e-300)).item() for k in fused)
         bitwise = all(torch.equal(fused[k], pure[k]) for k in fused)
-        check(worst <= 1e-12, f"{optimizer}: fused = pure to {'the bit' if bitwise else f'{worst:.1e} relative'}")
+        check(worst <= tol, f"{optimizer}: fused = pure to {'the bit' if bitwise else f'{worst:.1e} relative'}")
 
 
 def main() -> None:
