@@ -126,16 +126,29 @@ def _device(text: str) -> str:
     return text
 
 
-def _common(p: argparse.ArgumentParser, out: str, seeds: int) -> None:
-    p.add_argument("--width", type=_positive(int), help="model size: channels of the conv net's first block")
+def _run_flags(p: argparse.ArgumentParser, out: str, seeds: int) -> None:
+    """The flags every experiment shares: seeds, device, threads, output folder, progress bar."""
     p.add_argument("--seed", type=_nonnegative_int, default=0, help="first seed")
     p.add_argument("--seeds", type=_positive(int), default=seeds,
                    help=f"number of seeds: --seed, --seed+1, ... (default {seeds})")
     p.add_argument("--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--threads", type=_positive(int), default=1,
-                   help="torch CPU threads (default 1: fastest for these small nets)")
+                   help="torch CPU threads (default 1: fastest for these small models)")
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn on a terminal or in a notebook)")
+
+
+def _resume_flags(p: argparse.ArgumentParser, unit: str, save_every: int) -> None:
+    """``--resume`` and ``--save-every`` of the experiments that save a run state every ``save_every`` ``unit``."""
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue an interrupted run from the states saved (atomically, every --save-every {unit} "
+                        "and after every run) in OUT/state/")
+    p.add_argument("--save-every", type=_positive(int), default=save_every,
+                   help=f"{unit} between saved run states (default {save_every})")
+
+
+def _width_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=_positive(int), help="model size: channels of the conv net's first block")
 
 
 def _hypergradient_list(text: str) -> list[str]:
@@ -192,18 +205,8 @@ def _add_clean(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         "(default exact)")
     c.add_argument("--eval-every", type=_positive(int), default=cc.eval_every,
                    help=f"meta steps between test-accuracy points of clean_curves.png (default {cc.eval_every})")
-    c.add_argument("--seed", type=_nonnegative_int, default=0, help="first seed")
-    c.add_argument("--seeds", type=_positive(int), default=len(cc.seeds),
-                   help=f"number of seeds: --seed, --seed+1, ... (default {len(cc.seeds)})")
-    c.add_argument("--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:N (default cpu)")
-    c.add_argument("--threads", type=_positive(int), default=1, help="torch CPU threads (default 1)")
-    c.add_argument("--out", default=cc.out, help=f"output folder (default {cc.out})")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
-    c.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from the states saved (atomically, every --save-every meta steps "
-                        "and after every run) in OUT/state/")
-    c.add_argument("--save-every", type=_positive(int), default=cc.save_every,
-                   help=f"meta steps between saved run states (default {cc.save_every})")
+    _run_flags(c, cc.out, len(cc.seeds))
+    _resume_flags(c, "meta steps", cc.save_every)
     c.set_defaults(subparser=c)
 
 
@@ -249,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"minibatch size of the unrolled steps (default {lc.meta_batch_size})")
     lr.add_argument("--val-frac", type=_fraction, default=lc.val_frac,
                     help=f"fraction of each class held out for the meta step's validation loss (default {lc.val_frac})")
-    _common(lr, lc.out, len(lc.seeds))
+    _width_flag(lr)
+    _run_flags(lr, lc.out, len(lc.seeds))
     lr.add_argument("--dist-timeout", type=_positive(float), default=60.0,
                     help="under torchrun: seconds a rank waits for its peers before failing (default 60)")
     lr.add_argument("--resume", action="store_true",
@@ -299,12 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--eval-every", type=_positive(int),
                    help="also score the meta-test tasks (and, with --holdout classes, tasks from held-out examples of "
                         "the training classes) before meta-training and every N meta steps")
-    _common(m, mc.out, len(mc.seeds))
-    m.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from the states saved (atomically, every --save-every meta steps "
-                        "and after every run) in OUT/state/")
-    m.add_argument("--save-every", type=_positive(int), default=mc.save_every,
-                   help=f"meta steps between saved run states (default {mc.save_every})")
+    _width_flag(m)
+    _run_flags(m, mc.out, len(mc.seeds))
+    _resume_flags(m, "meta steps", mc.save_every)
     m.set_defaults(width=mc.width, subparser=m)
 
     sc = SineConfig()
@@ -336,18 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"fixed test tasks (default {sc.test_tasks})")
     sn.add_argument("--test-steps", type=_positive(int), default=sc.test_steps,
                     help=f"inner steps at test time for the MSE-against-steps plot (default {sc.test_steps})")
-    sn.add_argument("--seed", type=_nonnegative_int, default=0, help="first seed")
-    sn.add_argument("--seeds", type=_positive(int), default=len(sc.seeds),
-                    help=f"number of seeds: --seed, --seed+1, ... (default {len(sc.seeds)})")
-    sn.add_argument("--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:N (default cpu)")
-    sn.add_argument("--threads", type=_positive(int), default=1, help="torch CPU threads (default 1)")
-    sn.add_argument("--out", default=sc.out, help=f"output folder (default {sc.out})")
-    sn.add_argument("--no-progress", action="store_true", help="no progress bar (drawn on a terminal or in a notebook)")
-    sn.add_argument("--resume", action="store_true",
-                    help="continue an interrupted run from the states saved (atomically, every --save-every "
-                         "iterations and after every run) in OUT/state/")
-    sn.add_argument("--save-every", type=_positive(int), default=sc.save_every,
-                    help=f"iterations between saved run states (default {sc.save_every})")
+    _run_flags(sn, sc.out, len(sc.seeds))
+    _resume_flags(sn, "iterations", sc.save_every)
 
     bk = sub.add_parser(
         "build-kernels", help="compile the fused optimizer kernels now (once per torch version) and say where they went",
