@@ -51,6 +51,7 @@ class Options:
     first_order: bool = False
     truncate: Optional[int] = None
     mode: str = "reverse"
+    compile: bool = False
 
     @property
     def window(self) -> int:
@@ -71,7 +72,8 @@ class Options:
 
 def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any, on_nonfinite: Any, project: Any,
                      memory: Any, progress: Any, lr_schedule: Any, kernels: Any, learn_init: Any,
-                     tasks: Any = None, first_order: Any = False, truncate: Any = None, mode: Any = "reverse") -> Options:
+                     tasks: Any = None, first_order: Any = False, truncate: Any = None, mode: Any = "reverse",
+                     compile: Any = False) -> Options:
     """Checks every option.
 
     Raises:
@@ -134,13 +136,39 @@ def validate_options(impl: DiffOptimizer, *, unroll: Any, hvp: Any, commit: Any,
     if plan.keep_graphs and hvp == "fwd":
         raise ValueError("Memory(keep_graphs=True) reuses the forward pass's graph, a reverse-over-reverse HVP: "
                          "use hvp='rev'")
+    check_compile(compile, mode=mode, hvp=hvp, kernels=kernels, memory=plan)
     if lr_schedule is not None and not callable(lr_schedule):
         raise TypeError(f"lr_schedule must be a function of the inner step, got {type(lr_schedule).__name__}")
     if lr_schedule is not None and "lr" not in impl.hyper_names:
         raise ValueError(f"lr_schedule needs an optimizer with a learning rate; {impl.name} has none")
     return Options(unroll=unroll, hvp=hvp, commit=bool(commit), on_nonfinite=on_nonfinite, project=bool(project),
                    memory=plan, progress=progress, lr_schedule=lr_schedule, kernels=kernels,
-                   learn_init=bool(learn_init), tasks=tasks, first_order=first_order, truncate=truncate, mode=mode)
+                   learn_init=bool(learn_init), tasks=tasks, first_order=first_order, truncate=truncate, mode=mode,
+                   compile=compile)
+
+
+def check_compile(compile: Any, *, mode: str, hvp: str, kernels: str, memory: Memory) -> None:
+    """``compile=True`` with the options it cannot take (Note [Compiled meta-steps] in :mod:`gimli_bptt.compiled`).
+
+    Raises:
+        TypeError: ``compile`` is not a bool.
+        ValueError: naming the option that cannot be compiled, and the fix.
+    """
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {type(compile).__name__}")
+    if not compile:
+        return
+    if mode == "forward":
+        raise ValueError("compile=True compiles the steps of the reverse sweep; mode='forward' has none. Drop one of them")
+    if hvp == "fwd":
+        raise ValueError("compile=True computes the Hessian-vector product reverse-over-reverse inside the compiled "
+                         "reverse step (inductor crashes on forward-over-reverse); use hvp='rev' (the default)")
+    if kernels in ("fused", "reference"):
+        raise ValueError(f"compile=True runs the optimizer as its per-tensor functions, which inductor fuses itself; "
+                         f"kernels={kernels!r} cannot be honoured: use kernels='auto' (or 'loop')")
+    if memory.keep_graphs:
+        raise ValueError("Memory(keep_graphs=True) keeps autograd's graphs of the forward pass; compile=True "
+                         "recomputes each step inside its compiled reverse step. Drop one of them")
 
 
 #: The one-line fix the loss errors suggest.

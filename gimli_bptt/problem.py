@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import engine
+from .compiled import CompiledSteps
 from .distributed import Reducer
 from .errors import NonFiniteError
 from ._typing import Grads, Hyper, State
@@ -145,6 +146,9 @@ class InnerProblem:
         safe_mode: Whether the passes whose graphs are differentiated again need the
             second-order-safe mode (the updater's latch: Note [Skipping the safe mode]); every
             such pass runs under the mode where none is given.
+        compiled: With ``compile=True``, the updater's compiled step functions
+            (:class:`~gimli_bptt.compiled.CompiledSteps`), which :meth:`advance`, the sweep and the
+            validation gradient run instead of the eager steps; else None.
     """
 
     module: nn.Module
@@ -165,6 +169,7 @@ class InnerProblem:
     reducer: Optional[Reducer] = None
     tasks: Optional[int] = None
     safe_mode: SafeModeLatch = field(default_factory=lambda: SafeModeLatch(learns=False))
+    compiled: Optional[CompiledSteps] = None
     _per_task_steps: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -194,6 +199,33 @@ class InnerProblem:
             return step_vjp_per_task(self.impl, theta, G, state, hyper, theta_next_bar, state_next_bar)
         return step_vjp_all(self.impl, theta, G, state, hyper, theta_next_bar, state_next_bar, self.kernels,
                             segment_bars=True)
+
+    def advance(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, state: Sequence[State], j: int,
+                *, rng: Optional[RngState] = None, keep_graph: bool = False
+                ) -> tuple["StepGradient", list[Tensor], list[State]]:
+        """[Alg.1 L5]-[Alg.1 L6]: ``(ℓ_j and G_j, θ_{j+1}, σ_{j+1})`` from s_j (``buffers`` updated in place).
+
+        Eager, :meth:`step_gradient` then :meth:`step`; with compiled steps one compiled call
+        (Note [Compiled meta-steps] in :mod:`gimli_bptt.compiled`), except where a graph is kept
+        for the sweep or the gradients are averaged over ranks.
+        """
+        hyper = self.hyper_at(j)
+
+        def eager() -> tuple[StepGradient, list[Tensor], list[State]]:
+            grad = self.step_gradient(theta, buffers, batch, j, rng=rng, keep_graph=keep_graph)
+            with torch.no_grad():
+                theta_next, state_next = self.step(theta, grad.G, state, hyper)
+            return grad, theta_next, state_next
+
+        if self.compiled is None or keep_graph or self.reducer is not None:
+            return eager()
+        with replay_rng(rng, self.cuda_devices):
+            ok, out = self.compiled.inner_step(self, theta, buffers, batch, state, hyper, j, eager)
+        if not ok:
+            return out  # type: ignore[no-any-return]
+        loss, G, theta_next, state_next = out
+        self._check_finite(loss, j)
+        return StepGradient(loss, G), theta_next, state_next
 
     def all_reduce_mean(self, tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor],
                         what: str) -> list[Optional[Tensor]]:

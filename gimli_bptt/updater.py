@@ -16,6 +16,7 @@ from . import saving
 from .distributed import Reducer, agree, check_replicas, resolve_process_group
 from .errors import DistributedError, NonFiniteError
 from .functional import clone_buffers
+from .compiled import CompiledSteps
 from .memory import Memory
 from .metaparams import MetaParameters, OptimizerHyperparameters, parse_learn
 from .online import OnlineMode
@@ -139,6 +140,14 @@ class GimliUpdater(OnlineMode):
             group. Each rank passes its shard of every batch; G_j, ℓ_j, the validation
             gradient and every second-order term are averaged over the ranks, so every rank
             computes the hypergradient of the mean of the per-rank losses and holds the same φ.
+        compile: Run each inner step and each reverse step as one compiled ``torch.compile``
+            graph (Note [Compiled meta-steps] in :mod:`gimli_bptt.compiled`): the first meta step
+            compiles them (seconds to a minute, flat in J, announced on stderr and reported in
+            ``last_tape_stats.compile_seconds``), later ones run compiled code. The same
+            hypergradients as eager mode, to rounding. A function the compiler cannot take runs
+            eagerly, with one warning. Not with ``mode="forward"``, ``hvp="fwd"``,
+            ``Memory(keep_graphs=True)`` or ``kernels="fused"``/``"reference"``. Distributed
+            without tasks, the steps run eagerly (their collectives sit inside them).
 
     Attributes:
         last_tape_stats: The :class:`~gimli_bptt.reverse.meter.TapeStats` of the last meta step's tape
@@ -157,7 +166,8 @@ class GimliUpdater(OnlineMode):
                  commit: bool = False, on_nonfinite: str = "raise", project: bool = True,
                  progress: Optional[bool] = None, lr_schedule: Optional[Callable[[int], float]] = None,
                  kernels: str = "auto", tasks: Optional[int] = None, first_order: bool = False,
-                 truncate: Optional[int] = None, mode: str = "reverse", process_group: Any = None):
+                 truncate: Optional[int] = None, mode: str = "reverse", process_group: Any = None,
+                 compile: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(opt, torch.optim.Optimizer):
@@ -167,7 +177,7 @@ class GimliUpdater(OnlineMode):
         self.options = validate_options(
             self.impl, unroll=unroll, hvp=hvp, commit=commit, on_nonfinite=on_nonfinite, project=project,
             memory=memory, progress=progress, lr_schedule=lr_schedule, kernels=kernels, learn_init=learn_init,
-            tasks=tasks, first_order=first_order, truncate=truncate, mode=mode)
+            tasks=tasks, first_order=first_order, truncate=truncate, mode=mode, compile=compile)
         inner = inner_parameters(model, opt, self.impl)
         self.model, self.opt, self.train_loss, self.val_loss = model, opt, train_loss, val_loss
         self._names, self._params, self._frozen_names = inner.names, inner.params, inner.frozen_names
@@ -183,6 +193,8 @@ class GimliUpdater(OnlineMode):
         self.phi = MetaParameters(self.hyper, self.loss_params, model, self._names, self._frozen_names,
                                   self.options.learn_init)
         self.meta_opt = build_meta_optimizer(meta_opt, self.phi.leaves())
+        self.compiled = (CompiledSteps(model, self._names, train_loss, val_loss, self.impl, self.options.tasks)
+                         if self.options.compile else None)
         self.meta_steps = 0
         self.skipped_steps = 0
         self._online: Optional[Tangents] = None  # the tangents train_step carries (mode="forward"; online.py)
@@ -249,7 +261,8 @@ class GimliUpdater(OnlineMode):
                             cuda_devices=self._cuda_devices, check_finite=self.options.check_finite,
                             kernels=self.options.kernels, hvp_fallback=self._hvp_fallback,
                             lr_schedule=self.options.lr_schedule, reducer=None if tasks else self._reducer,
-                            tasks=tasks, safe_mode=safe_mode if safe_mode is not None else SafeModeLatch(learns=False))
+                            tasks=tasks, safe_mode=safe_mode if safe_mode is not None else SafeModeLatch(learns=False),
+                            compiled=self.compiled)
 
     def _initial_state(self, tasks: Optional[int] = None) -> tuple[list[Tensor], list[State], dict[str, Tensor]]:
         """[Alg.1 L3]: copies of θ_t, the optimizer state and the buffers (one per task with ``tasks``)."""

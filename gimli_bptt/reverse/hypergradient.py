@@ -40,9 +40,11 @@ def reverse_hypergradient(problem: InnerProblem, start: InnerState, batches: Seq
         progress: The progress bar option (None: on a terminal for J ≥ 100).
     """
     J = len(batches)
-    keep_G = hvp == "fwd" or first_order  # the sweep needs G_j but no graph
+    keep_G = first_order or (hvp == "fwd" and problem.compiled is None)  # the sweep needs G_j but no graph
     size = state_bytes(keep_G) if memory.needs_state_bytes else None
-    plan = plan_tape(memory, window, "none" if first_order else hvp, size, budget[0])
+    # compiled steps recompute each step inside the compiled reverse step: no graph is kept
+    graphs = not first_order and problem.compiled is None
+    plan = plan_tape(memory, window, hvp if graphs else "none", size, budget[0])
     show = progress if progress is not None else (None if J >= 100 else False)
     bar = Progress(J + window + plan.recomputed_steps, "unroll", enabled=show)
     try:
@@ -61,7 +63,8 @@ def reverse_hypergradient(problem: InnerProblem, start: InnerState, batches: Seq
     recomputed = tape.forward_steps > window
     stats = TapeStats(schedule="checkpointed" if recomputed else "graphs" if tape.graphs_kept else "full",
                       forward_steps=tape.forward_steps, max_slots_used=tape.max_slots_used, graphs_kept=tape.graphs_kept,
-                      graph_bytes=tape.graph_bytes, state_bytes=size, budget=budget[0], budget_source=budget[1])
+                      graph_bytes=tape.graph_bytes, state_bytes=size, budget=budget[0], budget_source=budget[1],
+                      compile_seconds=None if problem.compiled is None else problem.compiled.take_compile_seconds())
     return swept, end, stats
 
 

@@ -28,6 +28,8 @@ class TapeStats:
             ``J * state_bytes + graphs_kept * graph_bytes`` within it.
         budget_source: Where the budget came from (``"given"``, or the fraction of the memory
             available and what was read, with ``memory="auto"``), else None.
+        compile_seconds: With ``compile=True``, the seconds this meta step spent compiling step
+            functions (0.0 once they are compiled for its shapes), else None.
     """
 
     schedule: str
@@ -38,6 +40,7 @@ class TapeStats:
     state_bytes: Optional[int]
     budget: Optional[int]
     budget_source: Optional[str] = None
+    compile_seconds: Optional[float] = None
 
 
 def tensors_in(obj: Any) -> Iterator[Tensor]:

@@ -61,8 +61,9 @@ def plan_tape(memory: Memory, num_steps: int, hvp: str, state_bytes: Optional[in
     Args:
         memory: The policy.
         num_steps: J.
-        hvp: ``"rev"``, ``"fwd"`` or ``"none"`` (first order): graphs are kept only for the
-            reverse-over-reverse HVP.
+        hvp: ``"rev"``, ``"fwd"`` or ``"none"`` (first order, or compiled steps, which recompute
+            every step's graph inside the compiled reverse step): graphs are kept only for the
+            eager reverse-over-reverse HVP.
         state_bytes: The bytes of one inner state (:func:`state_bytes`), needed when
             ``memory.needs_state_bytes``.
         budget: The budget of a ``Memory(fraction=...)`` policy, resolved for this meta step

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -43,7 +43,7 @@ from .._typing import State
 from ..errors import NonFiniteError
 from ..hvp import StepSecondOrder
 from ..metaparams import OptimizerHyperparameters
-from ..problem import InnerProblem
+from ..problem import InnerProblem, replay_rng
 from ..stepping import add_second_order
 from .tape import TapeEntry, TapeResult
 
@@ -77,6 +77,21 @@ def validation_gradient(problem: InnerProblem, end: TapeResult, val_loss: Callab
         NonFiniteError: L_val is NaN or infinite (when the problem checks finiteness).
         ValueError: ``val_loss`` does not depend on the model's parameters.
     """
+    if problem.compiled is not None and problem.reducer is None:
+        ok, out = problem.compiled.validation(problem, end.theta, problem.fresh_buffers(end.buffers), val_batch,
+                                              lambda: _eager_validation_gradient(problem, end, val_loss, val_batch, unroll))
+        if not ok:
+            return out  # type: ignore[no-any-return]
+        L, task_L, B_J, direct = out
+        if problem.check_finite and not math.isfinite(L.item()):
+            raise NonFiniteError(f"val_loss is {L.item()} after {unroll} inner steps")
+        return L, task_L, B_J, direct
+    return _eager_validation_gradient(problem, end, val_loss, val_batch, unroll)
+
+
+def _eager_validation_gradient(problem: InnerProblem, end: TapeResult, val_loss: Callable[[Any, Any], Tensor],
+                               val_batch: Any, unroll: int
+                               ) -> tuple[Tensor, Optional[Tensor], list[Tensor], list[Optional[Tensor]]]:
     theta_J = [t.detach().requires_grad_(True) for t in end.theta]
     with torch.enable_grad():
         L, task_L = problem.validation_loss(val_loss, theta_J, problem.fresh_buffers(end.buffers), val_batch)
@@ -119,22 +134,54 @@ def reverse_sweep(problem: InnerProblem, phi_opt: OptimizerHyperparameters, end:
     A_loss = [torch.zeros_like(leaf) if d is None else d.detach().clone() for leaf, d in zip(problem.loss_leaves, direct)]
     state_bar: list[State] = [{} for _ in B]  # σ̄_J = 0
     for entry in entries_reversed:  # [Alg.1 L10]
-        step = StepSecondOrder(problem, entry, hvp) if second_order else None
-        G = step.G if step is not None else entry.G
-        assert G is not None, "the first-order sweep reads G_j from the tape (keep_G)"
-        with torch.no_grad():  # a hand-written VJP: nothing to record
-            theta_bar, G_bar, state_bar, phi_bar = problem.step_vjp(  # [Alg.1 L11]
-                entry.theta, G, entry.state, problem.hyper_at(entry.j), B, state_bar)
+        B, state_bar, phi_bar, h_loss = reverse_step(problem, entry, B, state_bar, hvp, second_order)  # [Alg.1 L11], L14
         phi_opt.accumulate_all(A_opt, problem.hyper_bar_at(entry.j, phi_bar))  # [Alg.1 L12]
-        if step is None:  # first order: H_j·Ḡ_j and the mixed term are zero
-            B = theta_bar
-            continue
-        h_theta, h_loss = step.apply(G_bar)
         for a, h in zip(A_loss, h_loss):  # [Alg.1 L13]
             if h is not None:
                 a += h
-        B = add_second_order(theta_bar, h_theta)  # [Alg.1 L14]
     return SweepResult(L, B, A_opt, A_loss, task_L)
+
+
+def reverse_step(problem: InnerProblem, entry: TapeEntry, B: list[Tensor], state_bar: list[State], hvp: str,
+                 second_order: bool) -> tuple[list[Tensor], list[State], Any, Sequence[Optional[Tensor]]]:
+    """[Alg.1 L11]-[Alg.1 L14] of one tape entry: ``(B_j, σ̄_j, φ̄_opt, (∂G_j/∂φ_loss)ᵀ·Ḡ_j per loss leaf)``
+    from B_{j+1} and σ̄_{j+1} (a None term is zero; first order: all None).
+
+    With compiled steps this is one compiled call (Note [Compiled meta-steps] in
+    :mod:`gimli_bptt.compiled`), except on several ranks, where the collectives run between its parts.
+    """
+    def eager() -> tuple[list[Tensor], list[State], Any, Sequence[Optional[Tensor]]]:
+        return _eager_reverse_step(problem, entry, B, state_bar, hvp, second_order)
+
+    compiled = problem.compiled
+    if compiled is None or problem.reducer is not None:
+        return eager()
+    hyper = problem.hyper_at(entry.j)
+    if not second_order:
+        assert entry.G is not None, "the first-order sweep reads G_j from the tape (keep_G)"
+        ok, out = compiled.first_order_step(entry.theta, entry.G, entry.state, hyper, B, state_bar, eager)
+        if not ok:
+            return out  # type: ignore[no-any-return]
+        theta_bar, _, state_bar_j, phi_bar = out
+        return theta_bar, state_bar_j, phi_bar, [None] * len(problem.loss_leaves)
+    with replay_rng(entry.rng, problem.cuda_devices):
+        ok, out = compiled.reverse_step(problem, entry.theta, problem.fresh_buffers(entry.buffers), entry.batch,
+                                        entry.state, hyper, B, state_bar, eager)
+    return out  # type: ignore[no-any-return]
+
+
+def _eager_reverse_step(problem: InnerProblem, entry: TapeEntry, B: list[Tensor], state_bar: list[State], hvp: str,
+                        second_order: bool) -> tuple[list[Tensor], list[State], Any, Sequence[Optional[Tensor]]]:
+    step = StepSecondOrder(problem, entry, hvp) if second_order else None
+    G = step.G if step is not None else entry.G
+    assert G is not None, "the first-order sweep reads G_j from the tape (keep_G)"
+    with torch.no_grad():  # a hand-written VJP: nothing to record
+        theta_bar, G_bar, state_bar, phi_bar = problem.step_vjp(  # [Alg.1 L11]
+            entry.theta, G, entry.state, problem.hyper_at(entry.j), B, state_bar)
+    if step is None:  # first order: H_j·Ḡ_j and the mixed term are zero
+        return theta_bar, state_bar, phi_bar, [None] * len(problem.loss_leaves)
+    h_theta, h_loss = step.apply(G_bar)
+    return add_second_order(theta_bar, h_theta), state_bar, phi_bar, h_loss  # [Alg.1 L14]
 
 
 __all__ = ["SweepResult", "reverse_sweep", "validation_gradient"]

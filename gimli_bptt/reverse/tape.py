@@ -157,7 +157,8 @@ class Tape:
         return None
 
     def _step(self, j: int, s: InnerState, keep_graph: bool = False) -> InnerState:
-        """[Alg.1 L5]-[Alg.1 L6] for step j from s_j; the first time, records ℓ_j and the generator state.
+        """[Alg.1 L5]-[Alg.1 L6] for step j from s_j (:meth:`InnerProblem.advance`); the first time, records ℓ_j
+        and the generator state.
 
         Note [The last step of an advance]: checkpoint schedules often advance from a stored
         s_{k-1} to s_k, reverse step k, restore s_{k-1} and reverse step k-1 (binomial and
@@ -176,9 +177,11 @@ class Tape:
             before = self._rng_after if self._rng_after is not None else capture_rng(problem.cuda_devices)
             if j == 0 and self.graph_bytes_left is not None:
                 grad = self._measured_gradient(s, buffers_next)
+                with torch.no_grad():
+                    theta, state = problem.step(s.theta, grad.G, s.state, problem.hyper_at(step))  # [Alg.1 L6]
             else:
-                grad = problem.step_gradient(s.theta, buffers_next, self.batches[j], step,
-                                             keep_graph=keep_graph or j >= self.keep_graphs_from)
+                grad, theta, state = problem.advance(s.theta, buffers_next, self.batches[j], s.state, step,
+                                                     keep_graph=keep_graph or j >= self.keep_graphs_from)
                 if grad.graph is not None:
                     self._graphs[j] = grad
             self._rng_after = capture_rng(problem.cuda_devices)
@@ -187,8 +190,8 @@ class Tape:
             if self.verify:
                 self._digests.append(_fingerprint(s))
         else:
-            grad = problem.step_gradient(s.theta, buffers_next, self.batches[j], step, rng=self._rng[j],
-                                         keep_graph=keep_graph)
+            grad, theta, state = problem.advance(s.theta, buffers_next, self.batches[j], s.state, step,
+                                                 rng=self._rng[j], keep_graph=keep_graph)
             if grad.graph is not None:
                 self._graphs[j] = grad
             if self.verify and _fingerprint(s) != self._digests[j]:
@@ -199,8 +202,6 @@ class Tape:
                 )
         if self.keep_G and j in self._slots and j not in self._slot_G:
             self._slot_G[j] = grad.G  # kept beside the stored s_j, freed with it
-        with torch.no_grad():
-            theta, state = problem.step(s.theta, grad.G, s.state, problem.hyper_at(step))  # [Alg.1 L6]
         self.forward_steps += 1
         self._tick()
         return InnerState(theta, state, buffers_next)
@@ -274,8 +275,9 @@ class Tape:
             return None
         if j in self._slot_G:
             return self._slot_G[j]
-        return self.problem.step_gradient(s.theta, self.problem.fresh_buffers(s.buffers), self.batches[j],
-                                          self.offset + j, rng=self._rng[j]).G
+        # through advance, so that compiled steps recompute the G_j of their first pass bit for bit
+        return self.problem.advance(s.theta, self.problem.fresh_buffers(s.buffers), self.batches[j], s.state,
+                                    self.offset + j, rng=self._rng[j])[0].G
 
     def forward(self) -> TapeResult:
         """The first forward sweep, [Alg.1 L4]-[Alg.1 L7]: runs the schedule until it reaches s_J."""
@@ -303,10 +305,8 @@ def advance_untaped(problem: InnerProblem, start: InnerState, batches: Sequence[
     s, losses = start, []
     for j, batch in enumerate(batches):
         buffers = problem.fresh_buffers(s.buffers)
-        grad = problem.step_gradient(s.theta, buffers, batch, j)
+        grad, theta, state = problem.advance(s.theta, buffers, batch, s.state, j)
         losses.append(grad.loss)
-        with torch.no_grad():
-            theta, state = problem.step(s.theta, grad.G, s.state, problem.hyper_at(j))
         s = InnerState(theta, state, buffers)
     return s, losses
 

@@ -1,0 +1,370 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Compiled meta-steps (``GimliUpdater(compile=True)``): each inner step and each reverse step of
+Algorithm 1 as one compiled first-order graph.
+
+Note [Compiled meta-steps]: the reverse sweep is written by hand, so no step of a meta step needs
+autograd's double backward (which ``torch.compile`` refuses): every step is a pure function of
+tensors, compiled once with ``torch.compile(fullgraph=True)`` and run J times. Four functions:
+
+- ``inner`` ([Alg.1 L5]-[Alg.1 L6]): ℓ_j and G_j = ∇_θ ℓ_j (``torch.func.grad``), then the
+  optimizer's step, from (θ_j, σ_j, the buffers, the batch, step j's hyperparameters);
+- ``reverse`` ([Alg.1 L11]-[Alg.1 L14]): G_j once more, under ``torch.func.vjp``, the optimizer's
+  closed-form VJP (θ̄', Ḡ_j, σ̄_j, φ̄_opt), then the HVP as the VJP of the gradient, H_j·Ḡ_j
+  (reverse over reverse), and B_j = θ̄' + H_j·Ḡ_j; the frozen parameters whose θ_0 is learned
+  get their mixed term (∂G_j/∂θ_frozen)ᵀ·Ḡ_j from the same VJP;
+- ``first_order`` ([Alg.1 L11]-[Alg.1 L12] of Note [First order]): the optimizer's VJP alone;
+- ``validation`` ([Alg.1 L9]): L_val(θ'_J), B_J and the direct term of the learned frozen parameters.
+
+The user's loss parameters (``loss_params``) are tensors the loss function closes over, so the
+``torch.func`` transforms cannot take them as inputs: their mixed term (∂G_j/∂φ_loss)ᵀ·Ḡ_j
+([Alg.1 L13]) is the autograd gradient of ⟨G_j, Ḡ_j⟩ with respect to them, through the compiled
+graph of a fifth function, ``mixed`` (⟨G_j, Ḡ_j⟩, run with autograd recording); their direct term
+in L_val is the autograd gradient of ``validation``'s L_val. Without loss parameters every call
+runs under ``no_grad`` and no backward graph is compiled.
+
+Each function is compiled for the shapes, dtypes and devices it sees and for the optimizer's fixed
+hyperparameters and flags (``torch.compile``'s guards); a change of any of these compiles it again.
+Step counts and scheduled learning rates change at every step: ``torch.compile`` makes such floats
+symbolic after their first change, so each function compiles at most twice (three times for the
+optimizers that branch on step 0, Rprop and ASGD), whatever J is.
+
+The optimizer runs as its per-tensor functions (``kernels="loop"``) inside the compiled graphs:
+inductor fuses their arithmetic itself, so the hand-written kernels are not needed there.
+
+Random draws (dropout) replay as in eager mode: each compiled call runs with the generator state of
+the tape's first pass (:func:`~gimli_bptt.problem.replay_rng`), and inductor draws through the eager
+random ops (``fallback_random``), so ``inner``, ``reverse`` and ``mixed`` draw the same masks.
+
+Note [Compile fallback]: a graph break or a model the compiler cannot take raises when the function
+is first compiled (``fullgraph=True``), before anything has run; the call then runs the eager path
+of the same step. If the eager path succeeds the function stays eager for the rest of the updater's
+life, with one warning naming it and the reason; if the eager path fails too, its error (the user's
+problem, named as in eager mode) is raised and nothing is marked. Either way the result is eager
+gimli's, never a partial compiled one, and a failed meta step changes nothing.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._typing import Grads, Hyper, State
+from .functional import FunctionalModel
+from .optim.base import DiffOptimizer
+from .stepping import step_all, step_vjp_all
+
+
+class InnerProblemLike(Protocol):
+    """What the compiled steps read of :class:`~gimli_bptt.problem.InnerProblem` (which holds them:
+    this module stands below it)."""
+
+    frozen: dict[str, Tensor]
+    loss_leaves: list[Tensor]
+    cuda_devices: list[int]
+
+    def step_gradient(self, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any, j: int) -> Any: ...
+
+    def fresh_buffers(self, buffers: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+#: The inductor options of every compiled meta-step function: random ops draw as in eager mode
+#: (Note [Compiled meta-steps]).
+INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"fallback_random": True}
+
+#: The compiled functions, by name (Note [Compiled meta-steps]).
+FUNCTIONS = ("inner", "reverse", "first_order", "validation", "mixed")
+
+#: A first call that compiles for longer than this (seconds) is reported on stderr when it ends.
+ANNOUNCE_AFTER_S = 2.0
+
+
+def _compiles() -> int:
+    """How many graphs dynamo has compiled in this process so far."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+@dataclass
+class _Inputs:
+    """One inner problem's constant inputs, prepared once per meta step.
+
+    Attributes:
+        fixed: The frozen parameters whose θ_0 is not learned, detached.
+        learned: The frozen parameters whose θ_0 is learned (``learn_init``), detached: differentiated
+            with θ inside the compiled functions.
+        closure: The loss leaves the loss functions close over (the user's ``loss_params``).
+        slots: Per loss leaf, ``("learned", name)`` or ``("closure", index into closure)``.
+    """
+
+    fixed: dict[str, Tensor]
+    learned: dict[str, Tensor]
+    closure: list[Tensor]
+    slots: list[tuple[str, Any]] = field(default_factory=list)
+
+
+class CompiledSteps:
+    """The compiled step functions of one updater (Note [Compiled meta-steps]).
+
+    Built once per :class:`~gimli_bptt.GimliUpdater` with ``compile=True`` and handed to every
+    inner problem it makes; the compiled graphs live as long as it does.
+
+    Args:
+        module: The user's module.
+        names: The inner parameters' names, in the module's order.
+        train_loss, val_loss: The losses, ``(model, batch) -> scalar``.
+        impl: The differentiable optimizer.
+        tasks: T with a task dimension, else None.
+
+    Attributes:
+        compile_seconds: Seconds spent in calls that compiled a graph, since the last
+            :meth:`take_compile_seconds`.
+        eager: ``{function: reason}`` for the functions that fell back to eager
+            (Note [Compile fallback]).
+    """
+
+    def __init__(self, module: nn.Module, names: Sequence[str], train_loss: Callable[[Any, Any], Tensor],
+                 val_loss: Callable[[Any, Any], Tensor], impl: DiffOptimizer, tasks: Optional[int]):
+        self.module = module
+        self.names = list(names)
+        self.order = [name for name, _ in module.named_parameters()]
+        self.train_loss, self.val_loss = train_loss, val_loss
+        self.impl = impl
+        self.tasks = tasks
+        self.used: Optional[tuple[bool, ...]] = None
+        self.compile_seconds = 0.0
+        self.eager: dict[str, str] = {}
+        self._announced = False
+        self._prepared: Optional[tuple[Any, _Inputs]] = None
+        bodies: dict[str, Callable[..., Any]] = {"inner": self._inner, "reverse": self._reverse, "first_order": self._first_order,
+                  "validation": self._validation, "mixed": self._mixed}
+        self._fns = {name: torch.compile(fn, fullgraph=True, options=INDUCTOR_OPTIONS) for name, fn in bodies.items()}
+
+    # ------------------------------------------------------------------ the traced bodies
+    def _params(self, theta: Sequence[Tensor], frozen: dict[str, Tensor]) -> dict[str, Tensor]:
+        named = dict(zip(self.names, theta))
+        named.update(frozen)
+        return {name: named[name] for name in self.order}
+
+    def _loss(self, fn: Callable[[Any, Any], Tensor], theta: Sequence[Tensor], frozen: dict[str, Tensor],
+              buffers: dict[str, Tensor], batch: Any) -> Tensor:
+        """The loss, or with tasks the (T,) losses of the tasks under ``vmap`` (Note [The task dimension])."""
+        if self.tasks is None:
+            return fn(FunctionalModel(self.module, self._params(theta, frozen), buffers), batch)
+
+        def one(theta_t: list[Tensor], buffers_t: dict[str, Tensor], batch_t: Any) -> Tensor:
+            return fn(FunctionalModel(self.module, self._params(theta_t, frozen), buffers_t), batch_t)
+
+        return torch.func.vmap(one, in_dims=(0, 0, 0), randomness="different")(list(theta), buffers, batch)
+
+    def _gradient(self, theta: Sequence[Tensor], learned: dict[str, Tensor], fixed: dict[str, Tensor],
+                  buffers: dict[str, Tensor], batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        """(G_j, ℓ_j): the gradient of the loss (the tasks' sum) in θ, and the loss."""
+        def total(th: list[Tensor]) -> tuple[Tensor, Tensor]:
+            loss = self._loss(self.train_loss, th, {**fixed, **learned}, buffers, batch)
+            return (loss if loss.dim() == 0 else loss.sum()), loss
+
+        G, loss = torch.func.grad(total, has_aux=True)(list(theta))
+        return tuple(G), loss
+
+    def _mask(self, G: Sequence[Tensor]) -> list[Optional[Tensor]]:
+        """None where ℓ_j does not use θ_k, as eager gimli and torch.optim skip such a tensor."""
+        assert self.used is not None
+        return [g if u else None for g, u in zip(G, self.used)]
+
+    def _step(self, theta: Sequence[Tensor], G: Grads, state: Sequence[State], hyper: Sequence[Hyper]
+              ) -> tuple[list[Tensor], list[State]]:
+        return step_all(self.impl, theta, G, state, hyper, "loop")
+
+    def _inner(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
+               buffers: dict[str, Tensor], batch: Any, state: list[State], hyper: list[Hyper]) -> tuple:
+        G, loss = self._gradient(theta, learned, fixed, buffers, batch)
+        Gm = self._mask(G)
+        theta_next, state_next = self._step(theta, Gm, state, hyper)
+        # Note [Step counts leave as tensors]: a float returned from a graph in which it is symbolic
+        # comes back as the value it had when traced (torch 2.13); the step counts leave as 0-d
+        # tensors and become floats again in inner_step.
+        tensors = [{k: v for k, v in s.items() if not isinstance(v, float)} for s in state_next]
+        counts = [{k: torch.tensor(v, dtype=torch.float64) for k, v in s.items() if isinstance(v, float)}
+                  for s in state_next]
+        return loss, Gm, theta_next, tensors, counts
+
+    def _reverse(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
+                 buffers: dict[str, Tensor], batch: Any, state: list[State], hyper: list[Hyper],
+                 B: list[Tensor], state_bar: list[State]) -> tuple:
+        def gradient(th: list[Tensor], le: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            return self._gradient(th, le, fixed, buffers, batch)[0]
+
+        G, hvp = torch.func.vjp(gradient, list(theta), learned)[:2]
+        Gm = self._mask(G)
+        theta_bar, G_bar, state_bar_j, hyper_bar = step_vjp_all(self.impl, theta, Gm, state, hyper, B, state_bar, "loop")
+        cotangent = tuple(torch.zeros_like(g) if gb is None else gb for g, gb in zip(G, G_bar))
+        h_theta, h_learned = hvp(cotangent)
+        B_j = [tb + h for tb, h in zip(theta_bar, h_theta)]
+        return B_j, state_bar_j, hyper_bar, h_learned, G_bar
+
+    def _first_order(self, theta: list[Tensor], G: list[Optional[Tensor]], state: list[State], hyper: list[Hyper],
+                     B: list[Tensor], state_bar: list[State]) -> tuple:
+        return step_vjp_all(self.impl, theta, G, state, hyper, B, state_bar, "loop")
+
+    def _validation(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
+                    buffers: dict[str, Tensor], batch: Any) -> tuple:
+        def total(th: list[Tensor], le: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            losses = self._loss(self.val_loss, th, {**fixed, **le}, buffers, batch)
+            L = losses if losses.dim() == 0 else losses.mean()
+            return L, (L, losses)
+
+        (B_J, direct), (L, losses) = torch.func.grad(total, argnums=(0, 1), has_aux=True)(list(theta), learned)
+        return L, losses, list(B_J), direct
+
+    def _mixed(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
+               buffers: dict[str, Tensor], batch: Any, G_bar: list[Optional[Tensor]]) -> Tensor:
+        G, _ = self._gradient(theta, learned, fixed, buffers, batch)
+        dots = [(g * gb).sum() for g, gb in zip(G, G_bar) if gb is not None]
+        return torch.stack(dots).sum() if dots else G[0].new_zeros(())
+
+    # ------------------------------------------------------------------ calling them
+    def _inputs(self, problem: InnerProblemLike) -> _Inputs:
+        """The problem's constant inputs, split once per meta step (:class:`_Inputs`)."""
+        if self._prepared is not None and self._prepared[0] is problem:
+            return self._prepared[1]
+        learned_ids = {}
+        fixed: dict[str, Tensor] = {}
+        learned: dict[str, Tensor] = {}
+        for name, t in problem.frozen.items():
+            if t.requires_grad:
+                learned[name] = t.detach()
+                learned_ids[id(t)] = name
+            else:
+                fixed[name] = t
+        inputs = _Inputs(fixed, learned, [])
+        for leaf in problem.loss_leaves:
+            if id(leaf) in learned_ids:
+                inputs.slots.append(("learned", learned_ids[id(leaf)]))
+            else:
+                inputs.slots.append(("closure", len(inputs.closure)))
+                inputs.closure.append(leaf)
+        self._prepared = (problem, inputs)
+        return inputs
+
+    def _call(self, name: str, eager: Callable[[], Any], *args: Any) -> tuple[bool, Any]:
+        """``(True, compiled result)``, or ``(False, eager result)`` once ``name`` has fallen back
+        (Note [Compile fallback])."""
+        if name in self.eager:
+            return False, eager()
+        if not self._announced:
+            self._announced = True
+            print("gimli_bptt: compiling the meta-step functions (compile=True; once per shapes and optimizer "
+                  "configuration)", file=sys.stderr, flush=True)
+        before, start = _compiles(), time.perf_counter()
+        rng = torch.get_rng_state()
+        try:
+            out = self._fns[name](*args)
+        except Exception as exc:  # noqa: BLE001 - any compile failure: the eager path decides
+            torch.set_rng_state(rng)
+            result = eager()  # raises the user's error if the step itself is wrong
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            self.eager[name] = reason
+            warnings.warn(f"compile=True: the {name!r} step function could not be compiled ({type(exc).__name__}: "
+                          f"{reason}); it runs eagerly from now on, with the same results", RuntimeWarning,
+                          stacklevel=4)
+            return False, result
+        if _compiles() != before:
+            spent = time.perf_counter() - start
+            self.compile_seconds += spent
+            if spent > ANNOUNCE_AFTER_S:
+                print(f"gimli_bptt: compiled the {name!r} step in {spent:.0f} s", file=sys.stderr, flush=True)
+        return True, out
+
+    def take_compile_seconds(self) -> float:
+        """The seconds spent compiling since the last call (reported with the tape statistics)."""
+        spent, self.compile_seconds = self.compile_seconds, 0.0
+        return spent
+
+    def probe(self, problem: InnerProblemLike, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
+              j: int) -> None:
+        """Once per updater: the eager gradient of one step, for which θ_k the loss uses (``used``), and
+        for the user's errors (a loss that is not a scalar, that ignores θ) as eager mode raises them.
+        The generators are left as they were."""
+        if self.used is not None:
+            return
+        with torch.random.fork_rng(devices=list(problem.cuda_devices)):
+            grad = problem.step_gradient(theta, problem.fresh_buffers(buffers), batch, j)
+        self.used = tuple(g is not None for g in grad.G)
+
+    def inner_step(self, problem: InnerProblemLike, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
+                   state: Sequence[State], hyper: Sequence[Hyper], j: int,
+                   eager: Callable[[], Any]) -> tuple[bool, Any]:
+        """[Alg.1 L5]-[Alg.1 L6] compiled: ``(True, (ℓ_j, G_j, θ_{j+1}, σ_{j+1}))`` with ``buffers``
+        updated in place, or ``(False, eager())`` (Note [Compile fallback])."""
+        self.probe(problem, theta, buffers, batch, j)
+        inputs = self._inputs(problem)
+        with torch.no_grad():
+            ok, out = self._call("inner", eager, list(theta), inputs.fixed, inputs.learned, buffers, batch, list(state),
+                                 list(hyper))
+        if not ok:
+            return ok, out
+        loss, G, theta_next, tensors, counts = out
+        state_next = [{**t, **{k: float(v) for k, v in c.items()}} for t, c in zip(tensors, counts)]
+        return True, (loss, G, theta_next, state_next)
+
+    def reverse_step(self, problem: InnerProblemLike, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
+                     state: Sequence[State], hyper: Sequence[Hyper], B: Sequence[Tensor], state_bar: Sequence[State],
+                     eager: Callable[[], Any]) -> tuple[bool, Any]:
+        """[Alg.1 L11]-[Alg.1 L14] compiled: ``(True, (B_j, σ̄_j, φ̄_opt per tensor, h per loss leaf))``,
+        or ``(False, eager())`` (Note [Compile fallback]). ``buffers`` are a copy of step j's."""
+        inputs = self._inputs(problem)
+        args = (list(theta), inputs.fixed, inputs.learned)
+        with torch.no_grad():
+            ok, out = self._call("reverse", eager, *args, dict(buffers), batch, list(state), list(hyper), list(B),
+                                 list(state_bar))
+        if not ok:
+            return ok, out
+        B_j, state_bar_j, hyper_bar, h_learned, G_bar = out
+        h_closure: list[Optional[Tensor]] = []
+        if inputs.closure:
+            h_closure = self._closure_mixed(problem, inputs, args, buffers, batch, G_bar)
+        h_loss = [h_learned[key] if kind == "learned" else h_closure[key] for kind, key in inputs.slots]
+        return True, (B_j, state_bar_j, hyper_bar, h_loss)
+
+    def _closure_mixed(self, problem: InnerProblemLike, inputs: _Inputs,
+                       args: tuple[list[Tensor], dict[str, Tensor], dict[str, Tensor]], buffers: dict[str, Tensor],
+                       batch: Any, G_bar: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
+        """(∂G_j/∂φ_loss)ᵀ·Ḡ_j of the loss parameters the loss closes over: autograd through ``mixed``."""
+        def eager() -> Tensor:
+            return self._mixed(*args, problem.fresh_buffers(buffers), batch, G_bar)
+
+        with torch.enable_grad():
+            _, dot = self._call("mixed", eager, *args, problem.fresh_buffers(buffers), batch, G_bar)
+            if not dot.requires_grad:
+                return [None] * len(inputs.closure)
+            return list(torch.autograd.grad(dot, inputs.closure, allow_unused=True))
+
+    def first_order_step(self, theta: Sequence[Tensor], G: Grads, state: Sequence[State], hyper: Sequence[Hyper],
+                         B: Sequence[Tensor], state_bar: Sequence[State], eager: Callable[[], Any]) -> tuple[bool, Any]:
+        """[Alg.1 L11]-[Alg.1 L12] without second-order terms, compiled."""
+        with torch.no_grad():
+            return self._call("first_order", eager, list(theta), list(G), list(state), list(hyper), list(B),
+                              list(state_bar))
+
+    def validation(self, problem: InnerProblemLike, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
+                   eager: Callable[[], Any]) -> tuple[bool, Any]:
+        """[Alg.1 L9] compiled: ``(True, (L_val, per-task L_val or None, B_J, ∂L_val/∂φ_loss per leaf))``."""
+        inputs = self._inputs(problem)
+        grad_mode = torch.enable_grad() if inputs.closure else torch.no_grad()
+        with grad_mode:
+            ok, out = self._call("validation", eager, list(theta), inputs.fixed, inputs.learned, buffers, batch)
+            if not ok:
+                return ok, out
+            L, losses, B_J, direct = out
+            closure: list[Optional[Tensor]] = [None] * len(inputs.closure)
+            if inputs.closure and L.requires_grad:
+                closure = list(torch.autograd.grad(L, inputs.closure, allow_unused=True))
+        d = [direct[key] if kind == "learned" else closure[key] for kind, key in inputs.slots]
+        task_L = None if self.tasks is None else losses.detach()
+        return True, (L.detach(), task_L, [b.detach() for b in B_J], d)
+
+
+__all__ = ["ANNOUNCE_AFTER_S", "CompiledSteps", "FUNCTIONS", "INDUCTOR_OPTIONS"]
