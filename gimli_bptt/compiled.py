@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from ._typing import Grads, Hyper, State
 from .functional import FunctionalModel
+from .memory import Memory
 from .optim.base import DiffOptimizer
 from .stepping import step_all, step_vjp_all
 
@@ -76,7 +77,10 @@ class InnerProblemLike(Protocol):
 INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"fallback_random": True}
 
 #: The compiled functions, by name (Note [Compiled meta-steps]).
-FUNCTIONS = ("inner", "reverse", "first_order", "validation", "mixed")
+FUNCTIONS = ("inner", "reverse", "first_order", "validation", "mixed", "whole")
+
+#: The longest unroll compiled as one whole meta step (Note [Whole meta steps]).
+WHOLE_MAX_UNROLL = 5
 
 #: A first call that compiles for longer than this (seconds) is reported on stderr when it ends.
 ANNOUNCE_AFTER_S = 2.0
@@ -139,7 +143,7 @@ class CompiledSteps:
         self._announced = False
         self._prepared: Optional[tuple[Any, _Inputs]] = None
         bodies: dict[str, Callable[..., Any]] = {"inner": self._inner, "reverse": self._reverse, "first_order": self._first_order,
-                  "validation": self._validation, "mixed": self._mixed}
+                  "validation": self._validation, "mixed": self._mixed, "whole": self._whole}
         self._fns = {name: torch.compile(fn, fullgraph=True, options=INDUCTOR_OPTIONS) for name, fn in bodies.items()}
 
     # ------------------------------------------------------------------ the traced bodies
@@ -225,6 +229,57 @@ class CompiledSteps:
         dots = [(g * gb).sum() for g, gb in zip(G, G_bar) if gb is not None]
         return torch.stack(dots).sum() if dots else G[0].new_zeros(())
 
+    def _whole(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
+               buffers: dict[str, Tensor], batches: list[Any], state: list[State], hyper: list[Hyper],
+               scales: list[float], val_batch: Any, window: int, second_order: bool) -> tuple:
+        """[Alg.1 L4]-[Alg.1 L15] as one graph (Note [Whole meta steps]): the tape keeps each step's VJP
+        of the gradient, so nothing is recomputed and random draws are the forward pass's own."""
+        J = len(batches)
+        steps: list[tuple] = []
+        losses = []
+        for j in range(J):
+            buffers = {k: v.clone() for k, v in buffers.items()}
+            hyper_j = hyper if scales[j] == 1.0 else [{**h, "lr": h["lr"] * scales[j]} for h in hyper]
+
+            def gradient(th: list[Tensor], le: dict[str, Tensor], buffers: dict[str, Tensor] = buffers,
+                         batch: Any = batches[j]) -> tuple[tuple[Tensor, ...], Tensor]:
+                return self._gradient(th, le, fixed, buffers, batch)
+
+            hvp = None
+            if j >= J - window and second_order:  # [Alg.1 L5], and the linearisation of G_j for L14
+                G, hvp, loss = torch.func.vjp(gradient, theta, learned, has_aux=True)
+            else:
+                G, loss = gradient(theta, learned)
+            Gm = self._mask(G)
+            if j >= J - window:
+                steps.append((j, theta, state, Gm, hvp, hyper_j))
+            theta, state = self._step(theta, Gm, state, hyper_j)  # [Alg.1 L6]
+            losses.append(loss)
+        L, task_L, B, direct = self._validation(theta, fixed, learned, {k: v.clone() for k, v in buffers.items()},
+                                                 val_batch)  # [Alg.1 L9]
+        A_opt: list[dict[str, Tensor]] = [{} for _ in theta]
+        A_learned = dict(direct)
+        state_bar: list[State] = [{} for _ in theta]
+        for j, theta_j, state_j, Gm, hvp, hyper_j in reversed(steps):  # [Alg.1 L10]
+            theta_bar, G_bar, state_bar, hyper_bar = step_vjp_all(  # [Alg.1 L11]
+                self.impl, theta_j, Gm, state_j, hyper_j, B, state_bar, "loop")
+            for acc, bars in zip(A_opt, hyper_bar):  # [Alg.1 L12], per tensor (mapped to φ_opt after)
+                for name, bar in bars.items():
+                    bar = bar * scales[j] if name == "lr" and scales[j] != 1.0 else bar
+                    acc[name] = acc[name] + bar if name in acc else bar
+            if hvp is None:
+                B = theta_bar
+                continue
+            cotangent = tuple(torch.zeros_like(g) if gb is None else gb for g, gb in zip(theta_j, G_bar))
+            h_theta, h_learned = hvp(cotangent)
+            for name, h in h_learned.items():  # [Alg.1 L13]
+                A_learned[name] = A_learned[name] + h
+            B = [tb + h for tb, h in zip(theta_bar, h_theta)]  # [Alg.1 L14]
+        tensors = [{k: v for k, v in st.items() if not isinstance(v, float)} for st in state]
+        counts = [{k: torch.tensor(v, dtype=torch.float64) for k, v in st.items() if isinstance(v, float)}
+                  for st in state]
+        return L, task_L, B, A_opt, A_learned, torch.stack(losses), theta, tensors, counts, buffers
+
     # ------------------------------------------------------------------ calling them
     def _inputs(self, problem: InnerProblemLike) -> _Inputs:
         """The problem's constant inputs, split once per meta step (:class:`_Inputs`)."""
@@ -267,9 +322,10 @@ class CompiledSteps:
             result = eager()  # raises the user's error if the step itself is wrong
             reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             self.eager[name] = reason
+            instead = ("meta steps run one compiled step at a time" if name == "whole"
+                       else "it runs eagerly from now on, with the same results")
             warnings.warn(f"compile=True: the {name!r} step function could not be compiled ({type(exc).__name__}: "
-                          f"{reason}); it runs eagerly from now on, with the same results", RuntimeWarning,
-                          stacklevel=4)
+                          f"{reason}); {instead}", RuntimeWarning, stacklevel=4)
             return False, result
         if _compiles() != before:
             spent = time.perf_counter() - start
@@ -277,6 +333,12 @@ class CompiledSteps:
             if spent > ANNOUNCE_AFTER_S:
                 print(f"gimli_bptt: compiled the {name!r} step in {spent:.0f} s", file=sys.stderr, flush=True)
         return True, out
+
+    def runs_whole(self, unroll: int, memory: Memory, distributed: bool) -> bool:
+        """Whether a meta step of ``unroll`` inner steps runs as one compiled call (Note [Whole meta steps])."""
+        budgeted = memory.budget is not None or memory.fraction is not None
+        return (unroll <= WHOLE_MAX_UNROLL and budgeted and not memory.verify and not distributed
+                and "whole" not in self.eager)
 
     def take_compile_seconds(self) -> float:
         """The seconds spent compiling since the last call (reported with the tape statistics)."""
@@ -312,9 +374,10 @@ class CompiledSteps:
 
     def reverse_step(self, problem: InnerProblemLike, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
                      state: Sequence[State], hyper: Sequence[Hyper], B: Sequence[Tensor], state_bar: Sequence[State],
-                     eager: Callable[[], Any]) -> tuple[bool, Any]:
+                     j: int, eager: Callable[[], Any]) -> tuple[bool, Any]:
         """[Alg.1 L11]-[Alg.1 L14] compiled: ``(True, (B_j, σ̄_j, φ̄_opt per tensor, h per loss leaf))``,
         or ``(False, eager())`` (Note [Compile fallback]). ``buffers`` are a copy of step j's."""
+        self.probe(problem, theta, buffers, batch, j)
         inputs = self._inputs(problem)
         args = (list(theta), inputs.fixed, inputs.learned)
         with torch.no_grad():
@@ -341,6 +404,26 @@ class CompiledSteps:
             if not dot.requires_grad:
                 return [None] * len(inputs.closure)
             return list(torch.autograd.grad(dot, inputs.closure, allow_unused=True))
+
+    def whole_meta_step(self, problem: InnerProblemLike, theta: Sequence[Tensor], buffers: dict[str, Tensor],
+                        batches: Sequence[Any], state: Sequence[State], hyper: Sequence[Hyper], scales: Sequence[float],
+                        val_batch: Any, window: int, second_order: bool) -> Optional[tuple]:
+        """[Alg.1 L4]-[Alg.1 L15] in one compiled call (Note [Whole meta steps]): ``(L_val, per-task L_val or
+        None, B_0, φ̄_opt per tensor (summed over the steps), A^loss per loss leaf, ℓ_0 ... ℓ_{J-1}, s_J)``, or
+        None when it cannot be compiled (the caller then runs the steps one by one)."""
+        self.probe(problem, theta, buffers, batches[0], 0)
+        inputs = self._inputs(problem)
+        if inputs.closure:
+            return None
+        with torch.no_grad():
+            ok, out = self._call("whole", lambda: None, list(theta), inputs.fixed, inputs.learned, buffers,
+                                 list(batches), list(state), list(hyper), list(scales), val_batch, window, second_order)
+        if not ok:
+            return None
+        L, task_L, B, A_opt, A_learned, losses, theta_J, tensors, counts, buffers_J = out
+        state_J = [{**t, **{k: float(v) for k, v in c.items()}} for t, c in zip(tensors, counts)]
+        A_loss = [A_learned[key] for _, key in inputs.slots]
+        return L, (None if self.tasks is None else task_L), B, A_opt, A_loss, losses, theta_J, state_J, buffers_J
 
     def first_order_step(self, theta: Sequence[Tensor], G: Grads, state: Sequence[State], hyper: Sequence[Hyper],
                          B: Sequence[Tensor], state_bar: Sequence[State], eager: Callable[[], Any]) -> tuple[bool, Any]:

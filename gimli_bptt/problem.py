@@ -262,14 +262,15 @@ class InnerProblem:
         if not math.isfinite(value):  # no op, unlike torch.isfinite
             self._raise_nonfinite(loss, j)
 
-    def check_losses(self, losses: Tensor) -> None:
+    def check_losses(self, losses: Tensor, every_device: bool = False) -> None:
         """The deferred check of ℓ_0 ... ℓ_{J-1} on an accelerator, when the tape's first pass has
-        reached s_J: one host sync per meta step (Note [Deferred finiteness check]).
+        reached s_J: one host sync per meta step (Note [Deferred finiteness check]). With
+        ``every_device`` on the CPU too (a whole meta step compiled as one call computed them all).
 
         Raises:
             NonFiniteError: naming the first inner step whose loss is NaN or infinite.
         """
-        if not self.check_finite or losses.device.type not in DEFERRED_CHECK_DEVICES:
+        if not self.check_finite or (losses.device.type not in DEFERRED_CHECK_DEVICES and not every_device):
             return
         finite = torch.isfinite(losses)
         if bool(finite.all()):

@@ -8,11 +8,13 @@ window, first order or not (:mod:`gimli_bptt.reverse.sweep`), and reports what t
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ..errors import NonFiniteError
 from ..metaparams import OptimizerHyperparameters
 from ..memory import Memory
 from ..problem import InnerProblem
@@ -40,6 +42,10 @@ def reverse_hypergradient(problem: InnerProblem, start: InnerState, batches: Seq
         progress: The progress bar option (None: on a terminal for J ≥ 100).
     """
     J = len(batches)
+    if problem.compiled is not None and problem.compiled.runs_whole(J, memory, problem.reducer is not None):
+        whole = _whole_meta_step(problem, start, batches, phi_opt, val_batch, window, first_order, budget)
+        if whole is not None:
+            return whole
     keep_G = first_order or (hvp == "fwd" and problem.compiled is None)  # the sweep needs G_j but no graph
     size = state_bytes(keep_G) if memory.needs_state_bytes else None
     # compiled steps recompute each step inside the compiled reverse step: no graph is kept
@@ -69,3 +75,30 @@ def reverse_hypergradient(problem: InnerProblem, start: InnerState, batches: Seq
 
 
 __all__ = ["reverse_hypergradient"]
+
+
+def _whole_meta_step(problem: InnerProblem, start: InnerState, batches: Sequence[Any], phi_opt: OptimizerHyperparameters,
+                     val_batch: Any, window: int, first_order: bool, budget: tuple[Optional[int], Optional[str]]
+                     ) -> Optional[tuple[SweepResult, TapeResult, TapeStats]]:
+    """Lines 4-15 as one compiled call (Note [Whole meta steps] in :mod:`gimli_bptt.compiled`), or None
+    where it cannot be compiled (the caller then runs the steps one by one)."""
+    compiled = problem.compiled
+    assert compiled is not None
+    J = len(batches)
+    scales = [problem.lr_scale(j) for j in range(J)]
+    out = compiled.whole_meta_step(problem, start.theta, start.buffers, batches, start.state, problem.hyper, scales,
+                                   val_batch, window, not first_order)
+    if out is None:
+        return None
+    L, task_L, B, A_per_tensor, A_learned, losses, theta_J, state_J, buffers_J = out
+    problem.check_losses(losses, every_device=True)
+    if problem.check_finite and not math.isfinite(L.item()):
+        raise NonFiniteError(f"val_loss is {L.item()} after {J} inner steps")
+    A_opt = phi_opt.zeros()
+    phi_opt.accumulate_all(A_opt, A_per_tensor)  # [Alg.1 L12], at φ_opt's granularity
+    swept = SweepResult(L.detach(), [b.detach() for b in B], A_opt, [a.detach() for a in A_learned],
+                        None if task_L is None else task_L.detach())
+    stats = TapeStats(schedule="whole", forward_steps=J, max_slots_used=window, graphs_kept=window, graph_bytes=None,
+                      state_bytes=None, budget=budget[0], budget_source=budget[1],
+                      compile_seconds=compiled.take_compile_seconds())
+    return swept, TapeResult(theta_J, state_J, buffers_J, losses), stats

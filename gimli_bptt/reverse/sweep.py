@@ -166,7 +166,7 @@ def reverse_step(problem: InnerProblem, entry: TapeEntry, B: list[Tensor], state
         return theta_bar, state_bar_j, phi_bar, [None] * len(problem.loss_leaves)
     with replay_rng(entry.rng, problem.cuda_devices):
         ok, out = compiled.reverse_step(problem, entry.theta, problem.fresh_buffers(entry.buffers), entry.batch,
-                                        entry.state, hyper, B, state_bar, eager)
+                                        entry.state, hyper, B, state_bar, entry.j, eager)
     return out  # type: ignore[no-any-return]
 
 

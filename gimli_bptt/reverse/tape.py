@@ -144,7 +144,7 @@ class Tape:
     def _reversed_next(self, k: int) -> Optional[int]:
         """k - 1 if the schedule, right after this advance to s_k, reverses step k (unless k = J)
         and then restores s_{k-1} and reverses step k-1: Note [The last step of an advance]."""
-        if self.keep_G or k < 1:
+        if self.keep_G or k < 1 or self.problem.compiled is not None:  # compiled steps keep no graph
             return None
         ops, p = self.ops, self._pc
         if k < self.J:
