@@ -247,7 +247,7 @@ class CompiledSteps:
 
             hvp = None
             if j >= J - window and second_order:  # [Alg.1 L5], and the linearisation of G_j for L14
-                G, hvp, loss = torch.func.vjp(gradient, theta, learned, has_aux=True)
+                G, hvp, loss = torch.func.vjp(gradient, theta, learned, has_aux=True)  # type: ignore[misc]
             else:
                 G, loss = gradient(theta, learned)
             Gm = self._mask(G)
