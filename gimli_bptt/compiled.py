@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
@@ -89,6 +90,20 @@ ANNOUNCE_AFTER_S = 2.0
 def _compiles() -> int:
     """How many graphs dynamo has compiled in this process so far."""
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` bound to a copy of its function with a code object of its own.
+
+    ``torch.compile`` keeps its compiled graphs, and its limit of recompilations
+    (``torch._dynamo.config.recompile_limit``), per code object: without a copy every updater of the
+    process would share one limit per function, and the ninth model or optimizer configuration would
+    silently run uncompiled.
+    """
+    fn = method.__func__  # type: ignore[attr-defined]
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return types.MethodType(copy, method.__self__)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -144,7 +159,8 @@ class CompiledSteps:
         self._prepared: Optional[tuple[Any, _Inputs]] = None
         bodies: dict[str, Callable[..., Any]] = {"inner": self._inner, "reverse": self._reverse, "first_order": self._first_order,
                   "validation": self._validation, "mixed": self._mixed, "whole": self._whole}
-        self._fns = {name: torch.compile(fn, fullgraph=True, options=INDUCTOR_OPTIONS) for name, fn in bodies.items()}
+        self._fns = {name: torch.compile(_own_code(fn), fullgraph=True, options=INDUCTOR_OPTIONS)
+                     for name, fn in bodies.items()}
 
     # ------------------------------------------------------------------ the traced bodies
     def _params(self, theta: Sequence[Tensor], frozen: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -164,14 +180,20 @@ class CompiledSteps:
         return torch.func.vmap(one, in_dims=(0, 0, 0), randomness="different")(list(theta), buffers, batch)
 
     def _gradient(self, theta: Sequence[Tensor], learned: dict[str, Tensor], fixed: dict[str, Tensor],
-                  buffers: dict[str, Tensor], batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
-        """(G_j, ℓ_j): the gradient of the loss (the tasks' sum) in θ, and the loss."""
-        def total(th: list[Tensor]) -> tuple[Tensor, Tensor]:
-            loss = self._loss(self.train_loss, th, {**fixed, **learned}, buffers, batch)
-            return (loss if loss.dim() == 0 else loss.sum()), loss
+                  buffers: dict[str, Tensor], batch: Any) -> tuple[tuple[Tensor, ...], tuple[Tensor, dict[str, Tensor]]]:
+        """(G_j, (ℓ_j, the buffers after the step)): the gradient of the loss (the tasks' sum) in θ.
 
-        G, loss = torch.func.grad(total, has_aux=True)(list(theta))
-        return tuple(G), loss
+        Note [Buffers under torch.func]: a ``torch.func`` transform refuses an in-place update of a
+        tensor it captured (BatchNorm's running statistics), so the loss updates copies made inside
+        the transform, which leave it as an auxiliary output.
+        """
+        def total(th: list[Tensor]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+            own = {k: v.clone() for k, v in buffers.items()}
+            loss = self._loss(self.train_loss, th, {**fixed, **learned}, own, batch)
+            return (loss if loss.dim() == 0 else loss.sum()), (loss, own)
+
+        G, aux = torch.func.grad(total, has_aux=True)(list(theta))
+        return tuple(G), aux
 
     def _mask(self, G: Sequence[Tensor]) -> list[Optional[Tensor]]:
         """None where ℓ_j does not use θ_k, as eager gimli and torch.optim skip such a tensor."""
@@ -184,7 +206,9 @@ class CompiledSteps:
 
     def _inner(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
                buffers: dict[str, Tensor], batch: Any, state: list[State], hyper: list[Hyper]) -> tuple:
-        G, loss = self._gradient(theta, learned, fixed, buffers, batch)
+        G, (loss, buffers_next) = self._gradient(theta, learned, fixed, buffers, batch)
+        for name, b in buffers_next.items():  # the caller's buffers are updated in place, as eagerly
+            buffers[name].copy_(b)
         Gm = self._mask(G)
         theta_next, state_next = self._step(theta, Gm, state, hyper)
         # Note [Step counts leave as tensors]: a float returned from a graph in which it is symbolic
@@ -216,7 +240,8 @@ class CompiledSteps:
     def _validation(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
                     buffers: dict[str, Tensor], batch: Any) -> tuple:
         def total(th: list[Tensor], le: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            losses = self._loss(self.val_loss, th, {**fixed, **le}, buffers, batch)
+            own = {k: v.clone() for k, v in buffers.items()}  # Note [Buffers under torch.func]
+            losses = self._loss(self.val_loss, th, {**fixed, **le}, own, batch)
             L = losses if losses.dim() == 0 else losses.mean()
             return L, (L, losses)
 
@@ -225,7 +250,7 @@ class CompiledSteps:
 
     def _mixed(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
                buffers: dict[str, Tensor], batch: Any, G_bar: list[Optional[Tensor]]) -> Tensor:
-        G, _ = self._gradient(theta, learned, fixed, buffers, batch)
+        G = self._gradient(theta, learned, fixed, buffers, batch)[0]
         dots = [(g * gb).sum() for g, gb in zip(G, G_bar) if gb is not None]
         return torch.stack(dots).sum() if dots else G[0].new_zeros(())
 
@@ -238,18 +263,17 @@ class CompiledSteps:
         steps: list[tuple] = []
         losses = []
         for j in range(J):
-            buffers = {k: v.clone() for k, v in buffers.items()}
             hyper_j = hyper if scales[j] == 1.0 else [{**h, "lr": h["lr"] * scales[j]} for h in hyper]
 
             def gradient(th: list[Tensor], le: dict[str, Tensor], buffers: dict[str, Tensor] = buffers,
-                         batch: Any = batches[j]) -> tuple[tuple[Tensor, ...], Tensor]:
+                         batch: Any = batches[j]) -> tuple[tuple[Tensor, ...], tuple[Tensor, dict[str, Tensor]]]:
                 return self._gradient(th, le, fixed, buffers, batch)
 
             hvp = None
             if j >= J - window and second_order:  # [Alg.1 L5], and the linearisation of G_j for L14
-                G, hvp, loss = torch.func.vjp(gradient, theta, learned, has_aux=True)  # type: ignore[misc]
+                G, hvp, (loss, buffers) = torch.func.vjp(gradient, theta, learned, has_aux=True)  # type: ignore[misc]
             else:
-                G, loss = gradient(theta, learned)
+                G, (loss, buffers) = gradient(theta, learned)
             Gm = self._mask(G)
             if j >= J - window:
                 steps.append((j, theta, state, Gm, hvp, hyper_j))
