@@ -44,6 +44,8 @@ gimli's, never a partial compiled one, and a failed meta step changes nothing.
 """
 from __future__ import annotations
 
+import itertools
+import os
 import sys
 import time
 import types
@@ -92,16 +94,24 @@ def _compiles() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` bound to a copy of its function with a code object of its own.
+_COPIES = itertools.count()
 
-    ``torch.compile`` keeps its compiled graphs, and its limit of recompilations
-    (``torch._dynamo.config.recompile_limit``), per code object: without a copy every updater of the
-    process would share one limit per function, and the ninth model or optimizer configuration would
-    silently run uncompiled.
+
+def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` bound to a copy of its function with a code object, and a name, of its own.
+
+    Note [One code object per updater]: ``torch.compile`` keeps its compiled graphs, and its limit of
+    recompilations (``torch._dynamo.config.recompile_limit``), per code object: without a copy every
+    updater of the process would share one limit per function, and the ninth model or optimizer
+    configuration would silently run uncompiled. It also remembers which input sizes changed between
+    calls (and so compiles them as symbolic sizes) per file, line and function *name*, within the
+    process and across runs (its local profile); a name of its own per updater and process keeps one
+    updater's shapes from making another's symbolic.
     """
     fn = method.__func__  # type: ignore[attr-defined]
-    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    unique = f"{fn.__name__}_{os.getpid()}_{next(_COPIES)}"
+    code = fn.__code__.replace(co_name=unique, co_qualname=unique)
+    copy = types.FunctionType(code, fn.__globals__, unique, fn.__defaults__, fn.__closure__)
     copy.__kwdefaults__ = fn.__kwdefaults__
     return types.MethodType(copy, method.__self__)  # type: ignore[attr-defined]
 
