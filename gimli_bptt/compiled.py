@@ -61,6 +61,7 @@ from .functional import FunctionalModel
 from .memory import Memory
 from .optim.base import DiffOptimizer
 from .stepping import step_all, step_vjp_all
+from .tasks import step_per_task, step_vjp_per_task
 
 
 class InnerProblemLike(Protocol):
@@ -162,6 +163,7 @@ class CompiledSteps:
         self.train_loss, self.val_loss = train_loss, val_loss
         self.impl = impl
         self.tasks = tasks
+        self.per_task = tasks is not None and not impl.elementwise  # Note [The task dimension]
         self.used: Optional[tuple[bool, ...]] = None
         self.compile_seconds = 0.0
         self.eager: dict[str, str] = {}
@@ -212,7 +214,17 @@ class CompiledSteps:
 
     def _step(self, theta: Sequence[Tensor], G: Grads, state: Sequence[State], hyper: Sequence[Hyper]
               ) -> tuple[list[Tensor], list[State]]:
+        """[Alg.1 L6] as eagerly (``InnerProblem.step``): per task where the optimizer is not element-wise."""
+        if self.per_task:
+            return step_per_task(self.impl, theta, G, state, hyper)
         return step_all(self.impl, theta, G, state, hyper, "loop")
+
+    def _step_vjp(self, theta: Sequence[Tensor], G: Grads, state: Sequence[State], hyper: Sequence[Hyper],
+                  B: Sequence[Tensor], state_bar: Sequence[State]) -> tuple:
+        """[Alg.1 L11]-[Alg.1 L12] as eagerly (``InnerProblem.step_vjp``)."""
+        if self.per_task:
+            return step_vjp_per_task(self.impl, theta, G, state, hyper, B, state_bar)
+        return step_vjp_all(self.impl, theta, G, state, hyper, B, state_bar, "loop")
 
     def _inner(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
                buffers: dict[str, Tensor], batch: Any, state: list[State], hyper: list[Hyper]) -> tuple:
@@ -237,7 +249,7 @@ class CompiledSteps:
 
         G, hvp = torch.func.vjp(gradient, list(theta), learned)[:2]
         Gm = self._mask(G)
-        theta_bar, G_bar, state_bar_j, hyper_bar = step_vjp_all(self.impl, theta, Gm, state, hyper, B, state_bar, "loop")
+        theta_bar, G_bar, state_bar_j, hyper_bar = self._step_vjp(theta, Gm, state, hyper, B, state_bar)
         cotangent = tuple(torch.zeros_like(g) if gb is None else gb for g, gb in zip(G, G_bar))
         h_theta, h_learned = hvp(cotangent)
         B_j = [tb + h for tb, h in zip(theta_bar, h_theta)]
@@ -245,7 +257,7 @@ class CompiledSteps:
 
     def _first_order(self, theta: list[Tensor], G: list[Optional[Tensor]], state: list[State], hyper: list[Hyper],
                      B: list[Tensor], state_bar: list[State]) -> tuple:
-        return step_vjp_all(self.impl, theta, G, state, hyper, B, state_bar, "loop")
+        return self._step_vjp(theta, G, state, hyper, B, state_bar)
 
     def _validation(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
                     buffers: dict[str, Tensor], batch: Any) -> tuple:
@@ -295,8 +307,8 @@ class CompiledSteps:
         A_learned = dict(direct)
         state_bar: list[State] = [{} for _ in theta]
         for j, theta_j, state_j, Gm, hvp, hyper_j in reversed(steps):  # [Alg.1 L10]
-            theta_bar, G_bar, state_bar, hyper_bar = step_vjp_all(  # [Alg.1 L11]
-                self.impl, theta_j, Gm, state_j, hyper_j, B, state_bar, "loop")
+            theta_bar, G_bar, state_bar, hyper_bar = self._step_vjp(  # [Alg.1 L11]
+                theta_j, Gm, state_j, hyper_j, B, state_bar)
             for acc, bars in zip(A_opt, hyper_bar):  # [Alg.1 L12], per tensor (mapped to φ_opt after)
                 for name, bar in bars.items():
                     bar = bar * scales[j] if name == "lr" and scales[j] != 1.0 else bar
