@@ -95,6 +95,21 @@ def _compiles() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+def _split_counts(state: Sequence[State]) -> tuple[list[State], list[dict[str, Tensor]]]:
+    """The state's tensors, and its float entries (the step counts) as 0-d float64 CPU tensors (read back
+    without a device sync).
+
+    Note [Step counts leave as tensors]: in torch 2.13 a float that is symbolic in a compiled graph
+    comes back from it as the value it had when traced, and so does ``torch.tensor(t)`` or
+    ``torch.full((), t)`` of it (which also specialise the graph on each value); a tensor computed
+    from it (``zeros + t``) carries its value. The callers turn these back into floats.
+    """
+    tensors = [{k: v for k, v in st.items() if not isinstance(v, float)} for st in state]
+    counts = [{k: torch.zeros((), dtype=torch.float64) + v for k, v in st.items() if isinstance(v, float)}
+              for st in state]
+    return tensors, counts
+
+
 _COPIES = itertools.count()
 
 
@@ -233,13 +248,7 @@ class CompiledSteps:
             buffers[name].copy_(b)
         Gm = self._mask(G)
         theta_next, state_next = self._step(theta, Gm, state, hyper)
-        # Note [Step counts leave as tensors]: a float returned from a graph in which it is symbolic
-        # comes back as the value it had when traced (torch 2.13); the step counts leave as 0-d
-        # tensors and become floats again in inner_step.
-        tensors = [{k: v for k, v in s.items() if not isinstance(v, float)} for s in state_next]
-        counts = [{k: torch.tensor(v, dtype=torch.float64) for k, v in s.items() if isinstance(v, float)}
-                  for s in state_next]
-        return loss, Gm, theta_next, tensors, counts
+        return (loss, Gm, theta_next, *_split_counts(state_next))
 
     def _reverse(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
                  buffers: dict[str, Tensor], batch: Any, state: list[State], hyper: list[Hyper],
@@ -321,10 +330,7 @@ class CompiledSteps:
             for name, h in h_learned.items():  # [Alg.1 L13]
                 A_learned[name] = A_learned[name] + h
             B = [tb + h for tb, h in zip(theta_bar, h_theta)]  # [Alg.1 L14]
-        tensors = [{k: v for k, v in st.items() if not isinstance(v, float)} for st in state]
-        counts = [{k: torch.tensor(v, dtype=torch.float64) for k, v in st.items() if isinstance(v, float)}
-                  for st in state]
-        return L, task_L, B, A_opt, A_learned, torch.stack(losses), theta, tensors, counts, buffers
+        return (L, task_L, B, A_opt, A_learned, torch.stack(losses), theta, *_split_counts(state), buffers)
 
     # ------------------------------------------------------------------ calling them
     def _inputs(self, problem: InnerProblemLike) -> _Inputs:

@@ -297,3 +297,20 @@ def test_mse_regression_whole_and_steps_agree(float64_default: None) -> None:
                          learn={"lr": "tensor"}, learn_init=True, memory=memory, compile=True)
         results.append(u.hypergradient([(x[j], y[j]) for j in range(3)], (x[3], y[3])))
     _assert_same(results[0].hypergrads, results[1].hypergrads)
+
+
+def test_optimizer_stepping_per_task(float64_default: None) -> None:
+    """Adafactor is not element-wise: with tasks it steps each task under vmap, compiled step by step (its
+    per-task step reads the step count back as a float, which the whole meta step cannot trace)."""
+    T, J = 2, 2
+    gen = torch.Generator().manual_seed(12)
+    batches = [(torch.randn(T, 8, 1, 6, 6, generator=gen), torch.randint(0, 3, (T, 8), generator=gen))
+               for _ in range(J)]
+    val = (torch.randn(T, 8, 1, 6, 6, generator=gen), torch.randint(0, 3, (T, 8), generator=gen))
+    r = row("adafactor-default")
+    eager = _updater(r, False, unroll=J, tasks=T, learn={"lr": "group"}).hypergradient(batches, val)
+    updater = _updater(r, True, unroll=J, tasks=T, learn={"lr": "group"})
+    with pytest.warns(RuntimeWarning, match="'whole' step function could not be compiled"):
+        compiled = updater.hypergradient(batches, val)
+    assert updater.compiled is not None and set(updater.compiled.eager) == {"whole"}
+    _assert_same(eager.hypergrads, compiled.hypergrads)
