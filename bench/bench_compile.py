@@ -359,7 +359,8 @@ def first_call(make: Callable[[], Callable[[], Tensor]]) -> tuple[Optional[Calla
     return fn, time.perf_counter() - t0, ""
 
 
-def measure(name: str, J: int, impls: list[str], args: argparse.Namespace, log: benchlib.RunLog) -> list[dict[str, Any]]:
+def measure(name: str, J: int, impls: list[str], args: argparse.Namespace,
+            log: benchlib.RunLog) -> list[dict[str, Any]]:
     """One case at one J: the float64 check, the compiled rows' first calls, then interleaved float32 timing."""
     print(f"[{name} J={J}] float64 check of {', '.join(impls)}", flush=True)
     errors = f64_errors(name, J, impls)
@@ -471,12 +472,15 @@ def case_sine_j50(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
     func = probe_func_first_call("sine", 50, 1, args.compile_cap_s)
     log.mark()
     lines = ["### sine: first call at J=50 (compilation included)", "",
-             "| implementation | first call J=5 | first call J=50 | ratio J=50 / J=5 (target <= 2) |", "|---|---|---|---|"]
+             "| implementation | first call J=5 | first call J=50 | ratio J=50 / J=5 (target <= 2) |",
+             "|---|---|---|---|"]
     ratio = f"{j50 / j5:.2f}" if j5 and j50 else "-"
     lines.append(f"| gimli compile | {fmt_time(j5) if j5 else rows[0][2]} | {fmt_time(j50) if j50 else rows[1][2]} "
                  f"| {ratio} |")
-    lines.append(f"| {BASELINE} | (table above) | {func['first']} (fresh process) | - |")
-    return lines
+    lines.append(f"| {BASELINE} | - | {func['first']} (fresh process) | - |")
+    return lines + ["", "J=5 runs first, in this process: the C++ kernels it compiles are reused by J=50 from "
+                        "inductor's kernel cache (the same graphs at another J). The compiled torch.func unroll's "
+                        "J=5 first call is in the sine table."]
 
 
 def case_mlp(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
@@ -489,7 +493,8 @@ def case_mlp(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
     note = (f"{BASELINE} at J=50, in a fresh process: first call {func['first']}"
             + (f", then median {fmt_time(func['median'])} over {args.repeats} calls (not interleaved)"
                if "median" in func else "") + ". The ratio column compares with the J=10 compiled row.")
-    return ["### mlp: MLP 64-256-256-256-1, batch 512, SGD momentum 0.9, learned per-tensor rates", ""] + table(rows, note)
+    title = "### mlp: MLP 64-256-256-256-1, batch 512, SGD momentum 0.9, learned per-tensor rates"
+    return [title, ""] + table(rows, note)
 
 
 def case_adam(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
@@ -499,9 +504,12 @@ def case_adam(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
     if "median" in func:
         impls.append(BASELINE)
     rows = measure("a-adam", 50, available(impls), args, log) + missing_rows(impls, 50)
-    note = f"{BASELINE} at J=50, in a fresh process: first call {func['first']}" + (
-        "; compiled within the cap, so it is in the table" if "median" in func else "; not in the table")
-    return ["### a-adam: bench_peers' a-adam (3 per-layer Adam rates, tanh MLP 32-128-128-10, batch 64)", ""] + table(rows, note)
+    note = (f"{BASELINE} at J=50, in a fresh process: first call {func['first']}"
+            + ("; compiled within the cap, so it is in the table" if "median" in func else "; not in the table")
+            + ". higher and TorchOpt step a different Adam than torch.optim's (bench_peers: their θ_J differs in "
+              "float64), hence their float64 column.")
+    title = "### a-adam: bench_peers' a-adam (3 per-layer Adam rates, tanh MLP 32-128-128-10, batch 64)"
+    return [title, ""] + table(rows, note)
 
 
 def case_cli(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
@@ -523,10 +531,12 @@ def case_cli(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
     speedup = seconds["eager"] / seconds["--compile"] if all(w[0].isdigit() for w in walls.values()) else None
     shortened = f" {args.cli_args}" if args.cli_args else ""
     return ["### cli: `python -m gimli_bptt sine" + shortened + "`, with and without `--compile`", "",
-            "| run | wall clock |", "|---|---|", f"| eager | {walls['eager']} |", f"| --compile | {walls['--compile']} |",
+            "| run | wall clock |", "|---|---|", f"| eager | {walls['eager']} |",
+            f"| --compile | {walls['--compile']} |",
             "", f"Speed-up with --compile: {speedup:.2f}x (target >= 3x)." if speedup else "Speed-up: -",
             ("" if not args.cli_args else
-             f"Both runs shortened equally by `{args.cli_args}` (the default run, all three K, takes about 10 min eager).")]
+             f"Both runs shortened equally by `{args.cli_args}` (the default run: K = 5, 10, 20 and 1500 iterations, "
+             "about 10 min eager); the compilation of each run's first meta step weighs more in a shorter run.")]
 
 
 CASE_FUNCS: dict[str, Callable[[argparse.Namespace, benchlib.RunLog], list[str]]] = {
@@ -537,13 +547,13 @@ CASE_FUNCS: dict[str, Callable[[argparse.Namespace, benchlib.RunLog], list[str]]
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per row, after one warm-up")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per row, after one warm-up")
     p.add_argument("--compile-cap-s", type=float, default=300.0,
                    help="seconds the compiled torch.func unroll may take at J=50 (in a subprocess) before it is "
                         "reported as '> cap'")
-    p.add_argument("--cli-args", default="--shots 10",
-                   help="flags that shorten both `gimli-bptt sine` runs equally (default: one K of the three; "
-                        "'' for the default run)")
+    p.add_argument("--cli-args", default="--shots 10 --iterations 500",
+                   help="flags that shorten both `gimli-bptt sine` runs equally (default: one K of the three and a "
+                        "third of the iterations, 1/9 of the default run; '' for the default run)")
     p.add_argument("--inductor-cache", action="store_true",
                    help="keep inductor's FX-graph and AOT-autograd caches on disk (off by default, so first calls "
                         "compile)")
