@@ -34,12 +34,14 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -329,6 +331,8 @@ RUNNERS: dict[str, Callable[[Case], Callable[[], Tensor]]] = {
     "torchopt": run_torchopt,
 }
 COMPILED = ("gimli compile", BASELINE)
+#: gimli's warning when a step function cannot be compiled (Note [Compile fallback] in gimli_bptt/compiled.py)
+FALLBACK = re.compile(r"the '(\w+)' step function could not be compiled")
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -347,16 +351,21 @@ def f64_errors(name: str, J: int, impls: list[str]) -> dict[str, str]:
 
 
 def first_call(make: Callable[[], Callable[[], Tensor]]) -> tuple[Optional[Callable[[], Tensor]], float, str]:
-    """``(fn, seconds, error)``: a fresh implementation's first call, compilation included, after
-    ``torch._dynamo.reset()`` (so no compiled code of an earlier row is reused)."""
+    """``(fn, seconds, note)``: a fresh implementation's first call, compilation included, after
+    ``torch._dynamo.reset()`` (so no compiled code of an earlier row is reused). ``note`` is the
+    error (``fn`` None), or the functions gimli could not compile and runs eagerly (Note [Compile fallback])."""
     torch._dynamo.reset()
     t0 = time.perf_counter()
-    try:
-        fn = make()
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return None, time.perf_counter() - t0, short_error(e)
-    return fn, time.perf_counter() - t0, ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fn = make()
+            fn()
+        except Exception as e:  # noqa: BLE001
+            return None, time.perf_counter() - t0, short_error(e)
+    seconds = time.perf_counter() - t0
+    eager = sorted({m.group(1) for w in caught if (m := FALLBACK.search(str(w.message)))})
+    return fn, seconds, f"runs eagerly: {', '.join(eager)}" if eager else ""
 
 
 def measure(name: str, J: int, impls: list[str], args: argparse.Namespace,
@@ -371,7 +380,8 @@ def measure(name: str, J: int, impls: list[str], args: argparse.Namespace,
         if impl in COMPILED:
             print(f"[{name} J={J}] first call of {impl}", flush=True)
             fn, seconds, err = first_call(lambda impl=impl: RUNNERS[impl](case))
-            rows[impl]["first"] = fmt_time(seconds) if fn is not None else f"failed after {fmt_time(seconds)}: {err}"
+            rows[impl]["first"] = (fmt_time(seconds) + (f" ({err})" if err else "") if fn is not None
+                                   else f"failed after {fmt_time(seconds)}: {err}")
             if fn is not None:
                 built[impl] = fn
     factories = {impl: (lambda impl=impl: built[impl] if impl in built else RUNNERS[impl](case))
@@ -460,23 +470,23 @@ def case_sine(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
 
 
 def case_sine_j50(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
-    rows = []
+    seconds: dict[int, Optional[float]] = {}
+    cells: dict[int, str] = {}
     for J in (5, 50):
         case = sine_case(J, torch.float32)
         print(f"[sine-j50] first call of gimli compile at J={J}", flush=True)
-        fn, seconds, err = first_call(lambda case=case: run_gimli(case, compile=True))
-        rows.append((J, seconds if fn is not None else None, err))
+        fn, s, note = first_call(lambda case=case: run_gimli(case, compile=True))
+        seconds[J] = s if fn is not None else None
+        cells[J] = (fmt_time(s) + (f" ({note})" if note else "")) if fn is not None else f"failed: {note}"
     log.mark()
-    j5, j50 = rows[0][1], rows[1][1]
     print(f"[sine-j50] first call of {BASELINE} at J=50 (subprocess, cap {args.compile_cap_s:.0f} s)", flush=True)
     func = probe_func_first_call("sine", 50, 1, args.compile_cap_s)
     log.mark()
+    j5, j50 = seconds[5], seconds[50]
+    ratio = f"{j50 / j5:.2f}" if j5 and j50 else "-"
     lines = ["### sine: first call at J=50 (compilation included)", "",
              "| implementation | first call J=5 | first call J=50 | ratio J=50 / J=5 (target <= 2) |",
-             "|---|---|---|---|"]
-    ratio = f"{j50 / j5:.2f}" if j5 and j50 else "-"
-    lines.append(f"| gimli compile | {fmt_time(j5) if j5 else rows[0][2]} | {fmt_time(j50) if j50 else rows[1][2]} "
-                 f"| {ratio} |")
+             "|---|---|---|---|", f"| gimli compile | {cells[5]} | {cells[50]} | {ratio} |"]
     lines.append(f"| {BASELINE} | - | {func['first']} (fresh process) | - |")
     return lines + ["", "J=5 runs first, in this process: the C++ kernels it compiles are reused by J=50 from "
                         "inductor's kernel cache (the same graphs at another J). The compiled torch.func unroll's "
