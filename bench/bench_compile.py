@@ -545,8 +545,8 @@ def case_cli(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
             f"| --compile | {walls['--compile']} |",
             "", f"Speed-up with --compile: {speedup:.2f}x (target >= 3x)." if speedup else "Speed-up: -",
             ("" if not args.cli_args else
-             f"Both runs shortened equally by `{args.cli_args}` (the default run: K = 5, 10, 20 and 1500 iterations, "
-             "about 10 min eager); the compilation of each run's first meta step weighs more in a shorter run.")]
+             f"Both runs with `{args.cli_args}` (the default run: K = 5, 10, 20, 4 methods, 1500 iterations); "
+             "the compilation of each run's first meta step weighs more in a shorter run.")]
 
 
 CASE_FUNCS: dict[str, Callable[[argparse.Namespace, benchlib.RunLog], list[str]]] = {
@@ -561,9 +561,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile-cap-s", type=float, default=300.0,
                    help="seconds the compiled torch.func unroll may take at J=50 (in a subprocess) before it is "
                         "reported as '> cap'")
-    p.add_argument("--cli-args", default="--shots 10 --iterations 500",
-                   help="flags that shorten both `gimli-bptt sine` runs equally (default: one K of the three and a "
-                        "third of the iterations, 1/9 of the default run; '' for the default run)")
+    p.add_argument("--cli-args", default="",
+                   help="flags added to both `gimli-bptt sine` runs, e.g. to shorten both equally "
+                        "(default: none, the default run)")
     p.add_argument("--inductor-cache", action="store_true",
                    help="keep inductor's FX-graph and AOT-autograd caches on disk (off by default, so first calls "
                         "compile)")
