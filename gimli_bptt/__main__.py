@@ -52,7 +52,7 @@ def _run_clean(args: argparse.Namespace) -> None:
                       hypergradients=args.hypergradient, eval_every=args.eval_every,
                       seeds=list(range(args.seed, args.seed + args.seeds)), device=args.device, threads=args.threads,
                       out=args.out, progress=False if args.no_progress else None, resume=args.resume,
-                      save_every=args.save_every)
+                      save_every=args.save_every, compile=args.compile)
     run_clean(cfg)
 
 
@@ -108,7 +108,8 @@ def _run_sine(args: argparse.Namespace) -> None:
                      unroll=args.unroll, inner_lr=args.inner_lr, meta_lr=args.meta_lr, test_tasks=args.test_tasks,
                      test_steps=args.test_steps, seeds=list(range(args.seed, args.seed + args.seeds)),
                      device=args.device, threads=args.threads, out=args.out,
-                     progress=False if args.no_progress else None, resume=args.resume, save_every=args.save_every)
+                     progress=False if args.no_progress else None, resume=args.resume, save_every=args.save_every,
+                     compile=args.compile)
     run_sine(cfg)
 
 

@@ -147,6 +147,14 @@ def _resume_flags(p: argparse.ArgumentParser, unit: str, save_every: int) -> Non
                    help=f"{unit} between saved run states (default {save_every})")
 
 
+def _compile_flag(p: argparse.ArgumentParser) -> None:
+    """``--compile``: every meta step's inner and reverse steps as compiled graphs (``GimliUpdater(compile=True)``)."""
+    p.add_argument("--compile", action="store_true",
+                   help="run each inner and reverse step as one torch.compile graph (GimliUpdater(compile=True)): "
+                        "the first meta step of each run compiles (seconds to a minute), later ones run faster; "
+                        "the same hypergradients to rounding")
+
+
 def _width_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=_positive(int), help="model size: channels of the conv net's first block")
 
@@ -205,6 +213,7 @@ def _add_clean(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         "(default exact)")
     c.add_argument("--eval-every", type=_positive(int), default=cc.eval_every,
                    help=f"meta steps between test-accuracy points of clean_curves.png (default {cc.eval_every})")
+    _compile_flag(c)
     _run_flags(c, cc.out, len(cc.seeds))
     _resume_flags(c, "meta steps", cc.save_every)
     c.set_defaults(subparser=c)
@@ -337,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"fixed test tasks (default {sc.test_tasks})")
     sn.add_argument("--test-steps", type=_positive(int), default=sc.test_steps,
                     help=f"inner steps at test time for the MSE-against-steps plot (default {sc.test_steps})")
+    _compile_flag(sn)
     _run_flags(sn, sc.out, len(sc.seeds))
     _resume_flags(sn, "iterations", sc.save_every)
 

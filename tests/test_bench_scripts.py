@@ -22,6 +22,10 @@ SCRIPTS = {
     "bench_distributed.py": ("## Distributed meta-updates",
                              ["--repeats", "1", "--rounds", "1", "--unroll", "3", "--hidden", "16", "--batch", "16"]),
     "bench_unroll.py": ("## Core engine vs a full autograd unroll", ["--quick"]),
+    # its cheapest case: two tiny `gimli-bptt sine` runs, one with --compile (one updater compiles)
+    "bench_compile.py": ("## Compiled meta-steps",
+                         ["--cases", "cli", "--cli-args", "--shots 2 --iterations 2 --meta-batch 2 --methods maml "
+                          "--test-tasks 4 --test-steps 1"]),
     # transformers is in the test extra; higher and TorchOpt, when absent, become rows that say so
     "bench_hf.py": ("## A HuggingFace GPT-2: gimli, higher and TorchOpt", ["--unroll", "2", "--repeats", "1"]),
 }

@@ -196,6 +196,34 @@ def test_a_missing_optional_package_is_one_line(monkeypatch: pytest.MonkeyPatch,
     assert "pip install 'gimli_bptt[experiments]'" in line, line
 
 
+class _ReachedTheUpdater(Exception):
+    """Raised by the spy in place of :class:`~gimli_bptt.GimliUpdater`: the run stops before any step."""
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("sine", ["--shots", "2", "--iterations", "1", "--meta-batch", "2", "--methods", "maml"]),
+    ("clean", ["--train", "50", "--val", "20", "--unroll", "2", "--meta-steps", "1", "--seeds", "1"]),
+])
+@pytest.mark.parametrize("flag", [True, False])
+def test_compile_flag_reaches_the_updater(command: str, argv: list[str], flag: bool, tmp_path: Path, extras: None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--compile`` (one flag shared by ``sine`` and ``clean``) is the updater's ``compile=``; absent, False.
+    The spy stops the run at the updater's construction, so nothing compiles."""
+    import importlib
+
+    module = importlib.import_module(f"gimli_bptt.experiments.{command}")
+    seen: list[Any] = []
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        seen.append(kwargs.get("compile"))
+        raise _ReachedTheUpdater
+
+    monkeypatch.setattr(module, "GimliUpdater", spy)
+    with pytest.raises(_ReachedTheUpdater):
+        main([command, *argv, "--no-progress", "--out", str(tmp_path)] + (["--compile"] if flag else []))
+    assert seen == [flag]
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the errors the user can fix are shortened: any other exception propagates unchanged."""
     import gimli_bptt.__main__ as cli

@@ -59,6 +59,8 @@ class CleanConfig:
         progress: Progress bar (``None``: only when stderr is a terminal).
         resume: Continue from the states saved in ``out/state/``.
         save_every: Meta steps between saved run states.
+        compile: ``GimliUpdater(compile=True)``: each inner and reverse step as one compiled graph
+            (the first meta step of each run compiles them).
     """
 
     train: int = 800
@@ -83,6 +85,7 @@ class CleanConfig:
     progress: Optional[bool] = None
     resume: bool = False
     save_every: int = 25
+    compile: bool = False
 
     def resolved(self) -> "CleanConfig":
         """A copy with the optimizer's default learning rate filled in, every setting checked."""
@@ -244,7 +247,7 @@ def clean_one(cfg: CleanConfig, data: NoisyDigits, seed: int, hypergradient: str
     updater = GimliUpdater(model, opt, lambda m, b: weighted_loss(m, b, torch.sigmoid(logits)), val_loss,
                            unroll=cfg.unroll, loss_params={"logits": logits},
                            meta_opt=functools.partial(torch.optim.Adam, lr=cfg.meta_lr), progress=False,
-                           **hypergradient_options(hypergradient, cfg.unroll))
+                           compile=cfg.compile, **hypergradient_options(hypergradient, cfg.unroll))
     rec: dict[str, Any] = {"hypergradient": hypergradient, "seed": seed, "val_loss": [], "eval_step": [],
                            "val_acc": [], "test_acc": [], "seconds": 0.0, "cpu_seconds": 0.0}
     first = 0

@@ -72,6 +72,8 @@ class SineConfig:
             ``save_every`` iterations and at the end of every run).
         save_every: Iterations between saved states.
         log_every: Iterations averaged into one point of the recorded meta-training loss.
+        compile: ``GimliUpdater(compile=True)``: each inner and reverse step as one compiled graph
+            (the first meta step of each run compiles them).
     """
 
     shots: list[int] = field(default_factory=lambda: [5, 10, 20])
@@ -91,6 +93,7 @@ class SineConfig:
     resume: bool = False
     save_every: int = 500
     log_every: int = 50
+    compile: bool = False
 
 
 def make_mlp() -> nn.Sequential:
@@ -147,7 +150,7 @@ def build(method: str, cfg: SineConfig, seed: int) -> tuple[nn.Module, GimliUpda
         if method == "metasgd":
             learn = {"lr": "element"}
     updater = GimliUpdater(model, opt, mse, mse, unroll=cfg.unroll, learn=learn, learn_init=True,
-                           tasks=cfg.meta_batch, first_order=method == "fomaml", progress=False,
+                           tasks=cfg.meta_batch, first_order=method == "fomaml", progress=False, compile=cfg.compile,
                            meta_opt=functools.partial(torch.optim.Adam, lr=cfg.meta_lr))
     if method == "metasgd":
         gen = torch.Generator().manual_seed(seed + 3)
@@ -386,7 +389,8 @@ def run_sine(cfg: SineConfig, log: Optional[Callable[[str], None]] = print) -> d
     if log:
         log(f"sine: {cfg.shots}-shot sinusoid regression, methods {cfg.methods}, {cfg.iterations} iterations x "
             f"{cfg.meta_batch} tasks, J={cfg.unroll}, inner lr {cfg.inner_lr:g}, meta lr {cfg.meta_lr:g}, "
-            f"{cfg.test_tasks} test tasks, seeds {cfg.seeds}, device {cfg.device}")
+            f"{cfg.test_tasks} test tasks, seeds {cfg.seeds}, device {cfg.device}"
+            + (", compiled meta-steps" if cfg.compile else ""))
     runs: list[dict[str, Any]] = []
     total = len(cfg.methods) * len(cfg.shots) * len(cfg.seeds) * cfg.iterations
     with Progress(total, "sine", enabled=cfg.progress) as bar:
