@@ -22,11 +22,22 @@ graph of a fifth function, ``mixed`` (⟨G_j, Ḡ_j⟩, run with autograd record
 in L_val is the autograd gradient of ``validation``'s L_val. Without loss parameters every call
 runs under ``no_grad`` and no backward graph is compiled.
 
-Each function is compiled for the shapes, dtypes and devices it sees and for the optimizer's fixed
-hyperparameters and flags (``torch.compile``'s guards); a change of any of these compiles it again.
-Step counts and scheduled learning rates change at every step: ``torch.compile`` makes such floats
-symbolic after their first change, so each function compiles at most twice (three times for the
-optimizers that branch on step 0, Rprop and ASGD), whatever J is.
+Each function is compiled (``dynamic=False``) for the shapes, dtypes and devices it sees and for the
+optimizer's fixed hyperparameters and flags, which are constants of its graph (``torch.compile``'s
+guards); a change of any of these compiles it again. What changes at every step enters as a tensor, so
+one graph serves every j and the compile time does not grow with J: the learning-rate schedule's factor,
+and the step counts (Note [Step counts as tensors]).
+
+Note [Step counts as tensors]: ``torch.optim`` keeps the step count as a float, and so do gimli's
+states. In torch 2.13 a float that ``torch.compile`` treats as symbolic (as it does once a float input
+has changed) is unreliable: arithmetic that mixes it with tensors specialises the graph on each value,
+and a value derived from it can come back from the graph as it was when traced. So the compiled steps
+pass the counts as 0-d float64 tensors (``CompiledSteps._counts_in``), to the optimizers whose step
+functions compute with the count in tensor arithmetic only (``DiffOptimizer.tensor_step_count``, read
+through ``optim.adjoints.next_count``: the Adam family, Adagrad, Adadelta, RMSprop), and turn them back
+into floats after. The optimizers that branch on the count in Python (Rprop and ASGD at step 0, RAdam's
+rectification, Adafactor) would compile one graph per count: their step-by-step functions run eagerly
+(one warning), and their whole meta step (where the counts are constants of the one graph) compiles.
 
 The optimizer runs as its per-tensor functions (``kernels="loop"``) inside the compiled graphs:
 inductor fuses their arithmetic itself, so the hand-written kernels are not needed there.
@@ -95,19 +106,9 @@ def _compiles() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def _split_counts(state: Sequence[State]) -> tuple[list[State], list[dict[str, Tensor]]]:
-    """The state's tensors, and its float entries (the step counts) as 0-d float64 CPU tensors (read back
-    without a device sync).
-
-    Note [Step counts leave as tensors]: in torch 2.13 a float that is symbolic in a compiled graph
-    comes back from it as the value it had when traced, and so does ``torch.tensor(t)`` or
-    ``torch.full((), t)`` of it (which also specialise the graph on each value); a tensor computed
-    from it (``zeros + t``) carries its value. The callers turn these back into floats.
-    """
-    tensors = [{k: v for k, v in st.items() if not isinstance(v, float)} for st in state]
-    counts = [{k: torch.zeros((), dtype=torch.float64) + v for k, v in st.items() if isinstance(v, float)}
-              for st in state]
-    return tensors, counts
+def _scaled(hyper: Sequence[Hyper], scale: Optional[Tensor]) -> list[Hyper]:
+    """Step j's hyperparameters: lr times the schedule's factor, a 0-d tensor (one graph for every j)."""
+    return list(hyper) if scale is None else [{**h, "lr": h["lr"] * scale} for h in hyper]
 
 
 _COPIES = itertools.count()
@@ -186,8 +187,14 @@ class CompiledSteps:
         self._prepared: Optional[tuple[Any, _Inputs]] = None
         bodies: dict[str, Callable[..., Any]] = {"inner": self._inner, "reverse": self._reverse, "first_order": self._first_order,
                   "validation": self._validation, "mixed": self._mixed, "whole": self._whole}
-        self._fns = {name: torch.compile(_own_code(fn), fullgraph=True, options=INDUCTOR_OPTIONS)
+        self._fns = {name: torch.compile(_own_code(fn), fullgraph=True, dynamic=False, options=INDUCTOR_OPTIONS)
                      for name, fn in bodies.items()}
+        if impl.counts_steps and not impl.tensor_step_count:  # Note [Step counts as tensors]
+            reason = (f"{impl.name} reads its step count as a Python float (branches on it), so a graph per step "
+                      "would compile once per step count")
+            self._eager_by_design = {name: reason for name in ("inner", "reverse", "first_order")}
+        else:
+            self._eager_by_design = {}
 
     # ------------------------------------------------------------------ the traced bodies
     def _params(self, theta: Sequence[Tensor], frozen: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -242,31 +249,32 @@ class CompiledSteps:
         return step_vjp_all(self.impl, theta, G, state, hyper, B, state_bar, "loop")
 
     def _inner(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
-               buffers: dict[str, Tensor], batch: Any, state: list[State], hyper: list[Hyper]) -> tuple:
+               buffers: dict[str, Tensor], batch: Any, state: list[State], hyper: list[Hyper],
+               scale: Optional[Tensor]) -> tuple:
         G, (loss, buffers_next) = self._gradient(theta, learned, fixed, buffers, batch)
         for name, b in buffers_next.items():  # the caller's buffers are updated in place, as eagerly
             buffers[name].copy_(b)
         Gm = self._mask(G)
-        theta_next, state_next = self._step(theta, Gm, state, hyper)
-        return (loss, Gm, theta_next, *_split_counts(state_next))
+        theta_next, state_next = self._step(theta, Gm, state, _scaled(hyper, scale))
+        return loss, Gm, theta_next, state_next
 
     def _reverse(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
                  buffers: dict[str, Tensor], batch: Any, state: list[State], hyper: list[Hyper],
-                 B: list[Tensor], state_bar: list[State]) -> tuple:
+                 scale: Optional[Tensor], B: list[Tensor], state_bar: list[State]) -> tuple:
         def gradient(th: list[Tensor], le: dict[str, Tensor]) -> tuple[Tensor, ...]:
             return self._gradient(th, le, fixed, buffers, batch)[0]
 
         G, hvp = torch.func.vjp(gradient, list(theta), learned)[:2]
         Gm = self._mask(G)
-        theta_bar, G_bar, state_bar_j, hyper_bar = self._step_vjp(theta, Gm, state, hyper, B, state_bar)
+        theta_bar, G_bar, state_bar_j, hyper_bar = self._step_vjp(theta, Gm, state, _scaled(hyper, scale), B, state_bar)
         cotangent = tuple(torch.zeros_like(g) if gb is None else gb for g, gb in zip(G, G_bar))
         h_theta, h_learned = hvp(cotangent)
         B_j = [tb + h for tb, h in zip(theta_bar, h_theta)]
         return B_j, state_bar_j, hyper_bar, h_learned, G_bar
 
     def _first_order(self, theta: list[Tensor], G: list[Optional[Tensor]], state: list[State], hyper: list[Hyper],
-                     B: list[Tensor], state_bar: list[State]) -> tuple:
-        return self._step_vjp(theta, G, state, hyper, B, state_bar)
+                     scale: Optional[Tensor], B: list[Tensor], state_bar: list[State]) -> tuple:
+        return self._step_vjp(theta, G, state, _scaled(hyper, scale), B, state_bar)
 
     def _validation(self, theta: list[Tensor], fixed: dict[str, Tensor], learned: dict[str, Tensor],
                     buffers: dict[str, Tensor], batch: Any) -> tuple:
@@ -330,7 +338,7 @@ class CompiledSteps:
             for name, h in h_learned.items():  # [Alg.1 L13]
                 A_learned[name] = A_learned[name] + h
             B = [tb + h for tb, h in zip(theta_bar, h_theta)]  # [Alg.1 L14]
-        return (L, task_L, B, A_opt, A_learned, torch.stack(losses), theta, *_split_counts(state), buffers)
+        return L, task_L, B, A_opt, A_learned, torch.stack(losses), theta, state, buffers
 
     # ------------------------------------------------------------------ calling them
     def _inputs(self, problem: InnerProblemLike) -> _Inputs:
@@ -360,6 +368,11 @@ class CompiledSteps:
         """``(True, compiled result)``, or ``(False, eager result)`` once ``name`` has fallen back
         (Note [Compile fallback])."""
         if name in self.eager:
+            return False, eager()
+        if name in self._eager_by_design:
+            self.eager[name] = self._eager_by_design[name]
+            warnings.warn(f"compile=True: the {name!r} step function runs eagerly: {self.eager[name]}; the whole "
+                          f"meta step (J <= {WHOLE_MAX_UNROLL}) compiles", RuntimeWarning, stacklevel=4)
             return False, eager()
         if not self._announced:
             self._announced = True
@@ -408,33 +421,51 @@ class CompiledSteps:
             grad = problem.step_gradient(theta, problem.fresh_buffers(buffers), batch, j)
         self.used = tuple(g is not None for g in grad.G)
 
+    def _counts_in(self, state: Sequence[State]) -> list[State]:
+        """σ_j with its step counts as 0-d float64 tensors where the optimizer takes them so (Note [Step
+        counts as tensors]); as it is otherwise."""
+        if not self.impl.tensor_step_count:
+            return list(state)
+        return [{k: torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else v for k, v in st.items()}
+                for st in state]
+
+    @staticmethod
+    def _counts_out(state: Sequence[State], like: Sequence[State]) -> list[State]:
+        """The step counts of ``state`` as floats again where ``like`` (the input) held floats."""
+        return [{k: float(v) if isinstance(like_st.get(k), float) else v for k, v in st.items()}
+                for st, like_st in zip(state, like)]
+
+    @staticmethod
+    def _scale(scale: Optional[float]) -> Optional[Tensor]:
+        return None if scale is None else torch.tensor(scale, dtype=torch.float64)
+
     def inner_step(self, problem: InnerProblemLike, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
-                   state: Sequence[State], hyper: Sequence[Hyper], j: int,
+                   state: Sequence[State], hyper: Sequence[Hyper], scale: Optional[float], j: int,
                    eager: Callable[[], Any]) -> tuple[bool, Any]:
         """[Alg.1 L5]-[Alg.1 L6] compiled: ``(True, (ℓ_j, G_j, θ_{j+1}, σ_{j+1}))`` with ``buffers``
-        updated in place, or ``(False, eager())`` (Note [Compile fallback])."""
+        updated in place, or ``(False, eager())`` (Note [Compile fallback]). ``hyper`` is φ_opt per tensor
+        and ``scale`` the learning-rate schedule's factor at step j (None without a schedule)."""
         self.probe(problem, theta, buffers, batch, j)
         inputs = self._inputs(problem)
         with torch.no_grad():
-            ok, out = self._call("inner", eager, list(theta), inputs.fixed, inputs.learned, buffers, batch, list(state),
-                                 list(hyper))
+            ok, out = self._call("inner", eager, list(theta), inputs.fixed, inputs.learned, buffers, batch,
+                                 self._counts_in(state), list(hyper), self._scale(scale))
         if not ok:
             return ok, out
-        loss, G, theta_next, tensors, counts = out
-        state_next = [{**t, **{k: float(v) for k, v in c.items()}} for t, c in zip(tensors, counts)]
-        return True, (loss, G, theta_next, state_next)
+        loss, G, theta_next, state_next = out
+        return True, (loss, G, theta_next, self._counts_out(state_next, state))
 
     def reverse_step(self, problem: InnerProblemLike, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
-                     state: Sequence[State], hyper: Sequence[Hyper], B: Sequence[Tensor], state_bar: Sequence[State],
-                     j: int, eager: Callable[[], Any]) -> tuple[bool, Any]:
+                     state: Sequence[State], hyper: Sequence[Hyper], scale: Optional[float], B: Sequence[Tensor],
+                     state_bar: Sequence[State], j: int, eager: Callable[[], Any]) -> tuple[bool, Any]:
         """[Alg.1 L11]-[Alg.1 L14] compiled: ``(True, (B_j, σ̄_j, φ̄_opt per tensor, h per loss leaf))``,
         or ``(False, eager())`` (Note [Compile fallback]). ``buffers`` are a copy of step j's."""
         self.probe(problem, theta, buffers, batch, j)
         inputs = self._inputs(problem)
         args = (list(theta), inputs.fixed, inputs.learned)
         with torch.no_grad():
-            ok, out = self._call("reverse", eager, *args, dict(buffers), batch, list(state), list(hyper), list(B),
-                                 list(state_bar))
+            ok, out = self._call("reverse", eager, *args, dict(buffers), batch, self._counts_in(state), list(hyper),
+                                 self._scale(scale), list(B), list(state_bar))
         if not ok:
             return ok, out
         B_j, state_bar_j, hyper_bar, h_learned, G_bar = out
@@ -469,20 +500,22 @@ class CompiledSteps:
             return None
         with torch.no_grad():
             ok, out = self._call("whole", lambda: None, list(theta), inputs.fixed, inputs.learned, buffers,
-                                 list(batches), list(state), list(hyper), list(scales), val_batch, window, second_order)
+                                 list(batches), self._counts_in(state), list(hyper), list(scales), val_batch, window,
+                                 second_order)
         if not ok:
             return None
-        L, task_L, B, A_opt, A_learned, losses, theta_J, tensors, counts, buffers_J = out
-        state_J = [{**t, **{k: float(v) for k, v in c.items()}} for t, c in zip(tensors, counts)]
+        L, task_L, B, A_opt, A_learned, losses, theta_J, state_J, buffers_J = out
+        state_J = self._counts_out(state_J, state)
         A_loss = [A_learned[key] for _, key in inputs.slots]
         return L, (None if self.tasks is None else task_L), B, A_opt, A_loss, losses, theta_J, state_J, buffers_J
 
     def first_order_step(self, theta: Sequence[Tensor], G: Grads, state: Sequence[State], hyper: Sequence[Hyper],
-                         B: Sequence[Tensor], state_bar: Sequence[State], eager: Callable[[], Any]) -> tuple[bool, Any]:
+                         scale: Optional[float], B: Sequence[Tensor], state_bar: Sequence[State],
+                         eager: Callable[[], Any]) -> tuple[bool, Any]:
         """[Alg.1 L11]-[Alg.1 L12] without second-order terms, compiled."""
         with torch.no_grad():
-            return self._call("first_order", eager, list(theta), list(G), list(state), list(hyper), list(B),
-                              list(state_bar))
+            return self._call("first_order", eager, list(theta), list(G), self._counts_in(state), list(hyper),
+                              self._scale(scale), list(B), list(state_bar))
 
     def validation(self, problem: InnerProblemLike, theta: Sequence[Tensor], buffers: dict[str, Tensor], batch: Any,
                    eager: Callable[[], Any]) -> tuple[bool, Any]:

@@ -220,7 +220,8 @@ class InnerProblem:
         if self.compiled is None or keep_graph or self.reducer is not None:
             return eager()
         with replay_rng(rng, self.cuda_devices):
-            ok, out = self.compiled.inner_step(self, theta, buffers, batch, state, hyper, j, eager)
+            ok, out = self.compiled.inner_step(self, theta, buffers, batch, state, self.hyper, self.schedule_factor(j), j,
+                                               eager)
         if not ok:
             return out  # type: ignore[no-any-return]
         loss, G, theta_next, state_next = out
@@ -298,6 +299,11 @@ class InnerProblem:
         if not value >= 0.0 or value == float("inf"):
             raise ValueError(f"lr_schedule({j}) returned {value}; it must be a finite factor >= 0")
         return value
+
+    def schedule_factor(self, j: int) -> Optional[float]:
+        """The schedule's factor at inner step j, or None without a schedule (compiled steps take the factor
+        as a tensor, so that one graph serves every step)."""
+        return None if self.lr_schedule is None else self.lr_scale(j)
 
     def hyper_at(self, j: int) -> list[dict[str, Any]]:
         """The hyperparameters of inner step j: ``hyper`` with lr scaled by the schedule."""

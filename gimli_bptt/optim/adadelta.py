@@ -10,7 +10,7 @@ from torch import Tensor
 from .adam import _sqrt, _sqrt_jvp
 from .._typing import Hyper, State
 from .adjoints import (add_bar, add_dots, coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot,
-                       hyper_dot_of, mul_dot, state_dot_of)
+                        hyper_dot_of, mul_dot, next_count, state_dot_of)
 from .base import DiffOptimizer
 from .declarations import MAXIMIZE, StateEntry, eps, lr, unit_interval, weight_decay
 
@@ -27,7 +27,7 @@ def adadelta_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple
     """
     lr, rho, eps = hyper["lr"], hyper["rho"], hyper["eps"]
     g = coupled_gradient(theta, G, hyper)
-    t = float(state["step"]) + 1.0
+    t = next_count(state)
     square_avg = state["square_avg"] * rho + (1 - rho) * (g * g)
     std = _sqrt(square_avg + eps)
     delta = (_sqrt(state["acc_delta"] + eps) / std) * g
@@ -183,6 +183,7 @@ ADADELTA = DiffOptimizer(
     flags=(MAXIMIZE,),
     state=(StateEntry("square_avg"), StateEntry("acc_delta")),
     counts_steps=True,
+    tensor_step_count=True,
     notes="Needs eps > 0 for a finite derivative (Note [Adadelta at eps = 0]).",
 )
 

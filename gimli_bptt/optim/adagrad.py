@@ -11,7 +11,7 @@ from .adam import _sqrt, _sqrt_jvp
 from .._typing import Hyper, State
 from ..metaparams.declaration import Hyperparameter
 from .adjoints import (add_bar, add_dots, coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot,
-                       hyper_dot_of, mul_dot, state_dot_of)
+                        hyper_dot_of, mul_dot, next_count, state_dot_of)
 from .base import DiffOptimizer
 from .declarations import MAXIMIZE, Flag, StateEntry, eps, lr, weight_decay
 
@@ -31,7 +31,7 @@ def adagrad_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[
     """
     lr, lr_decay, eps = hyper["lr"], hyper["lr_decay"], hyper["eps"]
     g = coupled_gradient(theta, G, hyper)
-    t = float(state["step"]) + 1.0
+    t = next_count(state)
     clr = lr / (1 + (t - 1) * lr_decay)
     sum_next = state["sum"] + g * g
     std = _sqrt(sum_next) + eps
@@ -76,7 +76,7 @@ def adagrad_step_vjp(
     """
     lr, lr_decay, eps = hyper["lr"], hyper["lr_decay"], hyper["eps"]
     g = coupled_gradient(theta, G, hyper)
-    t = float(state["step"]) + 1.0
+    t = next_count(state)
     c = 1 + (t - 1) * lr_decay
     clr = lr / c
     sum_next = state["sum"] + g * g
@@ -133,7 +133,7 @@ def adagrad_step_jvp(
     lr, lr_decay, eps = hyper["lr"], hyper["lr_decay"], hyper["eps"]
     g = coupled_gradient(theta, G, hyper)
     g_dot = coupled_gradient_jvp(theta, theta_dot, G_dot, hyper, hyper_dot)
-    t = float(state["step"]) + 1.0
+    t = next_count(state)
     c = 1 + (t - 1) * lr_decay
     clr = lr / c
     sum_next = state["sum"] + g * g
@@ -166,6 +166,7 @@ ADAGRAD = DiffOptimizer(
                           why="it only fills the initial state (Note [Adagrad's initial accumulator])")),
     state=(StateEntry("sum", init=_initial_sum),),
     counts_steps=True,
+    tensor_step_count=True,
     notes="Finite derivative at a zero accumulator; initial_accumulator_value is state initialisation only.",
 )
 

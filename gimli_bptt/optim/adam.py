@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .._typing import Hyper, State
 from .adjoints import (add_bar, add_dots, coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot,
-                       hyper_dot_of, is_active, is_learned, mul_dot, state_dot_of)
+                        hyper_dot_of, is_active, is_learned, mul_dot, next_count, state_dot_of)
 from .base import DiffOptimizer
 from .declarations import MAXIMIZE, Flag, FlatLayout, StateEntry, betas, eps, lr, weight_decay
 
@@ -38,7 +38,7 @@ def _sqrt_jvp(root: Tensor, dot: Tensor) -> Tensor:
 def _prepare(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[Tensor, Tensor, float]:
     """The gradient after ``maximize`` and coupled weight decay, the decayed parameter, and t."""
     wd = hyper["weight_decay"]
-    t = float(state["step"]) + 1.0
+    t = next_count(state)
     if hyper["decoupled_weight_decay"] and is_active(wd):
         return (-G if hyper["maximize"] else G), theta * (1 - hyper["lr"] * wd), t
     return coupled_gradient(theta, G, hyper), theta, t
@@ -308,6 +308,7 @@ def _declare(name: str, cls: type, decoupled: bool) -> DiffOptimizer:
         state=(StateEntry("exp_avg"), StateEntry("exp_avg_sq"),
                StateEntry("max_exp_avg_sq", when=lambda hyper: bool(hyper["amsgrad"]))),
         counts_steps=True,
+        tensor_step_count=True,
         flat=ADAM_FLAT,
         notes="Finite derivative at a zero second moment; amsgrad's max takes a subgradient at ties.",
     )

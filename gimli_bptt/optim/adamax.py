@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .._typing import Hyper, State
 from .adjoints import (add_bar, add_dots, coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot,
-                       hyper_dot_of, is_learned, mul_dot, state_dot_of)
+                        hyper_dot_of, is_learned, mul_dot, next_count, state_dot_of)
 from .base import DiffOptimizer
 from .declarations import MAXIMIZE, StateEntry, betas, eps, lr, weight_decay
 
@@ -25,7 +25,7 @@ def adamax_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[T
     """
     b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
     g = coupled_gradient(theta, G, hyper)
-    t = float(state["step"]) + 1.0
+    t = next_count(state)
     m_next = torch.lerp(state["exp_avg"], g, 1 - b1)
     u_next = torch.maximum(state["exp_inf"] * b2, g.abs() + eps)
     clr = lr / (1 - b1**t)
@@ -69,7 +69,7 @@ def adamax_step_vjp(
     """
     b1, b2, lr, eps = hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["eps"]
     g = coupled_gradient(theta, G, hyper)
-    t = float(state["step"]) + 1.0
+    t = next_count(state)
     m, u = state["exp_avg"], state["exp_inf"]
     m_next = torch.lerp(m, g, 1 - b1)
     decayed = u * b2
@@ -139,7 +139,7 @@ def adamax_step_jvp(
     g = coupled_gradient(theta, G, hyper)
     g_dot = coupled_gradient_jvp(theta, theta_dot, G_dot, hyper, hyper_dot)
     b1_dot = hyper_dot_of(hyper, hyper_dot, "beta1")
-    t = float(state["step"]) + 1.0
+    t = next_count(state)
     m, u = state["exp_avg"], state["exp_inf"]
     m_next = torch.lerp(m, g, 1 - b1)
     m_next_dot = add_dots((1 - b1) * g_dot, mul_dot(state_dot_of(state, state_dot, "exp_avg"), b1),
@@ -174,6 +174,7 @@ ADAMAX = DiffOptimizer(
     flags=(MAXIMIZE,),
     state=(StateEntry("exp_avg"), StateEntry("exp_inf")),
     counts_steps=True,
+    tensor_step_count=True,
     notes="The maximum gives its cotangent to |g| + eps at ties (Note [Adamax maximum]).",
 )
 

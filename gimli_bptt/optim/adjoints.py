@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, overload
 import torch
 from torch import Tensor
 
-from .._typing import Hyper, HyperValue
+from .._typing import Hyper, HyperValue, State
 
 
 #: A tangent inside a JVP: a tensor, or None for a tangent that is known to be zero (no term).
@@ -27,6 +27,15 @@ def reduce_like(x: Tensor, like: HyperValue) -> Tensor:
     if isinstance(like, Tensor) and like.dim() > 0:
         return x if x.shape == like.shape else x.sum_to_size(like.shape)
     return x.sum()
+
+
+def next_count(state: State) -> Any:
+    """t, the step count of the step being taken: ``state["step"] + 1``, a float as ``torch.optim`` keeps it,
+    or a 0-d tensor where the state holds one (compiled meta-steps: Note [Step counts as tensors] in
+    :mod:`gimli_bptt.compiled`). The step functions of an optimizer whose declaration sets
+    ``tensor_step_count`` compute with t in tensor arithmetic only, so either works."""
+    count = state["step"]
+    return count + 1.0 if isinstance(count, Tensor) else float(count) + 1.0
 
 
 def is_learned(value: HyperValue) -> bool:

@@ -102,6 +102,10 @@ class DiffOptimizer:
         flags: The other options the step reads (booleans, fixed numbers).
         state: The tensor entries of ``opt.state[p]``; None when ``init_state`` builds the state.
         counts_steps: The state holds ``torch.optim``'s step count ``"step"``.
+        tensor_step_count: ``step``/``step_vjp`` also take the step count as a 0-d tensor, reading it
+            through :func:`~gimli_bptt.optim.adjoints.next_count` and computing with it in tensor arithmetic
+            only (no Python branch on it): compiled meta-steps pass it so (Note [Step counts as tensors]
+            in :mod:`gimli_bptt.compiled`); otherwise they specialise on each count.
         init_state: ``init_state(param, hyper) -> state`` for optimizers that declare no
             ``state`` entries (registered ones): a fresh state; an existing ``opt.state[p]`` is
             copied as it is.
@@ -124,6 +128,7 @@ class DiffOptimizer:
     flags: tuple[Flag, ...] = ()
     state: Optional[tuple[StateEntry, ...]] = ()
     counts_steps: bool = False
+    tensor_step_count: bool = False
     init_state: Optional[Callable[[Tensor, Hyper], State]] = None
     elementwise: bool = True
     check_param: Optional[Callable[[str, Tensor], None]] = None

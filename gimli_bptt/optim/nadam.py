@@ -250,6 +250,7 @@ NADAM = DiffOptimizer(
     flags=(MAXIMIZE, Flag("decoupled_weight_decay", why="it switches between two update rules")),
     state=(StateEntry("mu_product", init=1.0, scalar=True), StateEntry("exp_avg"), StateEntry("exp_avg_sq")),
     counts_steps=True,
+    tensor_step_count=True,
     notes="mu_product rounded as torch keeps it (Note [Scalar state precision]); finite derivative at a "
           "zero second moment (Note [Adam at a zero second moment]).",
 )

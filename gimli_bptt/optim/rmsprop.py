@@ -10,7 +10,7 @@ from torch import Tensor
 from .adam import _sqrt, _sqrt_jvp
 from .._typing import Hyper, State
 from .adjoints import (add_bar, add_dots, coupled_gradient, coupled_gradient_jvp, coupled_gradient_vjp, dense_dot,
-                       hyper_dot_of, is_learned, mul_dot, state_dot_of)
+                        hyper_dot_of, is_learned, mul_dot, next_count, state_dot_of)
 from .base import DiffOptimizer
 from .declarations import MAXIMIZE, Flag, StateEntry, eps, lr, unit_interval, weight_decay
 
@@ -37,7 +37,7 @@ def rmsprop_step(theta: Tensor, G: Tensor, state: State, hyper: Hyper) -> tuple[
     """
     lr, alpha, eps, mom = hyper["lr"], hyper["alpha"], hyper["eps"], hyper["momentum"]
     g = coupled_gradient(theta, G, hyper)
-    t = float(state["step"]) + 1.0
+    t = next_count(state)
     square_avg = state["square_avg"] * alpha + (1 - alpha) * (g * g)
     new_state: State = {"step": t, "square_avg": square_avg}
     if hyper["centered"]:
@@ -247,6 +247,7 @@ RMSPROP = DiffOptimizer(
     state=(StateEntry("square_avg"), StateEntry("momentum_buffer", when=_uses_momentum),
            StateEntry("grad_avg", when=lambda hyper: bool(hyper["centered"]))),
     counts_steps=True,
+    tensor_step_count=True,
     notes="A learned momentum always uses the momentum buffer; finite derivative at a zero second moment.",
 )
 

@@ -156,17 +156,17 @@ def reverse_step(problem: InnerProblem, entry: TapeEntry, B: list[Tensor], state
     compiled = problem.compiled
     if compiled is None or problem.reducer is not None:
         return eager()
-    hyper = problem.hyper_at(entry.j)
+    scale = problem.schedule_factor(entry.j)
     if not second_order:
         assert entry.G is not None, "the first-order sweep reads G_j from the tape (keep_G)"
-        ok, out = compiled.first_order_step(entry.theta, entry.G, entry.state, hyper, B, state_bar, eager)
+        ok, out = compiled.first_order_step(entry.theta, entry.G, entry.state, problem.hyper, scale, B, state_bar, eager)
         if not ok:
             return out  # type: ignore[no-any-return]
         theta_bar, _, state_bar_j, phi_bar = out
         return theta_bar, state_bar_j, phi_bar, [None] * len(problem.loss_leaves)
     with replay_rng(entry.rng, problem.cuda_devices):
         ok, out = compiled.reverse_step(problem, entry.theta, problem.fresh_buffers(entry.buffers), entry.batch,
-                                        entry.state, hyper, B, state_bar, entry.j, eager)
+                                        entry.state, problem.hyper, scale, B, state_bar, entry.j, eager)
     return out  # type: ignore[no-any-return]
 
 
