@@ -78,10 +78,10 @@ def test_every_optimizer_class_whole_meta_step(r: Row, float64_default: None) ->
     assert torch.allclose(compiled.val_loss, eager.val_loss, rtol=RTOL, atol=0)
 
 
-@pytest.mark.parametrize("rid", ["sgd-momentum", "adam-lr", "rprop-default"])
+@pytest.mark.parametrize("rid", ["sgd-momentum", "adam-lr", "nadam-default", "rmsprop-centered"])
 def test_one_graph_per_step(rid: str, float64_default: None) -> None:
-    """The step-by-step form (memory=None never runs the whole meta step), on the rows whose state has a
-    step count (Adam: bias corrections; Rprop: a branch at step 0) and a momentum buffer."""
+    """The step-by-step form (memory=None never runs the whole meta step), on rows whose state has a momentum
+    buffer or a step count (Adam's bias corrections, NAdam's momentum schedule: as a 0-d tensor)."""
     batches, val = make_batches(3, seed=2)
     eager, compiled, updater = _pair(row(rid), batches, val, unroll=3, memory=None)
     assert updater.last_tape_stats is not None and updater.last_tape_stats.schedule == "full"
@@ -299,18 +299,32 @@ def test_mse_regression_whole_and_steps_agree(float64_default: None) -> None:
     _assert_same(results[0].hypergrads, results[1].hypergrads)
 
 
+def test_rprop_steps_run_eagerly_and_its_whole_meta_step_compiles(float64_default: None) -> None:
+    """Rprop branches on its step count in Python: step by step it runs eagerly, with one warning; its
+    whole meta step, where the counts are constants of the graph, compiles."""
+    batches, val = make_batches(3, seed=13)
+    r = row("rprop-default")
+    eager = _updater(r, False, unroll=3).hypergradient(batches, val)
+    updater = _updater(r, True, unroll=3, memory=None)
+    with pytest.warns(RuntimeWarning, match="step function runs eagerly: Rprop reads its step count"):
+        stepwise = updater.hypergradient(batches, val)
+    assert updater.compiled is not None and set(updater.compiled.eager) == {"inner", "reverse"}
+    _assert_same(eager.hypergrads, stepwise.hypergrads)  # the validation gradient is still compiled
+    whole = _updater(r, True, unroll=3)
+    _assert_same(eager.hypergrads, whole.hypergradient(batches, val).hypergrads)
+    assert whole.last_tape_stats is not None and whole.last_tape_stats.schedule == "whole"
+
+
 def test_optimizer_stepping_per_task(float64_default: None) -> None:
-    """Adafactor is not element-wise: with tasks it steps each task under vmap, compiled step by step (its
-    per-task step reads the step count back as a float, which the whole meta step cannot trace)."""
+    """Muon is not element-wise: with tasks it steps each task under vmap, inside the compiled graphs, in
+    both compiled forms."""
     T, J = 2, 2
     gen = torch.Generator().manual_seed(12)
     batches = [(torch.randn(T, 8, 1, 6, 6, generator=gen), torch.randint(0, 3, (T, 8), generator=gen))
                for _ in range(J)]
     val = (torch.randn(T, 8, 1, 6, 6, generator=gen), torch.randint(0, 3, (T, 8), generator=gen))
-    r = row("adafactor-default")
+    r = row("muon-default")
     eager = _updater(r, False, unroll=J, tasks=T, learn={"lr": "group"}).hypergradient(batches, val)
-    updater = _updater(r, True, unroll=J, tasks=T, learn={"lr": "group"})
-    with pytest.warns(RuntimeWarning, match="'whole' step function could not be compiled"):
-        compiled = updater.hypergradient(batches, val)
-    assert updater.compiled is not None and set(updater.compiled.eager) == {"whole"}
-    _assert_same(eager.hypergrads, compiled.hypergrads)
+    for memory in ("auto", None):
+        updater = _updater(r, True, unroll=J, tasks=T, learn={"lr": "group"}, memory=memory)
+        _assert_same(eager.hypergrads, updater.hypergradient(batches, val).hypergrads)
