@@ -20,8 +20,9 @@ every implementation warmed up once and interleaved round-robin (``benchlib.inte
 
 The first call of a compiled row is measured once, on a fresh updater or a fresh ``torch.compile``
 after ``torch._dynamo.reset()``. Inductor's FX-graph and AOT-autograd caches on disk are switched
-off for the whole run (``--inductor-cache`` keeps them); its cache of compiled C++ kernels (keyed by
-their source) stays on, so a kernel compiled by an earlier row or run is not compiled again.
+off for the whole run (``--inductor-cache`` keeps them), and its cache of compiled C++ kernels starts
+empty in a directory of the run's own: a kernel compiled by an earlier row of the run is not compiled
+again, none from an earlier run is reused.
 
 Usage::
 
@@ -524,8 +525,9 @@ def case_adam(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
 
 def case_cli(args: argparse.Namespace, log: benchlib.RunLog) -> list[str]:
     extra = shlex.split(args.cli_args)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent) + os.pathsep
-           + os.environ.get("PYTHONPATH", "")}
+    # as a user runs it: inductor's caches on (as by default), in this run's empty cache directory
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
     walls: dict[str, str] = {}
     seconds: dict[str, float] = {}
     for label, flags in (("eager", []), ("--compile", ["--compile"])):
@@ -576,6 +578,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     if not args.inductor_cache:  # read by this process and inherited by the subprocesses
+        # a cache directory of this run's own: no kernel compiled by an earlier run is reused
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench_compile_inductor."))
         os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
         os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
         torch._inductor.config.fx_graph_cache = False
@@ -592,8 +596,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         parts += CASE_FUNCS[name](args, log) + [""]
     cache = ("Inductor's FX-graph and AOT-autograd caches kept (`--inductor-cache`): first calls may reuse "
              "graphs compiled by earlier runs." if args.inductor_cache else
-             "Inductor's FX-graph and AOT-autograd caches were off; its cache of compiled C++ kernels (by source) "
-             "stays on, so a kernel compiled by an earlier row or run is not compiled again.")
+             "Inductor's FX-graph and AOT-autograd caches were off, and its cache of compiled C++ kernels started "
+             "empty (a directory of this run's own): a kernel compiled by an earlier row of this run is not "
+             "compiled again, none from an earlier run is reused.")
     section = "\n".join([SECTION, "", *log.header(command, 1), "",
                          "One hypergradient per call, float32, CPU, one thread, all rows of a table interleaved "
                          f"in one process ({args.repeats} rounds after a warm-up). The float64 column: relative "
