@@ -328,3 +328,29 @@ def test_optimizer_stepping_per_task(float64_default: None) -> None:
     for memory in ("auto", None):
         updater = _updater(r, True, unroll=J, tasks=T, learn={"lr": "group"}, memory=memory)
         _assert_same(eager.hypergrads, updater.hypergradient(batches, val).hypergrads)
+
+
+class _UnusedHead(nn.Module):
+    """A parameter the loss never reads: torch.optim skips it (its .grad stays None), weight decay included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = build_model("mlp", seed=0)
+        self.unused = nn.Linear(3, 3).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def test_parameters_the_loss_does_not_use_stay_as_they_are(float64_default: None) -> None:
+    batches, val = make_batches(2, seed=14)
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = _UnusedHead()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        u = GimliUpdater(model, opt, ce_loss, ce_loss, unroll=2, learn={"lr": "tensor"}, commit=True, compile=compile)
+        results.append((u.step(batches, val), [p.detach().clone() for p in model.unused.parameters()]))
+    _assert_same(results[0][0].hypergrads, results[1][0].hypergrads)
+    for eager_p, compiled_p in zip(results[0][1], results[1][1]):
+        assert torch.equal(eager_p, compiled_p)
