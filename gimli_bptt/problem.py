@@ -209,12 +209,10 @@ class InnerProblem:
         (Note [Compiled meta-steps] in :mod:`gimli_bptt.compiled`), except where a graph is kept
         for the sweep or the gradients are averaged over ranks.
         """
-        hyper = self.hyper_at(j)
-
         def eager() -> tuple[StepGradient, list[Tensor], list[State]]:
             grad = self.step_gradient(theta, buffers, batch, j, rng=rng, keep_graph=keep_graph)
             with torch.no_grad():
-                theta_next, state_next = self.step(theta, grad.G, state, hyper)
+                theta_next, state_next = self.step(theta, grad.G, state, self.hyper_at(j))
             return grad, theta_next, state_next
 
         if self.compiled is None or keep_graph or self.reducer is not None:
